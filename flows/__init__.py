@@ -1,0 +1,1 @@
+"""Prefect flows that orchestrate both stages, and the ``flows`` command."""

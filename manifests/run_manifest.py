@@ -1,0 +1,221 @@
+"""Run manifests: YAML files that describe one run end to end, parsed into strict pydantic models.
+
+A manifest is named either by a path to a YAML file or by the name of a packaged one
+(``demo``, ``vaihingen``, ``potsdam``, ``syndrone``). Relative paths inside a manifest are resolved
+against the working directory, so the packaged manifests expect their data under ``./data``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from manifests.errors import InputError
+
+DatasetName = Literal["vaihingen", "potsdam", "syndrone", "folder"]
+Backend = Literal["openai", "vllm", "transformers", "annotation"]
+ClassSource = Literal["labels", "predictions", "none"]
+PromptId = Literal["p1", "p2", "p3"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ClassSpec(_Strict):
+    """One class of a generic folder dataset: its name and the RGB colour that codes it in the masks."""
+
+    name: str
+    color: tuple[int, int, int]
+
+
+class DatasetConfig(_Strict):
+    """Which dataset to read and how to split it."""
+
+    name: DatasetName
+    root: Path
+    id: str | None = Field(default=None, description="prefix of tile ids; defaults to the dataset name")
+    split: str = "mpers"
+    custom_splits: dict[str, list[str]] | None = None
+    modality: Literal["irrg", "rgb", "rgbir"] | None = None
+    coarse: bool = True
+    classes: list[ClassSpec] | None = None
+    images_dir: str = "images"
+    masks_dir: str = "masks"
+    ignore_index: int = Field(default=255, ge=0, le=255)
+
+    @model_validator(mode="after")
+    def _custom_split_has_lists(self) -> DatasetConfig:
+        if self.split == "custom" and not self.custom_splits:
+            raise ValueError("split 'custom' needs custom_splits: {train: [...], test: [...]}")
+        if self.name == "folder" and not self.classes:
+            raise ValueError("the folder dataset needs classes: [{name, color}, ...]")
+        return self
+
+    @property
+    def tile_prefix(self) -> str:
+        return self.id or self.name
+
+
+class TilingConfig(_Strict):
+    """How sources are cut into crops and where the crops and ``index.parquet`` go."""
+
+    size: int = Field(default=512, ge=16)
+    stride: int | None = Field(default=None, ge=1)
+    out: Path
+
+    @property
+    def effective_stride(self) -> int:
+        return self.stride or self.size
+
+
+class ClipConfig(_Strict):
+    """The open_clip scorer: a model name with a pretrained tag, a local checkpoint or a local JSON config."""
+
+    model: str = "ViT-B-32"
+    pretrained: str | None = "openai"
+    config: Path | None = Field(default=None, description="directory or file with an open_clip JSON config")
+    checkpoint: Path | None = None
+    device: str = "auto"
+    batch_size: int = Field(default=64, ge=1)
+
+    @property
+    def model_id(self) -> str:
+        weights = str(self.checkpoint) if self.checkpoint else (self.pretrained or "random")
+        return f"{self.model}:{weights}"
+
+
+class ExpertConfig(_Strict):
+    """One multimodal LLM (an "expert") and the backend that serves it."""
+
+    name: str
+    backend: Backend
+    model: str | None = None
+    base_url: str | None = None
+    api_key_env: str | None = Field(default=None, description="name of the env var that holds the API key")
+    max_side: int = Field(default=512, ge=16, description="images are resized to this longest side first")
+    max_new_tokens: int = Field(default=160, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0)
+    concurrency: int = Field(default=8, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    timeout_s: float = Field(default=120.0, gt=0)
+    max_retries: int = Field(default=5, ge=0)
+    device: str = "auto"
+    dtype: str = "auto"
+    gpu: bool = Field(default=False, description="tag its tasks for the GPU concurrency limit")
+    prompts: dict[PromptId, str] = Field(default_factory=dict, description="per-expert template overrides")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _backend_needs(self) -> ExpertConfig:
+        if self.backend != "annotation" and not self.model:
+            raise ValueError(f"expert '{self.name}' with backend '{self.backend}' needs a model")
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError(f"expert '{self.name}' with backend 'openai' needs a base_url")
+        return self
+
+
+class PromptConfig(_Strict):
+    """Which templates run and where the class list of each split comes from."""
+
+    ids: list[PromptId] = Field(default_factory=lambda: ["p1", "p2", "p3"])
+    class_source: dict[str, ClassSource] = Field(default_factory=lambda: {"train": "labels", "test": "none"})
+    allow_labels_on_eval: bool = Field(
+        default=False, description="opt in to ground-truth classes in prompts of evaluation splits"
+    )
+    eval_splits: list[str] = Field(default_factory=lambda: ["test", "val"])
+
+
+class CaptionsConfig(_Strict):
+    """Stage 1: experts, prompts, the CLIP gate and the caption store."""
+
+    store: Path
+    tau: float = Field(default=0.55, ge=0.0, le=1.0)
+    max_attempts: int = Field(default=3, ge=1)
+    shard_size: int = Field(default=256, ge=1)
+    clip: ClipConfig = Field(default_factory=ClipConfig)
+    prompts: PromptConfig = Field(default_factory=PromptConfig)
+    experts: list[ExpertConfig]
+
+    @model_validator(mode="after")
+    def _unique_expert_names(self) -> CaptionsConfig:
+        names = [expert.name for expert in self.experts]
+        if len(names) != len(set(names)):
+            raise ValueError(f"expert names must be unique, got {names}")
+        return self
+
+
+class RunManifest(_Strict):
+    """A whole run: dataset, tiling, captions (and, once trained, the segmenter)."""
+
+    name: str
+    dataset: DatasetConfig
+    tiling: TilingConfig
+    captions: CaptionsConfig | None = None
+    segmenter: dict[str, Any] | None = None
+
+    source: Path | None = Field(default=None, exclude=True)
+    sha256: str = Field(default="", exclude=True)
+
+
+def packaged_manifests() -> dict[str, Path]:
+    """The manifests shipped with the package, by name."""
+    folder = resources.files("manifests")
+    return {
+        entry.name.removesuffix(".yaml"): Path(str(entry)) for entry in folder.iterdir() if entry.name.endswith(".yaml")
+    }
+
+
+def _describe_error(error: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"]) or "<top level>"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return f"unknown key '{key}'"
+    if kind == "missing":
+        return f"missing key '{key}'"
+    given = error.get("input")
+    shown = repr(given) if not isinstance(given, dict) else "a mapping"
+    return f"key '{key}': {error['msg'].lower()} (got {shown})"
+
+
+def resolve_manifest_path(name_or_path: str | Path) -> Path:
+    """A manifest file from a path or a packaged manifest name."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in {".yaml", ".yml"} or candidate.exists():
+        if not candidate.is_file():
+            raise InputError(f"manifest {candidate}: file not found")
+        return candidate
+    packaged = packaged_manifests()
+    if str(name_or_path) in packaged:
+        return packaged[str(name_or_path)]
+    raise InputError(
+        f"manifest {name_or_path}: neither a YAML file nor a packaged manifest ({', '.join(sorted(packaged))})"
+    )
+
+
+def load_manifest(name_or_path: str | Path) -> RunManifest:
+    """Parse and validate a run manifest.
+
+    Raises:
+        InputError: one line naming the file and the offending key and what was expected.
+    """
+    path = resolve_manifest_path(name_or_path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise InputError(f"manifest {path}: not valid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"manifest {path}: expected a mapping of keys at the top level")
+    try:
+        manifest = RunManifest.model_validate(data)
+    except ValidationError as exc:
+        raise InputError(f"manifest {path}: {_describe_error(exc.errors()[0])}") from None
+    return manifest.model_copy(update={"source": path, "sha256": hashlib.sha256(text.encode()).hexdigest()})

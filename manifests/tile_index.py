@@ -1,0 +1,121 @@
+"""The tile index contract: ``tiles/index.parquet``, one row per crop.
+
+Paths in the index are relative to the directory that holds ``index.parquet``, so a tile folder
+can be moved or copied as a whole. The file metadata carries the class names, the ignore index,
+the palette and a fingerprint of the inputs that produced it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from manifests.atomic import atomic_path
+from manifests.errors import InputError
+
+TILE_INDEX_SCHEMA_VERSION = 1
+INDEX_FILENAME = "index.parquet"
+
+TILE_INDEX_SCHEMA = pa.schema(
+    [
+        pa.field("tile_id", pa.string(), nullable=False),
+        pa.field("dataset", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("image_path", pa.string(), nullable=False),
+        pa.field("label_path", pa.string()),
+        pa.field("eval_label_path", pa.string()),
+        pa.field("source_id", pa.string(), nullable=False),
+        pa.field("x", pa.int32(), nullable=False),
+        pa.field("y", pa.int32(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("class_fractions", pa.list_(pa.float32())),
+        pa.field("image_sha256", pa.string(), nullable=False),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class TileIndex:
+    """A loaded tile index: the rows as a DataFrame plus the file metadata."""
+
+    frame: pd.DataFrame
+    root: Path
+    class_names: list[str]
+    ignore_index: int
+    palette: list[tuple[int, int, int]]
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def path(self, relative: str | None) -> Path | None:
+        """Absolute path of an index path column value."""
+        return None if relative is None or pd.isna(relative) else self.root / relative
+
+    def split(self, name: str) -> pd.DataFrame:
+        return self.frame[self.frame["split"] == name]
+
+
+def write_tile_index(
+    out_dir: Path,
+    rows: list[dict],
+    class_names: list[str],
+    ignore_index: int,
+    palette: list[tuple[int, int, int]],
+    extra: dict[str, str] | None = None,
+) -> Path:
+    """Write ``index.parquet`` atomically; ``extra`` goes into the file metadata as strings."""
+    table = pa.Table.from_pylist(rows, schema=TILE_INDEX_SCHEMA)
+    if len(set(table.column("tile_id").to_pylist())) != table.num_rows:
+        raise ValueError("tile ids in an index must be unique")
+    metadata = {
+        "schema_version": str(TILE_INDEX_SCHEMA_VERSION),
+        "class_names": json.dumps(class_names),
+        "ignore_index": str(ignore_index),
+        "palette": json.dumps([list(color) for color in palette]),
+        **(extra or {}),
+    }
+    table = table.replace_schema_metadata({key.encode(): value.encode() for key, value in metadata.items()})
+    path = Path(out_dir) / INDEX_FILENAME
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return path
+
+
+def read_tile_index(path: str | Path) -> TileIndex:
+    """Read a tile index from ``index.parquet`` or the directory holding it.
+
+    Raises:
+        InputError: the file is missing, unreadable, of another schema version or lacks columns.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / INDEX_FILENAME
+    if not path.is_file():
+        raise InputError(f"tile index {path}: file not found (run `segmenter prepare` first)")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"tile index {path}: not a readable Parquet file ({exc})") from None
+    meta = {key.decode(): value.decode() for key, value in (table.schema.metadata or {}).items()}
+    version = meta.get("schema_version")
+    if version != str(TILE_INDEX_SCHEMA_VERSION):
+        raise InputError(
+            f"tile index {path}: schema_version {version!r}, expected {TILE_INDEX_SCHEMA_VERSION}; "
+            "re-run `segmenter prepare`"
+        )
+    missing = [name for name in TILE_INDEX_SCHEMA.names if name not in table.column_names]
+    if missing:
+        raise InputError(f"tile index {path}: missing columns {missing}")
+    known = {"schema_version", "class_names", "ignore_index", "palette", "pandas", "ARROW:schema"}
+    return TileIndex(
+        frame=table.to_pandas(),
+        root=path.parent,
+        class_names=json.loads(meta["class_names"]),
+        ignore_index=int(meta["ignore_index"]),
+        palette=[tuple(color) for color in json.loads(meta["palette"])],
+        extra={key: value for key, value in meta.items() if key not in known},
+    )

@@ -1,0 +1,32 @@
+"""Datasets as declarative classes, and the registry that builds one from a manifest."""
+
+from __future__ import annotations
+
+from manifests.run_manifest import DatasetConfig
+from segmenter.datasets.base import SegmentationDataset, Source
+from segmenter.datasets.folder import ImageMaskFolder
+from segmenter.datasets.isprs import ISPRS_CLASSES, ISPRS_PALETTE, Potsdam, Vaihingen
+from segmenter.datasets.syndrone import SynDrone
+
+DATASETS: dict[str, type[SegmentationDataset]] = {
+    cls.name: cls for cls in (Vaihingen, Potsdam, SynDrone, ImageMaskFolder)
+}
+
+
+def build_dataset(config: DatasetConfig) -> SegmentationDataset:
+    """The dataset named by ``config.name``, reading from ``config.root``."""
+    return DATASETS[config.name](config)
+
+
+__all__ = [
+    "DATASETS",
+    "ISPRS_CLASSES",
+    "ISPRS_PALETTE",
+    "ImageMaskFolder",
+    "Potsdam",
+    "SegmentationDataset",
+    "Source",
+    "SynDrone",
+    "Vaihingen",
+    "build_dataset",
+]

@@ -1,0 +1,89 @@
+"""The declarative base of every dataset: class names, palette and splits as class attributes."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from manifests.errors import InputError
+from manifests.run_manifest import DatasetConfig
+from segmenter.datasets.files import SourceFile
+from segmenter.datasets.labels import RGB, DecodeStats, decode_rgb_mask
+
+
+@dataclass(frozen=True)
+class Source:
+    """One source scene (an ISPRS area, a SynDrone frame, a folder image) and its files."""
+
+    source_id: str
+    split: str
+    image: SourceFile
+    label: SourceFile | None = None
+    eval_label: SourceFile | None = None
+
+
+class SegmentationDataset(ABC):
+    """A dataset of whole source scenes, described by class attributes.
+
+    Subclasses set ``name``, ``class_names``, ``palette`` and ``splits`` (split scheme -> split -> source ids)
+    and implement :meth:`sources`.
+    """
+
+    name: ClassVar[str]
+    class_names: ClassVar[tuple[str, ...]]
+    palette: ClassVar[tuple[RGB, ...]]
+    splits: ClassVar[dict[str, dict[str, tuple[str, ...]]]] = {}
+    default_split: ClassVar[str] = "mpers"
+
+    def __init__(self, config: DatasetConfig) -> None:
+        self.config = config
+        self.ignore_index = config.ignore_index
+        if not config.root.is_dir():
+            raise InputError(f"dataset.root: directory {config.root} not found (expected the {self.name} data)")
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.class_names
+
+    @property
+    def colors(self) -> tuple[RGB, ...]:
+        return self.palette
+
+    def split_members(self) -> dict[str, list[str]]:
+        """Source ids of each split under the configured split scheme.
+
+        Raises:
+            InputError: the split scheme is unknown to this dataset.
+        """
+        scheme = self.config.split
+        if scheme == "custom":
+            assert self.config.custom_splits is not None
+            return {split: [str(item) for item in ids] for split, ids in self.config.custom_splits.items()}
+        if scheme not in self.splits:
+            known = ", ".join([*self.splits, "custom"])
+            raise InputError(f"dataset.split: unknown split '{scheme}' for {self.name} (expected one of: {known})")
+        return {split: list(ids) for split, ids in self.splits[scheme].items()}
+
+    @abstractmethod
+    def sources(self) -> list[Source]:
+        """Every source of every split, with its files found.
+
+        Raises:
+            InputError: a file of a listed source is missing.
+        """
+
+    def read_image(self, source: Source) -> np.ndarray:
+        image = source.image.read_array()
+        if image.ndim == 2:
+            image = image[..., None]
+        return image
+
+    def read_label(self, file: SourceFile) -> tuple[np.ndarray, DecodeStats]:
+        """Class indices of a mask file (RGB-coded by default)."""
+        mask = file.read_array()
+        if mask.ndim != 3 or mask.shape[-1] < 3:
+            raise InputError(f"{file}: expected an RGB-coded label, got shape {mask.shape}")
+        return decode_rgb_mask(mask, self.colors, self.ignore_index)

@@ -1,0 +1,48 @@
+"""The synthetic demo scenes: deterministic, in the Vaihingen layout, hard enough to be interesting."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from manifests.run_manifest import DatasetConfig, TilingConfig
+from manifests.tile_index import read_tile_index
+from segmenter.demo_scenes import IGNORE, erode_boundaries, generate_scene, write_demo_dataset
+from segmenter.prepare import prepare_tiles
+
+
+def test_scene_is_deterministic_and_holds_every_class():
+    image_a, labels_a = generate_scene([0, 1], size=256)
+    image_b, labels_b = generate_scene([0, 1], size=256)
+    np.testing.assert_array_equal(image_a, image_b)
+    np.testing.assert_array_equal(labels_a, labels_b)
+    _, other = generate_scene([1, 1], size=256)
+    assert not np.array_equal(labels_a, other)
+    full = generate_scene([0, 3], size=1024)[1]
+    fractions = np.bincount(full.ravel(), minlength=6) / full.size
+    assert (fractions > 0).all() and fractions.max() < 0.8
+
+
+def test_roofs_and_roads_overlap_in_colour():
+    """Some roofs are grey like roads, so colour alone cannot separate the two classes."""
+    image, labels = generate_scene([0, 7], size=512)
+    road = image[labels == 0].mean(axis=0)
+    roofs = image[labels == 1].astype(float)
+    close = np.linalg.norm(roofs - road, axis=1) < 25
+    assert 0.02 < close.mean() < 0.95
+
+
+def test_erosion_marks_class_edges_only():
+    labels = np.zeros((20, 20), np.uint8)
+    labels[:, 10:] = 1
+    eroded = erode_boundaries(labels, radius=2)
+    assert (eroded[:, 8:12] == IGNORE).all()
+    assert (eroded[:, :8] == 0).all() and (eroded[:, 12:] == 1).all()
+
+
+def test_demo_dataset_reads_through_the_vaihingen_code_path(tmp_path):
+    areas = write_demo_dataset(tmp_path / "raw", n_areas=16, size=128)
+    assert len(areas) == 16
+    dataset = DatasetConfig(name="vaihingen", id="demo", root=tmp_path / "raw")
+    index = read_tile_index(prepare_tiles(dataset, TilingConfig(size=64, out=tmp_path / "t")).index_path)
+    assert index.frame.groupby("split").size().to_dict() == {"train": 48, "test": 16}
+    assert index.frame["tile_id"].iloc[0].startswith("demo/area")

@@ -1,0 +1,187 @@
+"""``segmenter prepare`` on fake official releases: counts, decoding, splits, schema, resume, bad input."""
+
+from __future__ import annotations
+
+import zipfile
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import tifffile
+
+from manifests.errors import InputError
+from manifests.tile_index import TILE_INDEX_SCHEMA, read_tile_index
+from segmenter.datasets import Vaihingen
+from segmenter.prepare import prepare_tiles
+from segmenter.raster_io import read_crop
+from segmenter.tiling import window_starts
+from tests.conftest import vaihingen_configs
+from tests.data.isprs.generate import class_map, make_potsdam, make_vaihingen
+
+HEIGHT, WIDTH = 40, 72
+
+
+@pytest.mark.parametrize(("size", "stride"), [(32, None), (32, 16), (20, 20), (64, 64), (40, 13)])
+def test_tile_counts_follow_size_and_stride(vaihingen_root, tmp_path, size, stride):
+    result = prepare_tiles(*vaihingen_configs(vaihingen_root, tmp_path / "tiles", size=size, stride=stride))
+    per_source = len(window_starts(HEIGHT, size, stride or size)) * len(window_starts(WIDTH, size, stride or size))
+    assert result.n_tiles == 16 * per_source
+    frame = read_tile_index(result.index_path).frame
+    assert frame.groupby("source_id").size().eq(per_source).all()
+    assert (frame["x"] + frame["width"]).max() == WIDTH and (frame["y"] + frame["height"]).max() == HEIGHT
+
+
+def test_crops_decode_every_class_and_erode_boundaries(vaihingen_root, tmp_path):
+    result = prepare_tiles(*vaihingen_configs(vaihingen_root, tmp_path / "tiles", size=WIDTH))
+    index = read_tile_index(result.index_path)
+    row = index.frame[index.frame["source_id"] == "area1"].iloc[0]
+    expected = class_map(HEIGHT, WIDTH, seed=0)[:, : row["width"]]
+    label = read_crop(index.path(row["label_path"]))
+    np.testing.assert_array_equal(label, expected)
+    assert set(np.unique(label)) == set(range(6))
+    eroded = read_crop(index.path(row["eval_label_path"]))
+    boundary = np.flatnonzero(np.diff(expected[0].astype(int)))  # stripe edges
+    assert (eroded[:, boundary] == 255).all() and (eroded[:, boundary + 1] == 255).all()
+    interior = eroded != 255
+    np.testing.assert_array_equal(eroded[interior], expected[interior])
+    image = read_crop(index.path(row["image_path"]))
+    assert image.shape == (HEIGHT, row["width"], 3) and image.dtype == np.uint8
+
+
+def test_class_fractions_sum_to_one(vaihingen_root, tmp_path):
+    result = prepare_tiles(*vaihingen_configs(vaihingen_root, tmp_path / "tiles", size=32, stride=16))
+    frame = read_tile_index(result.index_path).frame
+    sums = frame["class_fractions"].map(np.sum)
+    np.testing.assert_allclose(sums, 1.0, rtol=1e-5)
+    assert frame["class_fractions"].map(len).eq(6).all()
+
+
+@pytest.mark.parametrize("scheme", ["mpers", "isprs"])
+def test_split_membership(tmp_path, scheme):
+    splits = Vaihingen.splits[scheme]
+    root = make_vaihingen(tmp_path / "v", ids=[*splits["train"], *splits["test"]], size=(16, 16))
+    result = prepare_tiles(*vaihingen_configs(root, tmp_path / "tiles", size=16, split=scheme))
+    frame = read_tile_index(result.index_path).frame
+    for split, ids in splits.items():
+        assert set(frame.loc[frame["split"] == split, "source_id"]) == {f"area{i}" for i in ids}
+    assert frame["tile_id"].str.match(r"^vaihingen/area\d+/\d{4}_\d{4}$").all()
+
+
+def test_custom_split_from_manifest_lists(tmp_path):
+    root = make_vaihingen(tmp_path / "v", ids=["1", "2", "3"], size=(16, 16))
+    config = vaihingen_configs(root, tmp_path / "tiles", size=16, split="custom",
+                               custom_splits={"train": ["1", "2"], "val": ["3"]})  # fmt: skip
+    frame = read_tile_index(prepare_tiles(*config).index_path).frame
+    assert frame.groupby("split")["source_id"].agg(set).to_dict() == {"train": {"area1", "area2"}, "val": {"area3"}}
+
+
+def test_index_schema_opens_in_pandas_and_duckdb(vaihingen_root, tmp_path):
+    path = prepare_tiles(*vaihingen_configs(vaihingen_root, tmp_path / "tiles")).index_path
+    schema = pq.read_schema(path)
+    assert schema.names == TILE_INDEX_SCHEMA.names
+    assert [field.type for field in schema] == [field.type for field in TILE_INDEX_SCHEMA]
+    meta = {k.decode(): v.decode() for k, v in schema.metadata.items()}
+    assert {"schema_version", "class_names", "ignore_index", "palette"} <= set(meta)
+    frame = pd.read_parquet(path)
+    assert len(frame) == 16 * 6 and frame["tile_id"].is_unique
+    connection = duckdb.connect()
+    count, n_sources = connection.execute(f"SELECT count(*), count(DISTINCT source_id) FROM '{path}'").fetchone()
+    assert (count, n_sources) == (96, 16)
+    image_path = connection.execute(f"SELECT image_path FROM '{path}' LIMIT 1").fetchone()[0]
+    assert (path.parent / image_path).is_file()
+
+
+def test_zip_and_extracted_folders_give_the_same_index(tmp_path):
+    zipped = make_vaihingen(tmp_path / "zip", layout="zip")
+    folders = make_vaihingen(tmp_path / "folder", layout="folder")
+    a = read_tile_index(prepare_tiles(*vaihingen_configs(zipped, tmp_path / "a")).index_path).frame
+    b = read_tile_index(prepare_tiles(*vaihingen_configs(folders, tmp_path / "b")).index_path).frame
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_potsdam_modalities(tmp_path):
+    ids = ["2_10", "2_11"]
+    for modality, bands in (("rgb", 3), ("rgbir", 4)):
+        root = make_potsdam(tmp_path / modality, ids=ids, modality=modality)
+        config = vaihingen_configs(root, tmp_path / f"tiles-{modality}", size=48, split="custom",
+                                   custom_splits={"train": ["2_10"], "test": ["2_11"]})  # fmt: skip
+        dataset = config[0].model_copy(update={"name": "potsdam", "modality": modality})
+        index = read_tile_index(prepare_tiles(dataset, config[1]).index_path)
+        assert index.frame["tile_id"].tolist() == ["potsdam/2_10/0000_0000", "potsdam/2_11/0000_0000"]
+        assert read_crop(index.path(index.frame["image_path"].iloc[0])).shape == (48, 48, bands)
+
+
+def test_rerun_is_up_to_date_and_a_changed_input_is_detected(tmp_path):
+    root = make_vaihingen(tmp_path / "v", layout="folder")
+    config = vaihingen_configs(root, tmp_path / "tiles")
+    first = prepare_tiles(*config)
+    assert not first.up_to_date
+    mtime = first.index_path.stat().st_mtime_ns
+    again = prepare_tiles(*config)
+    assert again.up_to_date and first.index_path.stat().st_mtime_ns == mtime
+    image = root / "ISPRS_semantic_labeling_Vaihingen" / "top" / "top_mosaic_09cm_area5.tif"
+    pixels = tifffile.imread(image)
+    pixels[0, 0] = 255 - pixels[0, 0]
+    tifffile.imwrite(image, pixels)
+    changed = prepare_tiles(*config)
+    assert not changed.up_to_date
+    frame = read_tile_index(changed.index_path).frame
+    assert len(list((tmp_path / "tiles").glob("crops-*"))) == 1
+    assert all((changed.index_path.parent / p).is_file() for p in frame["image_path"])
+
+
+def test_stray_colour_is_counted_not_fatal(tmp_path):
+    root = make_vaihingen(tmp_path / "v", stray_in="7")
+    result = prepare_tiles(*vaihingen_configs(root, tmp_path / "tiles"))
+    strays = {report.source_id: report.stray_pixels for report in result.sources}
+    assert strays["area7"] == 3 and sum(strays.values()) == 3
+
+
+def test_missing_root(tmp_path):
+    with pytest.raises(InputError, match=r"dataset.root: directory .* not found"):
+        prepare_tiles(*vaihingen_configs(tmp_path / "nowhere", tmp_path / "tiles"))
+
+
+def test_missing_label_names_the_file_and_writes_nothing(tmp_path):
+    root = make_vaihingen(tmp_path / "v", layout="folder")
+    (root / "ISPRS_semantic_labeling_Vaihingen_ground_truth_COMPLETE" / "top_mosaic_09cm_area11.tif").unlink()
+    with pytest.raises(InputError, match=r"label of 11 file top_mosaic_09cm_area11.tif not found"):
+        prepare_tiles(*vaihingen_configs(root, tmp_path / "tiles"))
+    assert not (tmp_path / "tiles").exists()
+
+
+def test_corrupt_tiff_keeps_the_previous_index(tmp_path):
+    root = make_vaihingen(tmp_path / "v", layout="folder")
+    config = vaihingen_configs(root, tmp_path / "tiles")
+    before = prepare_tiles(*config).index_path.read_bytes()
+    (root / "ISPRS_semantic_labeling_Vaihingen" / "top" / "top_mosaic_09cm_area30.tif").write_bytes(b"II*\0garbage")
+    with pytest.raises(InputError, match=r"top_mosaic_09cm_area30.tif: not a readable raster"):
+        prepare_tiles(*config)
+    assert (tmp_path / "tiles" / "index.parquet").read_bytes() == before
+    index = read_tile_index(tmp_path / "tiles")
+    assert all(index.path(p).is_file() for p in index.frame["image_path"])
+    assert not list((tmp_path / "tiles").glob(".*tmp"))
+
+
+def test_corrupt_zip(tmp_path):
+    root = tmp_path / "v"
+    root.mkdir()
+    for stem in Vaihingen.archives.values():
+        (root / f"{stem}.zip").write_bytes(b"not a zip")
+    with pytest.raises(InputError, match="not a readable ZIP archive"):
+        prepare_tiles(*vaihingen_configs(root, tmp_path / "tiles"))
+
+
+def test_unknown_split(vaihingen_root, tmp_path):
+    with pytest.raises(InputError, match=r"unknown split 'official2' for vaihingen \(expected one of: mpers, isprs"):
+        prepare_tiles(*vaihingen_configs(vaihingen_root, tmp_path / "tiles", split="official2"))
+
+
+def test_zip_members_in_macos_folders_are_skipped(tmp_path):
+    root = make_vaihingen(tmp_path / "v", ids=["1"], size=(16, 16))
+    with zipfile.ZipFile(root / "ISPRS_semantic_labeling_Vaihingen.zip", "a") as archive:
+        archive.writestr("__MACOSX/top/._top_mosaic_09cm_area1.tif", b"resource fork")
+    config = vaihingen_configs(root, tmp_path / "tiles", size=16, split="custom", custom_splits={"train": ["1"]})
+    assert prepare_tiles(*config).n_tiles == 1
