@@ -28,3 +28,42 @@ def vaihingen_configs(root: Path, out: Path, size: int = 32, stride: int | None 
         DatasetConfig(name="vaihingen", root=root, **dataset),
         TilingConfig(size=size, stride=stride, out=out),
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny CLIP, Qwen2-VL and LLaVA saved in their real formats, built once per session."""
+    from caption_pipeline.tiny_models import build_tiny_clip, build_tiny_llava, build_tiny_qwen2_vl
+
+    folder = tmp_path_factory.mktemp("models")
+    _, clip_checkpoint = build_tiny_clip(folder / "clip")
+    return {
+        "clip_dir": folder / "clip",
+        "clip_checkpoint": clip_checkpoint,
+        "qwen": build_tiny_qwen2_vl(folder / "qwen2-vl-tiny"),
+        "llava": build_tiny_llava(folder / "llava-tiny"),
+    }
+
+
+@pytest.fixture(scope="session")
+def clip_config(tiny_models):
+    from manifests.run_manifest import ClipConfig
+
+    return ClipConfig(
+        model="demo-tiny-clip", pretrained=None, config=tiny_models["clip_dir"],
+        checkpoint=tiny_models["clip_checkpoint"], device="cpu",
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def small_index(tmp_path_factory):
+    """Demo scenes of 128 px, areas 1 and 3 for training and 7 for testing, cut into 64 px tiles (12 tiles)."""
+    from manifests.tile_index import read_tile_index
+    from segmenter.demo_scenes import write_demo_dataset
+    from segmenter.prepare import prepare_tiles
+
+    folder = tmp_path_factory.mktemp("small")
+    write_demo_dataset(folder / "raw", n_areas=3, size=128)
+    dataset = DatasetConfig(name="vaihingen", id="demo", root=folder / "raw", split="custom",
+                            custom_splits={"train": ["1", "3"], "test": ["7"]})  # fmt: skip
+    return read_tile_index(prepare_tiles(dataset, TilingConfig(size=64, out=folder / "tiles")).index_path)

@@ -1,0 +1,97 @@
+"""The annotation expert: a caption written from the label mask alone (no weights, no image).
+
+It names the classes with their shares, counts objects of the countable classes by connected components and
+places them on a 3 x 3 compass grid. It is the embedded default and a label-grounded baseline. It needs the
+label, so it only runs where the class source of the split is ``labels``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from caption_pipeline.experts.base import CaptionRequest, CaptionResult
+from caption_pipeline.prompts import readable
+
+COMPASS = (("north-west", "north", "north-east"), ("west", "centre", "east"), ("south-west", "south", "south-east"))
+COUNTABLE = {"building": "buildings", "car": "cars", "tree": "trees", "vehicle": "vehicles", "person": "people"}
+MIN_OBJECT_PIXELS = 12
+
+
+def compass(mask: np.ndarray) -> str:
+    """Where most of ``mask`` lies, on a 3 x 3 grid."""
+    rows, cols = np.nonzero(mask)
+    row = min(int(rows.mean() * 3 / mask.shape[0]), 2)
+    col = min(int(cols.mean() * 3 / mask.shape[1]), 2)
+    return COMPASS[row][col]
+
+
+def _regions(mask: np.ndarray) -> list[str]:
+    """Compass cells holding at least a fifth of the class, in reading order."""
+    height, width = mask.shape
+    total = mask.sum()
+    cells = []
+    for row in range(3):
+        for col in range(3):
+            cell = mask[row * height // 3 : (row + 1) * height // 3, col * width // 3 : (col + 1) * width // 3]
+            if cell.sum() >= 0.2 * total:
+                cells.append(COMPASS[row][col])
+    return cells
+
+
+def describe_label(classes: np.ndarray, class_names: tuple[str, ...], ignore_index: int, prompt_id: str) -> str:
+    """A caption of a class-index mask, in the style of the prompt (P1 list, P2 shares, P3 spatial)."""
+    labelled = classes != ignore_index
+    if not labelled.any():
+        return "An aerial image whose content is not labelled."
+    counts = np.bincount(classes[labelled].ravel(), minlength=len(class_names))[: len(class_names)]
+    order = [int(index) for index in np.argsort(-counts) if counts[index] > 0]
+    shares = counts / counts.sum()
+    if prompt_id == "p1":
+        return "An aerial image showing " + ", ".join(readable(class_names[i]) for i in order) + "."
+    if prompt_id == "p2":
+        parts = [f"{readable(class_names[i])} ({shares[i] * 100:.0f}%)" for i in order]
+        return "An aerial image covered by " + ", ".join(parts) + "."
+    phrases = []
+    for index in order:
+        name = class_names[index]
+        mask = classes == index
+        if name in COUNTABLE:
+            labelled_objects, n = ndimage.label(mask)
+            sizes = np.bincount(labelled_objects.ravel())[1:]
+            n = int((sizes >= MIN_OBJECT_PIXELS).sum())
+            if n:
+                noun = COUNTABLE[name] if n > 1 else readable(name)
+                phrases.append(f"{n} {noun} mostly in the {compass(mask)}")
+                continue
+        where = _regions(mask)
+        spread = "across the image" if len(where) >= 5 else "in the " + " and ".join(where[:2] or [compass(mask)])
+        phrases.append(f"{readable(name)} ({shares[index] * 100:.0f}%) {spread}")
+    return "An aerial image with " + "; ".join(phrases) + "."
+
+
+class AnnotationExpert:
+    """Writes captions from label masks; a request without a label path fails with a clear error."""
+
+    backend = "annotation"
+    model = "label-mask"
+
+    def __init__(self, name: str = "annotation") -> None:
+        self.name = name
+
+    def generate(self, requests: list[CaptionRequest]) -> list[CaptionResult]:
+        results = []
+        for request in requests:
+            started = time.perf_counter()
+            if request.label_path is None:
+                results.append(CaptionResult(None, None, None, 0.0, error="annotation expert needs a label (class "
+                                             "source of this split is not 'labels')"))  # fmt: skip
+                continue
+            with Image.open(request.label_path) as label:
+                classes = np.asarray(label)
+            text = describe_label(classes, request.class_names, request.ignore_index, request.prompt_id)
+            results.append(CaptionResult(text, "stop", None, time.perf_counter() - started))
+        return results

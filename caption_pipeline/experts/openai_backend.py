@@ -1,0 +1,118 @@
+"""Any OpenAI-compatible chat-completions server: ``vllm serve``, SGLang, GPT-4o.
+
+Requests run concurrently (at most ``concurrency`` in flight), are retried with exponential backoff and
+jitter on 429, 5xx, connection errors and timeouts, and a request that still fails becomes a failed result.
+The API key comes from the environment variable named by ``api_key_env`` and is sent only as a header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+
+import httpx
+
+from caption_pipeline.experts.base import CaptionRequest, CaptionResult, chat_messages, image_data_url
+from manifests.errors import InputError
+from manifests.run_manifest import ExpertConfig
+
+RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+MAX_BACKOFF_S = 30.0
+
+
+class OpenAIExpert:
+    """An expert served over the OpenAI chat-completions protocol."""
+
+    backend = "openai"
+
+    def __init__(self, config: ExpertConfig, backoff_s: float = 0.5, transport: httpx.AsyncBaseTransport | None = None):
+        self.config = config
+        self.name = config.name
+        self.model = config.model
+        self.backoff_s = backoff_s
+        self.transport = transport
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._headers = {"Content-Type": "application/json"}
+        if config.api_key_env:
+            key = os.environ.get(config.api_key_env)
+            if not key:
+                raise InputError(
+                    f"expert {config.name}: environment variable {config.api_key_env} (api_key_env) is not set"
+                )
+            self._headers["Authorization"] = f"Bearer {key}"
+
+    @property
+    def url(self) -> str:
+        assert self.config.base_url is not None
+        return self.config.base_url.rstrip("/") + "/chat/completions"
+
+    def generate(self, requests: list[CaptionRequest]) -> list[CaptionResult]:
+        return asyncio.run(self._generate(requests))
+
+    async def _generate(self, requests: list[CaptionRequest]) -> list[CaptionResult]:
+        limit = asyncio.Semaphore(self.config.concurrency)
+        limits = httpx.Limits(max_connections=self.config.concurrency)
+        timeout = httpx.Timeout(self.config.timeout_s)
+        async with httpx.AsyncClient(
+            headers=self._headers, timeout=timeout, limits=limits, transport=self.transport
+        ) as client:
+            return await asyncio.gather(*(self._one(client, limit, request) for request in requests))
+
+    def _body(self, request: CaptionRequest) -> dict:
+        return {
+            "model": self.model,
+            "messages": chat_messages(request, image_data_url(request.image_path, self.config.max_side)),
+            "max_tokens": self.config.max_new_tokens,
+            "temperature": self.config.temperature,
+        }
+
+    def _delay(self, retry: int, response: httpx.Response | None) -> float:
+        if response is not None and (after := response.headers.get("retry-after")):
+            try:
+                return min(float(after), MAX_BACKOFF_S)
+            except ValueError:
+                pass
+        base = min(self.backoff_s * 2**retry, MAX_BACKOFF_S)
+        return base + random.uniform(0, base)
+
+    async def _one(self, client: httpx.AsyncClient, limit: asyncio.Semaphore, request: CaptionRequest) -> CaptionResult:
+        body = self._body(request)
+        started = time.perf_counter()
+        error = "no attempt made"
+        async with limit:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            try:
+                for retry in range(self.config.max_retries + 1):
+                    response = None
+                    try:
+                        response = await client.post(self.url, json=body)
+                        if response.status_code == 200:
+                            return self._parse(response, started)
+                        error = f"HTTP {response.status_code}: {response.text[:200]}"
+                        if response.status_code not in RETRY_STATUS:
+                            break
+                    except httpx.TimeoutException:
+                        error = f"timed out after {self.config.timeout_s:g} s"
+                    except httpx.TransportError as exc:
+                        error = f"{type(exc).__name__}: {exc}"
+                    if retry < self.config.max_retries:
+                        await asyncio.sleep(self._delay(retry, response))
+            finally:
+                self.in_flight -= 1
+        return CaptionResult(None, None, None, time.perf_counter() - started, error=error)
+
+    @staticmethod
+    def _parse(response: httpx.Response, started: float) -> CaptionResult:
+        latency = time.perf_counter() - started
+        try:
+            payload = response.json()
+            choice = payload["choices"][0]
+            content = choice["message"]["content"] or ""
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            return CaptionResult(None, None, None, latency, error=f"malformed response: {exc!r}")
+        usage = payload.get("usage") or {}
+        return CaptionResult(content.strip(), choice.get("finish_reason"), usage.get("completion_tokens"), latency)

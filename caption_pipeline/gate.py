@@ -1,0 +1,167 @@
+"""The tau gate: generate, score, re-prompt the failures with the refined prompt, keep every attempt."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+
+from caption_pipeline.experts.base import CaptionRequest, Expert
+from caption_pipeline.prompts import TileClasses, build_prompt, class_source_for
+from caption_pipeline.scoring import ClipScorer
+from manifests.caption_store import mark_selected
+from manifests.run_manifest import PromptConfig
+from manifests.tile_index import TileIndex
+
+Key = tuple[str, str, str]
+
+
+@dataclass(frozen=True)
+class TileTask:
+    """A tile as the caption stage sees it."""
+
+    tile_id: str
+    split: str
+    image_path: Path
+    label_path: Path | None
+    image_sha256: str
+    classes: TileClasses
+    class_names: tuple[str, ...] = ()
+    ignore_index: int = 255
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    tau: float = 0.55
+    max_attempts: int = 3
+    prompt_ids: tuple[str, ...] = ("p1", "p2", "p3")
+    overrides: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    run_id: str
+    manifest_sha256: str | None = None
+
+
+def tile_tasks(index: TileIndex, frame: pd.DataFrame, prompts: PromptConfig) -> list[TileTask]:
+    """Caption-stage view of index rows; the class source of each split decides what prompts may state."""
+    tasks = []
+    sources = {split: class_source_for(split, prompts) for split in frame["split"].unique()}
+    for row in frame.itertuples(index=False):
+        source = sources[row.split]
+        fractions = row.class_fractions if source == "labels" and row.class_fractions is not None else None
+        shares = dict(zip(index.class_names, fractions, strict=True)) if fractions is not None else {}
+        tasks.append(
+            TileTask(
+                tile_id=row.tile_id,
+                split=row.split,
+                image_path=index.path(row.image_path),
+                label_path=index.path(row.label_path) if source == "labels" else None,
+                image_sha256=row.image_sha256,
+                classes=TileClasses(source if shares else "none", shares),
+                class_names=tuple(index.class_names),
+                ignore_index=index.ignore_index,
+            )
+        )
+    return tasks
+
+
+def _is_usable(caption: str | None, error: str | None) -> bool:
+    return error is None and caption is not None and caption.strip() != ""
+
+
+def caption_tiles(
+    tiles: list[TileTask],
+    expert: Expert,
+    scorer: ClipScorer,
+    settings: GateSettings,
+    run: RunInfo,
+    skip: set[Key] | frozenset[Key] = frozenset(),
+    previous_attempts: dict[Key, int] | None = None,
+) -> list[dict]:
+    """Every attempt of ``expert`` on the (tile, prompt) pairs not in ``skip``, as caption-store rows.
+
+    A caption passes when its similarity reaches tau; an empty caption or a failed request never passes.
+    Failures are re-generated with the refined prompt until ``max_attempts``; the best attempt per key is
+    marked ``selected`` whether it passed or not. ``previous_attempts`` continues the attempt numbers of
+    keys that an earlier run tried without success.
+    """
+    previous_attempts = previous_attempts or {}
+    pending = [
+        (tile, pid) for tile in tiles for pid in settings.prompt_ids if (tile.tile_id, expert.name, pid) not in skip
+    ]
+    rows: list[dict] = []
+    for round_ in range(settings.max_attempts):
+        if not pending:
+            break
+        attempts = [previous_attempts.get((tile.tile_id, expert.name, pid), 0) + round_ for tile, pid in pending]
+        requests = [
+            CaptionRequest(
+                tile_id=tile.tile_id,
+                image_path=tile.image_path,
+                prompt=build_prompt(pid, tile.classes, attempt=round_, override=settings.overrides.get(pid)),
+                prompt_id=pid,
+                label_path=tile.label_path,
+                class_names=tile.class_names,
+                ignore_index=tile.ignore_index,
+            )
+            for tile, pid in pending
+        ]
+        results = expert.generate(requests)
+        usable = [i for i, result in enumerate(results) if _is_usable(result.caption, result.error)]
+        scores = dict(
+            zip(
+                usable,
+                scorer.score(
+                    [pending[i][0].image_sha256 for i in usable],
+                    [pending[i][0].image_path for i in usable],
+                    [results[i].caption for i in usable],
+                ),
+                strict=True,
+            )
+        )
+        still_failing = []
+        for i, ((tile, pid), request, result) in enumerate(zip(pending, requests, results, strict=True)):
+            score = scores.get(i)
+            passed = score is not None and score.similarity >= settings.tau
+            rows.append(
+                {
+                    "tile_id": tile.tile_id,
+                    "expert": expert.name,
+                    "model": expert.model,
+                    "backend": expert.backend,
+                    "prompt_id": pid,
+                    "attempt": attempts[i],
+                    "prompt_text": request.prompt,
+                    "caption": result.caption,
+                    "n_tokens": score.n_tokens if score else None,
+                    "n_chunks": score.n_chunks if score else None,
+                    "clip_model": scorer.model_id,
+                    "raw_cosine": score.raw_cosine if score else None,
+                    "similarity": score.similarity if score else None,
+                    "tau": settings.tau,
+                    "passed": passed,
+                    "selected": False,
+                    "finish_reason": result.finish_reason,
+                    "latency_s": None if math.isnan(result.latency_s) else result.latency_s,
+                    "created_at": datetime.now(UTC),
+                    "run_id": run.run_id,
+                    "manifest_sha256": run.manifest_sha256,
+                    "image_sha256": tile.image_sha256,
+                    "class_source": tile.classes.source,
+                    "error": result.error if result.error else (None if score else "empty caption"),
+                }
+            )
+            if not passed:
+                still_failing.append((tile, pid))
+        pending = still_failing
+    if rows:
+        columns = ["tile_id", "expert", "prompt_id", "attempt", "caption", "similarity", "error"]
+        flags = mark_selected(pd.DataFrame(rows, columns=columns))["selected"].tolist()
+        for row, flag in zip(rows, flags, strict=True):
+            row["selected"] = flag
+    return rows

@@ -1,0 +1,211 @@
+"""The caption store contract: Parquet fragments, one row per generation attempt.
+
+A store is a directory of fragments (``part-*.parquet``) or a single Parquet file; readers accept both.
+Every fragment is written atomically (temp file + rename), with a unique name, so a crashed writer leaves no
+partial fragment and two runs writing into one directory never touch each other's files.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from manifests.atomic import atomic_path
+from manifests.errors import InputError
+
+CAPTION_STORE_SCHEMA_VERSION = 1
+KEY_COLUMNS = ("tile_id", "expert", "prompt_id")
+ATTEMPT_KEY = (*KEY_COLUMNS, "attempt")
+
+CAPTION_STORE_SCHEMA = pa.schema(
+    [
+        pa.field("tile_id", pa.string(), nullable=False),
+        pa.field("expert", pa.string(), nullable=False),
+        pa.field("model", pa.string()),
+        pa.field("backend", pa.string(), nullable=False),
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("attempt", pa.int16(), nullable=False),
+        pa.field("prompt_text", pa.string(), nullable=False),
+        pa.field("caption", pa.string()),
+        pa.field("n_tokens", pa.int32()),
+        pa.field("n_chunks", pa.int16()),
+        pa.field("clip_model", pa.string()),
+        pa.field("raw_cosine", pa.float32()),
+        pa.field("similarity", pa.float32()),
+        pa.field("tau", pa.float32(), nullable=False),
+        pa.field("passed", pa.bool_(), nullable=False),
+        pa.field("selected", pa.bool_(), nullable=False),
+        pa.field("finish_reason", pa.string()),
+        pa.field("latency_s", pa.float32()),
+        pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("manifest_sha256", pa.string()),
+        pa.field("image_sha256", pa.string()),
+        pa.field("class_source", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class StoreMeta:
+    """File metadata written with every fragment."""
+
+    class_names: list[str]
+    clip_model: str
+    tau: float
+
+    def encode(self) -> dict[bytes, bytes]:
+        values = {
+            "schema_version": str(CAPTION_STORE_SCHEMA_VERSION),
+            "class_names": json.dumps(self.class_names),
+            "clip_model": self.clip_model,
+            "tau": repr(self.tau),
+        }
+        return {key.encode(): value.encode() for key, value in values.items()}
+
+
+def _fragments(store: Path) -> list[Path]:
+    if store.is_file():
+        return [store]
+    if store.is_dir():
+        return sorted(path for path in store.glob("*.parquet") if not path.name.startswith("."))
+    return []
+
+
+def write_fragment(
+    store: str | Path, rows: Iterable[dict] | pd.DataFrame, meta: StoreMeta, name: str | None = None
+) -> Path | None:
+    """Write ``rows`` as one new fragment in the store directory; returns its path (None for no rows)."""
+    if isinstance(rows, pd.DataFrame):
+        table = pa.Table.from_pandas(rows, schema=CAPTION_STORE_SCHEMA, preserve_index=False)
+    else:
+        table = pa.Table.from_pylist(list(rows), schema=CAPTION_STORE_SCHEMA)
+    if table.num_rows == 0:
+        return None
+    table = table.replace_schema_metadata(meta.encode())
+    path = Path(store) / f"part-{name or uuid.uuid4().hex}.parquet"
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return path
+
+
+def _check_fragment(path: Path) -> pa.Schema:
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"caption store {path}: not a readable Parquet file ({exc})") from None
+    meta = {key.decode(): value.decode() for key, value in (schema.metadata or {}).items()}
+    version = meta.get("schema_version")
+    if version != str(CAPTION_STORE_SCHEMA_VERSION):
+        raise InputError(
+            f"caption store {path}: schema_version {version!r}, this toolkit reads {CAPTION_STORE_SCHEMA_VERSION}; "
+            "regenerate or convert the store"
+        )
+    missing = [name for name in CAPTION_STORE_SCHEMA.names if name not in schema.names]
+    if missing:
+        raise InputError(f"caption store {path}: missing columns {missing}")
+    return schema
+
+
+def read_store(store: str | Path, missing_ok: bool = False) -> pd.DataFrame:
+    """All attempts in a store (a file or a directory of fragments), validated.
+
+    Raises:
+        InputError: no store there (unless ``missing_ok``), an unreadable fragment, another schema version.
+    """
+    store = Path(store)
+    fragments = _fragments(store)
+    if not fragments:
+        if missing_ok:
+            return CAPTION_STORE_SCHEMA.empty_table().to_pandas()
+        raise InputError(f"caption store {store}: no Parquet file or fragments found")
+    tables = []
+    for path in fragments:
+        _check_fragment(path)
+        tables.append(pq.read_table(path, schema=CAPTION_STORE_SCHEMA))
+    return pa.concat_tables(tables).to_pandas()
+
+
+def store_meta(store: str | Path) -> StoreMeta | None:
+    """Metadata of the newest fragment, or None for an empty store."""
+    fragments = _fragments(Path(store))
+    if not fragments:
+        return None
+    newest = max(fragments, key=lambda path: path.stat().st_mtime_ns)
+    meta = {key.decode(): value.decode() for key, value in (_check_fragment(newest).metadata or {}).items()}
+    return StoreMeta(json.loads(meta["class_names"]), meta["clip_model"], float(meta["tau"]))
+
+
+def mark_selected(frame: pd.DataFrame) -> pd.DataFrame:
+    """Set ``selected`` on exactly one attempt per key: the most CLIP-similar caption, the earliest on ties.
+
+    Attempts without a caption (errors, empty text) rank last, so a key whose every attempt failed still has
+    one selected row, as the contract asks.
+    """
+    usable = frame["error"].isna() & frame["caption"].fillna("").str.strip().ne("") & frame["similarity"].notna()
+    rank = frame["similarity"].astype("float64").where(usable, float("-inf"))
+    order = frame.assign(_rank=rank).sort_values(["_rank", "attempt"], ascending=[False, True], kind="stable")
+    winners = order.drop_duplicates(list(KEY_COLUMNS)).index
+    return frame.assign(selected=frame.index.isin(winners))
+
+
+def attempt_counts(store: str | Path) -> tuple[set[tuple[str, str, str]], dict[tuple[str, str, str], int]]:
+    """What a resumed run needs: keys already done, and how many attempts every key has so far.
+
+    A key is done when its selected attempt holds a caption; a key whose attempts all failed (a server down for
+    the night) is not done, and a re-run retries it with the next attempt numbers.
+    """
+    frame = read_store(store, missing_ok=True)
+    keys = list(zip(frame["tile_id"], frame["expert"], frame["prompt_id"], strict=True))
+    counts: dict[tuple[str, str, str], int] = {}
+    for key, attempt in zip(keys, frame["attempt"], strict=True):
+        counts[key] = max(counts.get(key, 0), int(attempt) + 1)
+    ok = frame["selected"] & frame["error"].isna() & frame["caption"].notna()
+    done = {key for key, flag in zip(keys, ok, strict=True) if flag}
+    return done, counts
+
+
+def done_keys(store: str | Path) -> set[tuple[str, str, str]]:
+    """(tile_id, expert, prompt_id) keys whose selected attempt holds a caption: what a resumed run skips."""
+    return attempt_counts(store)[0]
+
+
+def selected_captions(store: str | Path) -> pd.DataFrame:
+    """The selected attempt of every (tile, expert, prompt): the view the segmenter reads."""
+    frame = read_store(store)
+    columns = ["tile_id", "expert", "prompt_id", "caption", "similarity", "passed", "attempt", "image_sha256"]
+    # Two runs that raced on one key each selected a row: the newest wins.
+    selected = frame[frame["selected"]].sort_values("created_at").drop_duplicates(list(KEY_COLUMNS), keep="last")
+    return selected[columns].sort_values(list(KEY_COLUMNS)).reset_index(drop=True)
+
+
+def compact(store: str | Path) -> Path | None:
+    """Merge the fragments of a store directory into one; returns the new fragment.
+
+    Repeated attempts are dropped and ``selected`` is re-derived over all attempts of each key, so a key that
+    was retried by a later run again has exactly one selected row.
+
+    The merged fragment is written before the old ones are removed, so a crash at any point loses nothing
+    (it may leave rows twice, which the next compaction or any reader's key check resolves).
+    """
+    store = Path(store)
+    fragments = _fragments(store)
+    if len(fragments) <= 1 or not store.is_dir():
+        return fragments[0] if fragments else None
+    frame = pd.concat([read_store(path) for path in fragments], ignore_index=True)
+    frame = frame.sort_values("created_at").drop_duplicates(list(ATTEMPT_KEY), keep="last").reset_index(drop=True)
+    frame = mark_selected(frame)
+    meta = store_meta(store)
+    assert meta is not None
+    merged = write_fragment(store, frame, meta, name=f"compacted-{uuid.uuid4().hex}")
+    for path in fragments:
+        path.unlink(missing_ok=True)
+    return merged
