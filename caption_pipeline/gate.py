@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
 
-from caption_pipeline.experts.base import CaptionRequest, Expert
+from caption_pipeline.experts.base import CaptionRequest, CaptionResult, Expert, load_image
 from caption_pipeline.prompts import TileClasses, build_prompt, class_source_for
 from caption_pipeline.scoring import ClipScorer
 from manifests.caption_store import mark_selected
@@ -70,8 +69,33 @@ def tile_tasks(index: TileIndex, frame: pd.DataFrame, prompts: PromptConfig) -> 
     return tasks
 
 
-def _is_usable(caption: str | None, error: str | None) -> bool:
-    return error is None and caption is not None and caption.strip() != ""
+def _image_error(tile: TileTask) -> str | None:
+    """Why a tile's image cannot be read, or None: a corrupt tile is recorded as a failure, not a crash."""
+    try:
+        load_image(tile.image_path)
+    except (OSError, ValueError) as exc:
+        return f"unreadable image {tile.image_path}: {type(exc).__name__}: {exc}"
+    return None
+
+
+def _row(tile, pid, attempt, expert, scorer, settings, run, prompt_text, result: CaptionResult, score) -> dict:
+    """One caption-store row."""
+    return {
+        "tile_id": tile.tile_id, "expert": expert.name, "model": expert.model, "backend": expert.backend,
+        "prompt_id": pid, "attempt": attempt, "prompt_text": prompt_text, "caption": result.caption,
+        "n_tokens": score.n_tokens if score else None, "n_chunks": score.n_chunks if score else None,
+        "clip_model": scorer.model_id, "raw_cosine": score.raw_cosine if score else None,
+        "similarity": score.similarity if score else None, "tau": settings.tau,
+        "passed": score is not None and score.similarity >= settings.tau, "selected": False,
+        "finish_reason": result.finish_reason, "latency_s": result.latency_s, "created_at": datetime.now(UTC),
+        "run_id": run.run_id, "manifest_sha256": run.manifest_sha256, "image_sha256": tile.image_sha256,
+        "class_source": tile.classes.source,
+        "error": result.error if result.error else (None if score else "empty caption"),
+    }  # fmt: skip
+
+
+def _is_usable(result: CaptionResult) -> bool:
+    return result.error is None and result.caption is not None and result.caption.strip() != ""
 
 
 def caption_tiles(
@@ -88,17 +112,26 @@ def caption_tiles(
     A caption passes when its similarity reaches tau; an empty caption or a failed request never passes.
     Failures are re-generated with the refined prompt until ``max_attempts``; the best attempt per key is
     marked ``selected`` whether it passed or not. ``previous_attempts`` continues the attempt numbers of
-    keys that an earlier run tried without success.
+    keys that an earlier run tried without success. A tile whose image cannot be read gets one failed
+    attempt per prompt and the others go on.
     """
-    previous_attempts = previous_attempts or {}
-    pending = [
+    previous = previous_attempts or {}
+    if expert.backend == "annotation":  # it reads the label: nothing to do where labels are not allowed
+        tiles = [tile for tile in tiles if tile.label_path is not None]
+    todo = [
         (tile, pid) for tile in tiles for pid in settings.prompt_ids if (tile.tile_id, expert.name, pid) not in skip
     ]
+    unreadable = {tile.tile_id: error for tile, _ in todo if (error := _image_error(tile))}
     rows: list[dict] = []
+    for tile, pid in todo:
+        if tile.tile_id in unreadable:
+            failure = CaptionResult(None, None, None, 0.0, error=unreadable[tile.tile_id])
+            attempt = previous.get((tile.tile_id, expert.name, pid), 0)
+            rows.append(_row(tile, pid, attempt, expert, scorer, settings, run, "", failure, None))
+    pending = [(tile, pid) for tile, pid in todo if tile.tile_id not in unreadable]
     for round_ in range(settings.max_attempts):
         if not pending:
             break
-        attempts = [previous_attempts.get((tile.tile_id, expert.name, pid), 0) + round_ for tile, pid in pending]
         requests = [
             CaptionRequest(
                 tile_id=tile.tile_id,
@@ -112,51 +145,19 @@ def caption_tiles(
             for tile, pid in pending
         ]
         results = expert.generate(requests)
-        usable = [i for i, result in enumerate(results) if _is_usable(result.caption, result.error)]
-        scores = dict(
-            zip(
-                usable,
-                scorer.score(
-                    [pending[i][0].image_sha256 for i in usable],
-                    [pending[i][0].image_path for i in usable],
-                    [results[i].caption for i in usable],
-                ),
-                strict=True,
-            )
+        usable = [i for i, result in enumerate(results) if _is_usable(result)]
+        scored = scorer.score(
+            [pending[i][0].image_sha256 for i in usable],
+            [pending[i][0].image_path for i in usable],
+            [results[i].caption for i in usable],
         )
+        scores = dict(zip(usable, scored, strict=True))
         still_failing = []
         for i, ((tile, pid), request, result) in enumerate(zip(pending, requests, results, strict=True)):
-            score = scores.get(i)
-            passed = score is not None and score.similarity >= settings.tau
-            rows.append(
-                {
-                    "tile_id": tile.tile_id,
-                    "expert": expert.name,
-                    "model": expert.model,
-                    "backend": expert.backend,
-                    "prompt_id": pid,
-                    "attempt": attempts[i],
-                    "prompt_text": request.prompt,
-                    "caption": result.caption,
-                    "n_tokens": score.n_tokens if score else None,
-                    "n_chunks": score.n_chunks if score else None,
-                    "clip_model": scorer.model_id,
-                    "raw_cosine": score.raw_cosine if score else None,
-                    "similarity": score.similarity if score else None,
-                    "tau": settings.tau,
-                    "passed": passed,
-                    "selected": False,
-                    "finish_reason": result.finish_reason,
-                    "latency_s": None if math.isnan(result.latency_s) else result.latency_s,
-                    "created_at": datetime.now(UTC),
-                    "run_id": run.run_id,
-                    "manifest_sha256": run.manifest_sha256,
-                    "image_sha256": tile.image_sha256,
-                    "class_source": tile.classes.source,
-                    "error": result.error if result.error else (None if score else "empty caption"),
-                }
-            )
-            if not passed:
+            attempt = previous.get((tile.tile_id, expert.name, pid), 0) + round_
+            row = _row(tile, pid, attempt, expert, scorer, settings, run, request.prompt, result, scores.get(i))
+            rows.append(row)
+            if not row["passed"]:
                 still_failing.append((tile, pid))
         pending = still_failing
     if rows:

@@ -152,3 +152,14 @@ def test_missing_api_key_variable(monkeypatch):
     config = ExpertConfig(name="gpt", backend="openai", model="m", base_url="http://x", api_key_env="NO_SUCH_KEY_VAR")
     with pytest.raises(InputError, match="environment variable NO_SUCH_KEY_VAR"):
         OpenAIExpert(config)
+
+
+def test_concurrency_bound_holds_across_caller_threads(server, monkeypatch, image):
+    from concurrent.futures import ThreadPoolExecutor
+
+    backend = expert(server, monkeypatch, concurrency=4)
+    batches = [[CaptionRequest(f"t{b}-{i}", image, f"p{b}-{i}") for i in range(6)] for b in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(backend.generate, batches))
+    assert all(r.caption for batch in results for r in batch)
+    assert server.max_in_flight == 4

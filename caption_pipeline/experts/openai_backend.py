@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import threading
 import time
 
 import httpx
@@ -35,6 +36,12 @@ class OpenAIExpert:
         self.transport = transport
         self.in_flight = 0
         self.max_in_flight = 0
+        # One event loop per expert, shared by every caller thread, so `concurrency` bounds the requests in
+        # flight across all shard tasks of a run, not per task.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_lock = threading.Lock()
+        self._limit: asyncio.Semaphore | None = None
+        self._client: httpx.AsyncClient | None = None
         self._headers = {"Content-Type": "application/json"}
         if config.api_key_env:
             key = os.environ.get(config.api_key_env)
@@ -50,16 +57,23 @@ class OpenAIExpert:
         return self.config.base_url.rstrip("/") + "/chat/completions"
 
     def generate(self, requests: list[CaptionRequest]) -> list[CaptionResult]:
-        return asyncio.run(self._generate(requests))
+        with self._loop_lock:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                threading.Thread(target=self._loop.run_forever, name=f"expert-{self.name}", daemon=True).start()
+        return asyncio.run_coroutine_threadsafe(self._generate(requests), self._loop).result()
 
     async def _generate(self, requests: list[CaptionRequest]) -> list[CaptionResult]:
-        limit = asyncio.Semaphore(self.config.concurrency)
-        limits = httpx.Limits(max_connections=self.config.concurrency)
-        timeout = httpx.Timeout(self.config.timeout_s)
-        async with httpx.AsyncClient(
-            headers=self._headers, timeout=timeout, limits=limits, transport=self.transport
-        ) as client:
-            return await asyncio.gather(*(self._one(client, limit, request) for request in requests))
+        if self._client is None:
+            self._limit = asyncio.Semaphore(self.config.concurrency)
+            self._client = httpx.AsyncClient(
+                headers=self._headers,
+                timeout=httpx.Timeout(self.config.timeout_s),
+                limits=httpx.Limits(max_connections=self.config.concurrency),
+                transport=self.transport,
+            )
+        assert self._limit is not None
+        return await asyncio.gather(*(self._one(self._client, self._limit, request) for request in requests))
 
     def _body(self, request: CaptionRequest) -> dict:
         return {

@@ -1,0 +1,182 @@
+"""``flows run generate-captions``: map caption tasks over shards of tiles, per expert, into the caption store.
+
+Task inputs are ids, paths and hashes only. The store is the source of truth for resume: every shard task
+first reads which (tile, expert, prompt) keys are already done and generates only the rest, so a run killed
+at any point and started again ends with the same store as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from caption_pipeline.experts import Expert, build_expert
+from caption_pipeline.gate import GateSettings, RunInfo, caption_tiles, tile_tasks
+from caption_pipeline.scoring import ClipScorer
+from manifests.caption_store import StoreMeta, attempt_counts, compact, read_store, write_fragment
+from manifests.errors import InputError
+from manifests.run_manifest import RunManifest, load_manifest
+from manifests.tile_index import read_tile_index
+
+GPU_TAG = "gpu"
+_models: dict[str, object] = {}
+_models_lock = threading.Lock()
+
+
+def _cached(key: str, build):
+    """One expert or scorer per process and configuration, shared by the shard tasks that run there."""
+    with _models_lock:
+        if key not in _models:
+            _models[key] = build()
+        return _models[key]
+
+
+def _expert(manifest: RunManifest, name: str) -> Expert:
+    config = next(expert for expert in manifest.captions.experts if expert.name == name)
+    return _cached(f"expert:{config.model_dump_json()}", lambda: build_expert(config))
+
+
+def _scorer(manifest: RunManifest) -> ClipScorer:
+    config = manifest.captions.clip
+    return _cached(f"clip:{config.model_dump_json()}", lambda: ClipScorer(config))
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    expert: str
+    tiles: int
+    rows: int
+    skipped: int
+
+
+@task(name="caption-shard", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def caption_shard(
+    manifest_path: str, expert_name: str, tile_ids: list[str], store: str, run_id: str, manifest_sha256: str
+) -> ShardResult:
+    """Caption one shard of tiles with one expert and write one atomic store fragment."""
+    manifest = load_manifest(manifest_path)
+    captions = manifest.captions
+    index = read_tile_index(manifest.tiling.out)
+    frame = index.frame[index.frame["tile_id"].isin(set(tile_ids))]
+    done, counts = attempt_counts(store)
+    expert = _expert(manifest, expert_name)
+    overrides = next(e for e in captions.experts if e.name == expert_name).prompts
+    settings = GateSettings(captions.tau, captions.max_attempts, tuple(captions.prompts.ids), dict(overrides))
+    keys = {(tile_id, expert_name, pid) for tile_id in tile_ids for pid in settings.prompt_ids}
+    rows = caption_tiles(
+        tile_tasks(index, frame, captions.prompts), expert, _scorer(manifest), settings,
+        RunInfo(run_id, manifest_sha256), skip=done & keys, previous_attempts=counts,
+    )  # fmt: skip
+    meta = StoreMeta(index.class_names, _scorer(manifest).model_id, captions.tau)
+    write_fragment(store, rows, meta)
+    return ShardResult(expert_name, len(frame), len(rows), len(done & keys))
+
+
+def shards(tile_ids: list[str], size: int) -> list[list[str]]:
+    return [tile_ids[start : start + size] for start in range(0, len(tile_ids), size)]
+
+
+@dataclass(frozen=True)
+class CaptionRunSummary:
+    store: Path
+    tiles: int
+    new_rows: int
+    skipped_keys: int
+    seconds: float
+    table: pd.DataFrame
+
+
+def summarize(store: Path, experts: list[str]) -> pd.DataFrame:
+    """Per expert and prompt: keys, pass rate, recovery by re-prompting, failures."""
+    frame = read_store(store, missing_ok=True)
+    frame = frame[frame["expert"].isin(experts)]
+    if frame.empty:
+        return pd.DataFrame(columns=["expert", "prompt_id", "keys", "pass_rate", "first_try", "recovered", "failed"])
+    first = frame.groupby(["tile_id", "expert", "prompt_id"])["attempt"].transform("min") == frame["attempt"]
+    frame = frame.assign(first_pass=frame["passed"] & first)
+    per_key = frame.groupby(["expert", "prompt_id", "tile_id"]).agg(
+        passed=("passed", "any"), first_pass=("first_pass", "any"), failed=("error", lambda e: e.notna().all())
+    )
+    table = per_key.groupby(["expert", "prompt_id"]).agg(
+        keys=("passed", "size"), pass_rate=("passed", "mean"), first_try=("first_pass", "mean"),
+        recovered=("passed", "sum"), failed=("failed", "sum"),
+    )  # fmt: skip
+    table["recovered"] = table["recovered"] - per_key.groupby(["expert", "prompt_id"])["first_pass"].sum()
+    return table.reset_index()
+
+
+def _task_runner(runner: str, address: str | None):
+    if runner == "threads":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=4)
+    if runner == "dask":
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError:
+            raise InputError("--runner dask needs the dask extra: pip install 'mpers-toolkit[dask]'") from None
+        if address:
+            return DaskTaskRunner(address=address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": False})
+    raise InputError(f"--runner: unknown runner '{runner}' (expected threads or dask)")
+
+
+@flow(name="generate-captions", log_prints=True)
+def generate_captions_flow(
+    manifest_path: str, store: str, experts: list[str], limit: int | None = None, shard_size: int | None = None
+) -> CaptionRunSummary:
+    logger = get_run_logger()
+    started = time.perf_counter()
+    manifest = load_manifest(manifest_path)
+    index = read_tile_index(manifest.tiling.out)
+    tile_ids = sorted(index.frame["tile_id"])[:limit]
+    run_id = uuid.uuid4().hex[:12]
+    size = shard_size or manifest.captions.shard_size
+    gpu = {expert.name for expert in manifest.captions.experts if expert.gpu}
+    futures = []
+    for expert_name in experts:
+        shard_task = caption_shard.with_options(tags=[GPU_TAG] if expert_name in gpu else [])
+        for shard in shards(tile_ids, size):
+            futures.append(shard_task.submit(manifest_path, expert_name, shard, store, run_id, manifest.sha256))
+    logger.info("%d tiles, %d experts, %d shard tasks (run %s)", len(tile_ids), len(experts), len(futures), run_id)
+    results = [future.result() for future in futures]
+    compact(store)
+    return CaptionRunSummary(
+        Path(store), len(tile_ids), sum(r.rows for r in results), sum(r.skipped for r in results),
+        time.perf_counter() - started, summarize(Path(store), experts),
+    )  # fmt: skip
+
+
+def generate_captions(
+    manifest_path: str | Path,
+    store: str | Path | None = None,
+    experts: list[str] | None = None,
+    limit: int | None = None,
+    runner: str = "threads",
+    address: str | None = None,
+    shard_size: int | None = None,
+) -> CaptionRunSummary:
+    """Validate the inputs, then run the flow with the chosen task runner.
+
+    Raises:
+        InputError: a manifest without captions, an unknown expert name, no tile index yet.
+    """
+    manifest = load_manifest(manifest_path)
+    if manifest.captions is None:
+        raise InputError(f"manifest {manifest.source}: has no captions section")
+    known = [expert.name for expert in manifest.captions.experts]
+    chosen = experts or known
+    unknown = [name for name in chosen if name not in known]
+    if unknown:
+        raise InputError(f"--experts: unknown expert(s) {unknown} (the manifest has {known})")
+    read_tile_index(manifest.tiling.out)  # fail early with a clear message
+    store_path = str(store or manifest.captions.store)
+    configured = generate_captions_flow.with_options(task_runner=_task_runner(runner, address))
+    return configured(str(manifest.source), store_path, chosen, limit, shard_size)

@@ -1,0 +1,157 @@
+"""The Prefect flows under ``prefect_test_harness``: store contents, resume, SIGKILL, Dask, the report."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flows import generate_captions as flow_module
+from flows.generate_captions import generate_captions
+from flows.report import build_report, caption_report_flow, mentioned_classes
+from manifests.caption_store import ATTEMPT_KEY, read_store, selected_captions
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session")
+def manifest_path(tmp_path_factory, small_index, clip_config, tiny_models) -> Path:
+    folder = tmp_path_factory.mktemp("flow")
+    path = folder / "run.yaml"
+    path.write_text(
+        f"""
+name: flow-test
+dataset: {{name: vaihingen, id: demo, root: {small_index.root.parent / "raw"}, split: custom,
+          custom_splits: {{train: ["1", "3"], test: ["7"]}}}}
+tiling: {{size: 64, out: {small_index.root}}}
+captions:
+  store: {folder / "store"}
+  tau: 0.6
+  max_attempts: 2
+  shard_size: 4
+  clip: {{model: demo-tiny-clip, pretrained: null, config: {clip_config.config}, checkpoint: {clip_config.checkpoint},
+          device: cpu}}
+  experts:
+    - {{name: annotation, backend: annotation}}
+    - {{name: qwen, backend: transformers, model: {tiny_models["qwen"]}, max_new_tokens: 4, device: cpu}}
+"""
+    )
+    return path
+
+
+class CountingExpert:
+    def __init__(self, inner):
+        self.inner, self.name, self.model, self.backend, self.calls = inner, inner.name, inner.model, inner.backend, 0
+
+    def generate(self, requests):
+        self.calls += len(requests)
+        return self.inner.generate(requests)
+
+
+def attempt_keys(store: Path) -> set[tuple]:
+    frame = read_store(store)
+    assert not frame.duplicated(list(ATTEMPT_KEY)).any()
+    return set(map(tuple, frame[list(ATTEMPT_KEY)].itertuples(index=False)))
+
+
+@pytest.fixture(scope="session")
+def threads_store(prefect_api, manifest_path) -> Path:
+    store = manifest_path.parent / "threads"
+    summary = generate_captions(manifest_path, store=store)
+    assert summary.tiles == 12 and summary.skipped_keys == 0
+    return store
+
+
+def test_flow_store_rows_and_a_second_run_calls_no_expert(threads_store, manifest_path):
+    selected = selected_captions(threads_store)
+    counts = selected.groupby("expert").size().to_dict()
+    assert counts == {"annotation": 8 * 3, "qwen": 12 * 3}  # annotation: train tiles only
+    assert len(list(threads_store.glob("*.parquet"))) == 1  # compacted
+    for key, expert in list(flow_module._models.items()):
+        if key.startswith("expert:"):
+            flow_module._models[key] = CountingExpert(expert)
+    try:
+        summary = generate_captions(manifest_path, store=threads_store)
+        calls = [m.calls for m in flow_module._models.values() if isinstance(m, CountingExpert)]
+    finally:
+        for key, model in list(flow_module._models.items()):
+            if isinstance(model, CountingExpert):
+                flow_module._models[key] = model.inner
+    assert calls == [0, 0] and summary.new_rows == 0 and summary.skipped_keys == 60
+
+
+def test_dask_runner_gives_the_same_store(threads_store, manifest_path):
+    store = manifest_path.parent / "dask"
+    generate_captions(manifest_path, store=store, runner="dask")
+    assert attempt_keys(store) == attempt_keys(threads_store)
+    a, b = selected_captions(store), selected_captions(threads_store)
+    assert a["caption"].tolist() == b["caption"].tolist()
+
+
+def test_sigkill_then_restart_ends_with_the_uninterrupted_store(prefect_api, threads_store, manifest_path):
+    store = manifest_path.parent / "killed"
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    command = [sys.executable, "-m", "flows.cli", "run", "generate-captions", "--manifest", str(manifest_path),
+               "--store", str(store), "--shard-size", "1"]  # fmt: skip
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(list(store.glob("part-*.parquet"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    partial = attempt_keys(store)
+    assert 0 < len(partial) < len(attempt_keys(threads_store))
+    generate_captions(manifest_path, store=store)
+    assert attempt_keys(store) == attempt_keys(threads_store)
+
+
+def test_unknown_expert_and_missing_captions_section(prefect_api, manifest_path, tmp_path):
+    from manifests.errors import InputError
+
+    with pytest.raises(InputError, match=r"--experts: unknown expert\(s\) \['gpt'\]"):
+        generate_captions(manifest_path, experts=["gpt"])
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("name: b\ndataset: {name: vaihingen, root: x}\ntiling: {out: y}\n")
+    with pytest.raises(InputError, match="has no captions section"):
+        generate_captions(bare)
+
+
+def test_report_numbers_match_the_store(threads_store, small_index, tmp_path):
+    report = build_report(threads_store, small_index.root)
+    frame = read_store(threads_store)
+    for row in report.summary.itertuples(index=False):
+        keys = frame[(frame["expert"] == row.expert) & (frame["prompt_id"] == row.prompt_id)]
+        passed = keys.groupby("tile_id")["passed"].any()
+        assert row.keys == len(passed) and row.pass_rate == pytest.approx(passed.mean())
+    best = frame.groupby(["tile_id", "expert", "prompt_id"])["similarity"].max()
+    for tau in (0.0, 0.5, 0.6, 0.7):
+        for expert in ("annotation", "qwen"):
+            expected = (best.xs(expert, level="expert").fillna(-1) >= tau).mean()
+            assert report.tau_sweep.loc[tau, expert] == pytest.approx(expected)
+    quality = report.class_quality.set_index("expert")
+    assert quality.loc["annotation", "class_recall"] > 0.95
+    assert quality.loc["annotation", "hallucinated_per_caption"] == 0
+    path = caption_report_flow(str(threads_store), str(tmp_path / "report"), str(small_index.root))
+    page = path.read_text()
+    assert page.count("<img") == 2 and "Tau sweep" in page and "Worst selected captions" in page
+
+
+def test_class_mentions_use_synonyms_and_whole_words():
+    names = ["impervious_surfaces", "building", "low_vegetation", "tree", "car", "clutter"]
+    assert mentioned_classes("Two houses beside a paved street, with trees.", names) == {
+        "impervious_surfaces", "building", "tree"}  # fmt: skip
+    assert mentioned_classes("A streetcar", names) == set()
