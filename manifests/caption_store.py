@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from manifests.atomic import atomic_path
 from manifests.errors import InputError
+from manifests.parquet_contract import checked_metadata
 
 CAPTION_STORE_SCHEMA_VERSION = 1
 KEY_COLUMNS = ("tile_id", "expert", "prompt_id")
@@ -97,22 +98,10 @@ def write_fragment(
     return path
 
 
-def _check_fragment(path: Path) -> pa.Schema:
-    try:
-        schema = pq.read_schema(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(f"caption store {path}: not a readable Parquet file ({exc})") from None
-    meta = {key.decode(): value.decode() for key, value in (schema.metadata or {}).items()}
-    version = meta.get("schema_version")
-    if version != str(CAPTION_STORE_SCHEMA_VERSION):
-        raise InputError(
-            f"caption store {path}: schema_version {version!r}, this toolkit reads {CAPTION_STORE_SCHEMA_VERSION}; "
-            "regenerate or convert the store"
-        )
-    missing = [name for name in CAPTION_STORE_SCHEMA.names if name not in schema.names]
-    if missing:
-        raise InputError(f"caption store {path}: missing columns {missing}")
-    return schema
+def _check_fragment(path: Path) -> dict[str, str]:
+    return checked_metadata(
+        path, "caption store", CAPTION_STORE_SCHEMA, CAPTION_STORE_SCHEMA_VERSION, "regenerate or convert the store"
+    )
 
 
 def read_store(store: str | Path, missing_ok: bool = False) -> pd.DataFrame:
@@ -140,7 +129,7 @@ def store_meta(store: str | Path) -> StoreMeta | None:
     if not fragments:
         return None
     newest = max(fragments, key=lambda path: path.stat().st_mtime_ns)
-    meta = {key.decode(): value.decode() for key, value in (_check_fragment(newest).metadata or {}).items()}
+    meta = _check_fragment(newest)
     return StoreMeta(json.loads(meta["class_names"]), meta["clip_model"], float(meta["tau"]))
 
 

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from manifests.atomic import atomic_path
 from manifests.errors import InputError
+from manifests.parquet_contract import checked_metadata
 
 TILE_INDEX_SCHEMA_VERSION = 1
 INDEX_FILENAME = "index.parquet"
@@ -96,20 +97,10 @@ def read_tile_index(path: str | Path) -> TileIndex:
         path = path / INDEX_FILENAME
     if not path.is_file():
         raise InputError(f"tile index {path}: file not found (run `segmenter prepare` first)")
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(f"tile index {path}: not a readable Parquet file ({exc})") from None
-    meta = {key.decode(): value.decode() for key, value in (table.schema.metadata or {}).items()}
-    version = meta.get("schema_version")
-    if version != str(TILE_INDEX_SCHEMA_VERSION):
-        raise InputError(
-            f"tile index {path}: schema_version {version!r}, expected {TILE_INDEX_SCHEMA_VERSION}; "
-            "re-run `segmenter prepare`"
-        )
-    missing = [name for name in TILE_INDEX_SCHEMA.names if name not in table.column_names]
-    if missing:
-        raise InputError(f"tile index {path}: missing columns {missing}")
+    meta = checked_metadata(
+        path, "tile index", TILE_INDEX_SCHEMA, TILE_INDEX_SCHEMA_VERSION, "re-run `segmenter prepare`"
+    )
+    table = pq.read_table(path)
     known = {"schema_version", "class_names", "ignore_index", "palette", "pandas", "ARROW:schema"}
     return TileIndex(
         frame=table.to_pandas(),
