@@ -66,9 +66,15 @@ def class_source_for(split: str, config: PromptConfig) -> str:
     """The class source of a split, refusing ground truth on evaluation splits unless opted in.
 
     Raises:
-        InputError: labels are asked for on an evaluation split without ``allow_labels_on_eval``.
+        InputError: labels are asked for on an evaluation split without ``allow_labels_on_eval``, or
+            predictions are asked for (not available until the segmenter writes them).
     """
     source = config.class_source.get(split, "none")
+    if source == "predictions":
+        raise InputError(
+            f"captions.prompts.class_source: '{split}: predictions' needs class fractions predicted by the segmenter, "
+            "which `segmenter predict` does not write yet; use labels or none"
+        )
     if source == "labels" and split in config.eval_splits and not config.allow_labels_on_eval:
         raise InputError(
             f"captions.prompts.class_source: '{split}' is an evaluation split; prompts built from its labels leak "

@@ -47,6 +47,8 @@ def test_labels_on_evaluation_split_need_an_explicit_opt_in():
     opted = config.model_copy(update={"allow_labels_on_eval": True})
     assert class_source_for("test", opted) == "labels"
     assert class_source_for("val", PromptConfig()) == "none"
+    with pytest.raises(InputError, match="'test: predictions' needs class fractions predicted by the segmenter"):
+        class_source_for("test", PromptConfig(class_source={"test": "predictions"}))
 
 
 def test_annotation_caption_counts_and_places_objects():
