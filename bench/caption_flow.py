@@ -7,13 +7,13 @@ and against a plain loop (``caption_tiles`` over the same tiles and backend, no 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import multiprocessing
 import os
 import sys
 import tempfile
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,21 +25,37 @@ IN_FLIGHT = 16
 AREAS, SCENE, TILE = 12, 512, 64  # 768 tiles x 3 prompts = 2304 captions
 
 
-class FixedLatency(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+RESPONSE = json.dumps({"choices": [{"message": {"content": "roofs, trees and a road"}, "finish_reason": "stop"}]})
+REPLY = (
+    f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(RESPONSE)}\r\n\r\n{RESPONSE}"
+).encode()
 
-    def log_message(self, *args):
-        pass
 
-    def do_POST(self):
-        self.rfile.read(int(self.headers["Content-Length"]))
-        time.sleep(LATENCY_S)
-        body = json.dumps({"choices": [{"message": {"content": "roofs, trees and a road"}, "finish_reason": "stop"}]})
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body.encode())
+async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A keep-alive HTTP/1.1 connection: every POST is answered after LATENCY_S."""
+    try:
+        while head := await reader.readuntil(b"\r\n\r\n"):
+            length = next(
+                int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+            )
+            await reader.readexactly(length)
+            await asyncio.sleep(LATENCY_S)
+            writer.write(REPLY)
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        writer.close()
+
+
+def serve(port_queue) -> None:
+    """The fixed-latency server, an asyncio one in its own process, so that neither its CPU time nor the GIL
+    is shared with the client under test."""
+
+    async def run() -> None:
+        server = await asyncio.start_server(_handle, "127.0.0.1", 0)
+        port_queue.put(server.sockets[0].getsockname()[1])
+        await server.serve_forever()
+
+    asyncio.run(run())
 
 
 def main() -> None:
@@ -53,9 +69,10 @@ def main() -> None:
     from segmenter.demo_scenes import write_demo_dataset
     from segmenter.prepare import prepare_tiles
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FixedLatency)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    queue: multiprocessing.Queue = multiprocessing.Queue()
+    server = multiprocessing.Process(target=serve, args=(queue,), daemon=True)
+    server.start()
+    port = queue.get(timeout=30)
     work = Path(tempfile.mkdtemp(prefix="bench-captions-"))
     write_demo_dataset(work / "raw", n_areas=AREAS, size=SCENE)
     _, checkpoint = build_tiny_clip(work / "clip")
@@ -72,7 +89,7 @@ captions:
   shard_size: 128
   clip: {{model: demo-tiny-clip, pretrained: null, config: {work / "clip"}, checkpoint: {checkpoint}, device: cpu}}
   experts:
-    - {{name: fixed, backend: openai, model: fixed, base_url: "http://127.0.0.1:{server.server_port}/v1",
+    - {{name: fixed, backend: openai, model: fixed, base_url: "http://127.0.0.1:{port}/v1",
         concurrency: {IN_FLIGHT}, max_side: 64}}
 """)
     manifest = load_manifest(manifest_path)
@@ -100,7 +117,7 @@ captions:
         f"flow       : {flow_rate:7.1f} captions/s  ({flow_rate / ideal:.2f} of ideal, "
         f"{flow_rate / loop_rate:.2f} of loop)"
     )
-    server.shutdown()
+    server.terminate()
 
 
 if __name__ == "__main__":

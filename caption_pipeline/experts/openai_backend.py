@@ -93,8 +93,8 @@ class OpenAIExpert:
         return base + random.uniform(0, base)
 
     async def _one(self, client: httpx.AsyncClient, limit: asyncio.Semaphore, request: CaptionRequest) -> CaptionResult:
-        body = self._body(request)
         started = time.perf_counter()
+        body = await asyncio.to_thread(self._body, request)  # image encoding must not stall the event loop
         error = "no attempt made"
         async with limit:
             self.in_flight += 1
