@@ -65,11 +65,12 @@ def caption_report(
 @exit_on_input_error
 def demo(
     limit: Annotated[int | None, typer.Option(help="caption only the first N tiles")] = None,
+    steps: Annotated[int, typer.Option(help="training steps of each demo segmenter")] = 300,
 ) -> None:
     """The whole workflow on the embedded default (data/demo under the working directory); no network, no GPU."""
     from flows.demo import run_demo
 
-    run_demo(console, limit)
+    run_demo(console, limit, steps)
 
 
 @app.callback()

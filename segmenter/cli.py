@@ -97,5 +97,102 @@ def demo_data(
     console.print(f"wrote {len(area_ids)} demo scenes of {size} px to {out}")
 
 
+@app.command()
+@exit_on_input_error
+def train(
+    manifest: Annotated[str, typer.Option(help="run manifest (its tile index is read)")],
+    out: Annotated[Path, typer.Option(help="run folder: checkpoints, logs, metrics")],
+    captions: Annotated[Path | None, typer.Option(help="caption store (needed by text-guided presets)")] = None,
+    preset: Annotated[str, typer.Option(help="model preset (`segmenter models`)")] = "mpers_vitl16",
+    steps: Annotated[int, typer.Option(help="optimizer steps")] = 20000,
+    batch_size: Annotated[int, typer.Option(help="tiles per step and process")] = 8,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 1e-3,
+    checkpoint_every: Annotated[int, typer.Option(help="steps between checkpoints")] = 1000,
+    missing_captions: Annotated[str, typer.Option(help="mask | error for tiles without captions")] = "mask",
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    resume: Annotated[bool, typer.Option(help="continue the run in --out from its newest checkpoint")] = False,
+) -> None:
+    """Train a preset (cross-entropy, AdamW, multi-step LR); run under `torchrun` for DDP."""
+    from segmenter.model import list_presets
+    from segmenter.train import TrainingError, TrainSettings
+    from segmenter.train import train as run_training
+
+    if preset not in list_presets():
+        raise InputError(f"--preset: unknown preset '{preset}' (see `segmenter models`)")
+    if missing_captions not in ("mask", "error"):
+        raise InputError(f"--missing-captions: expected mask or error, got '{missing_captions}'")
+    settings = TrainSettings(preset=preset, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                             checkpoint_every=checkpoint_every, missing_captions=missing_captions)  # fmt: skip
+    try:
+        checkpoint = run_training(manifest, out, settings, captions=captions, resume=resume, progress=True)
+    except TrainingError as exc:
+        console.print(f"error: {exc}")
+        raise SystemExit(1) from None
+    console.print(f"checkpoint: {checkpoint}")
+
+
+@app.command()
+@exit_on_input_error
+def evaluate(
+    run: Annotated[Path, typer.Option(help="run folder written by `segmenter train`")],
+    split: Annotated[str, typer.Option(help="split to evaluate")] = "test",
+    gt: Annotated[str, typer.Option(help="eroded (ISPRS protocol) | full")] = "eroded",
+    window: Annotated[int | None, typer.Option(help="sliding window (default: the tile size)")] = None,
+    overlap: Annotated[float, typer.Option(help="window overlap in [0, 1)")] = 0.25,
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+) -> None:
+    """Sliding-window inference over whole sources; OA, per-class IoU/F1, mIoU/mF1 (5 classes and all)."""
+    from segmenter.evaluate import evaluate as run_evaluation
+
+    if gt not in ("eroded", "full"):
+        raise InputError(f"--gt: expected eroded or full, got '{gt}'")
+    if not 0 <= overlap < 1:
+        raise InputError(f"--overlap: expected a value in [0, 1), got {overlap}")
+    with progress_bar() as bar:
+        task = bar.add_task("evaluate", total=None, note="")
+
+        def on_source(done: int, total: int, note: str) -> None:
+            bar.update(task, completed=done, total=total, note=note)
+
+        metrics = run_evaluation(run, split, gt, window, overlap, device, on_source)
+    print(metrics.markdown(f"{run} ({split}, {gt} GT)"))
+
+
+@app.command()
+@exit_on_input_error
+def predict(
+    run: Annotated[Path, typer.Option(help="run folder written by `segmenter train`")],
+    images: Annotated[list[Path], typer.Option(help="image files or folders (repeatable)")],
+    out: Annotated[Path, typer.Option(help="output folder for GeoTIFFs and colour PNGs")],
+    captions: Annotated[Path | None, typer.Option(help="caption store for these images (else experts masked)")] = None,
+    window: Annotated[int | None, typer.Option(help="sliding window (default: the tile size)")] = None,
+    overlap: Annotated[float, typer.Option(help="window overlap in [0, 1)")] = 0.25,
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+) -> None:
+    """Class-index GeoTIFFs with the source's CRS and transform, and palette-coloured PNGs."""
+    from segmenter.predict import predict as run_prediction
+
+    for path in run_prediction(run, images, out, captions, window, overlap, device):
+        console.print(f"wrote {path}")
+
+
+@app.command()
+def models() -> None:
+    """List the model presets (the paper's model, its ablations, the tiny test model)."""
+    from segmenter.model import list_presets, preset_config
+    from segmenter.model import presets as registry
+
+    table = Table("preset", "backbone", "adapter", "text", "LQGA stages", "decoder", "note", title="presets")
+    for name in list_presets():
+        config = preset_config(name)
+        adapter = f"{config.adapter} r={config.dilation}" if config.adapter == "swda" else config.adapter
+        note = (
+            (getattr(registry, name).__doc__ or "").strip().splitlines()[0] if getattr(registry, name).__doc__ else ""
+        )
+        stages = ",".join(map(str, config.lqga_stages)) if config.uses_text else "-"
+        table.add_row(name, config.backbone, adapter, config.text_encoder, stages, config.decoder, note)
+    Console().print(table)
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,102 @@
+"""ISPRS-style metrics from one dataset-pooled confusion matrix.
+
+OA over all non-ignored pixels; per-class IoU, precision, recall, F1; mIoU and mF1 over the five ISPRS classes
+(clutter excluded, as the paper and GeoSeg report) and over all classes (as mmsegmentation reports). A class
+absent from both prediction and ground truth has no IoU/F1 and is left out of the means.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from manifests.atomic import atomic_write_text
+
+EXCLUDED_FROM_MAIN_MEAN = ("clutter",)
+
+
+class ConfusionMatrix:
+    """``matrix[gt, pred]`` pixel counts; per-image matrices add up to the dataset one."""
+
+    def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+
+    def update(self, prediction: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Add one image (or batch); returns that image's own matrix."""
+        prediction = np.asarray(prediction.cpu() if isinstance(prediction, torch.Tensor) else prediction).ravel()
+        target = np.asarray(target.cpu() if isinstance(target, torch.Tensor) else target).ravel()
+        keep = (target != self.ignore_index) & (target < self.num_classes)
+        codes = target[keep].astype(np.int64) * self.num_classes + prediction[keep].astype(np.int64)
+        image = np.bincount(codes, minlength=self.num_classes**2).reshape(self.num_classes, self.num_classes)
+        self.matrix += image
+        return image
+
+
+@dataclass
+class Metrics:
+    class_names: list[str]
+    iou: list[float]
+    precision: list[float]
+    recall: list[float]
+    f1: list[float]
+    oa: float
+    miou: float
+    mf1: float
+    miou_all: float
+    mf1_all: float
+    main_classes: list[str] = field(default_factory=list)
+    gt: str = "eroded"
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=2, allow_nan=True)
+
+    def markdown(self, title: str = "") -> str:
+        """A table laid out like the paper's: per-class IoU and F1, then OA, mIoU, mF1 (in %)."""
+
+        def pct(value: float) -> str:
+            return "-" if np.isnan(value) else f"{value * 100:.2f}"
+
+        header = "| metric | " + " | ".join(self.class_names) + " | OA | mIoU | mF1 |"
+        rule = "|" + "---|" * (len(self.class_names) + 4)
+        iou = "| IoU | " + " | ".join(map(pct, self.iou)) + f" | {pct(self.oa)} | {pct(self.miou)} | {pct(self.mf1)} |"
+        f1 = "| F1 | " + " | ".join(map(pct, self.f1)) + " | | | |"
+        notes = (
+            f"\nmIoU/mF1 over {', '.join(self.main_classes)}; over all classes: mIoU {pct(self.miou_all)}, "
+            f"mF1 {pct(self.mf1_all)}. Ground truth: {self.gt}; one dataset-pooled confusion matrix."
+        )
+        return "\n".join(filter(None, [f"### {title}" if title else "", header, rule, iou, f1, notes]))
+
+    def save(self, folder: Path, title: str = "") -> None:
+        atomic_write_text(folder / "metrics.json", self.to_json())
+        atomic_write_text(folder / "metrics.md", self.markdown(title) + "\n")
+
+
+def compute_metrics(matrix: np.ndarray, class_names: list[str], gt: str = "eroded") -> Metrics:
+    matrix = matrix.astype(np.float64)
+    true_positive = np.diag(matrix)
+    predicted = matrix.sum(0)
+    actual = matrix.sum(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = true_positive / (actual + predicted - true_positive)
+        precision = true_positive / predicted
+        recall = true_positive / actual
+        f1 = 2 * true_positive / (actual + predicted)
+    main = [i for i, name in enumerate(class_names) if name not in EXCLUDED_FROM_MAIN_MEAN]
+    total = matrix.sum()
+
+    def nanmean(values: np.ndarray) -> float:
+        values = values[~np.isnan(values)]
+        return float(values.mean()) if values.size else float("nan")
+
+    return Metrics(
+        class_names=list(class_names), iou=iou.tolist(), precision=precision.tolist(), recall=recall.tolist(),
+        f1=f1.tolist(), oa=float(true_positive.sum() / total) if total else float("nan"),
+        miou=nanmean(iou[main]), mf1=nanmean(f1[main]), miou_all=nanmean(iou), mf1_all=nanmean(f1),
+        main_classes=[class_names[i] for i in main], gt=gt,
+    )  # fmt: skip

@@ -1,0 +1,42 @@
+"""The configuration of an MPerS segmenter: every part is swappable, so the paper's ablations are presets."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+TextEncoderId = Literal["clip-vit-b16", "clip-vit-l14", "remoteclip-vit-b32", "test-tiny-clip", "none"]
+
+
+class SegmenterConfig(BaseModel):
+    """Everything needed to rebuild a model; saved as JSON beside the safetensors weights."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = "custom"
+    num_classes: int = 6
+    backbone: str = "vit_large_patch16_dinov3.lvd1689m"
+    backbone_pretrained: bool = True
+    backbone_file: str | None = Field(default=None, description="local weights for the backbone (timm overlay)")
+    dim: int = Field(default=256, ge=8, description="channels of the pyramid, adapter, LQGA and decoder")
+    ldpe: bool = True
+    ldpe_width: int = 32
+    adapter: Literal["swda", "mhsa", "none"] = "swda"
+    dilation: int = Field(default=1, ge=1, le=3)
+    adapter_kernel: int = 3
+    adapter_depth: int = 2
+    adapter_heads: int = 8
+    position_encoding: bool = True
+    text_encoder: TextEncoderId = "clip-vit-b16"
+    text_checkpoint: str | None = None
+    text_dim: int = 512
+    experts: list[str] = Field(default_factory=lambda: ["llava", "gpt4o", "qwen"])
+    dmte_heads: int = 8
+    lqga_stages: list[int] = Field(default_factory=lambda: [4])
+    lqga_heads: int = 8
+    decoder: Literal["unet", "fpn", "pixelup"] = "unet"
+
+    @property
+    def uses_text(self) -> bool:
+        return self.text_encoder != "none"

@@ -1,0 +1,110 @@
+"""The MPerS segmenter: frozen DINOv3 + LDPE -> adapter -> DMTE/LQGA text guidance -> decoder."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from manifests.atomic import atomic_path, atomic_write_text
+from segmenter.model.adapter import build_adapter
+from segmenter.model.backbone import DinoV3Backbone
+from segmenter.model.config import SegmenterConfig
+from segmenter.model.decoders import DECODERS
+from segmenter.model.dmte import DynamicTextExperts
+from segmenter.model.ldpe import DetailPrior
+from segmenter.model.lqga import LanguageQueryGate
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass
+class SegmenterOutput:
+    logits: torch.Tensor
+    gates: torch.Tensor | None = None
+
+
+class MPerSSegmenter(nn.Module):
+    """``forward(images, text, present)``: images in [0, 1] ``(B, 3, H, W)`` with H, W multiples of 32; text
+    ``(B, M, D)`` pooled caption embeddings per expert and ``present`` ``(B, M)`` marking the experts a tile has."""
+
+    def __init__(self, config: SegmenterConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = DinoV3Backbone(config)
+        self.ldpe = DetailPrior(config.ldpe_width, config.dim) if config.ldpe else None
+        self.adapter = build_adapter(config.adapter, config.dim, config.adapter_depth, config.adapter_heads,
+                                     config.adapter_kernel, config.dilation, config.position_encoding)  # fmt: skip
+        if config.uses_text:
+            self.dmte = DynamicTextExperts(config.text_dim, len(config.experts), config.dmte_heads)
+            self.lqga = nn.ModuleDict(
+                {
+                    str(stage): LanguageQueryGate(config.dim, config.text_dim, config.lqga_heads)
+                    for stage in config.lqga_stages
+                }
+            )
+        else:
+            self.dmte, self.lqga = None, None
+        self.decoder = DECODERS[config.decoder](config.dim, config.num_classes)
+
+    def forward(
+        self, images: torch.Tensor, text: torch.Tensor | None = None, present: torch.Tensor | None = None
+    ) -> SegmenterOutput:
+        pyramid = self.backbone(images)
+        if self.ldpe is not None:
+            details = self.ldpe(images)
+            details.append(F.max_pool2d(details[2], 2))  # the adapter works on the fused deepest level too
+            pyramid = [feature + detail for feature, detail in zip(pyramid, details, strict=True)]
+        pyramid[3] = self.adapter(pyramid[3])
+        gates = None
+        if self.dmte is not None:
+            if text is None:
+                raise ValueError(f"model {self.config.name} reads captions: pass text and present")
+            if present is None:
+                present = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
+            fused, gates = self.dmte(text, present)
+            for stage, gate in self.lqga.items():
+                level = int(stage) - 1
+                pyramid[level] = gate(pyramid[level], fused)
+        return SegmenterOutput(self.decoder(pyramid, images.shape[-2:]), gates)
+
+    @property
+    def backbone_is_reloadable(self) -> bool:
+        return self.config.backbone_pretrained or self.config.backbone_file is not None
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights to checkpoint: all but the frozen ViT when its hub id or file gives it back on load."""
+        state = self.state_dict()
+        if self.backbone_is_reloadable:
+            state = {k: v for k, v in state.items() if not k.startswith("backbone.vit.")}
+        return state
+
+    def save(self, folder: str | Path) -> Path:
+        """``config.json`` + ``model.safetensors`` (no pickle), both written atomically."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.trainable_state_dict().items()}
+        with atomic_path(folder / WEIGHTS_FILE) as tmp:
+            save_file(state, str(tmp))
+        atomic_write_text(folder / CONFIG_FILE, self.config.model_dump_json(indent=2))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, map_location: str = "cpu") -> MPerSSegmenter:
+        folder = Path(folder)
+        config = SegmenterConfig.model_validate(json.loads((folder / CONFIG_FILE).read_text()))
+        model = cls(config)
+        missing, unexpected = model.load_state_dict(
+            load_file(str(folder / WEIGHTS_FILE), device=map_location), strict=False
+        )
+        if model.backbone_is_reloadable:
+            missing = [key for key in missing if not key.startswith("backbone.vit.")]
+        if missing or unexpected:
+            raise ValueError(f"{folder / WEIGHTS_FILE}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return model

@@ -1,0 +1,265 @@
+"""``segmenter train``: cross-entropy with the ignore index, AdamW, multi-step schedule, flips/rotations.
+
+The sample order and the augmentation of every step are derived from (seed, step), so ``--resume`` from a
+checkpoint continues exactly where the run stopped. Checkpoints are folders ``checkpoints/step_NNNNNN`` with
+``config.json`` + ``model.safetensors`` + ``optimizer.pt`` (loaded with ``weights_only=True``) + ``state.json``;
+``checkpoints/latest`` names the newest complete one. Under ``torchrun`` each process trains on its share of
+every global batch (DDP; gloo on CPU, NCCL on GPU) and rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
+
+from manifests.atomic import atomic_path, atomic_write_text
+from manifests.errors import InputError
+from manifests.run_manifest import load_manifest
+from manifests.tile_index import read_tile_index
+from segmenter.data import TileSamples
+from segmenter.model import MPerSSegmenter, SegmenterConfig, build_model
+from segmenter.text import TextEncoder, TextFeatureCache, expert_text_features
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss); the message names the step and batch."""
+
+
+class TrainSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    preset: str = "mpers_vitl16"
+    steps: int = 20000
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    milestones: list[float] = [0.7, 0.9]
+    gamma: float = 0.1
+    seed: int = 0
+    checkpoint_every: int = 1000
+    log_every: int = 10
+    keep_checkpoints: int = 2
+    missing_captions: Literal["mask", "error"] = "mask"
+    passed_only: bool = True
+    amp: bool = True
+
+
+@dataclass
+class RunPaths:
+    root: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def latest(self) -> Path | None:
+        pointer = self.checkpoints / "latest"
+        return self.checkpoints / pointer.read_text().strip() if pointer.is_file() else None
+
+
+def _distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def sample_plan(step: int, batch: int, n: int, seed: int, rank: int, world: int) -> tuple[list[int], list[int]]:
+    """Positions and augmentation seeds of this rank's share of the global batch of ``step``."""
+    positions, seeds = [], []
+    for j in range(rank * batch, (rank + 1) * batch):
+        counter = step * batch * world + j
+        epoch, offset = divmod(counter, n)
+        positions.append(int(np.random.default_rng([seed, epoch]).permutation(n)[offset]))
+        seeds.append(seed * 1_000_003 + counter)
+    return positions, seeds
+
+
+def load_text_features(config: SegmenterConfig, captions: Path | None, passed_only: bool, device: str):
+    if not config.uses_text:
+        return None
+    if captions is None:
+        raise InputError(f"--captions: preset {config.name} reads captions; give a caption store")
+    encoder = TextEncoder(config.text_encoder, config.text_checkpoint, device=device)
+    cache = TextFeatureCache(Path(captions).parent / "text_cache", encoder)
+    return expert_text_features(captions, list(config.experts), cache, passed_only=passed_only)
+
+
+def _save_checkpoint(paths: RunPaths, model: MPerSSegmenter, optimizer, scheduler, step: int, keep: int) -> Path:
+    folder = paths.checkpoints / f"step_{step:06d}"
+    shutil.rmtree(folder, ignore_errors=True)
+    model.save(folder)
+    with atomic_path(folder / "optimizer.pt") as tmp:
+        torch.save(optimizer.state_dict(), tmp)
+    schedule = scheduler.state_dict()
+    schedule["milestones"] = sorted(schedule["milestones"].items())  # a Counter of int keys: JSON would make them str
+    atomic_write_text(folder / "state.json", json.dumps({"step": step, "scheduler": schedule}))
+    atomic_write_text(paths.checkpoints / "latest", folder.name)
+    for old in sorted(paths.checkpoints.glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def _log_row(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def train(
+    manifest: str | Path,
+    out: str | Path,
+    settings: TrainSettings,
+    captions: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = False,
+) -> Path:
+    """Train a preset on the train split of the manifest's tile index; returns the newest checkpoint folder.
+
+    Raises:
+        InputError: no tile index, captions missing where the preset needs them, tiles without captions
+            with ``missing_captions='error'``, a run folder that exists without ``resume``.
+        TrainingError: a non-finite loss (the last good checkpoint is kept).
+    """
+    rank, world = _distributed()
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    run = load_manifest(manifest)
+    index = read_tile_index(run.tiling.out)
+    paths = RunPaths(Path(out))
+    if paths.latest is not None and not resume:
+        raise InputError(f"--out: {paths.root} already holds a run; pass --resume to continue it or pick a new folder")
+    torch.manual_seed(settings.seed)
+    model = build_model(settings.preset, num_classes=len(index.class_names)).to(device)
+    config = model.config
+    text = load_text_features(config, Path(captions) if captions else None, settings.passed_only, device)
+    samples = TileSamples(index, "train", text)
+    if len(samples) == 0:
+        raise InputError(f"tile index {index.root}: no tiles in split 'train'")
+    if text is not None:
+        uncaptioned = sum(1 for tile in samples.frame["tile_id"] if not text.lookup(tile)[1].any())
+        if uncaptioned and settings.missing_captions == "error":
+            raise InputError(f"--captions: {uncaptioned} of {len(samples)} train tiles have no passed caption in "
+                             f"{captions}; caption them or pass --missing-captions mask")  # fmt: skip
+        if rank == 0 and uncaptioned:
+            print(f"{uncaptioned} of {len(samples)} train tiles have no caption: their experts are masked")
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
+    milestones = [int(settings.steps * m) for m in settings.milestones]
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, settings.gamma)
+    step = 0
+    if resume and paths.latest is not None:
+        checkpoint = paths.latest
+        model.load_state_dict(MPerSSegmenter.load(checkpoint).state_dict())
+        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True, map_location=device))
+        state = json.loads((checkpoint / "state.json").read_text())
+        state["scheduler"]["milestones"] = Counter({int(k): v for k, v in state["scheduler"]["milestones"]})
+        scheduler.load_state_dict(state["scheduler"])
+        step = state["step"]
+    if rank == 0:
+        paths.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(paths.root / "run.json", json.dumps({
+            "manifest": str(Path(run.source).resolve()) if run.source else str(manifest),
+            "manifest_sha256": run.sha256, "captions": str(Path(captions).resolve()) if captions else None,
+            "settings": settings.model_dump(), "class_names": index.class_names, "world_size": world,
+        }, indent=2))  # fmt: skip
+    use_amp = settings.amp and device.startswith("cuda")
+    if device.startswith("cuda"):
+        model = model.to(memory_format=torch.channels_last)
+    network = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    network.train()
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(paths.root / "tensorboard"), purge_step=step)
+    bar = _progress(progress and rank == 0, settings.steps, step)
+    last_good = paths.latest
+    started, seen = time.perf_counter(), 0
+    try:
+        while step < settings.steps:
+            positions, seeds = sample_plan(step, settings.batch_size, len(samples), settings.seed, rank, world)
+            batch = samples.batch(positions, seeds)
+            images = batch["image"].to(device)
+            if device.startswith("cuda"):
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=use_amp):
+                output = (
+                    network(images, batch["text"].to(device), batch["present"].to(device)) if text else network(images)
+                )
+                loss = F.cross_entropy(
+                    output.logits.float(), batch["label"].to(device), ignore_index=index.ignore_index
+                )
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"step {step}: loss is {loss.item()} on batch {batch['tile_id']}; "
+                    f"last good checkpoint: {last_good or 'none'}"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            seen += len(positions) * world
+            if rank == 0 and (step % settings.log_every == 0 or step == settings.steps):
+                rate = seen / (time.perf_counter() - started)
+                row = {"step": step, "loss": round(loss.item(), 6), "lr": scheduler.get_last_lr()[0],
+                       "images_per_s": round(rate, 2)}  # fmt: skip
+                if output.gates is not None:
+                    present = batch["present"].to(device).float()
+                    means = (output.gates.float() * present).sum(0) / present.sum(0).clamp(min=1)
+                    row.update(
+                        {f"gate_{name}": round(v, 4) for name, v in zip(config.experts, means.tolist(), strict=True)}
+                    )
+                _log_row(paths.root / "metrics.csv", row)
+                for key, value in row.items():
+                    if key != "step":
+                        writer.add_scalar(f"train/{key}", value, step)
+                bar(step, loss.item(), rate)
+            if step % settings.checkpoint_every == 0 or step == settings.steps:
+                if rank == 0:
+                    last_good = _save_checkpoint(paths, model, optimizer, scheduler, step, settings.keep_checkpoints)
+                if world > 1:
+                    dist.barrier()
+    finally:
+        bar(None, None, None)
+        if writer is not None:
+            writer.close()
+    return paths.latest or paths.root
+
+
+def _progress(enabled: bool, total: int, start: int):
+    """A rich progress bar with loss and throughput; a no-op when disabled."""
+    if not enabled:
+        return lambda *args: None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   TextColumn("loss {task.fields[loss]} | {task.fields[rate]} img/s"))  # fmt: skip
+    bar.start()
+    task = bar.add_task("train", total=total, completed=start, loss="-", rate="-")
+
+    def update(step, loss, rate):
+        if step is None:
+            bar.stop()
+            return
+        bar.update(task, completed=step, loss=f"{loss:.4f}" if not math.isnan(loss) else "nan", rate=f"{rate:.1f}")
+
+    return update

@@ -1,0 +1,68 @@
+"""Metrics against an independent computation (scikit-learn's confusion matrix, per-class numpy loops)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import confusion_matrix, f1_score, jaccard_score
+
+from segmenter.metrics import ConfusionMatrix, compute_metrics
+
+NAMES = ["impervious_surfaces", "building", "low_vegetation", "tree", "car", "clutter"]
+
+
+def random_images(seed: int, n: int = 4, absent: tuple[int, ...] = (4,)):
+    rng = np.random.default_rng(seed)
+    images = []
+    for _ in range(n):
+        target = rng.integers(0, 6, size=(16, 16))
+        prediction = np.where(rng.random((16, 16)) < 0.6, target, rng.integers(0, 6, size=(16, 16)))
+        for cls in absent:  # absent from both prediction and GT
+            target[target == cls] = 0
+            prediction[prediction == cls] = 1
+        target[rng.random((16, 16)) < 0.1] = 255
+        images.append((prediction, target))
+    return images
+
+
+def test_pooled_matrix_and_metrics_match_sklearn():
+    images = random_images(0)
+    matrix = ConfusionMatrix(6, 255)
+    per_image = [matrix.update(prediction, target) for prediction, target in images]
+    np.testing.assert_array_equal(sum(per_image), matrix.matrix)
+    targets = np.concatenate([t.ravel() for _, t in images])
+    predictions = np.concatenate([p.ravel() for p, _ in images])
+    keep = targets != 255
+    expected = confusion_matrix(targets[keep], predictions[keep], labels=range(6))
+    np.testing.assert_array_equal(matrix.matrix, expected)
+    metrics = compute_metrics(matrix.matrix, NAMES)
+    present = [0, 1, 2, 3, 5]  # car (4) absent from both
+    iou = jaccard_score(targets[keep], predictions[keep], labels=present, average=None)
+    f1 = f1_score(targets[keep], predictions[keep], labels=present, average=None)
+    np.testing.assert_allclose([metrics.iou[i] for i in present], iou)
+    np.testing.assert_allclose([metrics.f1[i] for i in present], f1)
+    assert np.isnan(metrics.iou[4]) and np.isnan(metrics.f1[4])
+    assert metrics.oa == pytest.approx((targets[keep] == predictions[keep]).mean())
+    # the five ISPRS classes without clutter, car absent -> left out
+    assert metrics.miou == pytest.approx(iou[:4].mean()) and metrics.mf1 == pytest.approx(f1[:4].mean())
+    assert metrics.miou_all == pytest.approx(iou.mean()) and metrics.mf1_all == pytest.approx(f1.mean())
+    assert metrics.main_classes == [NAMES[i] for i in range(6) if i != 5]
+
+
+def test_per_class_loop_oracle():
+    prediction, target = random_images(3, n=1, absent=())[0]
+    metrics = compute_metrics(ConfusionMatrix(6).update(prediction, target), NAMES)
+    keep = target != 255
+    for cls in range(6):
+        tp = np.sum((prediction == cls) & (target == cls) & keep)
+        fp = np.sum((prediction == cls) & (target != cls) & keep)
+        fn = np.sum((prediction != cls) & (target == cls) & keep)
+        assert metrics.iou[cls] == pytest.approx(tp / (tp + fp + fn))
+        assert metrics.f1[cls] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+
+
+def test_markdown_table_layout():
+    metrics = compute_metrics(ConfusionMatrix(6).update(np.zeros((4, 4), int), np.zeros((4, 4), int)), NAMES)
+    table = metrics.markdown("demo")
+    assert "| metric | impervious_surfaces |" in table and "| IoU | 100.00 | - |" in table
+    assert "mIoU/mF1 over impervious_surfaces, building, low_vegetation, tree, car" in table

@@ -1,0 +1,144 @@
+"""The segmenter model on random tensors: every preset (with tiny parts), SWDA, DMTE, LQGA, save/load."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import timm
+import torch
+
+from segmenter.model import MPerSSegmenter, build_model, list_presets, preset_config
+from segmenter.model.dmte import DynamicTextExperts
+from segmenter.model.lqga import mean_normalize
+from segmenter.model.swda import swda, swda_reference
+
+TINY = {"backbone": "vit_tiny_patch16_dinov3_qkvb", "backbone_pretrained": False, "dim": 32, "ldpe_width": 8,
+        "adapter_heads": 4, "adapter_depth": 1, "dmte_heads": 4, "lqga_heads": 4}  # fmt: skip
+
+
+def tiny(name: str):
+    """A preset with tiny components; what makes it that preset (adapter, r, decoder, stages, text on/off) stays."""
+    config = preset_config(name)
+    text = {"text_encoder": "test-tiny-clip", "text_dim": 32} if config.uses_text else {}
+    return config.model_copy(update={**TINY, **text})
+
+
+def run(model: MPerSSegmenter, batch: int = 2, size: int = 64):
+    torch.manual_seed(1)
+    images = torch.rand(batch, 3, size, size)
+    if not model.config.uses_text:
+        return model(images)
+    text = torch.randn(batch, len(model.config.experts), model.config.text_dim)
+    present = torch.ones(batch, len(model.config.experts), dtype=torch.bool)
+    present[0, 1] = False
+    return model(images, text, present)
+
+
+@pytest.mark.parametrize("name", list_presets())
+def test_every_preset_shapes_and_gradients(name):
+    model = build_model(tiny(name))
+    output = run(model, size=64 if name != "test_tiny" else 96)
+    size = 64 if name != "test_tiny" else 96
+    assert output.logits.shape == (2, model.config.num_classes, size, size)
+    output.logits.logsumexp(1).mean().backward()
+    assert all(p.grad is None for p in model.backbone.vit.parameters())
+    trainable = {"pyramid": model.backbone.pyramid, "decoder": model.decoder}
+    if model.ldpe is not None:
+        trainable["ldpe"] = model.ldpe
+    if model.config.adapter != "none":
+        trainable["adapter"] = model.adapter
+    if model.config.uses_text:
+        trainable["dmte"] = model.dmte
+        trainable["lqga"] = model.lqga
+        assert output.gates.shape == (2, 3) and output.gates[0, 1] == 0
+    for part, module in trainable.items():
+        grads = [p.grad for p in module.parameters() if p.requires_grad]
+        assert grads and any(g is not None and g.abs().sum() > 0 for g in grads), part
+
+
+def test_paper_preset_is_the_paper_model():
+    config = preset_config("mpers_vitl16")
+    assert config.backbone == "vit_large_patch16_dinov3.lvd1689m" and config.adapter == "swda"
+    assert (config.dilation, config.decoder, config.lqga_stages, config.text_encoder) == (
+        1,
+        "unet",
+        [4],
+        "clip-vit-b16",
+    )
+    assert len(config.experts) == 3
+    assert preset_config("mpers_vitl16_dmte_s34").lqga_stages == [3, 4]
+
+
+def test_saved_config_rebuilds_the_same_logits(tmp_path):
+    model = build_model("test_tiny").eval()
+    expected = run(model).logits
+    MPerSSegmenter.load(model.save(tmp_path / "run")).eval()
+    reloaded = MPerSSegmenter.load(tmp_path / "run").eval()
+    torch.testing.assert_close(run(reloaded).logits, expected)
+
+
+def test_backbone_weights_from_a_local_file_through_timm(tmp_path):
+    """The real loading path: a DINOv3 checkpoint file given to timm via pretrained_cfg_overlay."""
+    donor = timm.create_model("vit_tiny_patch16_dinov3_qkvb", pretrained=False, num_classes=0)
+    from safetensors.torch import save_file
+
+    save_file(donor.state_dict(), str(tmp_path / "dinov3_tiny.safetensors"))
+    model = build_model("test_tiny", backbone_file=str(tmp_path / "dinov3_tiny.safetensors")).eval()
+    for name, tensor in donor.state_dict().items():
+        torch.testing.assert_close(model.backbone.vit.state_dict()[name], tensor)
+    folder = model.save(tmp_path / "run")
+    from safetensors.torch import load_file
+
+    assert not any(key.startswith("backbone.vit.") for key in load_file(str(folder / "model.safetensors")))
+    torch.testing.assert_close(run(MPerSSegmenter.load(folder).eval()).logits, run(model).logits)
+
+
+@pytest.mark.parametrize(("dilation", "size"), list(itertools.product([1, 2, 3], [(7, 9), (8, 8), (5, 12)])))
+def test_swda_equals_the_unfold_reference(dilation, size):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 8, *size, requires_grad=True) for _ in range(3))
+    fast = swda(q, k, v, 3, dilation)
+    reference = swda_reference(q, k, v, 3, dilation)
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+    # interior and border pixels both covered: the border is where zero padding enters the softmax
+    torch.testing.assert_close(fast[..., 0, 0], reference[..., 0, 0], atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(fast)
+    fast_grads = torch.autograd.grad(fast, (q, k, v), grad)
+    reference_grads = torch.autograd.grad(reference, (q, k, v), grad)
+    for a, b in zip(fast_grads, reference_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_swda_gradcheck_in_float64():
+    q, k, v = (torch.randn(1, 2, 3, 5, 6, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(lambda q, k, v: swda(q, k, v, 3, 2), (q, k, v))
+
+
+def test_dmte_with_a_masked_expert_equals_dmte_without_it():
+    torch.manual_seed(0)
+    full = DynamicTextExperts(dim=16, n_experts=3, heads=4).eval()
+    reduced = DynamicTextExperts(dim=16, n_experts=2, heads=4).eval()
+    keep = [0, 2]
+    state = full.state_dict()
+    state["gate.weight"], state["gate.bias"] = state["gate.weight"][keep], state["gate.bias"][keep]
+    state["weights"] = state["weights"][keep]
+    reduced.load_state_dict(state)
+    tokens = torch.randn(4, 3, 16)
+    mask = torch.tensor([[True, False, True]] * 4)
+    fused, gates = full(tokens, mask)
+    fused_reduced, gates_reduced = reduced(tokens[:, keep], torch.ones(4, 2, dtype=torch.bool))
+    torch.testing.assert_close(fused, fused_reduced)
+    torch.testing.assert_close(gates[:, keep], gates_reduced)
+    assert (gates[:, 1] == 0).all()
+
+
+def test_dmte_without_any_expert_gives_zero_text():
+    dmte = DynamicTextExperts(dim=8, n_experts=3, heads=2)
+    fused, gates = dmte(torch.randn(2, 3, 8), torch.zeros(2, 3, dtype=torch.bool))
+    assert torch.isfinite(fused).all() and (fused == 0).all() and (gates == 0).all()
+
+
+def test_mean_normalisation_bounds_the_channel_weights():
+    weights = mean_normalize(torch.randn(3, 64) * 10)
+    assert weights.abs().max() <= 1 and torch.allclose(weights.mean(-1), torch.zeros(3), atol=1e-6)

@@ -1,0 +1,57 @@
+"""Text features from a caption store, cached per (encoder, caption hash)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import torch
+
+from manifests.caption_store import StoreMeta, write_fragment
+from segmenter.text import TextEncoder, TextFeatureCache, expert_text_features
+from tests.test_caption_store import row
+
+META = StoreMeta(["a"], "tiny", 0.55)
+
+
+def make_store(path, caption_b="roofs and a road"):
+    rows = [
+        row("t1", "p1", caption="trees", expert="annotation", similarity=0.7),
+        row("t1", "p2", caption="a lawn", expert="annotation", similarity=0.7),
+        row("t1", "p1", caption=caption_b, expert="qwen", similarity=0.7),
+        row("t2", "p1", caption="cars", expert="qwen", similarity=0.7),
+        row("t2", "p1", caption="rejected", expert="annotation", similarity=0.3, passed=False),
+    ]
+    for item in rows:
+        item["created_at"] = datetime.now(UTC)
+    write_fragment(path, rows, META)
+    return path
+
+
+def test_store_features_pool_per_expert_and_mask_missing(tmp_path):
+    encoder = TextEncoder("test-tiny-clip")
+    cache = TextFeatureCache(tmp_path / "cache", encoder)
+    features = expert_text_features(make_store(tmp_path / "store"), ["annotation", "qwen", "llava"], cache)
+    vectors, present = features.lookup("t1")
+    assert present.tolist() == [True, True, False] and vectors.shape == (3, 32)
+    expected = torch.nn.functional.normalize(encoder.encode(["trees", "a lawn"]).mean(0), dim=0)
+    torch.testing.assert_close(vectors[0], expected)
+    assert (vectors[2] == 0).all()
+    assert features.lookup("t2")[1].tolist() == [False, True, False]  # the failed caption is left out
+    assert features.lookup("unknown")[1].tolist() == [False, False, False]
+
+
+def test_encoding_twice_runs_the_encoder_once_and_an_edit_invalidates_one_entry(tmp_path):
+    encoder = TextEncoder("test-tiny-clip")
+    store = make_store(tmp_path / "store")
+    expert_text_features(store, ["annotation", "qwen"], TextFeatureCache(tmp_path / "cache", encoder))
+    assert encoder.calls == 1
+    again = TextFeatureCache(tmp_path / "cache", encoder)  # a new process would read the same folder
+    assert len(again) == 4
+    expert_text_features(store, ["annotation", "qwen"], again)
+    assert encoder.calls == 1
+    edited = make_store(tmp_path / "store2", caption_b="roofs and two roads")
+    encoded = []
+    original = encoder.encode
+    encoder.encode = lambda texts: (encoded.extend(texts), original(texts))[1]
+    expert_text_features(edited, ["annotation", "qwen"], again)
+    assert encoded == ["roofs and two roads"] and len(again) == 5
