@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -98,6 +99,34 @@ def _is_usable(result: CaptionResult) -> bool:
     return result.error is None and result.caption is not None and result.caption.strip() != ""
 
 
+def _generate_and_score(expert: Expert, scorer: ClipScorer, pending, requests) -> tuple[list[CaptionResult], dict]:
+    """Captions and their scores. Experts that serve concurrent batches (``pipeline_chunk``, the HTTP backend)
+    get the requests in chunks, two in flight, so CLIP scores one chunk while the next is being generated."""
+    chunk = getattr(expert, "pipeline_chunk", None) or len(requests)
+    spans = [(start, min(start + chunk, len(requests))) for start in range(0, len(requests), chunk)]
+    results: list[CaptionResult] = [None] * len(requests)  # type: ignore[list-item]
+    scores: dict = {}
+
+    def score(start: int, end: int, part: list[CaptionResult]) -> None:
+        results[start:end] = part
+        usable = [i for i in range(start, end) if _is_usable(results[i])]
+        scored = scorer.score(
+            [pending[i][0].image_sha256 for i in usable],
+            [pending[i][0].image_path for i in usable],
+            [results[i].caption for i in usable],
+        )
+        scores.update(zip(usable, scored, strict=True))
+
+    if len(spans) == 1:
+        score(0, len(requests), expert.generate(requests))
+        return results, scores
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = [(start, end, pool.submit(expert.generate, requests[start:end])) for start, end in spans]
+        for start, end, future in futures:
+            score(start, end, future.result())
+    return results, scores
+
+
 def caption_tiles(
     tiles: list[TileTask],
     expert: Expert,
@@ -144,14 +173,7 @@ def caption_tiles(
             )
             for tile, pid in pending
         ]
-        results = expert.generate(requests)
-        usable = [i for i, result in enumerate(results) if _is_usable(result)]
-        scored = scorer.score(
-            [pending[i][0].image_sha256 for i in usable],
-            [pending[i][0].image_path for i in usable],
-            [results[i].caption for i in usable],
-        )
-        scores = dict(zip(usable, scored, strict=True))
+        results, scores = _generate_and_score(expert, scorer, pending, requests)
         still_failing = []
         for i, ((tile, pid), request, result) in enumerate(zip(pending, requests, results, strict=True)):
             attempt = previous.get((tile.tile_id, expert.name, pid), 0) + round_

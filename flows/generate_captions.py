@@ -65,7 +65,7 @@ def caption_shard(
     captions = manifest.captions
     index = read_tile_index(manifest.tiling.out)
     frame = index.frame[index.frame["tile_id"].isin(set(tile_ids))]
-    done, counts = attempt_counts(store)
+    done, counts = attempt_counts(store, tile_ids)
     expert = _expert(manifest, expert_name)
     overrides = next(e for e in captions.experts if e.name == expert_name).prompts
     settings = GateSettings(captions.tau, captions.max_attempts, tuple(captions.prompts.ids), dict(overrides))

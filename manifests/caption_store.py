@@ -146,13 +146,25 @@ def mark_selected(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.assign(selected=frame.index.isin(winners))
 
 
-def attempt_counts(store: str | Path) -> tuple[set[tuple[str, str, str]], dict[tuple[str, str, str], int]]:
+def attempt_counts(
+    store: str | Path, tile_ids: Iterable[str] | None = None
+) -> tuple[set[tuple[str, str, str]], dict[tuple[str, str, str], int]]:
     """What a resumed run needs: keys already done, and how many attempts every key has so far.
 
     A key is done when its selected attempt holds a caption; a key whose attempts all failed (a server down for
-    the night) is not done, and a re-run retries it with the next attempt numbers.
+    the night) is not done, and a re-run retries it with the next attempt numbers. With ``tile_ids`` only those
+    tiles' rows are read (and only the key columns), so a shard task's cost does not grow with the store.
     """
-    frame = read_store(store, missing_ok=True)
+    columns = [*ATTEMPT_KEY, "selected", "error", "caption"]
+    wanted = None if tile_ids is None else list(tile_ids)
+    tables = []
+    for path in _fragments(Path(store)):
+        _check_fragment(path)
+        filters = [("tile_id", "in", wanted)] if wanted is not None else None
+        tables.append(pq.read_table(path, columns=columns, filters=filters))
+    if not tables:
+        return set(), {}
+    frame = pa.concat_tables(tables).to_pandas()
     keys = list(zip(frame["tile_id"], frame["expert"], frame["prompt_id"], strict=True))
     counts: dict[tuple[str, str, str], int] = {}
     for key, attempt in zip(keys, frame["attempt"], strict=True):

@@ -1,9 +1,10 @@
 """Deterministic synthetic aerial scenes written in the ISPRS Vaihingen archive layout.
 
-Each scene has a road network with parking lots (impervious), buildings with ridge-lit roofs and cast
-shadows (some roofs grey like the roads), low vegetation, tree canopies that occlude roads, roofs and
-cars, cars on the roads, clutter patches, an IRRG-like rendering (vegetation bright in the red band) and
-sensor noise. ``prepare`` then reads them through the real Vaihingen code path.
+Each scene has a road network with parking lots (impervious, asphalt to concrete), buildings with ridge-lit
+roofs and cast shadows (half the roof colours are greys within reach of the roads), low vegetation with dry
+patches that look like bare soil, tree canopies that occlude roads, roofs and cars, cars on the roads, clutter
+patches, an IRRG-like rendering (vegetation bright in the red band), per-scene illumination and colour cast,
+blur and sensor noise. ``prepare`` then reads them through the real Vaihingen code path.
 """
 
 from __future__ import annotations
@@ -24,12 +25,16 @@ ERODE_RADIUS = 3
 
 # IRRG colours (NIR, R, G) and the amplitude of their low-frequency texture.
 BASE_COLOR = np.array(
-    [[128, 124, 128], [150, 120, 110], [196, 112, 118], [140, 62, 74], [90, 90, 90], [150, 128, 100]], dtype=np.float32
+    [[128, 124, 128], [150, 120, 110], [190, 112, 118], [156, 76, 88], [90, 90, 90], [150, 128, 100]], dtype=np.float32
 )
-TEXTURE = np.array([10, 8, 18, 26, 0, 16], dtype=np.float32)
+TEXTURE = np.array([22, 8, 30, 30, 0, 20], dtype=np.float32)
+# Half the roof colours are greys within reach of the road colours.
 ROOF_COLORS = np.array(
-    [[176, 96, 86], [134, 128, 134], [96, 92, 104], [160, 150, 140], [190, 130, 96]], dtype=np.float32
-)
+    [[176, 96, 86], [134, 128, 134], [96, 92, 104], [160, 150, 140], [190, 130, 96], [122, 118, 124],
+     [112, 110, 116], [146, 140, 146]],
+    dtype=np.float32,
+)  # fmt: skip
+DRY_GROUND = np.array([158, 132, 112], dtype=np.float32)  # parched lawn, close to bare-soil clutter
 CAR_COLORS = np.array(
     [[220, 220, 225], [30, 30, 36], [150, 40, 40], [60, 70, 150], [170, 170, 175], [200, 190, 60]], dtype=np.float32
 )
@@ -91,7 +96,7 @@ def _draw_buildings(rng: np.random.Generator, labels: np.ndarray, roof: np.ndarr
         if np.any(labels[y - 4 : y + h + 4, x - 4 : x + w + 4] != LOW_VEGETATION):
             continue
         labels[y : y + h, x : x + w] = BUILDING
-        roof[y : y + h, x : x + w] = ROOF_COLORS[rng.integers(len(ROOF_COLORS))]
+        roof[y : y + h, x : x + w] = ROOF_COLORS[rng.integers(len(ROOF_COLORS))] + rng.normal(0, 8, size=3)
         # A ridge: one half of the roof faces the sun.
         if h > w:
             shade[y : y + h, x : x + w // 2] = 1.15
@@ -157,13 +162,17 @@ def generate_scene(seed: int | list[int], size: int = 1024) -> tuple[np.ndarray,
     broad = _smooth_noise(rng, size, 32)
     fine = ndimage.gaussian_filter(rng.normal(size=(size, size)).astype(np.float32), 1.5) * 3.0
     image += ((broad + fine) * TEXTURE[labels])[..., None]
+    dry = (_smooth_noise(rng, size, 64) > 0.8) & (labels == LOW_VEGETATION)  # dry patches look like bare soil
+    image[dry] = 0.35 * image[dry] + 0.65 * DRY_GROUND
     is_building = labels == BUILDING
     image[is_building] = roof[is_building] * shade[is_building, None] + broad[is_building, None] * 6
     is_car = labels == CAR
     image[is_car] = car_color[is_car]
     image[shadow & (labels != TREE)] *= 0.55
-    image = ndimage.gaussian_filter(image, sigma=(0.7, 0.7, 0))
-    image += rng.normal(scale=4.0, size=image.shape).astype(np.float32)
+    image = ndimage.gaussian_filter(image, sigma=(1.0, 1.0, 0))
+    # Per-scene illumination and colour cast, then sensor noise.
+    image = image * rng.uniform(0.85, 1.15) + rng.uniform(-12, 12, size=3).astype(np.float32)
+    image += rng.normal(scale=7.0, size=image.shape).astype(np.float32)
     return np.clip(image, 0, 255).astype(np.uint8), labels
 
 

@@ -10,20 +10,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from manifests.errors import InputError
 from segmenter.model import MPerSSegmenter
 from segmenter.tiling import tile_grid
+from segmenter.train import RunPaths
 
 TextLookup = Callable[[int, int, int, int], tuple[torch.Tensor, torch.Tensor] | None]
 
 
 def load_run_model(run: str | Path, device: str = "cpu") -> tuple[MPerSSegmenter, dict]:
     """The newest checkpoint of a training run and the run's ``run.json``."""
-    from segmenter.train import RunPaths
-
     paths = RunPaths(Path(run))
     if paths.latest is None or not (paths.root / "run.json").is_file():
-        from manifests.errors import InputError
-
         raise InputError(f"--run: {run} holds no finished checkpoint (checkpoints/latest and run.json)")
     model = MPerSSegmenter.load(paths.latest).to(device).eval()
     return model, json.loads((paths.root / "run.json").read_text())

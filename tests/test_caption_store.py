@@ -139,3 +139,12 @@ def test_two_writers_in_one_directory(tmp_path):
         assert process.wait(timeout=120) == 0
     frame = read_store(store)
     assert len(frame) == 2 * 3 * 2000 and not frame.duplicated(list(ATTEMPT_KEY)).any()
+
+
+def test_attempt_counts_for_a_subset_of_tiles(tmp_path):
+    store = tmp_path / "store"
+    write_fragment(store, [row("t1"), row("t2", similarity=None), row("t3", attempt=1)], META)
+    done, counts = attempt_counts(store, ["t2", "t3"])
+    assert done == {("t3", "e", "p1")}
+    assert counts == {("t2", "e", "p1"): 1, ("t3", "e", "p1"): 2}
+    assert attempt_counts(tmp_path / "empty", ["t1"]) == (set(), {})

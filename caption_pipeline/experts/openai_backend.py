@@ -8,12 +8,14 @@ The API key comes from the environment variable named by ``api_key_env`` and is 
 from __future__ import annotations
 
 import asyncio
+import atexit
+import json
 import os
 import random
 import threading
 import time
 
-import httpx
+import aiohttp
 
 from caption_pipeline.experts.base import CaptionRequest, CaptionResult, chat_messages, image_data_url
 from manifests.errors import InputError
@@ -28,20 +30,15 @@ class OpenAIExpert:
 
     backend = "openai"
 
-    def __init__(self, config: ExpertConfig, backoff_s: float = 0.5, transport: httpx.AsyncBaseTransport | None = None):
+    def __init__(self, config: ExpertConfig, backoff_s: float = 0.5) -> None:
         self.config = config
+        # The caption gate may hand this expert two chunks at once and score one while the other is served.
+        self.pipeline_chunk = 4 * config.concurrency
         self.name = config.name
         self.model = config.model
         self.backoff_s = backoff_s
-        self.transport = transport
         self.in_flight = 0
         self.max_in_flight = 0
-        # One event loop per expert, shared by every caller thread, so `concurrency` bounds the requests in
-        # flight across all shard tasks of a run, not per task.
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_lock = threading.Lock()
-        self._limit: asyncio.Semaphore | None = None
-        self._client: httpx.AsyncClient | None = None
         self._headers = {"Content-Type": "application/json"}
         if config.api_key_env:
             key = os.environ.get(config.api_key_env)
@@ -50,6 +47,12 @@ class OpenAIExpert:
                     f"expert {config.name}: environment variable {config.api_key_env} (api_key_env) is not set"
                 )
             self._headers["Authorization"] = f"Bearer {key}"
+        # One event loop per expert, shared by every caller thread, so `concurrency` bounds the requests in
+        # flight across all shard tasks of a run, not per task.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_lock = threading.Lock()
+        self._limit: asyncio.Semaphore | None = None
+        self._session: aiohttp.ClientSession | None = None
 
     @property
     def url(self) -> str:
@@ -61,19 +64,30 @@ class OpenAIExpert:
             if self._loop is None:
                 self._loop = asyncio.new_event_loop()
                 threading.Thread(target=self._loop.run_forever, name=f"expert-{self.name}", daemon=True).start()
+                atexit.register(self.close)
         return asyncio.run_coroutine_threadsafe(self._generate(requests), self._loop).result()
 
+    def close(self) -> None:
+        """Close the HTTP session and stop the expert's event loop (also run at interpreter exit)."""
+        with self._loop_lock:
+            loop, self._loop = self._loop, None
+        if loop is None:
+            return
+        if self._session is not None:
+            asyncio.run_coroutine_threadsafe(self._session.close(), loop).result(timeout=10)
+            self._session = None
+        loop.call_soon_threadsafe(loop.stop)
+
     async def _generate(self, requests: list[CaptionRequest]) -> list[CaptionResult]:
-        if self._client is None:
+        if self._session is None:
             self._limit = asyncio.Semaphore(self.config.concurrency)
-            self._client = httpx.AsyncClient(
+            self._session = aiohttp.ClientSession(
                 headers=self._headers,
-                timeout=httpx.Timeout(self.config.timeout_s),
-                limits=httpx.Limits(max_connections=self.config.concurrency),
-                transport=self.transport,
+                timeout=aiohttp.ClientTimeout(total=self.config.timeout_s),
+                connector=aiohttp.TCPConnector(limit=self.config.concurrency),
             )
         assert self._limit is not None
-        return await asyncio.gather(*(self._one(self._client, self._limit, request) for request in requests))
+        return await asyncio.gather(*(self._one(self._session, self._limit, request) for request in requests))
 
     def _body(self, request: CaptionRequest) -> dict:
         return {
@@ -83,16 +97,18 @@ class OpenAIExpert:
             "temperature": self.config.temperature,
         }
 
-    def _delay(self, retry: int, response: httpx.Response | None) -> float:
-        if response is not None and (after := response.headers.get("retry-after")):
+    def _delay(self, retry: int, retry_after: str | None) -> float:
+        if retry_after:
             try:
-                return min(float(after), MAX_BACKOFF_S)
+                return min(float(retry_after), MAX_BACKOFF_S)
             except ValueError:
                 pass
         base = min(self.backoff_s * 2**retry, MAX_BACKOFF_S)
         return base + random.uniform(0, base)
 
-    async def _one(self, client: httpx.AsyncClient, limit: asyncio.Semaphore, request: CaptionRequest) -> CaptionResult:
+    async def _one(
+        self, session: aiohttp.ClientSession, limit: asyncio.Semaphore, request: CaptionRequest
+    ) -> CaptionResult:
         started = time.perf_counter()
         body = await asyncio.to_thread(self._body, request)  # image encoding must not stall the event loop
         error = "no attempt made"
@@ -101,29 +117,30 @@ class OpenAIExpert:
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             try:
                 for retry in range(self.config.max_retries + 1):
-                    response = None
+                    retry_after = None
                     try:
-                        response = await client.post(self.url, json=body)
-                        if response.status_code == 200:
-                            return self._parse(response, started)
-                        error = f"HTTP {response.status_code}: {response.text[:200]}"
-                        if response.status_code not in RETRY_STATUS:
-                            break
-                    except httpx.TimeoutException:
+                        async with session.post(self.url, json=body) as response:
+                            if response.status == 200:
+                                return self._parse(await response.read(), started)
+                            error = f"HTTP {response.status}: {(await response.text())[:200]}"
+                            retry_after = response.headers.get("retry-after")
+                            if response.status not in RETRY_STATUS:
+                                break
+                    except TimeoutError:
                         error = f"timed out after {self.config.timeout_s:g} s"
-                    except httpx.TransportError as exc:
+                    except aiohttp.ClientError as exc:
                         error = f"{type(exc).__name__}: {exc}"
                     if retry < self.config.max_retries:
-                        await asyncio.sleep(self._delay(retry, response))
+                        await asyncio.sleep(self._delay(retry, retry_after))
             finally:
                 self.in_flight -= 1
         return CaptionResult(None, None, None, time.perf_counter() - started, error=error)
 
     @staticmethod
-    def _parse(response: httpx.Response, started: float) -> CaptionResult:
+    def _parse(raw: bytes, started: float) -> CaptionResult:
         latency = time.perf_counter() - started
         try:
-            payload = response.json()
+            payload = json.loads(raw)
             choice = payload["choices"][0]
             content = choice["message"]["content"] or ""
         except (ValueError, KeyError, IndexError, TypeError) as exc:
