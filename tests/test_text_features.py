@@ -38,6 +38,7 @@ def test_store_features_pool_per_expert_and_mask_missing(tmp_path):
     assert (vectors[2] == 0).all()
     assert features.lookup("t2")[1].tolist() == [False, True, False]  # the failed caption is left out
     assert features.lookup("unknown")[1].tolist() == [False, False, False]
+    assert not any(parameter.requires_grad for parameter in encoder.parameters())  # frozen, never trained
 
 
 def test_encoding_twice_runs_the_encoder_once_and_an_edit_invalidates_one_entry(tmp_path):
