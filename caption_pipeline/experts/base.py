@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,9 +63,17 @@ def load_image(path: Path, max_side: int | None = None) -> Image.Image:
 
 
 def image_data_url(path: Path, max_side: int) -> str:
-    """The image as a base64 PNG data URL, resized first: what OpenAI-compatible servers accept."""
+    """The image as a base64 PNG data URL, resized first: what OpenAI-compatible servers accept.
+
+    A tile is sent once per prompt and attempt, so the encoding is cached (keyed by path, mtime and size).
+    """
+    return _encoded(str(path), path.stat().st_mtime_ns, max_side)
+
+
+@functools.lru_cache(maxsize=2048)
+def _encoded(path: str, mtime_ns: int, max_side: int) -> str:
     buffer = io.BytesIO()
-    load_image(path, max_side).save(buffer, format="PNG")
+    load_image(Path(path), max_side).save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
