@@ -17,6 +17,20 @@ app.add_typer(run_app, name="run")
 console = Console(stderr=True, soft_wrap=True)
 
 
+def with_progress(run):
+    """Run a caption flow with a progress bar over its shard tasks."""
+    from flows import generate_captions as module
+    from segmenter.cli import progress_bar
+
+    with progress_bar() as bar:
+        task = bar.add_task("captions", total=None, note="")
+        module.progress_hook = lambda done, total, note: bar.update(task, completed=done, total=total, note=note)
+        try:
+            return run()
+        finally:
+            module.progress_hook = None
+
+
 def print_summary(summary) -> None:
     table = Table("expert", "prompt", "keys", "pass rate", "first try", "recovered", "failed", title="captions")
     for row in summary.table.itertuples(index=False):
@@ -41,10 +55,11 @@ def generate_captions(
     shard_size: Annotated[int | None, typer.Option(help="tiles per task (default: the manifest's)")] = None,
 ) -> None:
     """Caption every tile with every expert and prompt, gate with CLIP, re-prompt failures; resumable."""
-    from flows.generate_captions import generate_captions as run
+    from flows import generate_captions as module
 
     names = [name.strip() for name in experts.split(",")] if experts else None
-    print_summary(run(manifest, store, names, limit, runner, address, shard_size))
+    print_summary(with_progress(lambda: module.generate_captions(manifest, store, names, limit, runner, address,
+                                                                 shard_size)))  # fmt: skip
 
 
 @run_app.command("caption-report")

@@ -59,10 +59,9 @@ def run_demo(console: Console, limit: int | None = None, steps: int = DEMO_STEPS
     console.print("[3/6] tiny random-weight stand-ins for CLIP, Qwen2-VL and LLaVA (no download)")
     build_demo_models(manifest)
     console.print(f"[4/6] captions -> {manifest.captions.store}")
-    summary = generate_captions("demo", limit=limit)
-    from flows.cli import print_summary
+    from flows.cli import print_summary, with_progress
 
-    print_summary(summary)
+    print_summary(with_progress(lambda: generate_captions("demo", limit=limit)))
     report_dir = manifest.captions.store.parent / "report"
     console.print(f"[5/6] caption report -> {report_dir}")
     path = caption_report_flow(str(manifest.captions.store), str(report_dir), str(manifest.tiling.out))

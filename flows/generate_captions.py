@@ -10,12 +10,14 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
 
 from caption_pipeline.experts import Expert, build_expert
 from caption_pipeline.gate import GateSettings, RunInfo, caption_tiles, tile_tasks
@@ -26,6 +28,9 @@ from manifests.run_manifest import RunManifest, load_manifest
 from manifests.tile_index import read_tile_index
 
 GPU_TAG = "gpu"
+ShardProgress = Callable[[int, int, str], None]
+# Set by the CLI to draw a progress bar; a hook rather than a flow parameter, since parameters must be data.
+progress_hook: ShardProgress | None = None
 _models: dict[str, object] = {}
 _models_lock = threading.Lock()
 
@@ -146,7 +151,11 @@ def generate_captions_flow(
         for shard in shards(tile_ids, size):
             futures.append(shard_task.submit(manifest_path, expert_name, shard, store, run_id, manifest.sha256))
     logger.info("%d tiles, %d experts, %d shard tasks (run %s)", len(tile_ids), len(experts), len(futures), run_id)
-    results = [future.result() for future in futures]
+    results = []
+    for future in as_completed(futures):
+        results.append(future.result())
+        if progress_hook is not None:
+            progress_hook(len(results), len(futures), f"{results[-1].expert}: {results[-1].rows} attempts")
     compact(store)
     return CaptionRunSummary(
         Path(store), len(tile_ids), sum(r.rows for r in results), sum(r.skipped for r in results),

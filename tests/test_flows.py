@@ -155,3 +155,26 @@ def test_class_mentions_use_synonyms_and_whole_words():
     assert mentioned_classes("Two houses beside a paved street, with trees.", names) == {
         "impervious_surfaces", "building", "tree"}  # fmt: skip
     assert mentioned_classes("A streetcar", names) == set()
+
+
+def test_cli_shows_progress_and_summary(prefect_api, manifest_path, threads_store):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    seen = []
+    original = flow_module.generate_captions
+
+    def spy(*args, **kwargs):
+        seen.append(flow_module.progress_hook is not None)  # the CLI's bar is listening while the flow runs
+        return original(*args, **kwargs)
+
+    flow_module.generate_captions = spy
+    try:
+        result = CliRunner().invoke(app, ["run", "generate-captions", "--manifest", str(manifest_path),
+                                          "--store", str(threads_store), "--experts", "annotation"])  # fmt: skip
+    finally:
+        flow_module.generate_captions = original
+    assert result.exit_code == 0, result.output
+    assert seen == [True] and flow_module.progress_hook is None
+    assert "12 tiles, 0 new attempts, 24 keys already done" in result.output
