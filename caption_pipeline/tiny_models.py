@@ -60,6 +60,21 @@ def _tokenizer(special: list[str], image_token_text: str):
     return tokenizer
 
 
+def _seeded_model(cls, config, ids: dict[str, int], seed: int):
+    """A random model that stops at ``<|im_end|>`` and pads with ``<|endoftext|>``, as the chat template expects."""
+    torch.manual_seed(seed)
+    model = cls(config)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    return model
+
+
+def _save(folder: Path, model, processor) -> Path:
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
 def build_tiny_qwen2_vl(folder: Path, seed: int = 0) -> Path:
     """A two-layer Qwen2-VL with a byte-level BPE trained offline, saved with ``save_pretrained``."""
     from transformers import (
@@ -87,19 +102,14 @@ def build_tiny_qwen2_vl(folder: Path, seed: int = 0) -> Path:
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
     )  # fmt: skip
-    torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config)
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model = _seeded_model(Qwen2VLForConditionalGeneration, config, ids, seed)
     processor = Qwen2VLProcessor(
         image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112),
         video_processor=Qwen2VLVideoProcessor(),
         tokenizer=tokenizer,
         chat_template=tokenizer.chat_template,
     )
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+    return _save(folder, model, processor)
 
 
 def build_tiny_llava(folder: Path, seed: int = 0) -> Path:
@@ -124,14 +134,9 @@ def build_tiny_llava(folder: Path, seed: int = 0) -> Path:
                        pad_token_id=ids["<|endoftext|>"])  # fmt: skip
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=ids["<image>"],
                          vision_feature_layer=-2, image_seq_length=4)  # fmt: skip
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model = _seeded_model(LlavaForConditionalGeneration, config, ids, seed)
     image_processor = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
                                chat_template=tokenizer.chat_template, num_additional_image_tokens=1,
                                vision_feature_select_strategy="default")  # fmt: skip
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+    return _save(folder, model, processor)
