@@ -167,7 +167,7 @@ def train(
     step = 0
     if resume and paths.latest is not None:
         checkpoint = paths.latest
-        model.load_state_dict(MPerSSegmenter.load(checkpoint).state_dict())
+        model.load_weights(checkpoint)
         optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True, map_location=device))
         state = json.loads((checkpoint / "state.json").read_text())
         state["scheduler"]["milestones"] = Counter({int(k): v for k, v in state["scheduler"]["milestones"]})

@@ -95,16 +95,20 @@ class MPerSSegmenter(nn.Module):
         atomic_write_text(folder / CONFIG_FILE, self.config.model_dump_json(indent=2))
         return folder
 
-    @classmethod
-    def load(cls, folder: str | Path, map_location: str = "cpu") -> MPerSSegmenter:
-        folder = Path(folder)
-        config = SegmenterConfig.model_validate(json.loads((folder / CONFIG_FILE).read_text()))
-        model = cls(config)
-        missing, unexpected = model.load_state_dict(
-            load_file(str(folder / WEIGHTS_FILE), device=map_location), strict=False
-        )
-        if model.backbone_is_reloadable:
+    def load_weights(self, folder: str | Path) -> None:
+        """Load the weights of a checkpoint folder into this model (the ViT from its own source if reloadable)."""
+        path = Path(folder) / WEIGHTS_FILE
+        state = load_file(str(path), device=str(next(self.parameters()).device))
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        if self.backbone_is_reloadable:
             missing = [key for key in missing if not key.startswith("backbone.vit.")]
         if missing or unexpected:
-            raise ValueError(f"{folder / WEIGHTS_FILE}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise ValueError(f"{path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+    @classmethod
+    def load(cls, folder: str | Path) -> MPerSSegmenter:
+        """A model rebuilt from a checkpoint folder's ``config.json`` with its ``model.safetensors``."""
+        folder = Path(folder)
+        model = cls(SegmenterConfig.model_validate(json.loads((folder / CONFIG_FILE).read_text())))
+        model.load_weights(folder)
         return model
