@@ -5,12 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from manifests.errors import InputError
-from manifests.run_manifest import load_manifest
-from manifests.tile_index import read_tile_index
 from segmenter.datasets import build_dataset
-from segmenter.inference import load_run_model, overlapping_tile_text, sliding_window_logits
+from segmenter.inference import open_run, overlapping_tile_text, sliding_window_logits
 from segmenter.metrics import ConfusionMatrix, Metrics, compute_metrics
-from segmenter.train import load_text_features
 
 
 def evaluate(
@@ -27,17 +24,14 @@ def evaluate(
     Raises:
         InputError: no checkpoint, an unknown split, ``--gt eroded`` on a dataset without eroded labels.
     """
-    model, info = load_run_model(run, device)
-    manifest = load_manifest(info["manifest"])
-    index = read_tile_index(manifest.tiling.out)
+    trained = open_run(run, device)
+    model, manifest, index = trained.model, trained.manifest, trained.index
     dataset = build_dataset(manifest.dataset)
     sources = [source for source in dataset.sources() if source.split == split]
     if not sources:
         raise InputError(f"--split: no sources in split '{split}' of {manifest.dataset.name}")
-    captions = info.get("captions")
-    text = load_text_features(model.config, Path(captions) if captions else None, info["settings"]["passed_only"],
-                              device) if model.config.uses_text else None  # fmt: skip
-    window = window or int(index.extra.get("tile_size", 512))
+    text = trained.text_features(trained.info.get("captions"))
+    window = trained.window(window)
     matrix = ConfusionMatrix(len(index.class_names), index.ignore_index)
     for done, source in enumerate(sources):
         label_file = source.eval_label if gt == "eroded" else source.label

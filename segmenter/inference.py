@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,20 +12,45 @@ import torch
 import torch.nn.functional as F
 
 from manifests.errors import InputError
+from manifests.run_manifest import RunManifest, load_manifest
+from manifests.tile_index import TileIndex, read_tile_index
 from segmenter.model import MPerSSegmenter
+from segmenter.text.features import ExpertTextFeatures
 from segmenter.tiling import tile_grid
-from segmenter.train import RunPaths
+from segmenter.train import RunPaths, load_text_features
 
 TextLookup = Callable[[int, int, int, int], tuple[torch.Tensor, torch.Tensor] | None]
 
 
-def load_run_model(run: str | Path, device: str = "cpu") -> tuple[MPerSSegmenter, dict]:
-    """The newest checkpoint of a training run and the run's ``run.json``."""
+@dataclass
+class TrainedRun:
+    """What evaluation and prediction need of a training run: its newest model, manifest and tile index."""
+
+    model: MPerSSegmenter
+    info: dict
+    manifest: RunManifest
+    index: TileIndex
+    device: str
+
+    def window(self, requested: int | None) -> int:
+        """The sliding window: as requested, else the tile size the model was trained on."""
+        return requested or int(self.index.extra.get("tile_size", 512))
+
+    def text_features(self, captions: str | Path | None) -> ExpertTextFeatures | None:
+        """Per-expert caption features from a store, as in training (None for a model without text)."""
+        passed_only = self.info["settings"]["passed_only"]
+        return load_text_features(self.model.config, Path(captions) if captions else None, passed_only, self.device)
+
+
+def open_run(run: str | Path, device: str = "cpu") -> TrainedRun:
+    """The newest checkpoint of a training run, with the manifest and tile index it was trained on."""
     paths = RunPaths(Path(run))
     if paths.latest is None or not (paths.root / "run.json").is_file():
         raise InputError(f"--run: {run} holds no finished checkpoint (checkpoints/latest and run.json)")
+    info = json.loads((paths.root / "run.json").read_text())
+    manifest = load_manifest(info["manifest"])
     model = MPerSSegmenter.load(paths.latest).to(device).eval()
-    return model, json.loads((paths.root / "run.json").read_text())
+    return TrainedRun(model, info, manifest, read_tile_index(manifest.tiling.out), device)
 
 
 @torch.no_grad()

@@ -10,10 +10,8 @@ from PIL import Image
 
 from manifests.atomic import atomic_path
 from manifests.errors import InputError
-from manifests.run_manifest import load_manifest
-from manifests.tile_index import read_tile_index
 from segmenter.datasets.labels import encode_rgb_mask
-from segmenter.inference import load_run_model, sliding_window_logits
+from segmenter.inference import open_run, sliding_window_logits
 from segmenter.text.features import ExpertTextFeatures
 
 SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
@@ -33,7 +31,7 @@ def image_files(inputs: list[Path]) -> list[Path]:
     return files
 
 
-def tile_text(text: ExpertTextFeatures | None, prefix: str, stem: str, window: int):
+def tile_text(text: ExpertTextFeatures | None, prefix: str, stem: str):
     """Text of the captioned tile ``<prefix>/<stem>/<y>_<x>`` a window starts on, if the store has it."""
     if text is None:
         return None
@@ -55,16 +53,10 @@ def predict(
     device: str = "cpu",
 ) -> list[Path]:
     """Predict every image; returns the GeoTIFFs written. Without ``captions`` the experts are masked."""
-    from segmenter.train import load_text_features
-
-    model, info = load_run_model(run, device)
-    manifest = load_manifest(info["manifest"])
-    index = read_tile_index(manifest.tiling.out)
-    palette = index.palette
-    window = window or int(index.extra.get("tile_size", 512))
-    text = None
-    if model.config.uses_text and captions is not None:
-        text = load_text_features(model.config, captions, info["settings"]["passed_only"], device)
+    trained = open_run(run, device)
+    window = trained.window(window)
+    text = trained.text_features(captions) if captions is not None else None
+    prefix = trained.manifest.dataset.tile_prefix
     written = []
     for path in image_files(inputs):
         try:
@@ -76,9 +68,12 @@ def predict(
         image = np.moveaxis(pixels, 0, -1)
         if image.shape[-1] < 3:
             image = np.repeat(image[..., :1], 3, axis=-1)
-        lookup = tile_text(text, manifest.dataset.tile_prefix, path.stem, window)
+        lookup = tile_text(text, prefix, path.stem)
         classes = (
-            sliding_window_logits(model, image, window, overlap, lookup, device).argmax(0).numpy().astype(np.uint8)
+            sliding_window_logits(trained.model, image, window, overlap, lookup, device)
+            .argmax(0)
+            .numpy()
+            .astype(np.uint8)
         )
         target = out / f"{path.stem}.tif"
         options = {"driver": "GTiff", "height": classes.shape[0], "width": classes.shape[1], "count": 1,
@@ -86,6 +81,8 @@ def predict(
         with atomic_path(target) as tmp, rasterio.open(tmp, "w", **options) as sink:
             sink.write(classes, 1)
         with atomic_path(out / f"{path.stem}_color.png") as tmp:
-            Image.fromarray(encode_rgb_mask(classes, tuple(palette), 255)).save(tmp, format="PNG")
+            Image.fromarray(encode_rgb_mask(classes, tuple(trained.index.palette), trained.index.ignore_index)).save(
+                tmp, format="PNG"
+            )
         written.append(target)
     return written
