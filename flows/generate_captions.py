@@ -24,7 +24,7 @@ from caption_pipeline.gate import GateSettings, RunInfo, caption_tiles, tile_tas
 from caption_pipeline.scoring import ClipScorer
 from manifests.caption_store import StoreMeta, attempt_counts, compact, read_store, write_fragment
 from manifests.errors import InputError
-from manifests.run_manifest import RunManifest, load_manifest
+from manifests.run_manifest import ExpertConfig, RunManifest, load_manifest
 from manifests.tile_index import read_tile_index
 
 GPU_TAG = "gpu"
@@ -43,8 +43,7 @@ def _cached(key: str, build):
         return _models[key]
 
 
-def _expert(manifest: RunManifest, name: str) -> Expert:
-    config = next(expert for expert in manifest.captions.experts if expert.name == name)
+def _expert(config: ExpertConfig) -> Expert:
     return _cached(f"expert:{config.model_dump_json()}", lambda: build_expert(config))
 
 
@@ -71,17 +70,17 @@ def caption_shard(
     index = read_tile_index(manifest.tiling.out)
     frame = index.frame[index.frame["tile_id"].isin(set(tile_ids))]
     done, counts = attempt_counts(store, tile_ids)
-    expert = _expert(manifest, expert_name)
-    overrides = next(e for e in captions.experts if e.name == expert_name).prompts
-    settings = GateSettings(captions.tau, captions.max_attempts, tuple(captions.prompts.ids), dict(overrides))
+    config = next(expert for expert in captions.experts if expert.name == expert_name)
+    settings = GateSettings(captions.tau, captions.max_attempts, tuple(captions.prompts.ids), dict(config.prompts))
     keys = {(tile_id, expert_name, pid) for tile_id in tile_ids for pid in settings.prompt_ids}
+    skip = done & keys
+    scorer = _scorer(manifest)
     rows = caption_tiles(
-        tile_tasks(index, frame, captions.prompts), expert, _scorer(manifest), settings,
-        RunInfo(run_id, manifest_sha256), skip=done & keys, previous_attempts=counts,
+        tile_tasks(index, frame, captions.prompts), _expert(config), scorer, settings,
+        RunInfo(run_id, manifest_sha256), skip=skip, previous_attempts=counts,
     )  # fmt: skip
-    meta = StoreMeta(index.class_names, _scorer(manifest).model_id, captions.tau)
-    write_fragment(store, rows, meta)
-    return ShardResult(expert_name, len(frame), len(rows), len(done & keys))
+    write_fragment(store, rows, StoreMeta(index.class_names, scorer.model_id, captions.tau))
+    return ShardResult(expert_name, len(frame), len(rows), len(skip))
 
 
 def shards(tile_ids: list[str], size: int) -> list[list[str]]:

@@ -201,6 +201,7 @@ def compact(store: str | Path) -> Path | None:
     fragments = _fragments(store)
     if len(fragments) <= 1 or not store.is_dir():
         return fragments[0] if fragments else None
+    # The listed fragments, each read on its own: a fragment a writer adds meanwhile is neither merged nor deleted.
     frame = pd.concat([read_store(path) for path in fragments], ignore_index=True)
     frame = frame.sort_values("created_at").drop_duplicates(list(ATTEMPT_KEY), keep="last").reset_index(drop=True)
     frame = mark_selected(frame)
