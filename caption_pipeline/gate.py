@@ -70,13 +70,25 @@ def tile_tasks(index: TileIndex, frame: pd.DataFrame, prompts: PromptConfig) -> 
     return tasks
 
 
-def _image_error(tile: TileTask) -> str | None:
-    """Why a tile's image cannot be read, or None: a corrupt tile is recorded as a failure, not a crash."""
-    try:
-        load_image(tile.image_path)
-    except (OSError, ValueError) as exc:
-        return f"unreadable image {tile.image_path}: {type(exc).__name__}: {exc}"
-    return None
+class ImageCheck:
+    """Why a tile's image cannot be read, or None, decoded once per tile: a corrupt tile is recorded as a failed
+    attempt and never sent to the expert. Checked chunk by chunk inside the pipeline, so the first requests go
+    out without waiting for every tile of the shard to be decoded."""
+
+    def __init__(self) -> None:
+        self.errors: dict[str, str | None] = {}
+
+    def __call__(self, tile: TileTask) -> str | None:
+        if tile.tile_id not in self.errors:
+            try:
+                load_image(tile.image_path)
+                self.errors[tile.tile_id] = None
+            except (OSError, ValueError) as exc:
+                self.errors[tile.tile_id] = f"unreadable image {tile.image_path}: {type(exc).__name__}: {exc}"
+        return self.errors[tile.tile_id]
+
+    def unreadable(self, tile: TileTask) -> bool:
+        return self.errors.get(tile.tile_id) is not None
 
 
 def _row(tile, pid, attempt, expert, scorer, settings, run, prompt_text, result: CaptionResult, score) -> dict:
@@ -99,13 +111,23 @@ def _is_usable(result: CaptionResult) -> bool:
     return result.error is None and result.caption is not None and result.caption.strip() != ""
 
 
-def _generate_and_score(expert: Expert, scorer: ClipScorer, pending, requests) -> tuple[list[CaptionResult], dict]:
+def _generate_and_score(
+    expert: Expert, scorer: ClipScorer, pending, requests, check: ImageCheck
+) -> tuple[list[CaptionResult], dict]:
     """Captions and their scores. Experts that serve concurrent batches (``pipeline_chunk``, the HTTP backend)
     get the requests in chunks, two in flight, so CLIP scores one chunk while the next is being generated."""
     chunk = getattr(expert, "pipeline_chunk", None) or len(requests)
     spans = [(start, min(start + chunk, len(requests))) for start in range(0, len(requests), chunk)]
     results: list[CaptionResult] = [None] * len(requests)  # type: ignore[list-item]
     scores: dict = {}
+
+    def generate(start: int, end: int) -> list[CaptionResult]:
+        errors = [check(pending[i][0]) for i in range(start, end)]
+        readable = [i for i, error in zip(range(start, end), errors, strict=True) if error is None]
+        generated = iter(expert.generate([requests[i] for i in readable]) if readable else [])
+        return [
+            next(generated) if error is None else CaptionResult(None, None, None, 0.0, error=error) for error in errors
+        ]
 
     def score(start: int, end: int, part: list[CaptionResult]) -> None:
         results[start:end] = part
@@ -118,10 +140,10 @@ def _generate_and_score(expert: Expert, scorer: ClipScorer, pending, requests) -
         scores.update(zip(usable, scored, strict=True))
 
     if len(spans) == 1:
-        score(0, len(requests), expert.generate(requests))
+        score(0, len(requests), generate(0, len(requests)))
         return results, scores
     with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = [(start, end, pool.submit(expert.generate, requests[start:end])) for start, end in spans]
+        futures = [(start, end, pool.submit(generate, start, end)) for start, end in spans]
         for start, end, future in futures:
             score(start, end, future.result())
     return results, scores
@@ -142,7 +164,7 @@ def caption_tiles(
     Failures are re-generated with the refined prompt until ``max_attempts``; the best attempt per key is
     marked ``selected`` whether it passed or not. ``previous_attempts`` continues the attempt numbers of
     keys that an earlier run tried without success. A tile whose image cannot be read gets one failed
-    attempt per prompt and the others go on.
+    attempt per prompt, is never re-prompted, and the others go on.
     """
     previous = previous_attempts or {}
     if expert.backend == "annotation":  # it reads the label: nothing to do where labels are not allowed
@@ -150,14 +172,9 @@ def caption_tiles(
     todo = [
         (tile, pid) for tile in tiles for pid in settings.prompt_ids if (tile.tile_id, expert.name, pid) not in skip
     ]
-    unreadable = {tile.tile_id: error for tile, _ in todo if (error := _image_error(tile))}
+    check = ImageCheck()
     rows: list[dict] = []
-    for tile, pid in todo:
-        if tile.tile_id in unreadable:
-            failure = CaptionResult(None, None, None, 0.0, error=unreadable[tile.tile_id])
-            attempt = previous.get((tile.tile_id, expert.name, pid), 0)
-            rows.append(_row(tile, pid, attempt, expert, scorer, settings, run, "", failure, None))
-    pending = [(tile, pid) for tile, pid in todo if tile.tile_id not in unreadable]
+    pending = todo
     for round_ in range(settings.max_attempts):
         if not pending:
             break
@@ -173,13 +190,13 @@ def caption_tiles(
             )
             for tile, pid in pending
         ]
-        results, scores = _generate_and_score(expert, scorer, pending, requests)
+        results, scores = _generate_and_score(expert, scorer, pending, requests, check)
         still_failing = []
         for i, ((tile, pid), request, result) in enumerate(zip(pending, requests, results, strict=True)):
             attempt = previous.get((tile.tile_id, expert.name, pid), 0) + round_
             row = _row(tile, pid, attempt, expert, scorer, settings, run, request.prompt, result, scores.get(i))
             rows.append(row)
-            if not row["passed"]:
+            if not row["passed"] and not check.unreadable(tile):
                 still_failing.append((tile, pid))
         pending = still_failing
     if rows:

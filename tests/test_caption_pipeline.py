@@ -132,10 +132,13 @@ class ScriptedExpert:
     model: str = "script"
     backend: str = "annotation"
     calls: int = 0
+    pipeline_chunk: int | None = None
+    asked: list[str] = dataclasses.field(default_factory=list)
 
     def generate(self, requests):
         results = []
         for request in requests:
+            self.asked.append(request.tile_id)
             attempt = int("number of objects" in request.prompt)
             self.calls += 1
             results.append(CaptionResult(self.script[min(attempt, len(self.script) - 1)], "stop", 3, 0.01))
@@ -192,16 +195,22 @@ def test_annotation_expert_runs_only_where_labels_are_allowed(clip_config, small
     assert all(row["caption"].startswith("An aerial image") for row in rows)
 
 
-def test_corrupt_tile_is_a_failed_attempt_and_the_rest_go_on(clip_config, small_index, tmp_path):
-    tasks = tile_tasks(small_index, small_index.frame.head(2), PromptConfig())
+@pytest.mark.parametrize("pipeline_chunk", [None, 2])
+def test_corrupt_tile_is_a_failed_attempt_and_the_rest_go_on(clip_config, small_index, tmp_path, pipeline_chunk):
+    tasks = tile_tasks(small_index, small_index.frame.head(3), PromptConfig())
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
-    tasks[0] = dataclasses.replace(tasks[0], image_path=broken)
-    rows = caption_tiles(tasks, ScriptedExpert(["a caption"]), ClipScorer(clip_config), GateSettings(tau=0.0),
-                         RunInfo("r"))  # fmt: skip
-    failed = [row for row in rows if row["tile_id"] == tasks[0].tile_id]
-    assert len(failed) == 3 and all("unreadable image" in row["error"] and row["selected"] for row in failed)
-    assert all(row["passed"] for row in rows if row["tile_id"] == tasks[1].tile_id)
+    tasks[1] = dataclasses.replace(tasks[1], image_path=broken)
+    expert = ScriptedExpert(["a caption"], pipeline_chunk=pipeline_chunk)
+    # tau above any similarity: every readable key is re-prompted up to max_attempts, the corrupt one never
+    rows = caption_tiles(tasks, expert, ClipScorer(clip_config), GateSettings(tau=1.01, max_attempts=3), RunInfo("r"))
+    failed = [row for row in rows if row["tile_id"] == tasks[1].tile_id]
+    assert len(failed) == 3 and {row["attempt"] for row in failed} == {0}
+    assert all("unreadable image" in row["error"] and row["selected"] for row in failed)
+    assert tasks[1].tile_id not in expert.asked
+    for tile in (tasks[0], tasks[2]):
+        attempts = [row for row in rows if row["tile_id"] == tile.tile_id]
+        assert len(attempts) == 9 and all(row["error"] is None and row["similarity"] is not None for row in attempts)
 
 
 def test_openai_expert_through_the_gate_never_writes_the_key(clip_config, small_index, tmp_path, monkeypatch):
