@@ -65,7 +65,11 @@ class OpenAIExpert:
                 self._loop = asyncio.new_event_loop()
                 threading.Thread(target=self._loop.run_forever, name=f"expert-{self.name}", daemon=True).start()
                 atexit.register(self.close)
-        return asyncio.run_coroutine_threadsafe(self._generate(requests), self._loop).result()
+            loop = self._loop
+        # Each body (with its base64 image) is built here, in the caller's thread, and handed to the event loop at
+        # once: the loop only does I/O, and the first requests go out while later images are still being encoded.
+        futures = [asyncio.run_coroutine_threadsafe(self._one(self._body(request)), loop) for request in requests]
+        return [future.result() for future in futures]
 
     def close(self) -> None:
         """Close the HTTP session and stop the expert's event loop (also run at interpreter exit)."""
@@ -78,24 +82,26 @@ class OpenAIExpert:
             self._session = None
         loop.call_soon_threadsafe(loop.stop)
 
-    async def _generate(self, requests: list[CaptionRequest]) -> list[CaptionResult]:
-        if self._session is None:
+    def _client(self) -> tuple[aiohttp.ClientSession, asyncio.Semaphore]:
+        """The HTTP session and the in-flight bound, made on first use inside the expert's event loop."""
+        if self._session is None or self._limit is None:
             self._limit = asyncio.Semaphore(self.config.concurrency)
             self._session = aiohttp.ClientSession(
                 headers=self._headers,
                 timeout=aiohttp.ClientTimeout(total=self.config.timeout_s),
                 connector=aiohttp.TCPConnector(limit=self.config.concurrency),
             )
-        assert self._limit is not None
-        return await asyncio.gather(*(self._one(self._session, self._limit, request) for request in requests))
+        return self._session, self._limit
 
-    def _body(self, request: CaptionRequest) -> dict:
-        return {
-            "model": self.model,
-            "messages": chat_messages(request, image_data_url(request.image_path, self.config.max_side)),
-            "max_tokens": self.config.max_new_tokens,
-            "temperature": self.config.temperature,
-        }
+    def _body(self, request: CaptionRequest) -> bytes:
+        return json.dumps(
+            {
+                "model": self.model,
+                "messages": chat_messages(request, image_data_url(request.image_path, self.config.max_side)),
+                "max_tokens": self.config.max_new_tokens,
+                "temperature": self.config.temperature,
+            }
+        ).encode()
 
     def _delay(self, retry: int, retry_after: str | None) -> float:
         if retry_after:
@@ -106,11 +112,9 @@ class OpenAIExpert:
         base = min(self.backoff_s * 2**retry, MAX_BACKOFF_S)
         return base + random.uniform(0, base)
 
-    async def _one(
-        self, session: aiohttp.ClientSession, limit: asyncio.Semaphore, request: CaptionRequest
-    ) -> CaptionResult:
+    async def _one(self, body: bytes) -> CaptionResult:
         started = time.perf_counter()
-        body = await asyncio.to_thread(self._body, request)  # image encoding must not stall the event loop
+        session, limit = self._client()
         error = "no attempt made"
         async with limit:
             self.in_flight += 1
@@ -119,7 +123,7 @@ class OpenAIExpert:
                 for retry in range(self.config.max_retries + 1):
                     retry_after = None
                     try:
-                        async with session.post(self.url, json=body) as response:
+                        async with session.post(self.url, data=body) as response:
                             if response.status == 200:
                                 return self._parse(await response.read(), started)
                             error = f"HTTP {response.status}: {(await response.text())[:200]}"
