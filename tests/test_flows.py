@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from flows import generate_captions as flow_module
-from flows.generate_captions import generate_captions
+from flows.generate_captions import frozen_heap, generate_captions
 from flows.report import build_report, caption_report_flow, mentioned_classes
 from manifests.caption_store import ATTEMPT_KEY, read_store, selected_captions
 
@@ -92,6 +93,14 @@ def test_flow_store_rows_and_a_second_run_calls_no_expert(threads_store, manifes
             if isinstance(model, CountingExpert):
                 flow_module._models[key] = model.inner
     assert calls == [0, 0] and summary.new_rows == 0 and summary.skipped_keys == 60
+    assert gc.get_freeze_count() == 0  # the heap is frozen only while a run lasts
+
+
+def test_frozen_heap_is_released_when_the_run_fails():
+    with pytest.raises(RuntimeError, match="run failed"), frozen_heap():
+        assert gc.get_freeze_count() > 0
+        raise RuntimeError("run failed")
+    assert gc.get_freeze_count() == 0
 
 
 def test_dask_runner_gives_the_same_store(threads_store, manifest_path):
