@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -192,6 +193,7 @@ captions:
         )  # fmt: skip
         timings += [(loop, loop), (flow, loop)]
     server.terminate()
+    shutil.rmtree(work, ignore_errors=True)
 
     rows = [
         [t.name, t.captions, t.seconds, t.rate, t.rate / IDEAL, t.rate / loop.rate, t.head_s, t.tail_s,
