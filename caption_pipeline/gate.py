@@ -169,12 +169,11 @@ def caption_tiles(
     previous = previous_attempts or {}
     if expert.backend == "annotation":  # it reads the label: nothing to do where labels are not allowed
         tiles = [tile for tile in tiles if tile.label_path is not None]
-    todo = [
+    pending = [
         (tile, pid) for tile in tiles for pid in settings.prompt_ids if (tile.tile_id, expert.name, pid) not in skip
     ]
     check = ImageCheck()
     rows: list[dict] = []
-    pending = todo
     for round_ in range(settings.max_attempts):
         if not pending:
             break
