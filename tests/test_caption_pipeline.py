@@ -131,16 +131,18 @@ class ScriptedExpert:
     name: str = "scripted"
     model: str = "script"
     backend: str = "annotation"
-    calls: int = 0
     pipeline_chunk: int | None = None
     asked: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def calls(self) -> int:
+        return len(self.asked)
 
     def generate(self, requests):
         results = []
         for request in requests:
             self.asked.append(request.tile_id)
             attempt = int("number of objects" in request.prompt)
-            self.calls += 1
             results.append(CaptionResult(self.script[min(attempt, len(self.script) - 1)], "stop", 3, 0.01))
         return results
 
