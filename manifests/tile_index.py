@@ -41,6 +41,11 @@ TILE_INDEX_SCHEMA = pa.schema(
 )
 
 
+def make_tile_id(dataset: str, source_id: str, y: int, x: int) -> str:
+    """The stable id of the crop of ``source_id`` whose top-left corner is at row ``y``, column ``x``."""
+    return f"{dataset}/{source_id}/{y:04d}_{x:04d}"
+
+
 @dataclass(frozen=True)
 class TileIndex:
     """A loaded tile index: the rows as a DataFrame plus the file metadata."""

@@ -16,6 +16,7 @@ import tifffile
 from scipy import ndimage
 
 from manifests.atomic import atomic_path
+from segmenter.datasets.files import FileRole
 from segmenter.datasets.isprs import ISPRS_PALETTE, Vaihingen
 from segmenter.datasets.labels import encode_rgb_mask
 
@@ -184,25 +185,46 @@ def erode_boundaries(labels: np.ndarray, radius: int = ERODE_RADIUS) -> np.ndarr
     return np.where(high == low, labels, IGNORE).astype(np.uint8)
 
 
-def _write_tiff(path: Path, array: np.ndarray) -> None:
+def _write_tiff(path: Path, array: np.ndarray, compression: str | None = None) -> None:
     with atomic_path(path) as tmp:
-        tifffile.imwrite(tmp, array, photometric="rgb")
+        tifffile.imwrite(tmp, array, photometric="rgb" if array.ndim == 3 else "minisblack", compression=compression)
+
+
+def scene_heights(labels: np.ndarray) -> np.ndarray:
+    """A float32 surface model of a scene in metres, from its classes alone (no random draws).
+
+    Buildings and trees stand above the ground, cars a little; it fills ``dsm/`` of the archive layout and is
+    not read by ``prepare``.
+    """
+    above_ground = np.array([0.0, 9.0, 0.2, 12.0, 1.5, 0.8], dtype=np.float32)
+    return (265.0 + above_ground[labels]).astype(np.float32)  # Vaihingen lies at about 265 m
 
 
 def write_demo_dataset(out: Path, n_areas: int = 16, size: int = 1024, seed: int = 0) -> list[str]:
-    """Write ``n_areas`` scenes as the extracted Vaihingen archives under ``out``; returns the area ids."""
-    stems = Vaihingen.archives
-    names = Vaihingen.file_names
+    """Write ``n_areas`` scenes as the extracted Vaihingen archives under ``out``; returns the area ids.
+
+    The layout is that of the official release, extracted: ``ISPRS_semantic_labeling_Vaihingen/`` with
+    ``top/`` (the images), ``dsm/`` (a surface model) and ``gts_for_participants/`` (the full ground truth of the
+    areas the ISPRS labelled, named like the images), and the COMPLETE and eroded COMPLETE ground truth folders.
+    """
+    roles, companions = Vaihingen.roles, Vaihingen.companions
+    labelled = set(Vaihingen.splits["isprs"]["train"])
     area_ids = demo_area_ids(n_areas)
     for area in area_ids:
         image, labels = generate_scene([seed, int(area)], size)
-        eroded = erode_boundaries(labels)
-        _write_tiff(out / stems["image"] / "top" / names["image"].format(id=area), image)
-        _write_tiff(
-            out / stems["label"] / names["label"].format(id=area), encode_rgb_mask(labels, ISPRS_PALETTE, IGNORE)
-        )
-        _write_tiff(
-            out / stems["eval_label"] / names["eval_label"].format(id=area),
-            encode_rgb_mask(eroded, ISPRS_PALETTE, IGNORE),
-        )
+        full = encode_rgb_mask(labels, ISPRS_PALETTE, IGNORE)
+        eroded = encode_rgb_mask(erode_boundaries(labels), ISPRS_PALETTE, IGNORE)
+        _write_tiff(_demo_path(out, roles["image"], area), image)
+        _write_tiff(_demo_path(out, roles["label"], area), full)
+        _write_tiff(_demo_path(out, roles["eval_label"], area), eroded)
+        # The rest of the image archive, compressed: the demo's folder stays small, and prepare must skip it.
+        _write_tiff(_demo_path(out, companions["dsm"], area), scene_heights(labels), compression="zlib")
+        if area in labelled:
+            _write_tiff(_demo_path(out, companions["participant_label"], area), full, compression="zlib")
     return area_ids
+
+
+def _demo_path(out: Path, role: FileRole, area: str) -> Path:
+    """``<out>/<archive>/[<folder>/]<file>``: the archive as extracted, its folders inside it."""
+    folder = out / role.archive
+    return (folder / role.folder if role.folder else folder) / role.file_name(area)

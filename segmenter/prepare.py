@@ -11,39 +11,123 @@ import hashlib
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from manifests.errors import InputError
 from manifests.run_manifest import DatasetConfig, TilingConfig
-from manifests.tile_index import INDEX_FILENAME, TILE_INDEX_SCHEMA_VERSION, read_tile_index, write_tile_index
+from manifests.tile_index import (
+    INDEX_FILENAME,
+    TILE_INDEX_SCHEMA_VERSION,
+    make_tile_id,
+    read_tile_index,
+    write_tile_index,
+)
 from segmenter.datasets import SegmentationDataset, Source, build_dataset
-from segmenter.datasets.labels import DecodeStats, class_fractions
+from segmenter.datasets.files import SourceFile
+from segmenter.datasets.labels import RGB, DecodeStats, class_fractions, decode_rgb_mask
 from segmenter.raster_io import array_sha256, crop_suffix, write_crop
 from segmenter.tiling import tile_grid
 
 ProgressCallback = Callable[[int, int, str], None]
 
 
+# A label file with more stray pixels than this share is taken for the mask drawn over the photo.
+OVERLAY_SHARE = 0.5
+KNOWN_OVERLAY = (
+    "Potsdam's top_potsdam_4_12_label.tif in 5_Labels_all.zip is known to be such an overlay; "
+    "5_Labels_for_participants.zip holds a clean copy"
+)
+
+
+@dataclass(frozen=True)
+class LabelOverlay:
+    """A label file whose pixels mostly match no palette colour: probably the mask blended into the photo.
+
+    Attributes:
+        file: the label file.
+        stray_pixels: its pixels outside the palette (the black boundary not counted); set to the ignore index.
+        pixels: all its pixels.
+    """
+
+    file: str
+    stray_pixels: int
+    pixels: int
+
+
 @dataclass(frozen=True)
 class SourceReport:
-    """What ``prepare`` found in one source scene."""
+    """What ``prepare`` found in one source scene.
+
+    Attributes:
+        source_id: the source.
+        split: its split.
+        tiles: crops cut from it.
+        boundary_pixels: eroded-boundary (black) pixels of its eval label.
+        stray_pixels: label pixels outside the palette, set to the ignore index (label and eval label together).
+        image_file: the file read as its image.
+        image_label_colours: when every pixel of the image is a palette colour (or the black boundary), how many
+            distinct colours it has: the "image" is then a label map. 0 for a photo.
+        overlays: label files of the source that look like the mask overlaid on the photo.
+    """
 
     source_id: str
     split: str
     tiles: int
     boundary_pixels: int
     stray_pixels: int
+    image_file: str = ""
+    image_label_colours: int = 0
+    overlays: tuple[LabelOverlay, ...] = ()
+
+    @property
+    def image_is_label_map(self) -> bool:
+        """Whether the image looks like a label map rather than a photo."""
+        return self.image_label_colours > 0
+
+    @property
+    def warnings(self) -> list[str]:
+        """One line per problem found in this source (without a ``warning:`` prefix), for the user to read."""
+        lines = []
+        if self.image_is_label_map:
+            lines.append(
+                f"{self.source_id}: the image {self.image_file} looks like a label map, not a photo: its "
+                f"{self.image_label_colours} colours are all palette colours; its crops were written anyway, "
+                "check that the file is the orthophoto"
+            )
+        for overlay in self.overlays:
+            lines.append(
+                f"{self.source_id}: {overlay.file}: {overlay.stray_pixels} of {overlay.pixels} label pixels "
+                f"({overlay.stray_pixels / overlay.pixels:.0%}) match no palette colour: it looks like the mask "
+                f"overlaid on the photo, not a label map ({KNOWN_OVERLAY}); they were set to the ignore index"
+            )
+        if self.stray_pixels and not self.overlays:
+            lines.append(
+                f"{self.source_id}: {self.stray_pixels} label pixels with colours outside the palette were set "
+                "to the ignore index"
+            )
+        return lines
 
 
 @dataclass(frozen=True)
 class PrepareResult:
+    """The outcome of :func:`prepare_tiles`.
+
+    Attributes:
+        index_path: the tile index written (or found up to date).
+        up_to_date: nothing was written because the inputs and settings are unchanged.
+        n_tiles: rows of the index.
+        sources: per-source reports (empty when up to date).
+        warnings: the sources' warnings; when up to date, those recorded in the index by the run that wrote it.
+    """
+
     index_path: Path
     up_to_date: bool
     n_tiles: int
     sources: list[SourceReport]
+    warnings: list[str] = field(default_factory=list)
 
 
 def _fingerprint(dataset: SegmentationDataset, tiling: TilingConfig, sources: list[Source]) -> str:
@@ -68,7 +152,9 @@ def _existing_fingerprint(out: Path) -> str | None:
         return None
 
 
-def _read_label(dataset: SegmentationDataset, source: Source, role: str, shape: tuple[int, ...]):
+def _read_label(
+    dataset: SegmentationDataset, source: Source, role: str, shape: tuple[int, ...]
+) -> tuple[np.ndarray | None, DecodeStats]:
     file = getattr(source, role)
     if file is None:
         return None, DecodeStats()
@@ -76,6 +162,30 @@ def _read_label(dataset: SegmentationDataset, source: Source, role: str, shape: 
     if classes.shape[:2] != shape[:2]:
         raise InputError(f"{file}: label is {classes.shape[:2]} px but its image is {shape[:2]} px")
     return classes, stats
+
+
+def _label_map_colours(image: np.ndarray, palette: tuple[RGB, ...], ignore_index: int) -> int:
+    """How many distinct colours an image has when all of them are palette colours or the black boundary, else 0.
+
+    A photo has thousands of colours and fails on a sparse sample already; only a candidate label map is decoded
+    in full. An image of black alone is not taken for a label map.
+    """
+    if image.ndim != 3 or image.shape[-1] < 3 or image.dtype != np.uint8:
+        return 0
+    for pixels in (image[::16, ::16, :3], image[..., :3]):
+        classes, stats = decode_rgb_mask(pixels, palette, ignore_index)
+        if stats.stray:
+            return 0
+    present = np.unique(classes)
+    return len(present) if np.any(present != ignore_index) else 0
+
+
+def _overlay(file: SourceFile | None, stats: DecodeStats, shape: tuple[int, ...]) -> list[LabelOverlay]:
+    """``file`` as a one-item list when most of its pixels are stray colours, else an empty list."""
+    pixels = shape[0] * shape[1]
+    if file is None or stats.stray <= OVERLAY_SHARE * pixels:
+        return []
+    return [LabelOverlay(str(file), stats.stray, pixels)]
 
 
 def _cut_source(
@@ -108,7 +218,7 @@ def _cut_source(
             fractions = class_fractions(label[window], len(dataset.classes), dataset.ignore_index)
         rows.append(
             {
-                "tile_id": f"{prefix}/{source.source_id}/{name}",
+                "tile_id": make_tile_id(prefix, source.source_id, y, x),
                 "dataset": prefix,
                 "split": source.split,
                 **{key: value and f"{crop_dir.name}/{value}" for key, value in relative.items()},
@@ -122,7 +232,19 @@ def _cut_source(
             }
         )
     stats = label_stats + eval_stats
-    report = SourceReport(source.source_id, source.split, len(rows), eval_stats.boundary, stats.stray)
+    report = SourceReport(
+        source.source_id,
+        source.split,
+        len(rows),
+        eval_stats.boundary,
+        stats.stray,
+        image_file=str(source.image),
+        image_label_colours=_label_map_colours(image, dataset.colors, dataset.ignore_index),
+        overlays=(
+            *_overlay(source.label, label_stats, image.shape),
+            *_overlay(source.eval_label if eval_label is not label else None, eval_stats, image.shape),
+        ),
+    )
     return rows, report
 
 
@@ -143,7 +265,8 @@ def prepare_tiles(
     crop_dir = out / f"crops-{fingerprint[:12]}"
     if _existing_fingerprint(out) == fingerprint and crop_dir.is_dir():
         index = read_tile_index(out)
-        return PrepareResult(out / INDEX_FILENAME, True, len(index.frame), [])
+        recorded = json.loads(index.extra.get("warnings", "[]"))
+        return PrepareResult(out / INDEX_FILENAME, True, len(index.frame), [], recorded)
     shutil.rmtree(crop_dir, ignore_errors=True)
     rows: list[dict] = []
     reports: list[SourceReport] = []
@@ -154,13 +277,20 @@ def prepare_tiles(
             source_rows, report = _cut_source(dataset, source, tiling, crop_dir, dataset_config.tile_prefix)
             rows += source_rows
             reports.append(report)
+        warnings = [line for report in reports for line in report.warnings]
         index_path = write_tile_index(
             out,
             rows,
             class_names=list(dataset.classes),
             ignore_index=dataset.ignore_index,
             palette=list(dataset.colors),
-            extra={"inputs_sha256": fingerprint, "tile_size": str(tiling.size), "stride": str(tiling.effective_stride)},
+            extra={
+                "inputs_sha256": fingerprint,
+                "tile_size": str(tiling.size),
+                "stride": str(tiling.effective_stride),
+                # Recorded so that a re-run that finds the index up to date can repeat them.
+                "warnings": json.dumps(warnings),
+            },
         )
     except BaseException:
         shutil.rmtree(crop_dir, ignore_errors=True)
@@ -170,4 +300,4 @@ def prepare_tiles(
             shutil.rmtree(stale, ignore_errors=True)
     if on_progress:
         on_progress(len(sources), len(sources), "done")
-    return PrepareResult(index_path, False, len(rows), reports)
+    return PrepareResult(index_path, False, len(rows), reports, warnings)

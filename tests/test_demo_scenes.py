@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import tifffile
 
 from manifests.run_manifest import DatasetConfig, TilingConfig
 from manifests.tile_index import read_tile_index
 from segmenter.demo_scenes import IGNORE, erode_boundaries, generate_scene, write_demo_dataset
 from segmenter.prepare import prepare_tiles
+from segmenter.raster_io import read_crop
 
 
 def test_scene_is_deterministic_and_holds_every_class():
@@ -46,3 +48,19 @@ def test_demo_dataset_reads_through_the_vaihingen_code_path(tmp_path):
     index = read_tile_index(prepare_tiles(dataset, TilingConfig(size=64, out=tmp_path / "t")).index_path)
     assert index.frame.groupby("split").size().to_dict() == {"train": 48, "test": 16}
     assert index.frame["tile_id"].iloc[0].startswith("demo/area")
+
+
+def test_demo_dataset_has_the_full_archive_layout_and_prepare_reads_top(tmp_path):
+    """dsm/ and gts_for_participants/ sit beside top/ as in the real archive; the crops are still the scenes."""
+    write_demo_dataset(tmp_path / "raw", n_areas=2, size=64)  # areas 1 and 3, both labelled by the ISPRS
+    images = tmp_path / "raw" / "ISPRS_semantic_labeling_Vaihingen"
+    assert sorted(path.name for path in images.iterdir()) == ["dsm", "gts_for_participants", "top"]
+    dsm = tifffile.imread(images / "dsm" / "dsm_09cm_matching_area1.tif")
+    assert dsm.shape == (64, 64) and dsm.dtype == np.float32
+    dataset = DatasetConfig(
+        name="vaihingen", root=tmp_path / "raw", split="custom", custom_splits={"train": ["1", "3"]}
+    )
+    index = read_tile_index(prepare_tiles(dataset, TilingConfig(size=64, out=tmp_path / "t")).index_path)
+    for row in index.frame.itertuples():
+        image, _ = generate_scene([0, int(row.source_id.removeprefix("area"))], 64)
+        np.testing.assert_array_equal(read_crop(index.path(row.image_path)), image)

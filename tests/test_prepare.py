@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import zipfile
 
 import duckdb
@@ -10,15 +11,25 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import tifffile
+from typer.testing import CliRunner
 
 from manifests.errors import InputError
 from manifests.tile_index import TILE_INDEX_SCHEMA, read_tile_index
+from segmenter.cli import app as segmenter_app
 from segmenter.datasets import Vaihingen
-from segmenter.prepare import prepare_tiles
+from segmenter.prepare import KNOWN_OVERLAY, prepare_tiles
 from segmenter.raster_io import read_crop
 from segmenter.tiling import window_starts
 from tests.conftest import vaihingen_configs
-from tests.data.isprs.generate import class_map, make_potsdam, make_vaihingen
+from tests.data.isprs.generate import (
+    VAIHINGEN_FULL,
+    VAIHINGEN_IMAGES,
+    class_map,
+    image_for,
+    make_potsdam,
+    make_vaihingen,
+    overlay_for,
+)
 
 HEIGHT, WIDTH = 40, 72
 
@@ -121,7 +132,7 @@ def test_rerun_is_up_to_date_and_a_changed_input_is_detected(tmp_path):
     mtime = first.index_path.stat().st_mtime_ns
     again = prepare_tiles(*config)
     assert again.up_to_date and first.index_path.stat().st_mtime_ns == mtime
-    image = root / "ISPRS_semantic_labeling_Vaihingen" / "top" / "top_mosaic_09cm_area5.tif"
+    image = root / VAIHINGEN_IMAGES / VAIHINGEN_IMAGES / "top" / "top_mosaic_09cm_area5.tif"
     pixels = tifffile.imread(image)
     pixels[0, 0] = 255 - pixels[0, 0]
     tifffile.imwrite(image, pixels)
@@ -156,7 +167,7 @@ def test_corrupt_tiff_keeps_the_previous_index(tmp_path):
     root = make_vaihingen(tmp_path / "v", layout="folder")
     config = vaihingen_configs(root, tmp_path / "tiles")
     before = prepare_tiles(*config).index_path.read_bytes()
-    (root / "ISPRS_semantic_labeling_Vaihingen" / "top" / "top_mosaic_09cm_area30.tif").write_bytes(b"II*\0garbage")
+    (root / VAIHINGEN_IMAGES / VAIHINGEN_IMAGES / "top" / "top_mosaic_09cm_area30.tif").write_bytes(b"II*\0garbage")
     with pytest.raises(InputError, match=r"top_mosaic_09cm_area30.tif: not a readable raster"):
         prepare_tiles(*config)
     assert (tmp_path / "tiles" / "index.parquet").read_bytes() == before
@@ -168,7 +179,7 @@ def test_corrupt_tiff_keeps_the_previous_index(tmp_path):
 def test_corrupt_zip(tmp_path):
     root = tmp_path / "v"
     root.mkdir()
-    for stem in Vaihingen.archives.values():
+    for stem in {role.archive for role in Vaihingen.roles.values()}:
         (root / f"{stem}.zip").write_bytes(b"not a zip")
     with pytest.raises(InputError, match="not a readable ZIP archive"):
         prepare_tiles(*vaihingen_configs(root, tmp_path / "tiles"))
@@ -182,6 +193,90 @@ def test_unknown_split(vaihingen_root, tmp_path):
 def test_zip_members_in_macos_folders_are_skipped(tmp_path):
     root = make_vaihingen(tmp_path / "v", ids=["1"], size=(16, 16))
     with zipfile.ZipFile(root / "ISPRS_semantic_labeling_Vaihingen.zip", "a") as archive:
-        archive.writestr("__MACOSX/top/._top_mosaic_09cm_area1.tif", b"resource fork")
+        # Inside a top/ folder, so only the __MACOSX and ._ rules keep it from being read as the image.
+        archive.writestr(f"__MACOSX/{VAIHINGEN_IMAGES}/top/._top_mosaic_09cm_area1.tif", b"resource fork")
     config = vaihingen_configs(root, tmp_path / "tiles", size=16, split="custom", custom_splits={"train": ["1"]})
     assert prepare_tiles(*config).n_tiles == 1
+
+
+def _label_map_as_image(tmp_path):
+    """Areas 1 and 2 extracted, with the full ground truth of area 1 copied over its orthophoto in top/."""
+    root = make_vaihingen(tmp_path / "v", ids=["1", "2"], layout="folder")
+    image = root / VAIHINGEN_IMAGES / VAIHINGEN_IMAGES / "top" / "top_mosaic_09cm_area1.tif"
+    image.write_bytes((root / VAIHINGEN_FULL / "top_mosaic_09cm_area1.tif").read_bytes())
+    return root, image
+
+
+def _manifest(tmp_path, dataset: str) -> str:
+    path = tmp_path / "run.yaml"
+    path.write_text(f"name: t\ndataset: {dataset}\ntiling: {{size: 72, out: {tmp_path / 'tiles'}}}\n")
+    return str(path)
+
+
+def test_a_label_map_read_as_the_image_is_reported(tmp_path):
+    root, image = _label_map_as_image(tmp_path)
+    config = vaihingen_configs(root, tmp_path / "tiles", size=72, split="custom", custom_splits={"train": ["1", "2"]})
+    reports = {report.source_id: report for report in prepare_tiles(*config).sources}
+    assert reports["area1"].image_is_label_map and reports["area1"].image_label_colours == 6
+    assert reports["area1"].image_file == str(image)
+    assert reports["area1"].warnings == [
+        f"area1: the image {image} looks like a label map, not a photo: its 6 colours are all palette colours; "
+        "its crops were written anyway, check that the file is the orthophoto"
+    ]
+    assert not reports["area2"].image_is_label_map and reports["area2"].warnings == []
+
+
+def test_cli_warns_about_a_label_map_read_as_the_image_and_again_when_up_to_date(tmp_path):
+    root, image = _label_map_as_image(tmp_path)
+    manifest = _manifest(
+        tmp_path, f"{{name: vaihingen, root: {root}, split: custom, custom_splits: {{train: ['1', '2']}}}}"
+    )
+    runner = CliRunner()
+    for _ in range(2):  # the second run finds the index up to date and repeats the warning it recorded
+        result = runner.invoke(segmenter_app, ["prepare", "--manifest", manifest])
+        assert result.exit_code == 0, result.output
+        assert f"warning: area1: the image {image} looks like a label map, not a photo" in result.output
+        assert "area2" not in result.output.split("warning:", 1)[1]
+    assert "up to date" in result.output
+
+
+def test_an_overlay_label_is_counted_reported_and_prepared(tmp_path):
+    root = make_potsdam(tmp_path / "p", ids=["2_10", "4_12"], modality="rgb", overlay_in="4_12")
+    config = vaihingen_configs(
+        root, tmp_path / "tiles", size=48, split="custom", custom_splits={"train": ["2_10", "4_12"]}
+    )
+    dataset = config[0].model_copy(update={"name": "potsdam", "modality": "rgb"})
+    result = prepare_tiles(dataset, config[1])
+    reports = {report.source_id: report for report in result.sources}
+    # Count the overlay's pixels outside the palette here, from the pixels the fixture wrote.
+    overlay = overlay_for(class_map(48, 48, seed=1), image_for(class_map(48, 48, seed=1), seed=1))
+    palette_or_black = [*Vaihingen.palette, (0, 0, 0)]
+    stray = int((~np.any([np.all(overlay == colour, axis=-1) for colour in palette_or_black], axis=0)).sum())
+    assert stray > 48 * 48 // 2
+    (found,) = reports["4_12"].overlays
+    assert found.file == f"{root / '5_Labels_all.zip'}!top_potsdam_4_12_label.tif"
+    assert (found.stray_pixels, found.pixels) == (stray, 48 * 48)
+    assert reports["4_12"].warnings == [
+        f"4_12: {found.file}: {stray} of {48 * 48} label pixels ({stray / 48 / 48:.0%}) match no palette colour: it "
+        f"looks like the mask overlaid on the photo, not a label map ({KNOWN_OVERLAY}); they were set to the "
+        "ignore index"
+    ]
+    assert reports["2_10"].overlays == () and result.warnings == reports["4_12"].warnings
+    index = read_tile_index(result.index_path)
+    label = read_crop(index.path(index.frame.set_index("source_id").loc["4_12", "label_path"]))
+    assert (label == 255).sum() == stray  # kept going: the stray pixels are ignored, the rest decoded
+
+
+def test_cli_warns_about_an_overlay_label(tmp_path):
+    root = make_potsdam(tmp_path / "p", ids=["2_10", "4_12"], modality="rgb", overlay_in="4_12")
+    manifest = _manifest(
+        tmp_path, f"{{name: potsdam, root: {root}, split: custom, custom_splits: {{train: ['2_10', '4_12']}}}}"
+    )
+    result = CliRunner().invoke(segmenter_app, ["prepare", "--manifest", manifest])
+    assert result.exit_code == 0, result.output
+    warning = next(line for line in result.output.splitlines() if line.startswith("warning: 4_12:"))
+    assert "5_Labels_all.zip!top_potsdam_4_12_label.tif" in warning
+    assert re.search(r": \d+ of 2304 label pixels \(\d+%\) match no palette colour", warning)  # counted, 48 x 48 px
+    assert "looks like the mask overlaid on the photo" in warning
+    assert "top_potsdam_4_12_label.tif in 5_Labels_all.zip is known to be such an overlay" in warning
+    assert "wrote" in result.output

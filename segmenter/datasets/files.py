@@ -1,11 +1,17 @@
-"""Uniform access to source files, whether they sit in an official ZIP archive or in its extracted folder."""
+"""Uniform access to source files, whether they sit in an official ZIP archive or in its extracted folder.
+
+A file is found by its role: which archive holds it, its file name and the folder it must sit in
+(:class:`FileRole`). The base name alone is never enough: the official Vaihingen image archive holds the
+orthophoto ``top/top_mosaic_09cm_area1.tif`` and the ground truth ``gts_for_participants/top_mosaic_09cm_area1.tif``
+under the same name, so a lookup by name would sooner or later read a label map as the image.
+"""
 
 from __future__ import annotations
 
 import io
 import zipfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import tifffile
@@ -14,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from manifests.atomic import sha256_bytes
 from manifests.errors import InputError
 
+# Finder metadata that macOS adds to archives: resource forks (``._name``) and the ``__MACOSX`` tree.
 _SKIPPED_PARTS = ("__MACOSX",)
 
 
@@ -26,22 +33,32 @@ class SourceFile:
 
     @property
     def name(self) -> str:
+        """The base name of the file (of the member for a ZIP archive)."""
         return Path(self.member).name if self.member else self.path.name
 
     def __str__(self) -> str:
         return f"{self.path}!{self.member}" if self.member else str(self.path)
 
     def read_bytes(self) -> bytes:
+        """The raw bytes of the file.
+
+        Returns:
+            The file's content.
+        """
         if self.member is None:
             return self.path.read_bytes()
         with zipfile.ZipFile(self.path) as archive:
             return archive.read(self.member)
 
     def sha256(self) -> str:
+        """SHA-256 of the file's bytes (hex)."""
         return sha256_bytes(self.read_bytes())
 
     def read_array(self) -> np.ndarray:
         """Decode the raster to an ``H x W`` or ``H x W x C`` array.
+
+        Returns:
+            The pixels, bands last.
 
         Raises:
             InputError: the file cannot be decoded.
@@ -62,23 +79,61 @@ class SourceFile:
         return array
 
 
+@dataclass(frozen=True)
+class FileRole:
+    """Where the file of one role (image, label, eval label) of a source sits in an official release.
+
+    Attributes:
+        archive: stem of the archive, found as ``<root>/<archive>.zip`` or as the extracted ``<root>/<archive>/``.
+        name: file-name template with ``{id}`` (the source id), e.g. ``top_mosaic_09cm_area{id}.tif``.
+        folder: the folder the file must sit in, at any depth (``top`` for the Vaihingen orthophotos, so that
+            ``gts_for_participants/`` beside it is never read as the image). A file at the top level of the
+            archive counts as sitting in a folder named like the archive, so ``2_Ortho_RGB`` matches both
+            ``2_Ortho_RGB.zip!2_Ortho_RGB/x.tif`` and a flat ``2_Ortho_RGB.zip!x.tif``. ``None``: the file sits
+            at the top level of the archive or in one folder below it, whatever its name (the label archives).
+    """
+
+    archive: str
+    name: str
+    folder: str | None = None
+
+    def file_name(self, source_id: str) -> str:
+        """The file name of one source."""
+        return self.name.format(id=source_id)
+
+    def where(self) -> str:
+        """Where the file must sit, in words (for error messages)."""
+        return f"in a {self.folder}/ folder" if self.folder else "at the top level of the archive or one folder down"
+
+    def accepts(self, relative: str) -> bool:
+        """Whether a file at ``relative`` (a POSIX path inside the archive) sits where this role expects it."""
+        parents = PurePosixPath(relative).parts[:-1]
+        if self.folder is None:
+            return len(parents) <= 1
+        return (parents[-1] if parents else self.archive) == self.folder
+
+
 class Archive:
     """The files of one official archive, found as ``<root>/<stem>.zip`` or as the folder ``<root>/<stem>/``.
 
-    Files are looked up by base name, because the member folders differ between releases
-    (``top/top_mosaic_09cm_area1.tif`` vs ``top_mosaic_09cm_area1.tif``).
+    Files are indexed by base name with their path inside the archive; :meth:`find` then keeps the ones in the
+    folder that a :class:`FileRole` asks for and refuses to guess between several. ``__MACOSX`` trees and
+    ``._*`` resource forks are skipped. World files (``.tfw``) and other side files are indexed too but never
+    match a raster's name, so they cannot be picked by mistake.
     """
 
     def __init__(self, root: Path, stem: str) -> None:
         self.root = root
         self.stem = stem
-        self._files: dict[str, SourceFile] = {}
+        # base name -> [(path inside the archive, file)], in sorted path order
+        self._files: dict[str, list[tuple[str, SourceFile]]] = {}
         zip_path = root / f"{stem}.zip"
         folder = root / stem
         if folder.is_dir():
             for path in sorted(folder.rglob("*")):
-                if path.is_file() and not _skipped(path.relative_to(folder).as_posix()):
-                    self._files.setdefault(path.name, SourceFile(path))
+                relative = path.relative_to(folder).as_posix()
+                if path.is_file() and not _skipped(relative):
+                    self._files.setdefault(path.name, []).append((relative, SourceFile(path)))
             self.location = str(folder)
         elif zip_path.is_file():
             try:
@@ -88,19 +143,48 @@ class Archive:
                 raise InputError(f"{zip_path}: not a readable ZIP archive") from None
             for member in sorted(members):
                 if not _skipped(member):
-                    self._files.setdefault(Path(member).name, SourceFile(zip_path, member))
+                    file = SourceFile(zip_path, member)
+                    self._files.setdefault(file.name, []).append((member, file))
             self.location = str(zip_path)
         else:
             self.location = ""
 
     @property
     def exists(self) -> bool:
+        """Whether the archive or its extracted folder was found."""
         return bool(self.location)
 
-    def get(self, name: str) -> SourceFile | None:
-        return self._files.get(name)
+    def find(self, role: FileRole, source_id: str, what: str) -> SourceFile | None:
+        """The one file of ``role`` for ``source_id``, or ``None`` when the archive has none where expected.
+
+        Args:
+            role: archive, file name and folder of the file.
+            source_id: the source whose file is wanted.
+            what: the file's role in words, for the error message (``image``, ``label of 11``).
+
+        Returns:
+            The file, or ``None`` when no file of that name sits where ``role`` expects it.
+
+        Raises:
+            InputError: several files of that name sit where ``role`` expects one (the message names them).
+        """
+        name = role.file_name(source_id)
+        matches = [(relative, file) for relative, file in self._files.get(name, []) if role.accepts(relative)]
+        if len(matches) > 1:
+            paths = " and ".join(relative for relative, _ in matches)
+            raise InputError(
+                f"{self.location}: {what} file {name} is ambiguous: {paths} {'both' if len(matches) == 2 else 'all'} "
+                f"sit {role.where()} (expected exactly one; remove or move the extra copy)"
+            )
+        return matches[0][1] if matches else None
+
+    def elsewhere(self, role: FileRole, source_id: str) -> list[str]:
+        """Paths inside the archive of files named like the file of ``role`` that sit where it does not look."""
+        name = role.file_name(source_id)
+        return [relative for relative, _ in self._files.get(name, []) if not role.accepts(relative)]
 
     def names(self) -> list[str]:
+        """Base names of the files in the archive (side files such as ``.tfw`` included)."""
         return list(self._files)
 
 

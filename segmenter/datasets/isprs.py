@@ -1,4 +1,18 @@
-"""ISPRS Vaihingen and Potsdam, read from the official archives or their extracted folders."""
+"""ISPRS Vaihingen and Potsdam, read from the official archives or their extracted folders.
+
+Each role (image, label, eval label) declares the archive, the file name and the folder its file sits in
+(:class:`~segmenter.datasets.files.FileRole`), after the official releases:
+
+- ``ISPRS_semantic_labeling_Vaihingen.zip``: ``top/top_mosaic_09cm_area{N}.tif`` (IRRG orthophotos),
+  ``dsm/dsm_09cm_matching_area{N}.tif`` and ``gts_for_participants/top_mosaic_09cm_area{N}.tif`` (full ground
+  truth of the 16 labelled areas, **named like the orthophotos**), inside ``ISPRS_semantic_labeling_Vaihingen/``
+  or at the top level of the archive (both are met: tools that extract it see ``top/`` at the top);
+- ``ISPRS_semantic_labeling_Vaihingen_ground_truth_COMPLETE.zip`` and ``..._eroded_COMPLETE.zip``: flat
+  ``top_mosaic_09cm_area{N}.tif`` and ``top_mosaic_09cm_area{N}_noBoundary.tif`` for all 33 areas;
+- Potsdam ``2_Ortho_RGB.zip`` / ``3_Ortho_IRRG.zip`` / ``4_Ortho_RGBIR.zip``: ``<stem>/top_potsdam_{id}_<bands>.tif``
+  with a ``.tfw`` world file beside each; ``5_Labels_all.zip`` and ``5_Labels_all_noBoundary.zip``: flat
+  ``top_potsdam_{id}_label.tif`` and ``top_potsdam_{id}_label_noBoundary.tif``.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +21,7 @@ from typing import ClassVar
 from manifests.errors import InputError
 from manifests.run_manifest import DatasetConfig
 from segmenter.datasets.base import SegmentationDataset, Source
-from segmenter.datasets.files import Archive
+from segmenter.datasets.files import Archive, FileRole
 from segmenter.datasets.labels import RGB
 
 ISPRS_CLASSES = ("impervious_surfaces", "building", "low_vegetation", "tree", "car", "clutter")
@@ -28,41 +42,44 @@ def _ids(text: str) -> tuple[str, ...]:
 class ISPRSDataset(SegmentationDataset):
     """Common code of the two ISPRS 2D labelling datasets.
 
-    ``archives`` maps a role (``image``, ``label``, ``eval_label``) to the stem of the official archive,
-    ``file_names`` maps the same roles to a file-name template with ``{id}``.
+    ``roles`` maps a role (``image``, ``label``, ``eval_label``) to where its file sits in the official release.
     """
 
     class_names = ISPRS_CLASSES
     palette = ISPRS_PALETTE
-    archives: ClassVar[dict[str, str]]
-    file_names: ClassVar[dict[str, str]]
+    roles: ClassVar[dict[str, FileRole]]
 
-    def _archive_stems(self) -> dict[str, str]:
-        return dict(self.archives)
-
-    def _file_names(self) -> dict[str, str]:
-        return dict(self.file_names)
+    def _roles(self) -> dict[str, FileRole]:
+        """The roles of this instance (Potsdam picks its image role by modality)."""
+        return dict(self.roles)
 
     def sources(self) -> list[Source]:
-        stems = self._archive_stems()
-        names = self._file_names()
-        archives = {role: Archive(self.config.root, stem) for role, stem in stems.items()}
+        """Every source of every split with its image, label and eval-label file.
+
+        Returns:
+            The sources, split by split.
+
+        Raises:
+            InputError: an archive is missing, a file is not where its role expects it, or its name is ambiguous.
+        """
+        roles = self._roles()
+        archives = {role: Archive(self.config.root, spec.archive) for role, spec in roles.items()}
         for role, archive in archives.items():
             if not archive.exists:
                 raise InputError(
                     f"dataset.root: {self.config.root} holds neither {archive.stem}.zip nor the folder "
-                    f"{archive.stem}/ ({role} files of {self.name})"
+                    f"{archive.stem}/ ({role.replace('_', ' ')} files of {self.name})"
                 )
         found: list[Source] = []
         for split, ids in self.split_members().items():
             for source_id in ids:
                 files = {}
                 for role, archive in archives.items():
-                    file_name = names[role].format(id=source_id)
-                    file = archive.get(file_name)
+                    spec = roles[role]
+                    what = "image" if role == "image" else f"{role.replace('_', ' ')} of {source_id}"
+                    file = archive.find(spec, source_id, what)
                     if file is None:
-                        what = "image" if role == "image" else f"{role.replace('_', ' ')} of {source_id}"
-                        raise InputError(f"{archive.location}: {what} file {file_name} not found (split {split})")
+                        raise InputError(_not_found(archive, spec, source_id, what, split))
                     files[role] = file
                 found.append(Source(self._source_name(source_id), split, **files))
         return found
@@ -71,22 +88,39 @@ class ISPRSDataset(SegmentationDataset):
         return source_id
 
 
+def _not_found(archive: Archive, spec: FileRole, source_id: str, what: str, split: str) -> str:
+    """One line: which file is missing, where it was expected, and where a file of that name was seen instead."""
+    message = f"{archive.location}: {what} file {spec.file_name(source_id)} not found (split {split})"
+    elsewhere = archive.elsewhere(spec, source_id)
+    if elsewhere:
+        # Say why a file of the right name was not taken: e.g. gts_for_participants/ is not top/.
+        message += f"; expected {spec.where()}, found only {', '.join(elsewhere)}"
+    return message
+
+
 class Vaihingen(ISPRSDataset):
     """ISPRS Vaihingen: 33 IRRG true orthophotos (9 cm) with full and eroded ground truth.
 
-    Image and full ground truth share the file name ``top_mosaic_09cm_area{N}.tif`` in different archives.
+    The image archive holds the orthophotos in ``top/`` and, under the same names, the ground truth of the
+    16 labelled areas in ``gts_for_participants/``: the image role therefore requires the ``top`` folder.
+    The labels are read from the COMPLETE archives (all 33 areas).
     """
 
     name = "vaihingen"
-    archives: ClassVar[dict[str, str]] = {
-        "image": "ISPRS_semantic_labeling_Vaihingen",
-        "label": "ISPRS_semantic_labeling_Vaihingen_ground_truth_COMPLETE",
-        "eval_label": "ISPRS_semantic_labeling_Vaihingen_ground_truth_eroded_COMPLETE",
+    roles: ClassVar[dict[str, FileRole]] = {
+        "image": FileRole("ISPRS_semantic_labeling_Vaihingen", "top_mosaic_09cm_area{id}.tif", folder="top"),
+        "label": FileRole("ISPRS_semantic_labeling_Vaihingen_ground_truth_COMPLETE", "top_mosaic_09cm_area{id}.tif"),
+        "eval_label": FileRole(
+            "ISPRS_semantic_labeling_Vaihingen_ground_truth_eroded_COMPLETE", "top_mosaic_09cm_area{id}_noBoundary.tif"
+        ),
     }
-    file_names: ClassVar[dict[str, str]] = {
-        "image": "top_mosaic_09cm_area{id}.tif",
-        "label": "top_mosaic_09cm_area{id}.tif",
-        "eval_label": "top_mosaic_09cm_area{id}_noBoundary.tif",
+    # The other folders of the image archive: never read by ``prepare``, listed so that the layout is written
+    # down once (the demo scenes and the test fixtures mirror it).
+    companions: ClassVar[dict[str, FileRole]] = {
+        "dsm": FileRole("ISPRS_semantic_labeling_Vaihingen", "dsm_09cm_matching_area{id}.tif", folder="dsm"),
+        "participant_label": FileRole(
+            "ISPRS_semantic_labeling_Vaihingen", "top_mosaic_09cm_area{id}.tif", folder="gts_for_participants"
+        ),
     }
     splits: ClassVar[dict[str, dict[str, tuple[str, ...]]]] = {
         "mpers": {
@@ -107,15 +141,15 @@ class Potsdam(ISPRSDataset):
     """ISPRS Potsdam: 38 tiles of 6000 x 6000 px (5 cm) in RGB, IRRG or RGBIR, with full and eroded labels."""
 
     name = "potsdam"
-    modalities: ClassVar[dict[str, tuple[str, str]]] = {
-        "rgb": ("2_Ortho_RGB", "top_potsdam_{id}_RGB.tif"),
-        "irrg": ("3_Ortho_IRRG", "top_potsdam_{id}_IRRG.tif"),
-        "rgbir": ("4_Ortho_RGBIR", "top_potsdam_{id}_RGBIR.tif"),
+    # modality -> image role; each ortho archive holds one folder named like itself, a .tfw beside each tif.
+    modalities: ClassVar[dict[str, FileRole]] = {
+        "rgb": FileRole("2_Ortho_RGB", "top_potsdam_{id}_RGB.tif", folder="2_Ortho_RGB"),
+        "irrg": FileRole("3_Ortho_IRRG", "top_potsdam_{id}_IRRG.tif", folder="3_Ortho_IRRG"),
+        "rgbir": FileRole("4_Ortho_RGBIR", "top_potsdam_{id}_RGBIR.tif", folder="4_Ortho_RGBIR"),
     }
-    archives: ClassVar[dict[str, str]] = {"label": "5_Labels_all", "eval_label": "5_Labels_all_noBoundary"}
-    file_names: ClassVar[dict[str, str]] = {
-        "label": "top_potsdam_{id}_label.tif",
-        "eval_label": "top_potsdam_{id}_label_noBoundary.tif",
+    roles: ClassVar[dict[str, FileRole]] = {
+        "label": FileRole("5_Labels_all", "top_potsdam_{id}_label.tif"),
+        "eval_label": FileRole("5_Labels_all_noBoundary", "top_potsdam_{id}_label_noBoundary.tif"),
     }
     splits: ClassVar[dict[str, dict[str, tuple[str, ...]]]] = {
         "mpers": {
@@ -135,8 +169,5 @@ class Potsdam(ISPRSDataset):
         super().__init__(config)
         self.modality = config.modality or "rgb"
 
-    def _archive_stems(self) -> dict[str, str]:
-        return {"image": self.modalities[self.modality][0], **self.archives}
-
-    def _file_names(self) -> dict[str, str]:
-        return {"image": self.modalities[self.modality][1], **self.file_names}
+    def _roles(self) -> dict[str, FileRole]:
+        return {"image": self.modalities[self.modality], **self.roles}
