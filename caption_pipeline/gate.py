@@ -1,4 +1,5 @@
-"""The tau gate: generate, score, re-prompt the failures with the refined prompt, keep every attempt."""
+"""The tau gate: generate, score, re-prompt the failures with an attempt-dependent prompt and sampling, keep every
+attempt."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from caption_pipeline.experts.base import CaptionRequest, CaptionResult, Expert,
 from caption_pipeline.prompts import TileClasses, build_prompt, class_source_for
 from caption_pipeline.scoring import ClipScorer
 from manifests.caption_store import mark_selected
+from manifests.class_predictions import ClassPredictions, read_class_predictions
+from manifests.errors import InputError
 from manifests.run_manifest import PromptConfig
 from manifests.tile_index import TileIndex
 
@@ -21,7 +24,12 @@ Key = tuple[str, str, str]
 
 @dataclass(frozen=True)
 class TileTask:
-    """A tile as the caption stage sees it."""
+    """A tile as the caption stage sees it.
+
+    ``class_source`` is what the protocol allows for the tile's split; ``classes.source`` is what its prompts
+    actually state (``none`` where the source has no fractions for the tile). ``label_path`` is the class-index
+    mask of that source (the label, or the predicted mask), for the ``annotation`` expert.
+    """
 
     tile_id: str
     split: str
@@ -29,16 +37,27 @@ class TileTask:
     label_path: Path | None
     image_sha256: str
     classes: TileClasses
+    class_source: str
+    protocol: str = "custom"
     class_names: tuple[str, ...] = ()
     ignore_index: int = 255
 
 
 @dataclass(frozen=True)
 class GateSettings:
+    """The gate of one expert: tau, attempts, prompts, template overrides and the decoding of each attempt."""
+
     tau: float = 0.55
     max_attempts: int = 3
     prompt_ids: tuple[str, ...] = ("p1", "p2", "p3")
     overrides: dict[str, str] = field(default_factory=dict)
+    temperature: float = 0.0
+    reprompt_temperature: float = 0.7
+
+    def decoding(self, attempt: int) -> tuple[float, int]:
+        """(temperature, seed) of an attempt: the expert's temperature first, then sampling with seed = attempt, so
+        a re-prompt can give another answer and a re-run gives the same one."""
+        return (self.temperature if attempt == 0 else self.reprompt_temperature), attempt
 
 
 @dataclass(frozen=True)
@@ -47,24 +66,89 @@ class RunInfo:
     manifest_sha256: str | None = None
 
 
-def tile_tasks(index: TileIndex, frame: pd.DataFrame, prompts: PromptConfig) -> list[TileTask]:
-    """Caption-stage view of index rows; the class source of each split decides what prompts may state."""
+def class_sources(frame: pd.DataFrame, prompts: PromptConfig) -> dict[str, str]:
+    """The class source of every split in ``frame`` (what the run summary and the report state).
+
+    Raises:
+        InputError: ground truth asked for on an evaluation split without an opt-in.
+    """
+    return {split: class_source_for(split, prompts) for split in sorted(frame["split"].unique())}
+
+
+def load_predictions(
+    index: TileIndex, frame: pd.DataFrame, prompts: PromptConfig, predictions: ClassPredictions | None = None
+) -> ClassPredictions | None:
+    """The predicted tile classes the tiles of ``frame`` need (None where no split reads them), checked to cover
+    every tile of a split whose class source is ``predictions``.
+
+    Raises:
+        InputError: no path in the manifest, an unreadable or mismatched file, or tiles missing from it.
+    """
+    sources = class_sources(frame, prompts)
+    splits = [split for split, source in sources.items() if source == "predictions"]
+    if not splits:
+        return None
+    if predictions is None:
+        if prompts.predictions is None:
+            raise InputError(f"captions.prompts.predictions: needed by the class source of split(s) {splits}")
+        predictions = read_class_predictions(prompts.predictions, index.class_names)
+    known = set(predictions.frame.index)
+    missing = []
+    for split in splits:
+        tiles = frame.loc[frame["split"] == split, "tile_id"]
+        absent = int((~tiles.isin(known)).sum())
+        if absent:
+            missing.append(f"{absent} of {len(tiles)} tiles of split '{split}'")
+    if missing:
+        raise InputError(
+            f"class predictions {predictions.path}: {'; '.join(missing)} missing (class source 'predictions'); "
+            f"write them with `segmenter predict --run RUN --index TILES --predictions {predictions.path}`"
+        )
+    return predictions
+
+
+def tile_tasks(
+    index: TileIndex, frame: pd.DataFrame, prompts: PromptConfig, predictions: ClassPredictions | None = None
+) -> list[TileTask]:
+    """Caption-stage view of index rows; the class source of each split decides what prompts may state.
+
+    Args:
+        index: the tile index the rows come from.
+        frame: the rows to caption.
+        prompts: the manifest's prompt settings (protocol, class sources, predictions file).
+        predictions: already loaded predicted tile classes; read from ``prompts.predictions`` when needed and None.
+
+    Raises:
+        InputError: see ``class_sources`` and ``load_predictions``.
+    """
+    sources = class_sources(frame, prompts)
+    predicted = load_predictions(index, frame, prompts, predictions)
     tasks = []
-    sources = {split: class_source_for(split, prompts) for split in frame["split"].unique()}
     for row in frame.itertuples(index=False):
         source = sources[row.split]
-        fractions = row.class_fractions if source == "labels" and row.class_fractions is not None else None
+        fractions, mask, ignore = None, None, index.ignore_index
+        if source == "labels":
+            fractions, mask = row.class_fractions, index.path(row.label_path)
+        elif source == "predictions":
+            assert predicted is not None  # load_predictions checked every tile of the split is there
+            fractions, mask, ignore = (
+                predicted.fractions(row.tile_id),
+                predicted.mask_path(row.tile_id),
+                predicted.ignore_index,
+            )
         shares = dict(zip(index.class_names, fractions, strict=True)) if fractions is not None else {}
         tasks.append(
             TileTask(
                 tile_id=row.tile_id,
                 split=row.split,
                 image_path=index.path(row.image_path),
-                label_path=index.path(row.label_path) if source == "labels" else None,
+                label_path=mask,
                 image_sha256=row.image_sha256,
                 classes=TileClasses(source if shares else "none", shares),
+                class_source=source,
+                protocol=prompts.protocol,
                 class_names=tuple(index.class_names),
-                ignore_index=index.ignore_index,
+                ignore_index=ignore,
             )
         )
     return tasks
@@ -87,22 +171,31 @@ class ImageCheck:
                 self.errors[tile.tile_id] = f"unreadable image {tile.image_path}: {type(exc).__name__}: {exc}"
         return self.errors[tile.tile_id]
 
+    def refuse(self, tile: TileTask, reason: str) -> None:
+        """Record a tile that no attempt can caption: one failed attempt per prompt, never re-prompted."""
+        self.errors[tile.tile_id] = reason
+
     def unreadable(self, tile: TileTask) -> bool:
         return self.errors.get(tile.tile_id) is not None
 
 
-def _row(tile, pid, attempt, expert, scorer, settings, run, prompt_text, result: CaptionResult, score) -> dict:
-    """One caption-store row."""
+def _row(
+    tile, pid, attempt, expert, scorer, settings, run, request: CaptionRequest, result: CaptionResult, score
+) -> dict:
+    """One caption-store row: the request as sent (prompt, temperature, seed), its result and its score."""
     return {
         "tile_id": tile.tile_id, "expert": expert.name, "model": expert.model, "backend": expert.backend,
-        "prompt_id": pid, "attempt": attempt, "prompt_text": prompt_text, "caption": result.caption,
+        "prompt_id": pid, "attempt": attempt, "prompt_text": request.prompt, "temperature": request.temperature,
+        "seed": request.seed, "caption": result.caption,
         "n_tokens": score.n_tokens if score else None, "n_chunks": score.n_chunks if score else None,
         "clip_model": scorer.model_id, "raw_cosine": score.raw_cosine if score else None,
         "similarity": score.similarity if score else None, "tau": settings.tau,
         "passed": score is not None and score.similarity >= settings.tau, "selected": False,
         "finish_reason": result.finish_reason, "latency_s": result.latency_s, "created_at": datetime.now(UTC),
         "run_id": run.run_id, "manifest_sha256": run.manifest_sha256, "image_sha256": tile.image_sha256,
-        "class_source": tile.classes.source,
+        # The annotation expert describes the mask of the split's source; a prompt states what its classes hold.
+        "split": tile.split, "protocol": tile.protocol,
+        "class_source": tile.class_source if expert.backend == "annotation" else tile.classes.source,
         "error": result.error if result.error else (None if score else "empty caption"),
     }  # fmt: skip
 
@@ -161,39 +254,51 @@ def caption_tiles(
     """Every attempt of ``expert`` on the (tile, prompt) pairs not in ``skip``, as caption-store rows.
 
     A caption passes when its similarity reaches tau; an empty caption or a failed request never passes.
-    Failures are re-generated with the refined prompt until ``max_attempts``; the best attempt per key is
-    marked ``selected`` whether it passed or not. ``previous_attempts`` continues the attempt numbers of
-    keys that an earlier run tried without success. A tile whose image cannot be read gets one failed
-    attempt per prompt, is never re-prompted, and the others go on.
+    Failures are re-generated until ``max_attempts``, each attempt with its own prompt wording and decoding
+    (``GateSettings.decoding``: sampling with seed = attempt after the first), so no two attempts of a key send the
+    same request; the best attempt per key is marked ``selected`` whether it passed or not. ``previous_attempts``
+    continues the attempt numbers (and so the wordings and seeds) of keys that an earlier run tried without success.
+    A tile whose image cannot be read gets one failed attempt per prompt, is never re-prompted, and the others go
+    on. The ``annotation`` expert describes the class mask of the split's class source and skips splits whose
+    source is ``none``; a tile of another split without a mask is a failed attempt like an unreadable image.
     """
     previous = previous_attempts or {}
-    if expert.backend == "annotation":  # it reads the label: nothing to do where labels are not allowed
-        tiles = [tile for tile in tiles if tile.label_path is not None]
+    check = ImageCheck()
+    if expert.backend == "annotation":  # it reads a class mask: nothing to do where the class source is none
+        tiles = [tile for tile in tiles if tile.class_source != "none"]
+        for tile in tiles:
+            if tile.label_path is None:
+                check.refuse(tile, f"no class mask for this tile (class source '{tile.class_source}')")
     pending = [
         (tile, pid) for tile in tiles for pid in settings.prompt_ids if (tile.tile_id, expert.name, pid) not in skip
     ]
-    check = ImageCheck()
     rows: list[dict] = []
     for round_ in range(settings.max_attempts):
         if not pending:
             break
-        requests = [
-            CaptionRequest(
-                tile_id=tile.tile_id,
-                image_path=tile.image_path,
-                prompt=build_prompt(pid, tile.classes, attempt=round_, override=settings.overrides.get(pid)),
-                prompt_id=pid,
-                label_path=tile.label_path,
-                class_names=tile.class_names,
-                ignore_index=tile.ignore_index,
+        attempts = [previous.get((tile.tile_id, expert.name, pid), 0) + round_ for tile, pid in pending]
+        requests = []
+        for (tile, pid), attempt in zip(pending, attempts, strict=True):
+            temperature, seed = settings.decoding(attempt)
+            requests.append(
+                CaptionRequest(
+                    tile_id=tile.tile_id,
+                    image_path=tile.image_path,
+                    prompt=build_prompt(pid, tile.classes, attempt=attempt, override=settings.overrides.get(pid)),
+                    prompt_id=pid,
+                    label_path=tile.label_path,
+                    class_names=tile.class_names,
+                    ignore_index=tile.ignore_index,
+                    temperature=temperature,
+                    seed=seed,
+                )
             )
-            for tile, pid in pending
-        ]
         results, scores = _generate_and_score(expert, scorer, pending, requests, check)
         still_failing = []
-        for i, ((tile, pid), request, result) in enumerate(zip(pending, requests, results, strict=True)):
-            attempt = previous.get((tile.tile_id, expert.name, pid), 0) + round_
-            row = _row(tile, pid, attempt, expert, scorer, settings, run, request.prompt, result, scores.get(i))
+        for i, ((tile, pid), attempt, request, result) in enumerate(
+            zip(pending, attempts, requests, results, strict=True)
+        ):
+            row = _row(tile, pid, attempt, expert, scorer, settings, run, request, result, scores.get(i))
             rows.append(row)
             if not row["passed"] and not check.unreadable(tile):
                 still_failing.append((tile, pid))

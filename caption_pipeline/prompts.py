@@ -1,10 +1,9 @@
-"""The three MPerS prompt templates, their refined re-prompts, and where their class lists come from."""
+"""The three MPerS prompt templates, their attempt-dependent re-prompts, and where their class lists come from."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from manifests.errors import InputError
 from manifests.run_manifest import PromptConfig
 
 TEMPLATES: dict[str, str] = {
@@ -21,14 +20,28 @@ AGNOSTIC_TEMPLATES: dict[str, str] = {
     "p2": "Which land cover types does this aerial image contain, and roughly what share of the image does each "
     "cover? Answer with one sentence.",
 }
-REFINEMENT = (
-    " Be specific: name the number of objects of each category (buildings, trees, cars, roads) and where they are "
-    "in the image (north, south-east, centre, ...)."
+# Re-prompts: attempt 1 states the proportions (where the class source allows) and asks for specifics; attempt 2 asks
+# for counts and positions per class in other words; later attempts cycle through further wordings and name their
+# attempt, so no two attempts of one key send the same text (the sampling seed differs too: seed = attempt).
+PROPORTIONS_HINT = " The image contains {proportions}."
+CLASSES_HINT = " The land cover types present are {classes}."
+# No class names and no numbers in these: under protocol blind a prompt must carry no class information, and an
+# example such as "buildings, cars" invites the model to report classes the tile may not have.
+REFINEMENTS: tuple[str, ...] = (
+    " Be specific: name the number of objects of each kind you see and where they are in the image (north, "
+    "south-east, centre, ...).",
+    " For every land cover type, count the separate objects or patches you see and give the position of each one "
+    "(for example: two in the north-west, one near the centre).",
+    " Go through the image region by region, from the north-west corner to the south-east corner, and say which "
+    "objects lie in each region and how many there are.",
+    " Describe the layout: which objects are next to, around or between which others, how many there are of each "
+    "kind and roughly where in the frame.",
 )
-REFINEMENT_WITH_CLASSES = " The image contains {proportions}."
+CYCLE_NOTE = " (Re-description {attempt}: choose different words from any earlier answer.)"
 
 
 def readable(class_name: str) -> str:
+    """A class name as words (``low_vegetation`` -> ``low vegetation``)."""
     return class_name.replace("_", " ")
 
 
@@ -49,35 +62,43 @@ class TileClasses:
         return ", ".join(f"{readable(name)} ({share * 100:.0f}%)" for name, share in ranked if share > 0)
 
 
+def refinement(classes: TileClasses, attempt: int) -> str:
+    """What re-prompt ``attempt`` (>= 1) appends to the template: different text for every attempt."""
+    known = classes.source != "none" and bool(classes.present)
+    hint = ""
+    if known:
+        # Attempt 1 states the proportions; later ones alternate the class list and the proportions.
+        if attempt % 2 == 0:
+            hint = CLASSES_HINT.format(classes=", ".join(readable(name) for name in classes.present))
+        else:
+            hint = PROPORTIONS_HINT.format(proportions=classes.proportions())
+    text = hint + REFINEMENTS[(attempt - 1) % len(REFINEMENTS)]
+    if attempt > len(REFINEMENTS):  # a wording comes round again: the attempt number keeps the text unique
+        text += CYCLE_NOTE.format(attempt=attempt)
+    return text
+
+
 def build_prompt(prompt_id: str, classes: TileClasses, attempt: int = 0, override: str | None = None) -> str:
-    """The text of ``prompt_id`` for a tile; ``attempt`` > 0 gives the refined re-prompt."""
+    """The text of ``prompt_id`` for a tile; ``attempt`` > 0 gives that attempt's re-prompt.
+
+    Args:
+        prompt_id: ``p1``, ``p2`` or ``p3``.
+        classes: what the prompt may say about the tile's classes (its source decides; ``none`` states nothing).
+        attempt: the attempt number of the (tile, expert, prompt) key; every attempt gets its own wording.
+        override: a per-expert template with ``{classes}`` and ``{proportions}`` placeholders.
+    """
     known = classes.source != "none" and bool(classes.present)
     template = override or (TEMPLATES[prompt_id] if known or prompt_id == "p3" else AGNOSTIC_TEMPLATES[prompt_id])
     text = template.format(
         classes=", ".join(readable(name) for name in classes.present), proportions=classes.proportions()
     )
-    if attempt > 0:
-        text += REFINEMENT_WITH_CLASSES.format(proportions=classes.proportions()) if known else ""
-        text += REFINEMENT
-    return text
+    return text + refinement(classes, attempt) if attempt > 0 else text
 
 
 def class_source_for(split: str, config: PromptConfig) -> str:
-    """The class source of a split, refusing ground truth on evaluation splits unless opted in.
+    """The class source of a split: ``labels``, ``predictions`` or ``none`` (see ``PromptConfig.source_for``).
 
     Raises:
-        InputError: labels are asked for on an evaluation split without ``allow_labels_on_eval``, or
-            predictions are asked for (not available until the segmenter writes them).
+        InputError: labels are asked for on an evaluation split without an opt-in.
     """
-    source = config.class_source.get(split, "none")
-    if source == "predictions":
-        raise InputError(
-            f"captions.prompts.class_source: '{split}: predictions' needs class fractions predicted by the segmenter, "
-            "which `segmenter predict` does not write yet; use labels or none"
-        )
-    if source == "labels" and split in config.eval_splits and not config.allow_labels_on_eval:
-        raise InputError(
-            f"captions.prompts.class_source: '{split}' is an evaluation split; prompts built from its labels leak "
-            "the ground truth (set allow_labels_on_eval: true to opt in)"
-        )
-    return source
+    return config.source_for(split)

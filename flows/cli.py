@@ -32,11 +32,13 @@ def with_progress(run):
 
 
 def print_summary(summary) -> None:
+    """The per-expert pass-rate table, the protocol with the class source per split, and the run's totals."""
     table = Table("expert", "prompt", "keys", "pass rate", "first try", "recovered", "failed", title="captions")
     for row in summary.table.itertuples(index=False):
         table.add_row(row.expert, row.prompt_id, str(row.keys), f"{row.pass_rate:.1%}", f"{row.first_try:.1%}",
                       str(int(row.recovered)), str(int(row.failed)))  # fmt: skip
     console.print(table)
+    console.print(summary.class_information())
     console.print(
         f"{summary.tiles} tiles, {summary.new_rows} new attempts, {summary.skipped_keys} keys already done, "
         f"{summary.seconds:.1f} s; store: {summary.store}"

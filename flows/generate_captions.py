@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
 from caption_pipeline.experts import Expert, build_expert
-from caption_pipeline.gate import GateSettings, RunInfo, caption_tiles, tile_tasks
+from caption_pipeline.gate import GateSettings, RunInfo, caption_tiles, class_sources, load_predictions, tile_tasks
 from caption_pipeline.scoring import ClipScorer
 from manifests.caption_store import StoreMeta, attempt_counts, compact, read_store, write_fragment
 from manifests.errors import InputError
@@ -73,7 +73,10 @@ def caption_shard(
     frame = index.frame[index.frame["tile_id"].isin(set(tile_ids))]
     done, counts = attempt_counts(store, tile_ids)
     config = next(expert for expert in captions.experts if expert.name == expert_name)
-    settings = GateSettings(captions.tau, captions.max_attempts, tuple(captions.prompts.ids), dict(config.prompts))
+    settings = GateSettings(
+        captions.tau, captions.max_attempts, tuple(captions.prompts.ids), dict(config.prompts),
+        temperature=config.temperature, reprompt_temperature=config.reprompt_temperature,
+    )  # fmt: skip
     keys = {(tile_id, expert_name, pid) for tile_id in tile_ids for pid in settings.prompt_ids}
     skip = done & keys
     scorer = _scorer(manifest)
@@ -91,12 +94,26 @@ def shards(tile_ids: list[str], size: int) -> list[list[str]]:
 
 @dataclass(frozen=True)
 class CaptionRunSummary:
+    """What a caption run did, and what its prompts were allowed to say about the classes.
+
+    Attributes:
+        protocol: ``captions.prompts.protocol`` (oracle | predicted | blind | custom).
+        class_sources: the class source of every split the run captioned (labels | predictions | none).
+    """
+
     store: Path
     tiles: int
     new_rows: int
     skipped_keys: int
     seconds: float
     table: pd.DataFrame
+    protocol: str = "custom"
+    class_sources: dict[str, str] = field(default_factory=dict)
+
+    def class_information(self) -> str:
+        """One line: the protocol and the class source per split."""
+        splits = ", ".join(f"{split}: {source}" for split, source in self.class_sources.items()) or "no tiles"
+        return f"class information in prompts: protocol {self.protocol} ({splits})"
 
 
 def summarize(store: Path, experts: list[str]) -> pd.DataFrame:
@@ -145,6 +162,9 @@ def generate_captions_flow(
     tile_ids = sorted(index.frame["tile_id"])[:limit]
     run_id = uuid.uuid4().hex[:12]
     size = shard_size or manifest.captions.shard_size
+    chosen = index.frame[index.frame["tile_id"].isin(set(tile_ids))]
+    prompts = manifest.captions.prompts
+    sources = class_sources(chosen, prompts)
     gpu = {expert.name for expert in manifest.captions.experts if expert.gpu}
     futures = []
     for expert_name in experts:
@@ -152,6 +172,7 @@ def generate_captions_flow(
         for shard in shards(tile_ids, size):
             futures.append(shard_task.submit(manifest_path, expert_name, shard, store, run_id, manifest.sha256))
     logger.info("%d tiles, %d experts, %d shard tasks (run %s)", len(tile_ids), len(experts), len(futures), run_id)
+    logger.info("protocol %s, class source per split: %s", prompts.protocol, sources)
     results = []
     for future in as_completed(futures):
         results.append(future.result())
@@ -160,7 +181,7 @@ def generate_captions_flow(
     compact(store)
     return CaptionRunSummary(
         Path(store), len(tile_ids), sum(r.rows for r in results), sum(r.skipped for r in results),
-        time.perf_counter() - started, summarize(Path(store), experts),
+        time.perf_counter() - started, summarize(Path(store), experts), prompts.protocol, sources,
     )  # fmt: skip
 
 
@@ -188,7 +209,8 @@ def generate_captions(
     """Validate the inputs, then run the flow with the chosen task runner.
 
     Raises:
-        InputError: a manifest without captions, an unknown expert name, no tile index yet.
+        InputError: a manifest without captions, an unknown expert name, no tile index yet, ground truth on an
+            evaluation split without an opt-in, or predicted tile classes missing for a split that reads them.
     """
     manifest = load_manifest(manifest_path)
     if manifest.captions is None:
@@ -198,7 +220,10 @@ def generate_captions(
     unknown = [name for name in chosen if name not in known]
     if unknown:
         raise InputError(f"--experts: unknown expert(s) {unknown} (the manifest has {known})")
-    read_tile_index(manifest.tiling.out)  # fail early with a clear message
+    index = read_tile_index(manifest.tiling.out)  # fail early with a clear message
+    # Likewise the class sources and the predictions they need, before any shard task starts.
+    tiles = index.frame[index.frame["tile_id"].isin(sorted(index.frame["tile_id"])[:limit])]
+    load_predictions(index, tiles, manifest.captions.prompts)
     store_path = str(store or manifest.captions.store)
     configured = generate_captions_flow.with_options(task_runner=_task_runner(runner, address))
     with frozen_heap():

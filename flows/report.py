@@ -50,12 +50,38 @@ def mentioned_classes(caption: str, class_names: list[str]) -> set[str]:
 @dataclass
 class CaptionReport:
     summary: pd.DataFrame
+    class_information: pd.DataFrame
     tau_sweep: pd.DataFrame
     lengths: pd.DataFrame
     class_quality: pd.DataFrame | None
     worst: pd.DataFrame
     similarities: dict[str, np.ndarray]
     tau: float
+
+
+def class_information(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per protocol and split: the class sources the prompts (and annotation masks) used, with attempt counts.
+
+    Read from the rows, so a store filled by runs under different protocols shows each of them.
+    """
+    columns = ["protocol", "split", "class_source"]
+    if frame.empty:
+        return pd.DataFrame(columns=columns)
+    counts = frame.groupby(columns).size()
+    rows = [
+        {"protocol": protocol, "split": split,
+         "class_source": ", ".join(f"{source} ({n} attempts)" for (_, _, source), n in group.items())}
+        for (protocol, split), group in counts.groupby(level=["protocol", "split"])
+    ]  # fmt: skip
+    return pd.DataFrame(rows, columns=columns)
+
+
+def protocol_line(table: pd.DataFrame) -> str:
+    """The protocol(s) of a store in words."""
+    protocols = sorted(table["protocol"].unique())
+    if len(protocols) > 1:
+        return f"protocols: {', '.join(protocols)} (runs with different protocols share this store)"
+    return f"protocol: {protocols[0]}" if protocols else "protocol: none recorded (empty store)"
 
 
 def tau_sweep(frame: pd.DataFrame) -> pd.DataFrame:
@@ -109,6 +135,7 @@ def build_report(store: str | Path, index: str | Path | None = None) -> CaptionR
     worst = selected.nsmallest(10, "similarity")[["tile_id", "expert", "prompt_id", "similarity", "caption"]]
     return CaptionReport(
         summary=summarize(Path(store), sorted(frame["expert"].unique())),
+        class_information=class_information(frame),
         tau_sweep=tau_sweep(frame),
         lengths=lengths,
         class_quality=class_quality(selected, Path(index)) if index else None,
@@ -144,6 +171,8 @@ def _plots(report: CaptionReport) -> list[tuple[str, str]]:
 
 def render_markdown(report: CaptionReport) -> str:
     parts = ["# Caption quality", "", f"tau = {report.tau:g}", "", report.summary.to_markdown(index=False)]
+    parts += ["", "## Class information in prompts", "", protocol_line(report.class_information), ""]
+    parts += [report.class_information.to_markdown(index=False)]
     if report.class_quality is not None:
         parts += ["", "## Class recall and hallucinated classes", "", report.class_quality.to_markdown(index=False)]
     parts += ["", "## Caption length", "", report.lengths.to_markdown(index=False)]
@@ -152,6 +181,8 @@ def render_markdown(report: CaptionReport) -> str:
 
 def render_html(report: CaptionReport) -> str:
     sections = [("Pass rate and recovery by re-prompting", report.summary)]
+    sections.append((f"Class information in prompts ({protocol_line(report.class_information)})",
+                     report.class_information))  # fmt: skip
     if report.class_quality is not None:
         sections.append(("Class recall and hallucinated classes", report.class_quality))
     sections += [("Caption length and truncation", report.lengths), ("Worst selected captions", report.worst)]

@@ -21,7 +21,8 @@ from manifests.atomic import atomic_path
 from manifests.errors import InputError
 from manifests.parquet_contract import checked_metadata
 
-CAPTION_STORE_SCHEMA_VERSION = 1
+# 2: per-row decoding (temperature, seed) and class provenance (split, protocol) next to class_source.
+CAPTION_STORE_SCHEMA_VERSION = 2
 KEY_COLUMNS = ("tile_id", "expert", "prompt_id")
 ATTEMPT_KEY = (*KEY_COLUMNS, "attempt")
 
@@ -34,6 +35,10 @@ CAPTION_STORE_SCHEMA = pa.schema(
         pa.field("prompt_id", pa.string(), nullable=False),
         pa.field("attempt", pa.int16(), nullable=False),
         pa.field("prompt_text", pa.string(), nullable=False),
+        # The decoding the request asked for: the expert's temperature on attempt 0, the re-prompt temperature
+        # with seed = attempt later (deterministic backends ignore both).
+        pa.field("temperature", pa.float32(), nullable=False),
+        pa.field("seed", pa.int32(), nullable=False),
         pa.field("caption", pa.string()),
         pa.field("n_tokens", pa.int32()),
         pa.field("n_chunks", pa.int16()),
@@ -49,6 +54,10 @@ CAPTION_STORE_SCHEMA = pa.schema(
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("manifest_sha256", pa.string()),
         pa.field("image_sha256", pa.string()),
+        # Where the prompt's classes came from: the tile's split when it was captioned, the run's protocol
+        # (oracle | predicted | blind | custom) and the class source used (labels | predictions | none).
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("protocol", pa.string(), nullable=False),
         pa.field("class_source", pa.string(), nullable=False),
         pa.field("error", pa.string()),
     ]
@@ -182,7 +191,8 @@ def done_keys(store: str | Path) -> set[tuple[str, str, str]]:
 def selected_captions(store: str | Path) -> pd.DataFrame:
     """The selected attempt of every (tile, expert, prompt): the view the segmenter reads."""
     frame = read_store(store)
-    columns = ["tile_id", "expert", "prompt_id", "caption", "similarity", "passed", "attempt", "image_sha256"]
+    columns = ["tile_id", "expert", "prompt_id", "caption", "similarity", "passed", "attempt", "image_sha256",
+               "class_source"]  # fmt: skip
     # Two runs that raced on one key each selected a row: the newest wins.
     selected = frame[frame["selected"]].sort_values("created_at").drop_duplicates(list(KEY_COLUMNS), keep="last")
     return selected[columns].sort_values(list(KEY_COLUMNS)).reset_index(drop=True)

@@ -20,6 +20,7 @@ from manifests.errors import InputError
 DatasetName = Literal["vaihingen", "potsdam", "syndrone", "folder"]
 Backend = Literal["openai", "vllm", "transformers", "annotation"]
 ClassSource = Literal["labels", "predictions", "none"]
+ClassProtocol = Literal["oracle", "predicted", "blind", "custom"]
 PromptId = Literal["p1", "p2", "p3"]
 
 
@@ -100,7 +101,13 @@ class ExpertConfig(_Strict):
     api_key_env: str | None = Field(default=None, description="name of the env var that holds the API key")
     max_side: int = Field(default=512, ge=16, description="images are resized to this longest side first")
     max_new_tokens: int = Field(default=160, ge=1)
-    temperature: float = Field(default=0.0, ge=0.0)
+    temperature: float = Field(default=0.0, ge=0.0, description="temperature of attempt 0 (0 = greedy)")
+    reprompt_temperature: float = Field(
+        default=0.7,
+        ge=0.0,
+        description="sampling temperature of the re-prompts (attempts >= 1, seed = attempt), so a re-prompt can "
+        "change its answer instead of repeating the greedy one",
+    )
     concurrency: int = Field(default=8, ge=1)
     batch_size: int = Field(default=8, ge=1)
     timeout_s: float = Field(default=120.0, gt=0)
@@ -121,14 +128,83 @@ class ExpertConfig(_Strict):
 
 
 class PromptConfig(_Strict):
-    """Which templates run and where the class list of each split comes from."""
+    """Which templates run and what their prompts may say about a tile's classes.
+
+    The class information of each split comes from a named ``protocol``:
+
+    - ``oracle``: labels on every split; ground truth reaches the prompts of evaluation splits (what the paper most
+      likely did), so it is an explicit opt-in and implies ``allow_labels_on_eval``.
+    - ``predicted``: labels on ``train``, the fractions a text-free segmenter predicted (``predictions``) on every
+      other split, evaluation splits and new imagery included: what a user can deploy.
+    - ``blind``: no class information in any prompt.
+    - ``custom`` (default): the explicit ``class_source`` map; labels on an evaluation split still need
+      ``allow_labels_on_eval``.
+
+    ``source_for`` is the one place that turns (protocol, class_source, split) into a class source.
+    """
 
     ids: list[PromptId] = Field(default_factory=lambda: ["p1", "p2", "p3"])
-    class_source: dict[str, ClassSource] = Field(default_factory=lambda: {"train": "labels", "test": "none"})
+    protocol: ClassProtocol = Field(default="custom", description="oracle | predicted | blind | custom")
+    class_source: dict[str, ClassSource] = Field(
+        default_factory=lambda: {"train": "labels", "test": "none"},
+        description="per split: labels | predictions | none (protocol custom only; unnamed splits: none)",
+    )
+    predictions: Path | None = Field(
+        default=None, description="predicted tile classes (`segmenter predict --index`), for the source predictions"
+    )
     allow_labels_on_eval: bool = Field(
-        default=False, description="opt in to ground-truth classes in prompts of evaluation splits"
+        default=False, description="opt in to ground-truth classes in prompts of evaluation splits (protocol custom)"
     )
     eval_splits: list[str] = Field(default_factory=lambda: ["test", "val"])
+
+    @model_validator(mode="after")
+    def _protocol_is_consistent(self) -> PromptConfig:
+        # An explicit class_source next to a named protocol would be silently overridden by one of them.
+        if self.protocol != "custom" and "class_source" in self.model_fields_set:
+            raise ValueError(
+                f"captions.prompts.protocol '{self.protocol}' and captions.prompts.class_source both set the class "
+                "sources; give one of them (protocol custom uses class_source)"
+            )
+        if self.protocol in ("predicted", "blind") and self.allow_labels_on_eval:
+            raise ValueError(
+                f"captions.prompts.allow_labels_on_eval has no effect with protocol '{self.protocol}'; use protocol "
+                "oracle for labels on every split"
+            )
+        if self.uses_predictions and self.predictions is None:
+            named = "protocol 'predicted'" if self.protocol == "predicted" else "class_source 'predictions'"
+            raise ValueError(
+                f"{named} needs captions.prompts.predictions: the predicted tile classes file that segmenter "
+                "predict --index writes"
+            )
+        return self
+
+    @property
+    def uses_predictions(self) -> bool:
+        """Whether some split reads the predicted tile classes."""
+        return self.protocol == "predicted" or (
+            self.protocol == "custom" and "predictions" in self.class_source.values()
+        )
+
+    def source_for(self, split: str) -> ClassSource:
+        """The class source of ``split`` under this protocol, refusing ground truth on evaluation splits unless
+        opted in (protocol oracle, or ``allow_labels_on_eval`` with protocol custom).
+
+        Raises:
+            InputError: labels on an evaluation split of protocol custom without ``allow_labels_on_eval``.
+        """
+        if self.protocol == "oracle":
+            return "labels"
+        if self.protocol == "blind":
+            return "none"
+        if self.protocol == "predicted":
+            return "labels" if split == "train" else "predictions"
+        source = self.class_source.get(split, "none")
+        if source == "labels" and split in self.eval_splits and not self.allow_labels_on_eval:
+            raise InputError(
+                f"captions.prompts.class_source: '{split}' is an evaluation split; prompts built from its labels leak "
+                "the ground truth (use protocol predicted, or set allow_labels_on_eval: true to opt in)"
+            )
+        return source
 
 
 class CaptionsConfig(_Strict):

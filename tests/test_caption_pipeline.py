@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
+from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from caption_pipeline.experts import build_expert
 from caption_pipeline.experts.annotation import describe_label
 from caption_pipeline.experts.base import CaptionRequest, CaptionResult, load_image
 from caption_pipeline.experts.vllm_backend import build_conversations, engine_args, sampling_args
 from caption_pipeline.gate import GateSettings, RunInfo, caption_tiles, tile_tasks
-from caption_pipeline.prompts import TileClasses, build_prompt, class_source_for
+from caption_pipeline.prompts import TileClasses, build_prompt, class_source_for, readable
 from caption_pipeline.scoring import ClipScorer
 from manifests.caption_store import StoreMeta, read_store, selected_captions, write_fragment
+from manifests.class_predictions import write_class_predictions
 from manifests.errors import InputError
 from manifests.run_manifest import ExpertConfig, PromptConfig
 
@@ -39,6 +45,17 @@ def test_prompt_templates():
     assert build_prompt("p1", CLASSES, override="Classes: {classes}.") == "Classes: building, low vegetation, car."
 
 
+@pytest.mark.parametrize("classes", [CLASSES, TileClasses("none", {})], ids=["classes", "blind"])
+@pytest.mark.parametrize("override", [None, "Describe: {classes}."])
+def test_every_attempt_gets_its_own_wording(classes, override):
+    for pid in ("p1", "p2", "p3"):
+        texts = [build_prompt(pid, classes, attempt=attempt, override=override) for attempt in range(12)]
+        assert len(set(texts)) == 12, pid
+    first, second = (build_prompt("p3", classes, attempt=attempt) for attempt in (1, 2))
+    assert "specific" in first and "count" in second and "position" in second  # specifics, then counts + positions
+    assert ("building (50%)" in first) == (classes.source != "none")  # attempt 1 adds the proportions if allowed
+
+
 def test_labels_on_evaluation_split_need_an_explicit_opt_in():
     config = PromptConfig(class_source={"train": "labels", "test": "labels"})
     assert class_source_for("train", config) == "labels"
@@ -47,8 +64,9 @@ def test_labels_on_evaluation_split_need_an_explicit_opt_in():
     opted = config.model_copy(update={"allow_labels_on_eval": True})
     assert class_source_for("test", opted) == "labels"
     assert class_source_for("val", PromptConfig()) == "none"
-    with pytest.raises(InputError, match="'test: predictions' needs class fractions predicted by the segmenter"):
-        class_source_for("test", PromptConfig(class_source={"test": "predictions"}))
+    assert class_source_for("test", PromptConfig(class_source={"test": "predictions"}, predictions="p.parquet")) == (
+        "predictions"
+    )
 
 
 def test_annotation_caption_counts_and_places_objects():
@@ -92,6 +110,26 @@ def test_vllm_requests_are_built_without_vllm(small_index):
         build_expert(config).generate([CaptionRequest("t", image, "x")])
 
 
+def test_vllm_gets_one_sampling_params_per_request(small_index):
+    config = ExpertConfig(name="qwen", backend="vllm", model="Qwen/Qwen2.5-VL-3B-Instruct", temperature=0.1)
+    image = small_index.path(small_index.frame["image_path"].iloc[0])
+    seen = []
+
+    class Engine:  # stands in for vllm.LLM on this instance only
+        def chat(self, conversations, params):
+            seen.append(params)
+            done = SimpleNamespace(text=" a caption ", finish_reason="stop", token_ids=[1, 2])
+            return [SimpleNamespace(outputs=[done]) for _ in conversations]
+
+    expert = build_expert(config)
+    expert._llm, expert._vllm = Engine(), SimpleNamespace(SamplingParams=dict)
+    requests = [CaptionRequest("a", image, "x", temperature=0.0, seed=0),
+                CaptionRequest("a", image, "y", temperature=0.7, seed=2), CaptionRequest("b", image, "z")]  # fmt: skip
+    results = expert.generate(requests)
+    assert [result.caption for result in results] == ["a caption"] * 3
+    assert [(params["temperature"], params["seed"]) for params in seen[0]] == [(0.0, 0), (0.7, 2), (0.1, 0)]
+
+
 def test_similarity_is_eq2_of_a_direct_open_clip_computation(clip_config, small_index):
     scorer = ClipScorer(clip_config)
     path = small_index.path(small_index.frame["image_path"].iloc[0])
@@ -125,7 +163,7 @@ def test_long_caption_is_chunked(clip_config, small_index):
 
 @dataclass
 class ScriptedExpert:
-    """Answers from a script: ``script[attempt]`` per prompt; counts its calls."""
+    """Answers from a script: ``script[attempt]`` per prompt (the last entry for later attempts); counts its calls."""
 
     script: list[str]
     name: str = "scripted"
@@ -142,7 +180,7 @@ class ScriptedExpert:
         results = []
         for request in requests:
             self.asked.append(request.tile_id)
-            attempt = int("number of objects" in request.prompt)
+            attempt = request.seed or 0  # the gate seeds every attempt with its number
             results.append(CaptionResult(self.script[min(attempt, len(self.script) - 1)], "stop", 3, 0.01))
         return results
 
@@ -170,6 +208,7 @@ def test_empty_caption_always_fails_and_best_attempt_is_selected(clip_config, sm
     assert [r["attempt"] for r in rows] == [0, 1, 2]
     assert rows[0]["passed"] is False and rows[0]["error"] == "empty caption" and rows[0]["similarity"] is None
     assert [r["selected"] for r in rows] == [False, True, False]  # attempts 1 and 2 tie: the earliest wins
+    assert rows[1]["caption"] == rows[2]["caption"] == "a caption"
 
 
 def test_one_image_encode_per_tile_across_prompts_experts_and_attempts(clip_config, small_index):
@@ -228,12 +267,217 @@ def test_openai_expert_through_the_gate_never_writes_the_key(clip_config, small_
                               base_url=f"http://127.0.0.1:{server.server_port}/v1")  # fmt: skip
         tasks = tile_tasks(small_index, small_index.frame.head(2), PromptConfig())
         rows = caption_tiles(tasks, build_expert(config), ClipScorer(clip_config), GateSettings(tau=0.0), RunInfo("r"))
+        first_tries = len(server.bodies)
+        reprompted = GateSettings(tau=1.01, max_attempts=2, prompt_ids=("p3",), reprompt_temperature=0.9)
+        caption_tiles(tasks, build_expert(config), ClipScorer(clip_config), reprompted, RunInfo("r2"))
     finally:
         server.shutdown()
     assert server.auth_headers == {f"Bearer {SECRET}"}
+    decodings = sorted((body["temperature"], body["seed"]) for body in server.bodies[first_tries:])
+    assert decodings == [(0.0, 0), (0.0, 0), (0.9, 1), (0.9, 1)]  # the re-prompts sample, seeded by attempt
     store = tmp_path / "store"
     write_fragment(store, rows, StoreMeta(small_index.class_names, "tiny", 0.0))
     assert len(selected_captions(store)) == 6 and read_store(store)["passed"].all()
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), path
+
+
+@dataclass
+class RecordingExpert:
+    """Records every request it is sent and answers each with the same caption."""
+
+    name: str = "recorder"
+    model: str = "recorder"
+    backend: str = "openai"
+    pipeline_chunk: int | None = None
+    requests: list[CaptionRequest] = dataclasses.field(default_factory=list)
+
+    def generate(self, requests):
+        self.requests += requests
+        return [CaptionResult("an aerial image of a town", "stop", 6, 0.0) for _ in requests]
+
+
+def sent_per_key(expert: RecordingExpert) -> dict[tuple[str, str], list[tuple[str, float, int]]]:
+    sent = defaultdict(list)
+    for request in expert.requests:
+        sent[(request.tile_id, request.prompt_id)].append((request.prompt, request.temperature, request.seed))
+    return sent
+
+
+def test_no_two_attempts_of_a_key_send_the_same_request(clip_config, small_index, tmp_path):
+    scorer = ClipScorer(clip_config)
+    frame = small_index.frame.iloc[[0, 1, 8]]  # two train tiles (labels) and a test tile (no class information)
+    tasks = tile_tasks(small_index, frame, PromptConfig())
+    settings = GateSettings(tau=1.01, max_attempts=4, temperature=0.0, reprompt_temperature=0.7)  # nothing passes
+    expert = RecordingExpert()
+    rows = caption_tiles(tasks, expert, scorer, settings, RunInfo("r"))
+    sent = sent_per_key(expert)
+    assert len(sent) == 3 * 3
+    for key, requests in sent.items():
+        assert len(requests) == 4 and len(set(requests)) == 4, key
+        assert len({prompt for prompt, _, _ in requests}) == 4, key  # the wording alone already differs
+        assert [(temperature, seed) for _, temperature, seed in requests] == [(0.0, 0), (0.7, 1), (0.7, 2), (0.7, 3)]
+    store = tmp_path / "store"
+    write_fragment(store, rows, StoreMeta(small_index.class_names, scorer.model_id, 1.01))
+    stored = read_store(store)
+    assert stored["seed"].tolist() == stored["attempt"].tolist()
+    assert stored["temperature"].tolist() == pytest.approx([0.0 if a == 0 else 0.7 for a in stored["attempt"]])
+    provenance = set(zip(stored["split"], stored["protocol"], stored["class_source"], strict=True))
+    assert provenance == {("train", "custom", "labels"), ("test", "custom", "none")}
+    # A later run continues the attempt numbers of the failed keys: its requests repeat none of the earlier ones.
+    later = RecordingExpert()
+    previous = {(tile_id, expert.name, pid): 4 for tile_id, pid in sent}
+    caption_tiles(tasks, later, scorer, settings, RunInfo("r2"), previous_attempts=previous)
+    for key, requests in sent_per_key(later).items():
+        assert [seed for _, _, seed in requests] == [4, 5, 6, 7]
+        assert len(set(requests + sent[key])) == 8, key
+
+
+def test_transformers_sampling_is_seeded_and_do_sample_is_explicit(tiny_models, small_index):
+    expert = build_expert(ExpertConfig(name="qwen", backend="transformers", model=str(tiny_models["qwen"]),
+                                       max_new_tokens=8, batch_size=2, device="cpu"))  # fmt: skip
+    calls = []
+    generate = expert.network.generate
+
+    def spy(*args, **kwargs):  # on this instance only: what reaches `generate`
+        seen = {key: kwargs.get(key, "unset") for key in ("do_sample", "temperature", "top_k")}
+        calls.append({"batch": int(kwargs["input_ids"].shape[0]), **seen})
+        return generate(*args, **kwargs)
+
+    expert.network.generate = spy
+    image = small_index.path(small_index.frame["image_path"].iloc[0])
+
+    def ask(temperature: float, seed: int, prompts=("Describe.", "Count.")) -> list[str]:
+        requests = [
+            CaptionRequest(f"t{i}", image, p, temperature=temperature, seed=seed) for i, p in enumerate(prompts)
+        ]
+        return [result.caption for result in expert.generate(requests)]
+
+    ask(0.0, 0)
+    assert calls[-1] == {"batch": 2, "do_sample": False, "temperature": "unset", "top_k": "unset"}
+    first = ask(1.5, 3)
+    assert calls[-1] == {"batch": 2, "do_sample": True, "temperature": 1.5, "top_k": 0}
+    assert ask(1.5, 3) == first  # same seed, same captions
+    assert any(ask(1.5, seed) != first for seed in (4, 5, 6))  # it does sample
+    # A mixed batch is split by (temperature, seed), in order: each part as if it had been sent alone.
+    calls.clear()
+    greedy = [CaptionRequest("a", image, "Describe.", temperature=0.0, seed=0),
+              CaptionRequest("c", image, "Count.", temperature=0.0, seed=0)]  # fmt: skip
+    sampled = CaptionRequest("b", image, "Describe.", temperature=1.5, seed=3)
+    mixed = [result.caption for result in expert.generate([greedy[0], sampled, greedy[1]])]
+    assert [call["batch"] for call in calls] == [2, 1]
+    alone = [result.caption for result in expert.generate(greedy)] + [expert.generate([sampled])[0].caption]
+    assert mixed == [alone[0], alone[2], alone[1]]
+
+
+CLASS_WORDS = re.compile(r"\b(impervious|surfaces?|buildings?|low vegetation|vegetation|trees?|cars?|clutter)\b", re.I)
+
+
+def write_predictions(index, folder) -> Path:
+    """A predictions file for every tile of ``index`` that disagrees with the labels: each tile is 70% tree and
+    30% car, with its class-index mask."""
+    names = index.class_names
+    tree, car = names.index("tree"), names.index("car")
+    (folder / "masks").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for number, tile_id in enumerate(index.frame["tile_id"]):
+        mask = np.full((64, 64), tree, np.uint8)
+        mask[:, 45:] = car
+        Image.fromarray(mask).save(folder / "masks" / f"{number}.png")
+        fractions = np.bincount(mask.ravel(), minlength=len(names)) / mask.size
+        rows.append({"tile_id": tile_id, "class_fractions": fractions.tolist(), "mask_path": f"masks/{number}.png",
+                     "run_id": "notext", "model": "test_tiny_notext"})  # fmt: skip
+    return write_class_predictions(folder / "class_predictions.parquet", rows, names, 255)
+
+
+@pytest.fixture
+def predictions(small_index, tmp_path) -> Path:
+    return write_predictions(small_index, tmp_path)
+
+
+def percentages(fractions, class_names) -> set[str]:
+    """The "class (n%)" phrases a prompt built from these fractions would hold."""
+    return {f"{readable(n)} ({share * 100:.0f}%)" for n, share in zip(class_names, fractions, strict=True) if share > 0}
+
+
+@pytest.mark.parametrize("protocol", ["predicted", "blind", "custom", "oracle"])
+def test_evaluation_prompts_carry_ground_truth_only_under_oracle(clip_config, small_index, predictions, protocol):
+    prompts = PromptConfig(protocol=protocol, predictions=predictions if protocol == "predicted" else None)
+    tasks = tile_tasks(small_index, small_index.frame, prompts)
+    expert = RecordingExpert()
+    settings = GateSettings(tau=1.01, max_attempts=4)  # every wording of every attempt is sent
+    caption_tiles(tasks, expert, ClipScorer(clip_config), settings, RunInfo("r"))
+    truth = small_index.frame.set_index("tile_id")["class_fractions"]
+    predicted = percentages([0, 0, 0, 0.703125, 0.296875, 0], small_index.class_names)
+    assert predicted == {"tree (70%)", "car (30%)"}
+    test_tiles = set(small_index.frame.loc[small_index.frame["split"] == "test", "tile_id"])
+    for request in expert.requests:
+        true = percentages(truth[request.tile_id], small_index.class_names)
+        assert not true & predicted  # so the check below tells the two sources apart
+        carries_truth = any(phrase in request.prompt for phrase in true)
+        if request.tile_id not in test_tiles:
+            continue
+        if protocol != "oracle":
+            assert not carries_truth, request.prompt
+        if protocol == "predicted" and (request.prompt_id == "p2" or request.seed == 1):
+            assert all(phrase in request.prompt for phrase in predicted), request.prompt
+        if protocol in ("blind", "custom"):
+            assert "%" not in request.prompt and not CLASS_WORDS.search(request.prompt), request.prompt
+    if protocol == "oracle":  # the check above can see ground truth: oracle's test prompts show it
+        assert any(any(p in r.prompt for p in percentages(truth[r.tile_id], small_index.class_names))
+                   for r in expert.requests if r.tile_id in test_tiles)  # fmt: skip
+    if protocol == "blind":
+        assert all("%" not in r.prompt and not CLASS_WORDS.search(r.prompt) for r in expert.requests)
+
+
+def test_predictions_missing_for_tiles_of_a_split_are_one_line(small_index, predictions, tmp_path):
+    from manifests.class_predictions import read_class_predictions
+
+    loaded = read_class_predictions(predictions, small_index.class_names)
+    partial = loaded.frame[~loaded.frame["tile_id"].str.endswith("0064_0064")]
+    path = write_class_predictions(
+        tmp_path / "partial.parquet", partial.to_dict("records"), small_index.class_names, 255
+    )
+    prompts = PromptConfig(protocol="predicted", predictions=path)
+    with pytest.raises(InputError) as info:
+        tile_tasks(small_index, small_index.frame, prompts)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message and "1 of 4 tiles of split 'test'" in message
+    assert "segmenter predict --run RUN --index TILES --predictions" in message
+    assert len(tile_tasks(small_index, small_index.frame.head(8), prompts)) == 8  # train tiles read labels
+    with pytest.raises(InputError, match=r"class predictions .*nowhere.parquet: file not found"):
+        tile_tasks(
+            small_index, small_index.frame, PromptConfig(protocol="predicted", predictions=tmp_path / "nowhere.parquet")
+        )
+
+
+def test_annotation_expert_describes_predicted_masks(clip_config, small_index, predictions):
+    scorer = ClipScorer(clip_config)
+    annotation = build_expert(ExpertConfig(name="annotation", backend="annotation"))
+    settings = GateSettings(tau=0.0, max_attempts=1, prompt_ids=("p1", "p2"))
+    prompts = PromptConfig(protocol="predicted", predictions=predictions)
+    rows = caption_tiles(
+        tile_tasks(small_index, small_index.frame, prompts), annotation, scorer, settings, RunInfo("r")
+    )
+    assert len(rows) == 12 * 2
+    test_rows = [row for row in rows if row["split"] == "test"]
+    assert len(test_rows) == 4 * 2 and all(row["class_source"] == "predictions" for row in test_rows)
+    assert {row["caption"] for row in test_rows} == {"An aerial image showing tree, car.",
+                                                     "An aerial image covered by tree (70%), car (30%)."}  # fmt: skip
+    assert all(row["class_source"] == "labels" and "tree (70%)" not in row["caption"] for row in rows
+               if row["split"] == "train")  # fmt: skip
+    blind = caption_tiles(tile_tasks(small_index, small_index.frame, PromptConfig(protocol="blind")), annotation,
+                          scorer, settings, RunInfo("r"))  # fmt: skip
+    assert blind == []  # no class mask may be read: the annotation expert does not run
+
+
+def test_annotation_expert_without_a_predicted_mask_fails_once(clip_config, small_index, predictions):
+    prompts = PromptConfig(protocol="predicted", predictions=predictions)
+    tasks = [dataclasses.replace(task, label_path=None) if task.split == "test" else task
+             for task in tile_tasks(small_index, small_index.frame, prompts)]  # fmt: skip
+    rows = caption_tiles(tasks, build_expert(ExpertConfig(name="annotation", backend="annotation")),
+                         ClipScorer(clip_config), GateSettings(tau=0.5, max_attempts=3), RunInfo("r"))  # fmt: skip
+    failed = [row for row in rows if row["split"] == "test"]
+    assert len(failed) == 4 * 3 and all(row["attempt"] == 0 and row["selected"] for row in failed)
+    assert all("no class mask for this tile (class source 'predictions')" in row["error"] for row in failed)

@@ -19,6 +19,7 @@ import pytest
 from manifests.caption_store import (
     ATTEMPT_KEY,
     CAPTION_STORE_SCHEMA,
+    CAPTION_STORE_SCHEMA_VERSION,
     StoreMeta,
     attempt_counts,
     compact,
@@ -35,11 +36,13 @@ META = StoreMeta(class_names=["a", "b"], clip_model="tiny:random", tau=0.55)
 def row(tile: str, prompt: str = "p1", attempt: int = 0, similarity: float | None = 0.6, **extra) -> dict:
     base = {
         "tile_id": tile, "expert": "e", "model": "m", "backend": "annotation", "prompt_id": prompt,
-        "attempt": attempt, "prompt_text": "describe", "caption": None if similarity is None else f"caption {tile}",
+        "attempt": attempt, "prompt_text": "describe", "temperature": 0.0 if attempt == 0 else 0.7, "seed": attempt,
+        "caption": None if similarity is None else f"caption {tile}",
         "n_tokens": 3, "n_chunks": 1, "clip_model": "tiny:random", "raw_cosine": 0.2, "similarity": similarity,
         "tau": 0.55, "passed": bool(similarity and similarity >= 0.55), "selected": True, "finish_reason": "stop",
         "latency_s": 0.1, "created_at": datetime.now(UTC), "run_id": "r", "manifest_sha256": None,
-        "image_sha256": "x", "class_source": "labels", "error": None if similarity is not None else "HTTP 500",
+        "image_sha256": "x", "split": "train", "protocol": "custom", "class_source": "labels",
+        "error": None if similarity is not None else "HTTP 500",
     }  # fmt: skip
     return {**base, **extra}
 
@@ -85,13 +88,40 @@ def test_other_schema_version_is_refused(tmp_path):
     path = write_fragment(store, [row("t1")], META)
     table = pq.read_table(path)
     pq.write_table(table.replace_schema_metadata({**table.schema.metadata, b"schema_version": b"99"}), path)
-    with pytest.raises(InputError, match=r"schema_version '99', this toolkit reads 1"):
+    with pytest.raises(InputError, match=r"schema_version '99', this toolkit reads 2"):
         read_store(store)
+
+
+def test_version_1_store_without_decoding_columns_is_refused(tmp_path):
+    store = tmp_path / "store"
+    path = write_fragment(store, [row("t1")], META)
+    table = pq.read_table(path).drop_columns(["temperature", "seed", "split", "protocol"])
+    pq.write_table(table.replace_schema_metadata({**table.schema.metadata, b"schema_version": b"1"}), path)
+    with pytest.raises(InputError, match=r"schema_version '1', this toolkit reads 2; regenerate or convert") as info:
+        read_store(store)
+    assert "\n" not in str(info.value)
+    with pytest.raises(InputError, match=r"schema_version '1'"):
+        attempt_counts(store)
+
+
+def test_decoding_and_class_provenance_are_stored_per_row(tmp_path):
+    store = tmp_path / "store"
+    rows = [row("t1", attempt=0), row("t1", attempt=1, protocol="predicted", split="test",
+                                       class_source="predictions", selected=False)]  # fmt: skip
+    write_fragment(store, rows, META)
+    frame = read_store(store).sort_values("attempt")
+    assert frame["temperature"].tolist() == pytest.approx([0.0, 0.7]) and frame["seed"].tolist() == [0, 1]
+    assert frame[["split", "protocol", "class_source"]].values.tolist() == [
+        ["train", "custom", "labels"], ["test", "predicted", "predictions"]]  # fmt: skip
+    no_seed = {key: value for key, value in row("t2").items() if key != "seed"}
+    with pytest.raises(pa.ArrowInvalid, match="seed"):  # a row that does not say how it was decoded is not written
+        write_fragment(store, [no_seed], META)
 
 
 def test_missing_columns_and_missing_store(tmp_path):
     bad = tmp_path / "bad.parquet"
-    pq.write_table(pa.table({"tile_id": ["a"]}).replace_schema_metadata({"schema_version": "1"}), bad)
+    version = str(CAPTION_STORE_SCHEMA_VERSION)
+    pq.write_table(pa.table({"tile_id": ["a"]}).replace_schema_metadata({"schema_version": version}), bad)
     with pytest.raises(InputError, match="missing columns"):
         read_store(bad)
     with pytest.raises(InputError, match="no Parquet file or fragments"):

@@ -157,6 +157,14 @@ def test_report_numbers_match_the_store(threads_store, small_index, tmp_path):
     path = caption_report_flow(str(threads_store), str(tmp_path / "report"), str(small_index.root))
     page = path.read_text()
     assert page.count("<img") == 2 and "Tau sweep" in page and "Worst selected captions" in page
+    # The protocol and the class source of every split: annotation only runs on train (test has no class source).
+    sources = report.class_information.set_index("split")["class_source"].to_dict()
+    assert set(report.class_information["protocol"]) == {"custom"}
+    splits = small_index.frame.set_index("tile_id")["split"]
+    attempts = frame["tile_id"].map(splits).value_counts()
+    assert sources == {"test": f"none ({attempts['test']} attempts)", "train": f"labels ({attempts['train']} attempts)"}
+    assert "Class information in prompts (protocol: custom)" in page
+    assert "protocol: custom" in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_class_mentions_use_synonyms_and_whole_words():
@@ -187,3 +195,32 @@ def test_cli_shows_progress_and_summary(prefect_api, manifest_path, threads_stor
     assert result.exit_code == 0, result.output
     assert seen == [True] and flow_module.progress_hook is None
     assert "12 tiles, 0 new attempts, 24 keys already done" in result.output
+    assert "class information in prompts: protocol custom (test: none, train: labels)" in result.output
+
+
+def test_predicted_protocol_reads_predictions_and_says_so(prefect_api, manifest_path, small_index, tmp_path):
+    from manifests.errors import InputError
+    from tests.test_caption_pipeline import write_predictions
+
+    predictions = write_predictions(small_index, tmp_path / "predictions")
+    text = manifest_path.read_text().replace(
+        "  experts:", f"  prompts: {{protocol: predicted, predictions: {predictions}}}\n  experts:"
+    )
+    manifest = tmp_path / "predicted.yaml"
+    manifest.write_text(text.replace(str(manifest_path.parent / "store"), str(tmp_path / "store")))
+    summary = generate_captions(manifest, experts=["annotation"])
+    assert (summary.protocol, summary.class_sources) == ("predicted", {"test": "predictions", "train": "labels"})
+    frame = read_store(tmp_path / "store")
+    assert set(zip(frame["split"], frame["protocol"], frame["class_source"], strict=True)) == {
+        ("train", "predicted", "labels"), ("test", "predicted", "predictions")}  # fmt: skip
+    test_captions = set(frame.loc[frame["split"] == "test", "caption"])
+    assert "An aerial image covered by tree (70%), car (30%)." in test_captions  # the predicted mask, described
+    report = build_report(tmp_path / "store")
+    attempts = frame["tile_id"].map(small_index.frame.set_index("tile_id")["split"]).value_counts()
+    assert report.class_information.to_dict("records") == [
+        {"protocol": "predicted", "split": "test", "class_source": f"predictions ({attempts['test']} attempts)"},
+        {"protocol": "predicted", "split": "train", "class_source": f"labels ({attempts['train']} attempts)"},
+    ]
+    predictions.unlink()  # before any shard task starts, a one-line error names the file
+    with pytest.raises(InputError, match=r"class predictions .*class_predictions.parquet: file not found"):
+        generate_captions(manifest, experts=["annotation"])

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from manifests.errors import InputError
-from manifests.run_manifest import load_manifest, packaged_manifests
+from manifests.run_manifest import PromptConfig, load_manifest, packaged_manifests
 
 
 def test_packaged_manifests_parse_as_the_paper_ran():
@@ -17,9 +17,17 @@ def test_packaged_manifests_parse_as_the_paper_ran():
         assert models == {"llava-hf/llava-1.5-7b-hf", "gpt-4o", "Qwen/Qwen2.5-VL-3B-Instruct"}
         assert manifest.dataset.split == "mpers"
         assert len(manifest.sha256) == 64
+        prompts = manifest.captions.prompts  # runnable without predictions: no class information in test prompts
+        assert prompts.protocol == "custom" and prompts.predictions is None
+        assert (prompts.source_for("train"), prompts.source_for("test")) == ("labels", "none")
     demo = load_manifest("demo")
     assert demo.dataset.tile_prefix == "demo"
     assert [expert.backend for expert in demo.captions.experts] == ["annotation", "transformers", "transformers"]
+    prompts = demo.captions.prompts
+    assert prompts.protocol == "predicted"
+    assert prompts.predictions == Path("data/demo/predictions/class_predictions.parquet")
+    assert (prompts.source_for("train"), prompts.source_for("test")) == ("labels", "predictions")
+    assert all(expert.temperature == 0 and expert.reprompt_temperature == 0.7 for expert in demo.captions.experts)
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -35,6 +43,11 @@ tiling: {size: 64, out: data/t}
 """
 
 
+def with_prompts(prompts: str) -> str:
+    """BASE with a captions section whose ``prompts`` mapping holds ``prompts``."""
+    return BASE + "captions: {store: s, experts: [{name: a, backend: annotation}], prompts: {" + prompts + "}}\n"
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -45,6 +58,18 @@ tiling: {size: 64, out: data/t}
         ("name: t\ndataset: {name: vaihingen, root: x}\n", r"missing key 'tiling'"),
         (BASE + "captions: {store: s, experts: [{name: a, backend: openai, model: m}]}\n", r"needs a base_url"),
         (BASE + "captions: {store: s, tau: high, experts: []}\n", r"key 'captions.tau'"),
+        (
+            with_prompts("protocol: predicted, class_source: {test: none}, predictions: p"),
+            r"'predicted' and .*both set",
+        ),
+        (
+            with_prompts("protocol: oracle, class_source: {train: labels}"),
+            r"'oracle' and captions.prompts.class_source",
+        ),
+        (with_prompts("protocol: predicted"), r"'predicted' needs captions.prompts.predictions"),
+        (with_prompts("class_source: {test: predictions}"), r"'predictions' needs captions.prompts.predictions"),
+        (with_prompts("protocol: sneaky"), r"key 'captions.prompts.protocol': .*'blind' or 'custom'.*got 'sneaky'"),
+        (with_prompts("protocol: blind, allow_labels_on_eval: true"), r"allow_labels_on_eval has no effect"),
         ("name: [unclosed\n", r"not valid YAML at line \d"),
         ("- a list\n", r"expected a mapping"),
     ],
@@ -61,3 +86,28 @@ def test_missing_manifest_file(tmp_path):
         load_manifest(tmp_path / "nope.yaml")
     with pytest.raises(InputError, match=r"neither a YAML file nor a packaged manifest"):
         load_manifest("no-such-run")
+
+
+@pytest.mark.parametrize(
+    ("prompts", "expected"),
+    [
+        ({"protocol": "oracle"}, {"train": "labels", "test": "labels", "val": "labels", "new": "labels"}),
+        ({"protocol": "predicted", "predictions": "p.parquet"},
+         {"train": "labels", "test": "predictions", "val": "predictions", "new": "predictions"}),
+        ({"protocol": "blind"}, {"train": "none", "test": "none", "val": "none", "new": "none"}),
+        ({}, {"train": "labels", "test": "none", "val": "none", "new": "none"}),
+        ({"class_source": {"train": "labels", "new": "predictions"}, "predictions": "p.parquet"},
+         {"train": "labels", "test": "none", "new": "predictions"}),
+    ],
+)  # fmt: skip
+def test_protocols_resolve_the_class_source_of_every_split(prompts, expected):
+    config = PromptConfig(**prompts)
+    assert {split: config.source_for(split) for split in expected} == expected
+
+
+def test_only_oracle_or_an_explicit_opt_in_puts_labels_on_evaluation_splits():
+    leaky = PromptConfig(class_source={"train": "labels", "test": "labels"})
+    with pytest.raises(InputError, match=r"'test' is an evaluation split.*use protocol predicted"):
+        leaky.source_for("test")
+    assert leaky.model_copy(update={"allow_labels_on_eval": True}).source_for("test") == "labels"
+    assert PromptConfig(protocol="oracle").source_for("test") == "labels"  # oracle is itself the opt-in

@@ -32,6 +32,7 @@ class ChatServer(ThreadingHTTPServer):
         self.calls: Counter[str] = Counter()
         self.image_sizes: list[tuple[int, int]] = []
         self.auth_headers: set[str] = set()
+        self.bodies: list[dict] = []  # every request body without its messages, plus the prompt text
 
 
 class ChatHandler(BaseHTTPRequestHandler):
@@ -60,6 +61,7 @@ class ChatHandler(BaseHTTPRequestHandler):
             server.in_flight += 1
             server.max_in_flight = max(server.max_in_flight, server.in_flight)
             server.auth_headers.add(self.headers.get("Authorization", ""))
+            server.bodies.append({**{key: value for key, value in body.items() if key != "messages"}, "prompt": prompt})
             assert url.startswith("data:image/png;base64,")
             with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) as image:
                 server.image_sizes.append(image.size)
@@ -114,6 +116,17 @@ def test_concurrency_bound_and_base64_images(server, monkeypatch, image):
     assert set(server.image_sizes) == {(128, 85)}  # resized to max_side before sending
     assert server.auth_headers == {f"Bearer {SECRET}"}
     assert results[0].finish_reason == "stop" and results[0].n_generated == 4
+
+
+def test_temperature_and_seed_of_each_request_reach_the_server(server, monkeypatch, image):
+    backend = expert(server, monkeypatch, temperature=0.2)
+    backend.generate([CaptionRequest("a", image, "first", temperature=0.0, seed=0),
+                      CaptionRequest("a", image, "again", temperature=0.7, seed=2),
+                      CaptionRequest("b", image, "plain")])  # fmt: skip
+    bodies = {body["prompt"]: body for body in server.bodies}
+    assert (bodies["first"]["temperature"], bodies["first"]["seed"]) == (0.0, 0)
+    assert (bodies["again"]["temperature"], bodies["again"]["seed"]) == (0.7, 2)
+    assert bodies["plain"]["temperature"] == 0.2 and "seed" not in bodies["plain"]  # the expert's own settings
 
 
 def test_429_and_5xx_are_retried(server, monkeypatch, image):

@@ -1,8 +1,10 @@
 """The annotation expert: a caption written from the label mask alone (no weights, no image).
 
 It names the classes with their shares, counts objects of the countable classes by connected components and
-places them on a 3 x 3 compass grid. It is the embedded default and a label-grounded baseline. It needs the
-label, so it only runs where the class source of the split is ``labels``.
+places them on a 3 x 3 compass grid. It is the embedded default and a label-grounded baseline. It needs a
+class-index mask: the label where the class source of the split is ``labels``, the mask a text-free segmenter
+predicted where it is ``predictions`` (the store rows record which); where it is ``none`` it does not run. It is
+deterministic: the temperature and seed of a request change nothing, its prompt id chooses the style.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def describe_label(classes: np.ndarray, class_names: tuple[str, ...], ignore_ind
 
 
 class AnnotationExpert:
-    """Writes captions from label masks; a request without a label path fails with a clear error."""
+    """Writes captions from class-index masks (labels or predictions); a request without one fails clearly."""
 
     backend = "annotation"
     model = "label-mask"
@@ -87,8 +89,8 @@ class AnnotationExpert:
         for request in requests:
             started = time.perf_counter()
             if request.label_path is None:
-                results.append(CaptionResult(None, None, None, 0.0, error="annotation expert needs a label (class "
-                                             "source of this split is not 'labels')"))  # fmt: skip
+                results.append(CaptionResult(None, None, None, 0.0, error="annotation expert needs a class mask "
+                                             "(a label or a predicted mask); this tile has none"))  # fmt: skip
                 continue
             with Image.open(request.label_path) as label:
                 classes = np.asarray(label)

@@ -16,7 +16,14 @@ from PIL import Image
 
 @dataclass(frozen=True)
 class CaptionRequest:
-    """One caption to generate. ``label_path`` is set only where the class source allows labels."""
+    """One caption to generate.
+
+    ``label_path`` is the class-index mask the class source allows: the label (source ``labels``), the predicted
+    mask (source ``predictions``) or None. ``temperature`` and ``seed`` are the decoding of this attempt (the gate
+    sets them: the expert's temperature on attempt 0, the re-prompt temperature with ``seed = attempt`` later);
+    None means the backend's configured temperature and no seed. Backends that cannot honour them (``annotation``,
+    deterministic) ignore them.
+    """
 
     tile_id: str
     image_path: Path
@@ -25,6 +32,12 @@ class CaptionRequest:
     label_path: Path | None = None
     class_names: tuple[str, ...] = ()
     ignore_index: int = 255
+    temperature: float | None = None
+    seed: int | None = None
+
+    def decoding(self, default_temperature: float) -> tuple[float, int | None]:
+        """(temperature, seed) of this request, the backend's configured temperature where none was asked."""
+        return (default_temperature if self.temperature is None else self.temperature), self.seed
 
 
 @dataclass(frozen=True)

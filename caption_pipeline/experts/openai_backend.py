@@ -94,14 +94,16 @@ class OpenAIExpert:
         return self._session, self._limit
 
     def _body(self, request: CaptionRequest) -> bytes:
-        return json.dumps(
-            {
-                "model": self.model,
-                "messages": chat_messages(request, image_data_url(request.image_path, self.config.max_side)),
-                "max_tokens": self.config.max_new_tokens,
-                "temperature": self.config.temperature,
-            }
-        ).encode()
+        temperature, seed = request.decoding(self.config.temperature)
+        body = {
+            "model": self.model,
+            "messages": chat_messages(request, image_data_url(request.image_path, self.config.max_side)),
+            "max_tokens": self.config.max_new_tokens,
+            "temperature": temperature,
+        }
+        if seed is not None:  # OpenAI, vLLM and SGLang honour it (best effort on OpenAI's side)
+            body["seed"] = seed
+        return json.dumps(body).encode()
 
     def _delay(self, retry: int, retry_after: str | None) -> float:
         if retry_after:

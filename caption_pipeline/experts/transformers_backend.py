@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from itertools import groupby
 
 import torch
 
@@ -17,7 +19,14 @@ def pick_device(requested: str) -> torch.device:
 
 
 class TransformersExpert:
-    """Batched ``generate`` with the model's own chat template; greedy unless a temperature is set."""
+    """Batched ``generate`` with the model's own chat template.
+
+    Each request's temperature decides the decoding: 0 is greedy (``do_sample=False``, passed explicitly so a
+    model's shipped ``generation_config`` cannot turn sampling on), above 0 is plain temperature sampling
+    (``top_k=0``, ``top_p=1``, overriding shipped values such as Qwen's ``top_k=1`` that would make it greedy again)
+    after ``torch.manual_seed(seed)``. Requests are batched by (temperature, seed), keeping their order otherwise,
+    so a re-run with the same requests in the same batches gives the same captions.
+    """
 
     backend = "transformers"
 
@@ -34,20 +43,30 @@ class TransformersExpert:
         self.processor = AutoProcessor.from_pretrained(config.model)
         self.processor.tokenizer.padding_side = "left"  # decoder-only batches pad on the left
         self.network = AutoModelForImageTextToText.from_pretrained(config.model, dtype=dtype).to(self.device).eval()
+        # torch's RNG is global: shard tasks share this expert across threads, so seeding and sampling happen
+        # under one lock, or a concurrent sampled batch would draw from the same stream and break reproducibility.
+        self._sampling_lock = threading.Lock()
 
     def _prompt(self, request: CaptionRequest) -> str:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": request.prompt}]}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True)
 
     @torch.inference_mode()
-    def _batch(self, requests: list[CaptionRequest]) -> list[CaptionResult]:
+    def _batch(self, requests: list[CaptionRequest], temperature: float, seed: int | None) -> list[CaptionResult]:
         started = time.perf_counter()
         images = [load_image(request.image_path, self.config.max_side) for request in requests]
         inputs = self.processor(
             text=[self._prompt(request) for request in requests], images=images, padding=True, return_tensors="pt"
         ).to(self.device)
-        sampling = {"do_sample": True, "temperature": self.config.temperature} if self.config.temperature else {}
-        output = self.network.generate(**inputs, max_new_tokens=self.config.max_new_tokens, **sampling)
+        if temperature > 0:
+            with self._sampling_lock:
+                torch.manual_seed(0 if seed is None else seed)
+                output = self.network.generate(
+                    **inputs, max_new_tokens=self.config.max_new_tokens, do_sample=True, temperature=temperature,
+                    top_k=0, top_p=1.0,
+                )  # fmt: skip
+        else:
+            output = self.network.generate(**inputs, max_new_tokens=self.config.max_new_tokens, do_sample=False)
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
         eos = self.network.generation_config.eos_token_id
@@ -62,12 +81,25 @@ class TransformersExpert:
         return results
 
     def generate(self, requests: list[CaptionRequest]) -> list[CaptionResult]:
-        results: list[CaptionResult] = []
+        """Captions for ``requests`` in order, generated in batches of ``batch_size`` per (temperature, seed)."""
+        results: list[CaptionResult | None] = [None] * len(requests)
         size = self.config.batch_size
-        for start in range(0, len(requests), size):
-            chunk = requests[start : start + size]
-            try:
-                results += self._batch(chunk)
-            except (RuntimeError, ValueError, OSError) as exc:  # one bad batch must not stop the run
-                results += [CaptionResult(None, None, None, 0.0, error=f"{type(exc).__name__}: {exc}")] * len(chunk)
-        return results
+
+        def decoding(position: int) -> tuple[float, int | None]:
+            return requests[position].decoding(self.config.temperature)
+
+        # Sorting by decoding is stable, so each group keeps the callers' order and its batches are reproducible.
+        order = sorted(
+            range(len(requests)), key=lambda i: (decoding(i)[0], decoding(i)[1] is not None, decoding(i)[1] or 0)
+        )
+        for (temperature, seed), group in groupby(order, key=decoding):
+            positions = list(group)
+            for start in range(0, len(positions), size):
+                chunk = positions[start : start + size]
+                try:
+                    batch = self._batch([requests[i] for i in chunk], temperature, seed)
+                except (RuntimeError, ValueError, OSError) as exc:  # one bad batch must not stop the run
+                    batch = [CaptionResult(None, None, None, 0.0, error=f"{type(exc).__name__}: {exc}")] * len(chunk)
+                for i, result in zip(chunk, batch, strict=True):
+                    results[i] = result
+        return results  # type: ignore[return-value]

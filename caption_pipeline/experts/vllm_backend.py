@@ -30,8 +30,11 @@ def engine_args(config: ExpertConfig) -> dict[str, Any]:
     return {**args, **config.engine_kwargs}
 
 
-def sampling_args(config: ExpertConfig) -> dict[str, Any]:
-    return {"max_tokens": config.max_new_tokens, "temperature": config.temperature, "seed": 0}
+def sampling_args(config: ExpertConfig, request: CaptionRequest | None = None) -> dict[str, Any]:
+    """Keyword arguments of one request's ``vllm.SamplingParams``: its temperature and seed (a per-request seed
+    makes a sampled re-prompt reproducible whatever else is in the batch)."""
+    temperature, seed = request.decoding(config.temperature) if request else (config.temperature, None)
+    return {"max_tokens": config.max_new_tokens, "temperature": temperature, "seed": 0 if seed is None else seed}
 
 
 def build_conversations(requests: list[CaptionRequest], config: ExpertConfig) -> list[list[dict]]:
@@ -65,9 +68,9 @@ class VLLMExpert:
     def generate(self, requests: list[CaptionRequest]) -> list[CaptionResult]:
         llm = self._engine()
         started = time.perf_counter()
-        outputs = llm.chat(
-            build_conversations(requests, self.config), self._vllm.SamplingParams(**sampling_args(self.config))
-        )
+        # One SamplingParams per conversation: the attempts of a batch differ in temperature and seed.
+        params = [self._vllm.SamplingParams(**sampling_args(self.config, request)) for request in requests]
+        outputs = llm.chat(build_conversations(requests, self.config), params)
         latency = (time.perf_counter() - started) / max(len(requests), 1)
         results = []
         for output in outputs:
