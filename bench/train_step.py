@@ -61,7 +61,7 @@ def main() -> None:
     overrides = {"backbone_pretrained": False} if gpu else {}
     encoder_id = "clip-vit-b16" if gpu else "test-tiny-clip"
     torch.manual_seed(0)
-    guided = build_model(preset, **overrides).to(args.device)
+    guided = build_model(preset, experts=["llava", "gpt4o", "qwen"], **overrides).to(args.device)  # the paper's M = 3
     plain = build_model(f"{preset}_notext", **overrides).to(args.device)
     if gpu:
         guided, plain = (m.to(memory_format=torch.channels_last) for m in (guided, plain))

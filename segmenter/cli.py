@@ -62,18 +62,18 @@ def prepare(
         result = prepare_tiles(dataset_config, tiling, on_progress)
     if result.up_to_date:
         console.print(f"up to date: {result.index_path} ({result.n_tiles} tiles)")
+        for line in result.warnings:  # repeated from the run that wrote the index: nothing silent on a re-run
+            console.print(f"warning: {line}", markup=False, highlight=False)
         return
-    table = Table("source", "split", "tiles", "boundary px", "stray px", title="prepared sources")
+    table = Table("source", "split", "tiles", "boundary px", "stray px", "check", title="prepared sources")
     for report in result.sources:
+        checks = [text for found, text in ((report.image_is_label_map, "image is a label map?"),
+                                           (bool(report.overlays), "label is an overlay?")) if found]  # fmt: skip
         table.add_row(report.source_id, report.split, str(report.tiles), str(report.boundary_pixels),
-                      str(report.stray_pixels))  # fmt: skip
+                      str(report.stray_pixels), "; ".join(checks) or "ok")  # fmt: skip
     console.print(table)
-    for report in result.sources:
-        if report.stray_pixels:
-            console.print(
-                f"warning: {report.source_id}: {report.stray_pixels} label pixels with colours outside the "
-                "palette were set to the ignore index"
-            )
+    for line in result.warnings:
+        console.print(f"warning: {line}", markup=False, highlight=False)
     console.print(f"wrote {result.index_path} ({result.n_tiles} tiles)")
 
 
@@ -109,6 +109,12 @@ def train(
     lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 1e-3,
     checkpoint_every: Annotated[int, typer.Option(help="steps between checkpoints")] = 1000,
     missing_captions: Annotated[str, typer.Option(help="mask | error for tiles without captions")] = "mask",
+    experts: Annotated[
+        str | None, typer.Option(help="comma-separated experts to read, in this order (default: the store's)")
+    ] = None,
+    augmentation: Annotated[
+        str, typer.Option(help="auto | d4 | d4_rewrite (flips/rotations with direction words moved) | none")
+    ] = "auto",
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     resume: Annotated[bool, typer.Option(help="continue the run in --out from its newest checkpoint")] = False,
 ) -> None:
@@ -121,8 +127,12 @@ def train(
         raise InputError(f"--preset: unknown preset '{preset}' (see `segmenter models`)")
     if missing_captions not in ("mask", "error"):
         raise InputError(f"--missing-captions: expected mask or error, got '{missing_captions}'")
+    if augmentation not in ("auto", "d4", "d4_rewrite", "none"):
+        raise InputError(f"--augmentation: expected auto, d4, d4_rewrite or none, got '{augmentation}'")
+    chosen = [name.strip() for name in experts.split(",") if name.strip()] if experts else None
     settings = TrainSettings(preset=preset, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                             checkpoint_every=checkpoint_every, missing_captions=missing_captions)  # fmt: skip
+                             checkpoint_every=checkpoint_every, missing_captions=missing_captions, experts=chosen,
+                             augmentation=augmentation)  # fmt: skip
     try:
         checkpoint = run_training(manifest, out, settings, captions=captions, resume=resume, progress=True)
     except TrainingError as exc:
@@ -138,41 +148,88 @@ def evaluate(
     split: Annotated[str, typer.Option(help="split to evaluate")] = "test",
     gt: Annotated[str, typer.Option(help="eroded (ISPRS protocol) | full")] = "eroded",
     window: Annotated[int | None, typer.Option(help="sliding window (default: the tile size)")] = None,
-    overlap: Annotated[float, typer.Option(help="window overlap in [0, 1)")] = 0.25,
+    overlap: Annotated[
+        float | None,
+        typer.Option(
+            help="window overlap in [0, 1) (default: the captioned tile grid for text-guided models, 0.25 otherwise)"
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    captions: Annotated[Path | None, typer.Option(help="caption store (default: the one the run trained on)")] = None,
+    missing_captions: Annotated[
+        str, typer.Option(help="error | mask: a store lacking some of the run's experts or having others")
+    ] = "error",
 ) -> None:
     """Sliding-window inference over whole sources; OA, per-class IoU/F1, mIoU/mF1 (5 classes and all)."""
     from segmenter.evaluate import evaluate as run_evaluation
 
     if gt not in ("eroded", "full"):
         raise InputError(f"--gt: expected eroded or full, got '{gt}'")
-    if not 0 <= overlap < 1:
-        raise InputError(f"--overlap: expected a value in [0, 1), got {overlap}")
+    _check_inference_options(overlap, missing_captions)
     with progress_bar() as bar:
         task = bar.add_task("evaluate", total=None, note="")
 
         def on_source(done: int, total: int, note: str) -> None:
             bar.update(task, completed=done, total=total, note=note)
 
-        metrics = run_evaluation(run, split, gt, window, overlap, device, on_source)
+        metrics = run_evaluation(run, split, gt, window, overlap, device, on_source, captions, missing_captions)
     print(metrics.markdown(f"{run} ({split}, {gt} GT)"))
+
+
+def _check_inference_options(overlap: float | None, missing_captions: str) -> None:
+    if overlap is not None and not 0 <= overlap < 1:
+        raise InputError(f"--overlap: expected a value in [0, 1), got {overlap}")
+    if missing_captions not in ("error", "mask"):
+        raise InputError(f"--missing-captions: expected error or mask, got '{missing_captions}'")
 
 
 @app.command()
 @exit_on_input_error
 def predict(
     run: Annotated[Path, typer.Option(help="run folder written by `segmenter train`")],
-    images: Annotated[list[Path], typer.Option(help="image files or folders (repeatable)")],
-    out: Annotated[Path, typer.Option(help="output folder for GeoTIFFs and colour PNGs")],
+    images: Annotated[list[Path] | None, typer.Option(help="image files or folders (repeatable)")] = None,
+    out: Annotated[Path | None, typer.Option(help="output folder for GeoTIFFs and colour PNGs")] = None,
+    index: Annotated[
+        Path | None, typer.Option(help="tile index: predict class fractions of every tile (text-free run)")
+    ] = None,
+    predictions: Annotated[
+        Path | None, typer.Option(help="with --index: the predicted-tile-classes Parquet file to write")
+    ] = None,
+    split: Annotated[list[str] | None, typer.Option(help="with --index: only these splits (repeatable)")] = None,
     captions: Annotated[Path | None, typer.Option(help="caption store for these images (else experts masked)")] = None,
     window: Annotated[int | None, typer.Option(help="sliding window (default: the tile size)")] = None,
-    overlap: Annotated[float, typer.Option(help="window overlap in [0, 1)")] = 0.25,
+    overlap: Annotated[
+        float | None,
+        typer.Option(
+            help="window overlap in [0, 1) (default: the captioned tile grid for text-guided models, 0.25 otherwise)"
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    missing_captions: Annotated[
+        str, typer.Option(help="error | mask: a store lacking some of the run's experts or having others")
+    ] = "error",
 ) -> None:
-    """Class-index GeoTIFFs with the source's CRS and transform, and palette-coloured PNGs."""
+    """Class-index GeoTIFFs + colour PNGs of images (--images, --out), or the predicted class fractions of every
+    tile of an index (--index, --predictions) for prompts whose class source is `predictions`."""
     from segmenter.predict import predict as run_prediction
+    from segmenter.predict import predict_index
 
-    for path in run_prediction(run, images, out, captions, window, overlap, device):
+    _check_inference_options(overlap, missing_captions)
+    if index is not None or predictions is not None:
+        if index is None or predictions is None or images or out:
+            raise InputError("predict: give --index with --predictions, or --images with --out")
+        with progress_bar() as bar:
+            task = bar.add_task("predict", total=None, note="")
+
+            def on_tile(done: int, total: int, note: str) -> None:
+                bar.update(task, completed=done, total=total, note=note)
+
+            path = predict_index(run, index, predictions, split, device, on_tile)
+        console.print(f"wrote {path}")
+        return
+    if not images or out is None:
+        raise InputError("predict: give --images with --out, or --index with --predictions")
+    for path in run_prediction(run, images, out, captions, window, overlap, device, missing_captions):
         console.print(f"wrote {path}")
 
 

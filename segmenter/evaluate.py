@@ -4,10 +4,33 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
+
+from manifests.atomic import atomic_write_text
+from manifests.caption_store import selected_captions
 from manifests.errors import InputError
 from segmenter.datasets import build_dataset
-from segmenter.inference import open_run, overlapping_tile_text, sliding_window_logits
+from segmenter.inference import CaptionWindows, TrainedRun, open_run, sliding_window_logits
 from segmenter.metrics import ConfusionMatrix, Metrics, compute_metrics
+from segmenter.text.features import ExpertTextFeatures
+from segmenter.train import report_masked
+
+
+def _caption_facts(trained: TrainedRun, store: Path, text: ExpertTextFeatures, tiles: pd.DataFrame) -> dict:
+    """What the text of an evaluation was: experts, masking per expert, and the class sources of the prompts
+    (so a report shows whether any prompt of the split carried ground truth)."""
+    experts = list(trained.model.config.experts)
+    tile_ids = tiles["tile_id"].tolist()
+    rows = selected_captions(store)
+    rows = rows[rows["tile_id"].isin(set(tile_ids)) & rows["expert"].isin(experts)]
+    kinds = rows.groupby("expert")["class_source"].agg(lambda values: sorted(set(values))).to_dict()
+    return {
+        "store": str(store),
+        "experts": experts,
+        "tiles": len(tile_ids),
+        "masked_experts": text.masked_counts(tile_ids),
+        "class_sources": {name: kinds.get(name, []) for name in experts},
+    }
 
 
 def evaluate(
@@ -15,14 +38,20 @@ def evaluate(
     split: str = "test",
     gt: str = "eroded",
     window: int | None = None,
-    overlap: float = 0.25,
+    overlap: float | None = None,
     device: str = "cpu",
     on_source=None,
+    captions: str | Path | None = None,
+    missing_captions: str = "error",
 ) -> Metrics:
     """Metrics of a run's newest checkpoint on a split, written to ``<run>/eval_<split>_<gt>/``.
 
+    A text-guided model reads the captions of the store it was trained with (or ``captions``); by default its
+    windows are the captioned tiles (``overlap=None``), so each window's caption describes what it sees.
+
     Raises:
-        InputError: no checkpoint, an unknown split, ``--gt eroded`` on a dataset without eroded labels.
+        InputError: no checkpoint, an unknown split, ``--gt eroded`` on a dataset without eroded labels, a store
+            whose experts differ from the run's (unless ``missing_captions='mask'``).
     """
     trained = open_run(run, device)
     model, manifest, index = trained.model, trained.manifest, trained.index
@@ -30,22 +59,41 @@ def evaluate(
     sources = [source for source in dataset.sources() if source.split == split]
     if not sources:
         raise InputError(f"--split: no sources in split '{split}' of {manifest.dataset.name}")
-    text = trained.text_features(trained.info.get("captions"))
+    store = Path(captions or trained.info.get("captions") or "") if model.config.uses_text else None
+    if store is not None and not str(store):
+        raise InputError(f"--captions: run {run} reads captions but records no caption store; pass --captions")
+    text = trained.text_features(store, missing_captions) if store is not None else None
     window = trained.window(window)
+    stride = trained.stride(window, overlap)
+    split_tiles = index.split(split)
     matrix = ConfusionMatrix(len(index.class_names), index.ignore_index)
+    used: list[dict] = []
     for done, source in enumerate(sources):
         label_file = source.eval_label if gt == "eroded" else source.label
         if label_file is None:
             raise InputError(f"--gt {gt}: source {source.source_id} has no such ground truth")
         image = dataset.read_image(source)
         label, _ = dataset.read_label(label_file)
-        tiles = index.frame[index.frame["source_id"] == source.source_id]
-        lookup = overlapping_tile_text(tiles, text) if text is not None else None
-        logits = sliding_window_logits(model, image, window, overlap, lookup, device)
+        lookup = None
+        if text is not None:
+            lookup = CaptionWindows(source.source_id, split_tiles[split_tiles["source_id"] == source.source_id], text)
+        logits = sliding_window_logits(model, image, window, 0.0, lookup, device, stride=stride)
         assert logits.shape[-2:] == label.shape, (logits.shape, label.shape)
         matrix.update(logits.argmax(0), label)
+        if lookup is not None:
+            used += lookup.used
         if on_source:
             on_source(done + 1, len(sources), source.source_id)
     metrics = compute_metrics(matrix.matrix, index.class_names, gt=gt)
-    metrics.save(Path(run) / f"eval_{split}_{gt}", title=f"{model.config.name} on {manifest.name} {split}")
+    folder = Path(run) / f"eval_{split}_{gt}"
+    if text is not None and store is not None:
+        report_masked(text, split_tiles["tile_id"].tolist(), split)
+        windows = pd.DataFrame(used)
+        metrics.captions = {
+            **_caption_facts(trained, store, text, split_tiles),
+            "windows": len(windows),
+            "windows_on_grid": int(windows["on_captioned_grid"].sum()) if len(windows) else 0,
+        }
+        atomic_write_text(folder / "windows.csv", windows.to_csv(index=False))
+    metrics.save(folder, title=f"{model.config.name} on {manifest.name} {split}")
     return metrics

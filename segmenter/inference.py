@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -15,7 +16,7 @@ from manifests.errors import InputError
 from manifests.run_manifest import RunManifest, load_manifest
 from manifests.tile_index import TileIndex, read_tile_index
 from segmenter.model import MPerSSegmenter
-from segmenter.text.features import ExpertTextFeatures
+from segmenter.text.features import ExpertTextFeatures, check_store_experts
 from segmenter.tiling import tile_grid
 from segmenter.train import RunPaths, load_text_features
 
@@ -32,14 +33,40 @@ class TrainedRun:
     index: TileIndex
     device: str
 
+    @property
+    def tile_size(self) -> int:
+        return int(self.index.extra.get("tile_size", 512))
+
+    @property
+    def tile_stride(self) -> int:
+        return int(self.index.extra.get("stride", self.tile_size))
+
     def window(self, requested: int | None) -> int:
         """The sliding window: as requested, else the tile size the model was trained on."""
-        return requested or int(self.index.extra.get("tile_size", 512))
+        return requested or self.tile_size
 
-    def text_features(self, captions: str | Path | None) -> ExpertTextFeatures | None:
-        """Per-expert caption features from a store, as in training (None for a model without text)."""
+    def stride(self, window: int, overlap: float | None) -> int:
+        """Window stride. A text-guided model defaults to the captioned tile grid (each window is a captioned tile,
+        so its caption describes exactly the pixels it sees); a text-free one to 25% overlap."""
+        if overlap is None:
+            if self.model.config.uses_text and window == self.tile_size:
+                return self.tile_stride
+            overlap = 0.25
+        return max(1, round(window * (1 - overlap)))
+
+    def text_features(self, captions: str | Path, missing: str = "error") -> ExpertTextFeatures:
+        """Per-expert caption features from a store, as in training, for the run's experts.
+
+        Raises:
+            InputError: the store lacks some of the run's experts or has others (unless ``missing='mask'``, which
+                masks the lacking ones on every tile and says so).
+        """
+        experts = list(self.model.config.experts)
+        lacking = check_store_experts(captions, experts, missing)
+        for name in lacking:
+            print(f"expert {name}: not in caption store {captions}; masked on every tile (--missing-captions mask)")
         passed_only = self.info["settings"]["passed_only"]
-        return load_text_features(self.model.config, Path(captions) if captions else None, passed_only, self.device)
+        return load_text_features(self.model.config, Path(captions), passed_only, self.device)
 
 
 def open_run(run: str | Path, device: str = "cpu") -> TrainedRun:
@@ -50,6 +77,10 @@ def open_run(run: str | Path, device: str = "cpu") -> TrainedRun:
     info = json.loads((paths.root / "run.json").read_text())
     manifest = load_manifest(info["manifest"])
     model = MPerSSegmenter.load(paths.latest).to(device).eval()
+    if model.config.uses_text and info.get("experts") not in (None, list(model.config.experts)):
+        raise InputError(
+            f"--run: {run} records experts {info['experts']} but its checkpoint reads {model.config.experts}"
+        )
     return TrainedRun(model, info, manifest, read_tile_index(manifest.tiling.out), device)
 
 
@@ -61,14 +92,16 @@ def sliding_window_logits(
     overlap: float = 0.25,
     text_for: TextLookup | None = None,
     device: str = "cpu",
+    stride: int | None = None,
 ) -> torch.Tensor:
     """``(K, H, W)`` class logits of an ``H x W x C`` uint8 image, averaged where windows overlap.
 
     Windows are padded to a multiple of 32 (reflect) and the padding is cropped from their logits.
-    ``text_for(y, x, h, w)`` gives the text features of a window, or None for masked experts.
+    ``text_for(y, x, h, w)`` gives the text features of a window, or None for masked experts. ``stride``, when
+    given, replaces the stride derived from ``overlap``.
     """
     height, width = image.shape[:2]
-    stride = max(1, round(window * (1 - overlap)))
+    stride = stride or max(1, round(window * (1 - overlap)))
     pixels = torch.from_numpy(np.ascontiguousarray(image[..., :3])).permute(2, 0, 1).float().div(255)
     total = torch.zeros(model.config.num_classes, height, width)
     counts = torch.zeros(1, height, width)
@@ -91,16 +124,32 @@ def sliding_window_logits(
     return total / counts
 
 
-def overlapping_tile_text(tiles, text) -> TextLookup:
-    """Text of the captioned tile that overlaps a window most (tiles: rows with x, y, width, height, tile_id)."""
-    boxes = [(row.x, row.y, row.width, row.height, row.tile_id) for row in tiles.itertuples(index=False)]
+@dataclass
+class CaptionWindows:
+    """Text for each window from the captioned tiles of one source, remembering which tile's caption it used.
 
-    def lookup(y: int, x: int, h: int, w: int):
-        best, best_area = None, 0
-        for tx, ty, tw, th, tile_id in boxes:
-            area = max(0, min(x + w, tx + tw) - max(x, tx)) * max(0, min(y + h, ty + th) - max(y, ty))
+    A window that is exactly a captioned tile reads that tile's caption; any other window (another size or
+    overlap) reads the caption of the tile it overlaps most, and is recorded as off the captioned grid.
+    """
+
+    source_id: str
+    tiles: pd.DataFrame
+    text: ExpertTextFeatures | None
+    used: list[dict] = field(default_factory=list)
+
+    def __call__(self, y: int, x: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        best, best_area, exact = None, 0, False
+        for row in self.tiles.itertuples(index=False):
+            if (row.y, row.x, row.height, row.width) == (y, x, h, w):
+                best, exact = row.tile_id, True
+                break
+            area = max(0, min(x + w, row.x + row.width) - max(x, row.x)) * max(
+                0, min(y + h, row.y + row.height) - max(y, row.y)
+            )
             if area > best_area:
-                best, best_area = tile_id, area
-        return text.lookup(best) if best is not None else None
-
-    return lookup
+                best, best_area = row.tile_id, area
+        self.used.append({"source_id": self.source_id, "y": y, "x": x, "height": h, "width": w,
+                          "caption_tile_id": best, "on_captioned_grid": exact})  # fmt: skip
+        if best is None or self.text is None:
+            return None
+        return self.text.lookup(best)

@@ -52,6 +52,7 @@ class Metrics:
     mf1_all: float
     main_classes: list[str] = field(default_factory=list)
     gt: str = "eroded"
+    captions: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2, allow_nan=True)
@@ -70,7 +71,22 @@ class Metrics:
             f"\nmIoU/mF1 over {', '.join(self.main_classes)}; over all classes: mIoU {pct(self.miou_all)}, "
             f"mF1 {pct(self.mf1_all)}. Ground truth: {self.gt}; one dataset-pooled confusion matrix."
         )
-        return "\n".join(filter(None, [f"### {title}" if title else "", header, rule, iou, f1, notes]))
+        return "\n".join(filter(None, [f"### {title}" if title else "", header, rule, iou, f1, notes,
+                                        self._caption_note()]))  # fmt: skip
+
+    def _caption_note(self) -> str:
+        """What text a text-guided model read: which experts, where they were masked, which windows' captions."""
+        if not self.captions:
+            return ""
+        info = self.captions
+        masked = ", ".join(f"{name} on {n}" for name, n in info["masked_experts"].items() if n) or "none"
+        sources = "; ".join(f"{name}: {', '.join(kinds)}" for name, kinds in info["class_sources"].items())
+        return (
+            f"Captions: experts {', '.join(info['experts'])} from {info['store']}; class sources of their prompts: "
+            f"{sources or '-'}. Of {info['tiles']} tiles, experts masked: {masked}. {info['windows_on_grid']} of "
+            f"{info['windows']} windows are captioned tiles (the others read the caption of the tile they overlap "
+            "most, listed in windows.csv)."
+        )
 
     def save(self, folder: Path, title: str = "") -> None:
         atomic_write_text(folder / "metrics.json", self.to_json())

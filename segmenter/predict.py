@@ -1,18 +1,26 @@
-"""``segmenter predict``: class-index GeoTIFFs that keep the source's georeferencing, plus colour PNGs."""
+"""``segmenter predict``: class maps of new images, or predicted class fractions for every tile of an index.
+
+Images: class-index GeoTIFFs that keep the source's georeferencing, plus colour PNGs. Index: the predicted-tile
+classes contract (``manifests/class_predictions.py``), which prompts read where a split's class source is
+``predictions``, with one predicted class-mask PNG per tile for the ``annotation`` expert.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import rasterio
 from PIL import Image
 
 from manifests.atomic import atomic_path
+from manifests.class_predictions import write_class_predictions
 from manifests.errors import InputError
+from manifests.tile_index import make_tile_id, read_tile_index
 from segmenter.datasets.labels import encode_rgb_mask
-from segmenter.inference import open_run, sliding_window_logits
-from segmenter.text.features import ExpertTextFeatures
+from segmenter.inference import CaptionWindows, TrainedRun, open_run, sliding_window_logits
+from segmenter.raster_io import read_crop, write_crop
 
 SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 
@@ -31,16 +39,14 @@ def image_files(inputs: list[Path]) -> list[Path]:
     return files
 
 
-def tile_text(text: ExpertTextFeatures | None, prefix: str, stem: str):
-    """Text of the captioned tile ``<prefix>/<stem>/<y>_<x>`` a window starts on, if the store has it."""
-    if text is None:
-        return None
+def _image_tiles(prefix: str, stem: str, height: int, width: int, trained: TrainedRun) -> pd.DataFrame:
+    """The tiles ``prepare`` would cut from an image: where a caption store for new imagery has its captions."""
+    from segmenter.tiling import tile_grid
 
-    def lookup(y: int, x: int, h: int, w: int):
-        tile_id = f"{prefix}/{stem}/{y:04d}_{x:04d}"
-        return text.lookup(tile_id) if tile_id in text.features else None
-
-    return lookup
+    grid = tile_grid(height, width, trained.tile_size, trained.tile_stride)
+    return pd.DataFrame(
+        [{"tile_id": make_tile_id(prefix, stem, y, x), "y": y, "x": x, "height": h, "width": w} for y, x, h, w in grid]
+    )
 
 
 def predict(
@@ -49,13 +55,22 @@ def predict(
     out: Path,
     captions: Path | None = None,
     window: int | None = None,
-    overlap: float = 0.25,
+    overlap: float | None = None,
     device: str = "cpu",
+    missing_captions: str = "error",
 ) -> list[Path]:
-    """Predict every image; returns the GeoTIFFs written. Without ``captions`` the experts are masked."""
+    """Predict every image; returns the GeoTIFFs written.
+
+    A text-guided model reads the captions of tiles ``<dataset>/<image stem>/<y>_<x>`` from ``captions``; without
+    a store every expert is masked, and that is printed.
+    """
     trained = open_run(run, device)
     window = trained.window(window)
-    text = trained.text_features(captions) if captions is not None else None
+    stride = trained.stride(window, overlap)
+    guided = trained.model.config.uses_text
+    text = trained.text_features(captions, missing_captions) if guided and captions is not None else None
+    if guided and captions is None:
+        print(f"no --captions: every expert of {trained.model.config.experts} is masked on every window")
     prefix = trained.manifest.dataset.tile_prefix
     written = []
     for path in image_files(inputs):
@@ -68,13 +83,16 @@ def predict(
         image = np.moveaxis(pixels, 0, -1)
         if image.shape[-1] < 3:
             image = np.repeat(image[..., :1], 3, axis=-1)
-        lookup = tile_text(text, prefix, path.stem)
-        classes = (
-            sliding_window_logits(trained.model, image, window, overlap, lookup, device)
-            .argmax(0)
-            .numpy()
-            .astype(np.uint8)
-        )
+        lookup = None
+        if text is not None:
+            tiles = _image_tiles(prefix, path.stem, image.shape[0], image.shape[1], trained)
+            tiles = tiles[tiles["tile_id"].isin(text.features.keys())]
+            lookup = CaptionWindows(path.stem, tiles, text)
+        logits = sliding_window_logits(trained.model, image, window, 0.0, lookup, device, stride=stride)
+        classes = logits.argmax(0).numpy().astype(np.uint8)
+        if lookup is not None:
+            used = sum(1 for item in lookup.used if item["caption_tile_id"] is not None)
+            print(f"{path.name}: {used} of {len(lookup.used)} windows read captions from {captions}")
         target = out / f"{path.stem}.tif"
         options = {"driver": "GTiff", "height": classes.shape[0], "width": classes.shape[1], "count": 1,
                    "dtype": "uint8", "compress": "deflate", **profile}  # fmt: skip
@@ -86,3 +104,59 @@ def predict(
             )
         written.append(target)
     return written
+
+
+def predict_index(
+    run: str | Path,
+    index_path: str | Path,
+    predictions: str | Path,
+    splits: list[str] | None = None,
+    device: str = "cpu",
+    on_tile=None,
+) -> Path:
+    """Predicted class fractions and class masks of every tile of an index (or of ``splits``), written as the
+    predicted-tile-classes contract to ``predictions``, with the masks in ``<stem>_masks/`` beside it.
+
+    Raises:
+        InputError: a text-guided run (its captions would have to exist before the predictions they feed), an
+            index made for other classes, an unknown split.
+    """
+    trained = open_run(run, device)
+    model = trained.model
+    if model.config.uses_text:
+        raise InputError(
+            f"--run: {run} is text-guided ({model.config.name}); tile class predictions feed the prompts, so they "
+            "come from a text-free model (e.g. a *_notext preset)"
+        )
+    index = read_tile_index(index_path)
+    if index.class_names != trained.index.class_names:
+        raise InputError(
+            f"--index: {index.root} has classes {index.class_names}, run {run} predicts {trained.index.class_names}"
+        )
+    frame = index.frame
+    if splits:
+        unknown = sorted(set(splits) - set(frame["split"]))
+        if unknown:
+            raise InputError(
+                f"--split: {unknown} not in tile index {index.root} (it has {sorted(set(frame['split']))})"
+            )
+        frame = frame[frame["split"].isin(splits)]
+    predictions = Path(predictions)
+    mask_dir = f"{predictions.stem}_masks"
+    run_id = Path(run).resolve().name
+    rows = []
+    num_classes = len(index.class_names)
+    for done, row in enumerate(frame.itertuples(index=False)):
+        image = np.array(read_crop(index.path(row.image_path)))
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=-1)
+        classes = sliding_window_logits(model, image, max(image.shape[:2]), 0.0, None, device).argmax(0).numpy()
+        classes = classes.astype(np.uint8)
+        relative = f"{mask_dir}/{row.tile_id}.png"
+        write_crop(predictions.parent / relative, classes)
+        fractions = np.bincount(classes.ravel(), minlength=num_classes)[:num_classes] / classes.size
+        rows.append({"tile_id": row.tile_id, "class_fractions": fractions.astype(np.float32).tolist(),
+                     "mask_path": relative, "run_id": run_id, "model": model.config.name})  # fmt: skip
+        if on_tile:
+            on_tile(done + 1, len(frame), row.tile_id)
+    return write_class_predictions(predictions, rows, index.class_names, index.ignore_index)

@@ -31,12 +31,17 @@ from manifests.errors import InputError
 from manifests.run_manifest import load_manifest
 from manifests.tile_index import read_tile_index
 from segmenter.data import TileSamples
-from segmenter.model import MPerSSegmenter, SegmenterConfig, build_model
-from segmenter.text import TextEncoder, TextFeatureCache, expert_text_features
+from segmenter.model import MPerSSegmenter, SegmenterConfig, build_model, preset_config
+from segmenter.text import ExpertTextFeatures, TextEncoder, TextFeatureCache, expert_text_features
+from segmenter.text.features import run_experts
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss); the message names the step and batch."""
+
+
+# What `auto` picks for text-guided presets (see TrainSettings.augmentation_for).
+TEXT_GUIDED_AUGMENTATION = "d4_rewrite"
 
 
 class TrainSettings(BaseModel):
@@ -56,6 +61,15 @@ class TrainSettings(BaseModel):
     missing_captions: Literal["mask", "error"] = "mask"
     passed_only: bool = True
     amp: bool = True
+    experts: list[str] | None = None
+    augmentation: Literal["auto", "d4", "d4_rewrite", "none"] = "auto"
+
+    def augmentation_for(self, config: SegmenterConfig) -> str:
+        """``auto``: flips and rotations for a text-free model; for a text-guided one the choice that keeps its
+        captions true and measured best on the demo (README, "Geometric augmentation and captions")."""
+        if self.augmentation != "auto":
+            return self.augmentation
+        return TEXT_GUIDED_AUGMENTATION if config.uses_text else "d4"
 
 
 @dataclass
@@ -90,14 +104,28 @@ def sample_plan(step: int, batch: int, n: int, seed: int, rank: int, world: int)
     return positions, seeds
 
 
-def load_text_features(config: SegmenterConfig, captions: Path | None, passed_only: bool, device: str):
-    if not config.uses_text:
-        return None
-    if captions is None:
-        raise InputError(f"--captions: preset {config.name} reads captions; give a caption store")
+def load_text_features(
+    config: SegmenterConfig, captions: Path, passed_only: bool, device: str, direction_variants: bool = False
+) -> ExpertTextFeatures:
+    """The text features of ``config.experts`` from a caption store, through the on-disk cache beside it."""
     encoder = TextEncoder(config.text_encoder, config.text_checkpoint, device=device)
     cache = TextFeatureCache(Path(captions).parent / "text_cache", encoder)
-    return expert_text_features(captions, list(config.experts), cache, passed_only=passed_only)
+    return expert_text_features(captions, list(config.experts), cache, passed_only, direction_variants)
+
+
+def report_masked(text: ExpertTextFeatures, tile_ids: list[str], split: str) -> dict[str, int]:
+    """Print, per expert, how many tiles of a split have no usable caption of it (masked there)."""
+    counts = text.masked_counts(tile_ids)
+    masked = {name: n for name, n in counts.items() if n}
+    if masked:
+        shown = ", ".join(f"{name} on {n}" for name, n in masked.items())
+        print(f"split {split}: of {len(tile_ids)} tiles, experts masked for lack of a usable caption: {shown}")
+    return counts
+
+
+def _recorded_experts(paths: RunPaths) -> list[str] | None:
+    record = paths.root / "run.json"
+    return json.loads(record.read_text()).get("experts") if record.is_file() else None
 
 
 def _save_checkpoint(paths: RunPaths, model: MPerSSegmenter, optimizer, scheduler, step: int, keep: int) -> Path:
@@ -147,19 +175,37 @@ def train(
     if paths.latest is not None and not resume:
         raise InputError(f"--out: {paths.root} already holds a run; pass --resume to continue it or pick a new folder")
     torch.manual_seed(settings.seed)
-    model = build_model(settings.preset, num_classes=len(index.class_names)).to(device)
-    config = model.config
-    text = load_text_features(config, Path(captions) if captions else None, settings.passed_only, device)
-    samples = TileSamples(index, "train", text)
+    config = preset_config(settings.preset, num_classes=len(index.class_names))
+    text, masked = None, {}
+    if config.uses_text:
+        if captions is None:
+            raise InputError(f"--captions: preset {config.name} reads captions; give a caption store")
+        # A resumed run keeps the experts its weights were made for.
+        requested = (_recorded_experts(paths) if resume else None) or settings.experts
+        config = config.model_copy(update={"experts": run_experts(captions, requested)})
+    elif settings.experts:
+        raise InputError(f"--experts: preset {config.name} reads no captions")
+    model = build_model(config).to(device)
+    augmentation = settings.augmentation_for(config)
+    if config.uses_text:
+        assert captions is not None
+        text = load_text_features(config, Path(captions), settings.passed_only, device, augmentation == "d4_rewrite")
+    samples = TileSamples(index, "train", text, augmentation=augmentation)
     if len(samples) == 0:
         raise InputError(f"tile index {index.root}: no tiles in split 'train'")
+    unlabelled = samples.frame["label_path"].isna()
+    if unlabelled.any():
+        raise InputError(f"tile index {index.root}: tile {samples.frame['tile_id'][unlabelled].iloc[0]} (and "
+                         f"{int(unlabelled.sum()) - 1} more) of split 'train' has no label; this index is for "
+                         "captioning/prediction only")  # fmt: skip
     if text is not None:
         uncaptioned = sum(1 for tile in samples.frame["tile_id"] if not text.lookup(tile)[1].any())
         if uncaptioned and settings.missing_captions == "error":
             raise InputError(f"--captions: {uncaptioned} of {len(samples)} train tiles have no passed caption in "
                              f"{captions}; caption them or pass --missing-captions mask")  # fmt: skip
-        if rank == 0 and uncaptioned:
-            print(f"{uncaptioned} of {len(samples)} train tiles have no caption: their experts are masked")
+        if rank == 0:
+            print(f"experts (from {'--experts' if settings.experts else 'the caption store'}): {config.experts}")
+            masked = report_masked(text, samples.frame["tile_id"].tolist(), "train")
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
     milestones = [int(settings.steps * m) for m in settings.milestones]
@@ -179,6 +225,7 @@ def train(
             "manifest": str(Path(run.source).resolve()) if run.source else str(manifest),
             "manifest_sha256": run.sha256, "captions": str(Path(captions).resolve()) if captions else None,
             "settings": settings.model_dump(), "class_names": index.class_names, "world_size": world,
+            "experts": list(config.experts), "augmentation": augmentation, "masked_experts": {"train": masked},
         }, indent=2))  # fmt: skip
     use_amp = settings.amp and device.startswith("cuda")
     if device.startswith("cuda"):

@@ -15,12 +15,13 @@ from segmenter.model.swda import swda, swda_reference
 
 TINY = {"backbone": "vit_tiny_patch16_dinov3_qkvb", "backbone_pretrained": False, "dim": 32, "ldpe_width": 8,
         "adapter_heads": 4, "adapter_depth": 1, "dmte_heads": 4, "lqga_heads": 4}  # fmt: skip
+EXPERTS = ["llava", "gpt4o", "qwen"]
 
 
 def tiny(name: str):
     """A preset with tiny components; what makes it that preset (adapter, r, decoder, stages, text on/off) stays."""
     config = preset_config(name)
-    text = {"text_encoder": "test-tiny-clip", "text_dim": 32} if config.uses_text else {}
+    text = {"text_encoder": "test-tiny-clip", "text_dim": 32, "experts": EXPERTS} if config.uses_text else {}
     return config.model_copy(update={**TINY, **text})
 
 
@@ -66,12 +67,17 @@ def test_paper_preset_is_the_paper_model():
         [4],
         "clip-vit-b16",
     )
-    assert len(config.experts) == 3
+    assert config.experts == []  # a run takes its experts from the caption store
     assert preset_config("mpers_vitl16_dmte_s34").lqga_stages == [3, 4]
 
 
+def test_a_text_guided_model_without_experts_is_refused():
+    with pytest.raises(ValueError, match="names no experts: they come from the caption store"):
+        build_model("test_tiny")
+
+
 def test_saved_config_rebuilds_the_same_logits(tmp_path):
-    model = build_model("test_tiny").eval()
+    model = build_model("test_tiny", experts=EXPERTS).eval()
     expected = run(model).logits
     MPerSSegmenter.load(model.save(tmp_path / "run")).eval()
     reloaded = MPerSSegmenter.load(tmp_path / "run").eval()
@@ -84,7 +90,7 @@ def test_backbone_weights_from_a_local_file_through_timm(tmp_path):
     from safetensors.torch import save_file
 
     save_file(donor.state_dict(), str(tmp_path / "dinov3_tiny.safetensors"))
-    model = build_model("test_tiny", backbone_file=str(tmp_path / "dinov3_tiny.safetensors")).eval()
+    model = build_model("test_tiny", experts=EXPERTS, backbone_file=str(tmp_path / "dinov3_tiny.safetensors")).eval()
     for name, tensor in donor.state_dict().items():
         torch.testing.assert_close(model.backbone.vit.state_dict()[name], tensor)
     folder = model.save(tmp_path / "run")

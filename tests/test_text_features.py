@@ -38,6 +38,7 @@ def test_store_features_pool_per_expert_and_mask_missing(tmp_path):
     assert (vectors[2] == 0).all()
     assert features.lookup("t2")[1].tolist() == [False, True, False]  # the failed caption is left out
     assert features.lookup("unknown")[1].tolist() == [False, False, False]
+    assert features.masked_counts(["t1", "t2", "unknown"]) == {"annotation": 2, "qwen": 1, "llava": 3}
     assert not any(parameter.requires_grad for parameter in encoder.parameters())  # frozen, never trained
 
 
@@ -56,3 +57,17 @@ def test_encoding_twice_runs_the_encoder_once_and_an_edit_invalidates_one_entry(
     encoder.encode = lambda texts: (encoded.extend(texts), original(texts))[1]
     expert_text_features(edited, ["annotation", "qwen"], again)
     assert encoded == ["roofs and two roads"] and len(again) == 5
+
+
+def test_direction_variants_encode_the_rewritten_captions(tmp_path):
+    encoder = TextEncoder("test-tiny-clip")
+    store = make_store(tmp_path / "store", caption_b="two buildings in the north-west, a road on the left")
+    cache = TextFeatureCache(tmp_path / "cache", encoder)
+    features = expert_text_features(store, ["annotation", "qwen"], cache, direction_variants=True)
+    assert features.n_variants == 8
+    # one counter-clockwise quarter turn moves the north-west to the south-west and the left side to the bottom
+    turned = encoder.encode(["two buildings in the south-west, a road on the bottom"])[0]
+    torch.testing.assert_close(features.lookup("t1", 1)[0][1], torch.nn.functional.normalize(turned, dim=0))
+    plain = expert_text_features(store, ["annotation", "qwen"], cache)
+    torch.testing.assert_close(features.lookup("t1", 0)[0], plain.lookup("t1")[0])
+    assert not torch.allclose(features.lookup("t1", 1)[0][1], plain.lookup("t1")[0][1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,19 +13,21 @@ import pandas as pd
 import pytest
 import rasterio
 import torch
+from PIL import Image
 from rasterio.transform import from_origin
 
 from caption_pipeline.experts import build_expert
 from caption_pipeline.gate import GateSettings, RunInfo, caption_tiles, tile_tasks
 from caption_pipeline.scoring import ClipScorer
-from manifests.caption_store import StoreMeta, write_fragment
+from manifests.caption_store import StoreMeta, read_store, write_fragment
+from manifests.class_predictions import read_class_predictions
 from manifests.errors import InputError
 from manifests.run_manifest import ExpertConfig, PromptConfig
 from segmenter import train as train_module
 from segmenter.evaluate import evaluate
 from segmenter.inference import sliding_window_logits
 from segmenter.model import MPerSSegmenter, build_model
-from segmenter.predict import predict
+from segmenter.predict import predict, predict_index
 from segmenter.train import TrainingError, TrainSettings, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,11 +61,23 @@ def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return MPerSSegmenter.load(checkpoint).state_dict()
 
 
+def renamed_store(store: Path, out: Path, names: dict[str, str]) -> Path:
+    """A copy of ``store`` whose experts are renamed (``names``: old -> new; an expert mapped to None is dropped)."""
+    frame = read_store(store)
+    copies = []
+    for old, new in names.items():
+        if new is not None:
+            copies.append(frame[frame["expert"] == old].assign(expert=new))
+    write_fragment(out, pd.concat(copies, ignore_index=True), StoreMeta(["a"], "tiny", 0.0))
+    return out
+
+
 def test_loss_goes_down(run_inputs, tmp_path):
     manifest, store = run_inputs
     train(manifest, tmp_path / "run", settings(steps=40, batch_size=4, checkpoint_every=40), captions=store)
     log = pd.read_csv(tmp_path / "run" / "metrics.csv")
     assert len(log) == 40 and {"gate_annotation", "images_per_s"} <= set(log.columns)
+    assert [column for column in log.columns if column.startswith("gate_")] == ["gate_annotation"]
     assert log["loss"].tail(5).mean() < 0.8 * log["loss"].head(5).mean()
     assert (tmp_path / "run" / "tensorboard").is_dir()
 
@@ -113,8 +128,6 @@ def test_missing_captions_policy(run_inputs, tmp_path):
     with pytest.raises(InputError, match="give a caption store"):
         train(manifest, tmp_path / "r0", settings())
     partial = tmp_path / "partial"
-    from manifests.caption_store import read_store
-
     frame = read_store(run_inputs[1])
     write_fragment(partial, frame[frame["tile_id"].str.contains("area1/")], StoreMeta(["a"], "x", 0.0))
     with pytest.raises(InputError, match=r"4 of 8 train tiles have no passed caption"):
@@ -133,8 +146,6 @@ def test_ddp_with_two_gloo_processes_and_single_process_load(run_inputs, tmp_pat
     assert result.returncode == 0, result.stderr[-2000:]
     model = MPerSSegmenter.load(tmp_path / "ddp" / "checkpoints" / "step_000002")
     assert model.config.name == "test_tiny"
-    import json
-
     assert json.loads((tmp_path / "ddp" / "run.json").read_text())["world_size"] == 2
 
 
@@ -163,3 +174,77 @@ def test_evaluate_and_predict_a_trained_run(run_inputs, tmp_path):
         assert (result.height, result.width, result.count) == (96, 80, 1)
         assert result.read(1).max() < 6
     assert (tmp_path / "pred" / "scene_color.png").is_file()
+
+
+def test_the_run_reads_the_experts_its_store_has(run_inputs, tmp_path, capsys):
+    """Experts named unlike any preset are read, logged and saved; evaluation checks the store against them."""
+    manifest, store = run_inputs
+    two = renamed_store(store, tmp_path / "two", {"annotation": "alpha", "p": None})
+    frame = read_store(two)
+    write_fragment(two, frame.assign(expert="beta"), StoreMeta(["a"], "tiny", 0.0))
+    checkpoint = train(manifest, tmp_path / "run", settings(steps=2, checkpoint_every=2), captions=two)
+    assert MPerSSegmenter.load(checkpoint).config.experts == ["alpha", "beta"]
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["experts"] == ["alpha", "beta"] and record["masked_experts"]["train"] == {"alpha": 0, "beta": 0}
+    log = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert [column for column in log.columns if column.startswith("gate_")] == ["gate_alpha", "gate_beta"]
+    assert "experts (from the caption store): ['alpha', 'beta']" in capsys.readouterr().out
+    # The gates are real: a tile with one expert masked gets a zero gate for it.
+    model = MPerSSegmenter.load(checkpoint).eval()
+    present = torch.tensor([[True, False]])
+    output = model(torch.rand(1, 3, 64, 64), torch.randn(1, 2, model.config.text_dim), present)
+    assert output.gates[0, 1] == 0 and output.gates[0, 0] > 0
+
+    only_alpha = renamed_store(store, tmp_path / "alpha", {"annotation": "alpha"})
+    with pytest.raises(InputError, match=r"lacks the run's expert\(s\) \['beta'\]"):
+        evaluate(tmp_path / "run", split="test", captions=only_alpha)
+    other = renamed_store(store, tmp_path / "other", {"annotation": "gamma"})
+    with pytest.raises(InputError, match=r"lacks the run's expert\(s\) \['alpha', 'beta'\] and has expert\(s\) "
+                                         r"\['gamma'\] the run was not trained with"):  # fmt: skip
+        evaluate(tmp_path / "run", split="test", captions=other)
+    metrics = evaluate(tmp_path / "run", split="test", captions=only_alpha, missing_captions="mask")
+    test_tiles = 4
+    assert metrics.captions["masked_experts"] == {"alpha": 0, "beta": test_tiles}
+    assert "expert beta: not in caption store" in capsys.readouterr().out
+    with pytest.raises(InputError, match=r"--experts: caption store .* has no captions of \['delta'\]"):
+        train(manifest, tmp_path / "r2", settings(steps=1, experts=["alpha", "delta"]), captions=two)
+    checkpoint = train(manifest, tmp_path / "r3", settings(steps=1, experts=["beta"]), captions=two)
+    assert MPerSSegmenter.load(checkpoint).config.experts == ["beta"]
+
+
+def test_text_guided_evaluation_reads_each_window_its_own_tile_caption(run_inputs, tmp_path):
+    manifest, store = run_inputs
+    train(manifest, tmp_path / "run", settings(steps=1, checkpoint_every=1), captions=store)
+    metrics = evaluate(tmp_path / "run", split="test")
+    windows = pd.read_csv(tmp_path / "run" / "eval_test_eroded" / "windows.csv")
+    expected = {f"demo/area7/{y:04d}_{x:04d}" for y in (0, 64) for x in (0, 64)}
+    assert set(windows["caption_tile_id"]) == expected and windows["on_captioned_grid"].all() and len(windows) == 4
+    assert metrics.captions["windows_on_grid"] == 4 and metrics.captions["class_sources"] == {"annotation": ["labels"]}
+    assert "4 of 4 windows are captioned tiles" in (tmp_path / "run" / "eval_test_eroded" / "metrics.md").read_text()
+    overlapped = evaluate(tmp_path / "run", split="test", overlap=0.5)
+    windows = pd.read_csv(tmp_path / "run" / "eval_test_eroded" / "windows.csv")
+    assert len(windows) == 9 and windows["on_captioned_grid"].sum() == 4 == overlapped.captions["windows_on_grid"]
+    centre = windows[(windows["y"] == 32) & (windows["x"] == 32)].iloc[0]
+    assert centre["caption_tile_id"] in expected and not centre["on_captioned_grid"]
+
+
+def test_predicted_tile_classes_of_an_index(run_inputs, small_index, tmp_path):
+    manifest, store = run_inputs
+    train(manifest, tmp_path / "plain", settings(preset="test_tiny_notext", steps=2, checkpoint_every=2))
+    path = predict_index(tmp_path / "plain", small_index.root, tmp_path / "pred" / "classes.parquet", ["test"])
+    predictions = read_class_predictions(path, small_index.class_names)
+    assert sorted(predictions.frame["tile_id"]) == sorted(small_index.split("test")["tile_id"])
+    model = MPerSSegmenter.load(train_module.RunPaths(tmp_path / "plain").latest).eval()
+    tiles = small_index.frame.set_index("tile_id")
+    for tile_id in predictions.frame["tile_id"]:
+        mask = np.asarray(Image.open(predictions.mask_path(tile_id)))
+        crop = np.array(Image.open(small_index.path(tiles.at[tile_id, "image_path"])))
+        with torch.no_grad():
+            logits = model(torch.from_numpy(crop).permute(2, 0, 1)[None].float() / 255).logits
+        np.testing.assert_array_equal(mask, logits[0].argmax(0).numpy())  # the mask is the model's prediction
+        expected = np.bincount(mask.ravel(), minlength=6)[:6] / mask.size  # fractions recomputed from the mask
+        np.testing.assert_allclose(predictions.fractions(tile_id), expected, atol=1e-6)
+        assert predictions.frame.at[tile_id, "model"] == "test_tiny_notext"
+    train(manifest, tmp_path / "guided", settings(steps=1, checkpoint_every=1), captions=store)
+    with pytest.raises(InputError, match="is text-guided"):
+        predict_index(tmp_path / "guided", small_index.root, tmp_path / "p2.parquet")

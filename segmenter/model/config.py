@@ -31,7 +31,9 @@ class SegmenterConfig(BaseModel):
     text_encoder: TextEncoderId = "clip-vit-b16"
     text_checkpoint: str | None = None
     text_dim: int = 512
-    experts: list[str] = Field(default_factory=lambda: ["llava", "gpt4o", "qwen"])
+    experts: list[str] = Field(
+        default_factory=list, description="the experts a text-guided model reads, in order: set from the caption store"
+    )
     dmte_heads: int = 8
     lqga_stages: list[int] = Field(default_factory=lambda: [4])
     lqga_heads: int = 8

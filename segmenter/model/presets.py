@@ -130,7 +130,7 @@ def test_tiny() -> SegmenterConfig:
     return SegmenterConfig(
         name="test_tiny", backbone="vit_tiny_patch16_dinov3_qkvb", backbone_pretrained=False, dim=32,
         ldpe_width=8, adapter_depth=1, adapter_heads=4, text_encoder="test-tiny-clip", text_dim=32,
-        experts=["annotation", "qwen-tiny", "llava-tiny"], dmte_heads=4, lqga_heads=4,
+        dmte_heads=4, lqga_heads=4,
     )  # fmt: skip
 
 

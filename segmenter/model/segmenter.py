@@ -42,6 +42,11 @@ class MPerSSegmenter(nn.Module):
         self.adapter = build_adapter(config.adapter, config.dim, config.adapter_depth, config.adapter_heads,
                                      config.adapter_kernel, config.dilation, config.position_encoding)  # fmt: skip
         if config.uses_text:
+            if not config.experts:
+                raise ValueError(
+                    f"model {config.name} reads captions but names no experts: they come from the caption store at "
+                    "training (`segmenter train --captions STORE [--experts a,b,c]`) or as `experts=[...]`"
+                )
             self.dmte = DynamicTextExperts(config.text_dim, len(config.experts), config.dmte_heads)
             self.lqga = nn.ModuleDict(
                 {

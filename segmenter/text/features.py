@@ -1,55 +1,129 @@
-"""Per-tile, per-expert text features from a caption store: the segmenter's text input."""
+"""Per-tile, per-expert text features from a caption store: the segmenter's text input.
+
+The experts a model reads are a property of its run: taken from the caption store (or named with
+``--experts``) at training, saved in the checkpoint's config and checked against the store at evaluation and
+prediction, so a store whose experts are named otherwise never trains or feeds a model that silently sees
+no text.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
 from manifests.caption_store import selected_captions
+from manifests.errors import InputError
 from segmenter.text.cache import TextFeatureCache
+from segmenter.text.directions import N_VARIANTS, rewrite_directions
 
 
 @dataclass
 class ExpertTextFeatures:
-    """``features[tile_id]`` is ``(M, D)``; ``present[tile_id]`` ``(M,)`` marks the experts with captions."""
+    """``features[tile_id]`` is ``(V, M, D)`` for V direction variants (1, or 8 with rewritten direction words);
+    ``present[tile_id]`` ``(M,)`` marks the experts with captions."""
 
     experts: list[str]
     features: dict[str, torch.Tensor]
     present: dict[str, torch.Tensor]
+    dim: int
+    n_variants: int = 1
 
-    def lookup(self, tile_id: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features of a tile; a tile the store lacks has every expert masked."""
+    def lookup(self, tile_id: str, variant: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features of a tile (under a direction variant); a tile the store lacks has every expert masked."""
         if tile_id in self.features:
-            return self.features[tile_id], self.present[tile_id]
-        dim = next(iter(self.features.values())).shape[-1] if self.features else 1
-        return torch.zeros(len(self.experts), dim), torch.zeros(len(self.experts), dtype=torch.bool)
+            return self.features[tile_id][variant if self.n_variants > 1 else 0], self.present[tile_id]
+        return torch.zeros(len(self.experts), self.dim), torch.zeros(len(self.experts), dtype=torch.bool)
+
+    def masked_counts(self, tile_ids: list[str]) -> dict[str, int]:
+        """Per expert, how many of ``tile_ids`` have no caption of it (masked for those tiles)."""
+        counts = dict.fromkeys(self.experts, 0)
+        for tile_id in tile_ids:
+            present = self.lookup(tile_id)[1]
+            for name, flag in zip(self.experts, present.tolist(), strict=True):
+                counts[name] += not flag
+        return counts
+
+
+def _usable(store: str | Path, passed_only: bool) -> pd.DataFrame:
+    frame = selected_captions(store)
+    frame = frame[frame["caption"].fillna("").str.strip().ne("")]
+    return frame[frame["passed"]] if passed_only else frame
+
+
+def store_experts(store: str | Path) -> list[str]:
+    """The experts that have selected captions in a store, sorted by name."""
+    return sorted(selected_captions(store)["expert"].unique())
+
+
+def run_experts(store: str | Path, requested: list[str] | None = None) -> list[str]:
+    """The experts a new run reads: ``requested`` in that order, else every expert of the store (sorted).
+
+    Raises:
+        InputError: a requested expert has no caption in the store, or the store has no captions at all.
+    """
+    available = store_experts(store)
+    if not available:
+        raise InputError(f"--captions: caption store {store} holds no selected captions")
+    if not requested:
+        return available
+    missing = [name for name in requested if name not in available]
+    if missing:
+        raise InputError(f"--experts: caption store {store} has no captions of {missing}; it has {available}")
+    return list(requested)
+
+
+def check_store_experts(store: str | Path, experts: list[str], missing: str) -> list[str]:
+    """The run's experts that the store lacks; refuses a store that differs from the run unless ``missing='mask'``.
+
+    Raises:
+        InputError: with ``missing='error'``, one line naming the experts the store lacks and those the run does
+            not know.
+    """
+    available = store_experts(store)
+    lacking = [name for name in experts if name not in available]
+    unknown = [name for name in available if name not in experts]
+    if (lacking or unknown) and missing == "error":
+        parts = [f"lacks the run's expert(s) {lacking}"] if lacking else []
+        parts += [f"has expert(s) {unknown} the run was not trained with"] if unknown else []
+        raise InputError(
+            f"--captions: caption store {store} {' and '.join(parts)} (run experts: {experts}); caption with the "
+            "run's experts or pass --missing-captions mask"
+        )
+    return lacking
 
 
 def expert_text_features(
-    store: str | Path, experts: list[str], cache: TextFeatureCache, passed_only: bool = True
+    store: str | Path,
+    experts: list[str],
+    cache: TextFeatureCache,
+    passed_only: bool = True,
+    direction_variants: bool = False,
 ) -> ExpertTextFeatures:
     """Pool each expert's selected captions of a tile (its prompts) into one normalised vector.
 
     With ``passed_only`` (the paper's filter) captions that failed the CLIP gate are left out; an expert with no
-    caption left for a tile is masked for that tile.
+    caption left for a tile is masked for that tile. With ``direction_variants`` each caption is also encoded
+    with its direction words moved by each flip/rotation (for geometric augmentation that keeps captions true).
     """
-    frame = selected_captions(store)
-    frame = frame[frame["expert"].isin(experts) & frame["caption"].fillna("").str.strip().ne("")]
-    if passed_only:
-        frame = frame[frame["passed"]]
-    vectors = cache.embeddings(frame["caption"].tolist())
-    dim = vectors.shape[-1] if len(frame) else cache.encoder.dim
+    frame = _usable(store, passed_only)
+    frame = frame[frame["expert"].isin(experts)].reset_index(drop=True)
+    n_variants = N_VARIANTS if direction_variants else 1
+    captions = frame["caption"].tolist()
+    texts = [rewrite_directions(caption, variant) for variant in range(n_variants) for caption in captions]
+    vectors = cache.embeddings(texts).reshape(n_variants, len(captions), -1) if captions else None
+    dim = vectors.shape[-1] if vectors is not None else cache.encoder.dim
     features: dict[str, torch.Tensor] = {}
     present: dict[str, torch.Tensor] = {}
     slot = {name: i for i, name in enumerate(experts)}
-    rows = frame.reset_index(drop=True)
-    for (tile_id, expert), group in rows.groupby(["tile_id", "expert"]):
+    for (tile_id, expert), group in frame.groupby(["tile_id", "expert"]):
         if tile_id not in features:
-            features[tile_id] = torch.zeros(len(experts), dim)
+            features[tile_id] = torch.zeros(n_variants, len(experts), dim)
             present[tile_id] = torch.zeros(len(experts), dtype=torch.bool)
-        features[tile_id][slot[expert]] = F.normalize(vectors[group.index].mean(0), dim=-1)
+        assert vectors is not None
+        features[tile_id][:, slot[expert]] = F.normalize(vectors[:, group.index].mean(1), dim=-1)
         present[tile_id][slot[expert]] = True
-    return ExpertTextFeatures(list(experts), features, present)
+    return ExpertTextFeatures(list(experts), features, present, dim, n_variants)
