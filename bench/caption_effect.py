@@ -1,14 +1,15 @@
 """What captions add on the demo: test_tiny with and without captions, per caption protocol, over seeds.
 
-Runs in its own work folder (default ``data/bench/caption_effect``): the demo scenes, tiles and random-weight
-stand-ins, then
+Runs in its own work folder (default ``data/bench/caption_effect``, resumable): the demo scenes, tiles and
+random-weight stand-ins, then
 - ``test_tiny_notext`` (no captions) for every seed; seed 0 also predicts the test tiles' classes;
 - per protocol (``predicted``: labels describe train tiles, the text-free model's predictions describe test tiles;
-  ``blind``: no class information in any prompt) one caption store and ``test_tiny`` for every seed, with the
-  default augmentation (flips/rotations with direction words moved) and, under ``predicted``, also without
-  geometric augmentation;
+  ``blind``: no class information in any prompt) one caption store and ``test_tiny`` for every seed with the
+  default augmentation;
+- with ``--augmentation-study``, ``test_tiny`` under ``predicted`` also with flips/rotations that leave the captions
+  as they are (``d4``), with direction words moved (``d4_rewrite``) and without geometric augmentation (``none``);
 and prints mIoU (5 classes, eroded GT) as mean +- std over seeds, and each text-guided row's difference to the
-text-free model paired by seed. Usage: ``python bench/caption_effect.py [--steps 300] [--seeds 0 1 2]``.
+text-free model paired by seed. Usage: ``python bench/caption_effect.py [--steps 200] [--seeds 0 1 2]``.
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ def protocol_manifest(protocol: str, folder: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--augmentation-study", action="store_true", help="also compare d4, d4_rewrite and none")
     parser.add_argument("--work", type=Path, default=ROOT / "data" / "bench" / "caption_effect")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -66,6 +68,7 @@ def main() -> None:
     from segmenter.demo_scenes import write_demo_dataset
     from segmenter.evaluate import evaluate
     from segmenter.prepare import prepare_tiles
+    from segmenter.train import TEXT_GUIDED_AUGMENTATION
 
     console = Console(stderr=True)
     quiet = contextlib.redirect_stdout(io.StringIO())
@@ -94,13 +97,14 @@ def main() -> None:
     for seed in args.seeds:
         run(plain_row, TEXT_FREE, "notext", "demo", seed)
     predictor = runs / f"notext_seed{args.seeds[0]}"
-    for protocol in ("predicted", "blind"):
+    default = TEXT_GUIDED_AUGMENTATION
+    studied = ("d4", "d4_rewrite", "none") if args.augmentation_study else (default,)
+    for protocol, augmentations in (("predicted", studied), ("blind", (default,))):
         manifest = protocol_manifest(protocol, args.work)
         loaded = load_manifest(manifest)
         with quiet:
             write_predicted_classes(console, loaded, predictor)
             generate_captions(manifest)
-        augmentations = ("d4_rewrite", "none") if protocol == "predicted" else ("d4_rewrite",)
         for augmentation in augmentations:
             row = f"{TEXT_GUIDED}, {protocol}, augmentation {augmentation}"
             for seed in args.seeds:

@@ -259,8 +259,9 @@ def caption_tiles(
     same request; the best attempt per key is marked ``selected`` whether it passed or not. ``previous_attempts``
     continues the attempt numbers (and so the wordings and seeds) of keys that an earlier run tried without success.
     A tile whose image cannot be read gets one failed attempt per prompt, is never re-prompted, and the others go
-    on. The ``annotation`` expert describes the class mask of the split's class source and skips splits whose
-    source is ``none``; a tile of another split without a mask is a failed attempt like an unreadable image.
+    on. An expert whose answer a re-prompt cannot change (``reprompts`` False) gets one attempt per key. The
+    ``annotation`` expert describes the class mask of the split's class source and skips splits whose source is
+    ``none``; a tile of another split without a mask is a failed attempt like an unreadable image.
     """
     previous = previous_attempts or {}
     check = ImageCheck()
@@ -273,7 +274,8 @@ def caption_tiles(
         (tile, pid) for tile in tiles for pid in settings.prompt_ids if (tile.tile_id, expert.name, pid) not in skip
     ]
     rows: list[dict] = []
-    for round_ in range(settings.max_attempts):
+    rounds = settings.max_attempts if expert.reprompts else 1  # re-asking cannot change a deterministic answer
+    for round_ in range(rounds):
         if not pending:
             break
         attempts = [previous.get((tile.tile_id, expert.name, pid), 0) + round_ for tile, pid in pending]

@@ -33,10 +33,11 @@ def with_progress(run):
 
 def print_summary(summary) -> None:
     """The per-expert pass-rate table, the protocol with the class source per split, and the run's totals."""
-    table = Table("expert", "prompt", "keys", "pass rate", "first try", "recovered", "failed", title="captions")
+    table = Table("expert", "prompt", "keys", "pass rate", "first try", "recovered", "not passed", "errored",
+                  title="captions")  # fmt: skip
     for row in summary.table.itertuples(index=False):
         table.add_row(row.expert, row.prompt_id, str(row.keys), f"{row.pass_rate:.1%}", f"{row.first_try:.1%}",
-                      str(int(row.recovered)), str(int(row.failed)))  # fmt: skip
+                      str(int(row.recovered)), str(int(row.not_passed)), str(int(row.errored)))  # fmt: skip
     console.print(table)
     console.print(summary.class_information())
     console.print(

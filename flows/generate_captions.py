@@ -117,22 +117,27 @@ class CaptionRunSummary:
 
 
 def summarize(store: Path, experts: list[str]) -> pd.DataFrame:
-    """Per expert and prompt: keys, pass rate, recovery by re-prompting, failures."""
+    """Per expert and prompt: keys, pass rate, recovery by re-prompting, keys that never passed (``not_passed``) and,
+    of those, keys whose every attempt was an error (``errored``: server down, unreadable tile)."""
     frame = read_store(store, missing_ok=True)
     frame = frame[frame["expert"].isin(experts)]
     if frame.empty:
-        return pd.DataFrame(columns=["expert", "prompt_id", "keys", "pass_rate", "first_try", "recovered", "failed"])
+        return pd.DataFrame(
+            columns=["expert", "prompt_id", "keys", "pass_rate", "first_try", "recovered", "not_passed", "errored"]
+        )
     first = frame.groupby(["tile_id", "expert", "prompt_id"])["attempt"].transform("min") == frame["attempt"]
     frame = frame.assign(first_pass=frame["passed"] & first, errored=frame["error"].notna())
     per_key = frame.groupby(["expert", "prompt_id", "tile_id"]).agg(
-        passed=("passed", "any"), first_pass=("first_pass", "any"), failed=("errored", "all")
+        passed=("passed", "any"), first_pass=("first_pass", "any"), errored=("errored", "all")
     )
     table = per_key.groupby(["expert", "prompt_id"]).agg(
         keys=("passed", "size"), pass_rate=("passed", "mean"), first_try=("first_pass", "mean"),
-        recovered=("passed", "sum"), failed=("failed", "sum"),
+        recovered=("passed", "sum"), errored=("errored", "sum"),
     )  # fmt: skip
+    table["not_passed"] = table["keys"] - table["recovered"]
     table["recovered"] = table["recovered"] - per_key.groupby(["expert", "prompt_id"])["first_pass"].sum()
-    return table.reset_index()
+    return table.reset_index()[["expert", "prompt_id", "keys", "pass_rate", "first_try", "recovered", "not_passed",
+                                "errored"]]  # fmt: skip
 
 
 def _task_runner(runner: str, address: str | None):

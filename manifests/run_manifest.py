@@ -42,7 +42,9 @@ class DatasetConfig(_Strict):
     root: Path
     id: str | None = Field(default=None, description="prefix of tile ids; defaults to the dataset name")
     split: str = "mpers"
-    custom_splits: dict[str, list[str]] | None = None
+    custom_splits: dict[str, list[str | int]] | None = Field(
+        default=None, description="split -> source ids as the dataset numbers them (Vaihingen: 1, 3; Potsdam: 2_10)"
+    )
     modality: Literal["irrg", "rgb", "rgbir"] | None = None
     coarse: bool = True
     classes: list[ClassSpec] | None = None

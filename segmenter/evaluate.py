@@ -33,6 +33,23 @@ def _caption_facts(trained: TrainedRun, store: Path, text: ExpertTextFeatures, t
     }
 
 
+def _refuse_experts_without_captions(
+    text: ExpertTextFeatures, tile_ids: list[str], split: str, store: Path, missing: str
+) -> None:
+    """An expert the store names but with no usable caption on any tile of the split is as good as absent.
+
+    Raises:
+        InputError: with ``missing='error'``, one line naming those experts.
+    """
+    empty = [name for name, n in text.masked_counts(tile_ids).items() if tile_ids and n == len(tile_ids)]
+    if empty and missing == "error":
+        raise InputError(
+            f"--captions: caption store {store} has no usable caption (passed the gate, not empty) of expert(s) "
+            f"{empty} on any of the {len(tile_ids)} tiles of split '{split}'; caption them or pass "
+            "--missing-captions mask"
+        )
+
+
 def evaluate(
     run: str | Path,
     split: str = "test",
@@ -66,6 +83,8 @@ def evaluate(
     window = trained.window(window)
     stride = trained.stride(window, overlap)
     split_tiles = index.split(split)
+    if text is not None:
+        _refuse_experts_without_captions(text, split_tiles["tile_id"].tolist(), split, store, missing_captions)
     matrix = ConfusionMatrix(len(index.class_names), index.ignore_index)
     used: list[dict] = []
     for done, source in enumerate(sources):
@@ -86,6 +105,8 @@ def evaluate(
             on_source(done + 1, len(sources), source.source_id)
     metrics = compute_metrics(matrix.matrix, index.class_names, gt=gt)
     folder = Path(run) / f"eval_{split}_{gt}"
+    if captions is not None and store is not None and str(store.resolve()) != trained.info.get("captions"):
+        folder = folder.with_name(f"{folder.name}_{store.name}")  # another store's result never replaces the run's
     if text is not None and store is not None:
         report_masked(text, split_tiles["tile_id"].tolist(), split)
         windows = pd.DataFrame(used)

@@ -55,7 +55,8 @@ class Metrics:
     captions: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
-        return json.dumps(self.__dict__, indent=2, allow_nan=True)
+        """Strict JSON: an undefined value (a class absent from prediction and ground truth) is ``null``."""
+        return json.dumps(_finite_or_null(self.__dict__), indent=2, allow_nan=False)
 
     def markdown(self, title: str = "") -> str:
         """A table laid out like the paper's: per-class IoU and F1, then OA, mIoU, mF1 (in %)."""
@@ -80,7 +81,7 @@ class Metrics:
             return ""
         info = self.captions
         masked = ", ".join(f"{name} on {n}" for name, n in info["masked_experts"].items() if n) or "none"
-        sources = "; ".join(f"{name}: {', '.join(kinds)}" for name, kinds in info["class_sources"].items())
+        sources = "; ".join(f"{name}: {', '.join(kinds) or '-'}" for name, kinds in info["class_sources"].items())
         return (
             f"Captions: experts {', '.join(info['experts'])} from {info['store']}; class sources of their prompts: "
             f"{sources or '-'}. Of {info['tiles']} tiles, experts masked: {masked}. {info['windows_on_grid']} of "
@@ -91,6 +92,16 @@ class Metrics:
     def save(self, folder: Path, title: str = "") -> None:
         atomic_write_text(folder / "metrics.json", self.to_json())
         atomic_write_text(folder / "metrics.md", self.markdown(title) + "\n")
+
+
+def _finite_or_null(value):
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_null(item) for item in value]
+    return value
 
 
 def compute_metrics(matrix: np.ndarray, class_names: list[str], gt: str = "eroded") -> Metrics:

@@ -15,12 +15,14 @@ import rasterio
 from PIL import Image
 
 from manifests.atomic import atomic_path
+from manifests.caption_store import selected_captions
 from manifests.class_predictions import write_class_predictions
 from manifests.errors import InputError
 from manifests.tile_index import make_tile_id, read_tile_index
 from segmenter.datasets.labels import encode_rgb_mask
 from segmenter.inference import CaptionWindows, TrainedRun, open_run, sliding_window_logits
-from segmenter.raster_io import read_crop, write_crop
+from segmenter.raster_io import array_sha256, read_crop, write_crop
+from segmenter.tiling import tile_grid
 
 SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 
@@ -39,14 +41,27 @@ def image_files(inputs: list[Path]) -> list[Path]:
     return files
 
 
-def _image_tiles(prefix: str, stem: str, height: int, width: int, trained: TrainedRun) -> pd.DataFrame:
-    """The tiles ``prepare`` would cut from an image: where a caption store for new imagery has its captions."""
-    from segmenter.tiling import tile_grid
+def captioned_tiles_by_pixels(captions: Path, experts: list[str]) -> dict[str, str]:
+    """Pixel hash -> tile id of every tile with a selected caption of the run's experts in a store."""
+    rows = selected_captions(captions)
+    rows = rows[rows["expert"].isin(experts) & rows["image_sha256"].notna()]
+    return dict(zip(rows["image_sha256"], rows["tile_id"], strict=True))
 
-    grid = tile_grid(height, width, trained.tile_size, trained.tile_stride)
-    return pd.DataFrame(
-        [{"tile_id": make_tile_id(prefix, stem, y, x), "y": y, "x": x, "height": h, "width": w} for y, x, h, w in grid]
-    )
+
+def _captioned_windows(
+    image: np.ndarray, trained: TrainedRun, by_pixels: dict[str, str], named: set[str], prefix: str, stem: str
+) -> pd.DataFrame:
+    """The windows of the tile grid whose captions a store holds. A window is matched to a captioned tile by its
+    pixels (the ``image_sha256`` that ``prepare`` recorded), whatever the file or tile is called; failing that, by
+    the tile id ``<dataset>/<image stem>/<y>_<x>``."""
+    found = []
+    for y, x, h, w in tile_grid(image.shape[0], image.shape[1], trained.tile_size, trained.tile_stride):
+        tile_id = by_pixels.get(array_sha256(image[y : y + h, x : x + w]))
+        if tile_id is None and make_tile_id(prefix, stem, y, x) in named:
+            tile_id = make_tile_id(prefix, stem, y, x)
+        if tile_id is not None:
+            found.append({"tile_id": tile_id, "y": y, "x": x, "height": h, "width": w})
+    return pd.DataFrame(found, columns=["tile_id", "y", "x", "height", "width"])
 
 
 def predict(
@@ -61,8 +76,9 @@ def predict(
 ) -> list[Path]:
     """Predict every image; returns the GeoTIFFs written.
 
-    A text-guided model reads the captions of tiles ``<dataset>/<image stem>/<y>_<x>`` from ``captions``; without
-    a store every expert is masked, and that is printed.
+    A text-guided model's windows are the tile grid; each reads the captions of the store's tile with the same pixels
+    (or, failing that, of tile ``<dataset>/<image stem>/<y>_<x>``), recorded in ``<stem>_captions.csv``; without a
+    store, or for windows no captioned tile matches, every expert is masked, and that is printed.
     """
     trained = open_run(run, device)
     window = trained.window(window)
@@ -72,6 +88,7 @@ def predict(
     if guided and captions is None:
         print(f"no --captions: every expert of {trained.model.config.experts} is masked on every window")
     prefix = trained.manifest.dataset.tile_prefix
+    by_pixels = captioned_tiles_by_pixels(captions, trained.model.config.experts) if text is not None else {}
     written = []
     for path in image_files(inputs):
         try:
@@ -81,18 +98,25 @@ def predict(
         except rasterio.errors.RasterioIOError as exc:
             raise InputError(f"{path}: not a readable raster ({exc})") from None
         image = np.moveaxis(pixels, 0, -1)
-        if image.shape[-1] < 3:
-            image = np.repeat(image[..., :1], 3, axis=-1)
         lookup = None
         if text is not None:
-            tiles = _image_tiles(prefix, path.stem, image.shape[0], image.shape[1], trained)
-            tiles = tiles[tiles["tile_id"].isin(text.features.keys())]
+            tiles = _captioned_windows(image, trained, by_pixels, set(text.features), prefix, path.stem)
             lookup = CaptionWindows(path.stem, tiles, text)
+        if image.shape[-1] < 3:
+            image = np.repeat(image[..., :1], 3, axis=-1)
         logits = sliding_window_logits(trained.model, image, window, 0.0, lookup, device, stride=stride)
         classes = logits.argmax(0).numpy().astype(np.uint8)
         if lookup is not None:
-            used = sum(1 for item in lookup.used if item["caption_tile_id"] is not None)
-            print(f"{path.name}: {used} of {len(lookup.used)} windows read captions from {captions}")
+            used = pd.DataFrame(lookup.used)
+            with atomic_path(out / f"{path.stem}_captions.csv") as tmp:
+                used.to_csv(tmp, index=False)
+            read = int(used["caption_tile_id"].notna().sum())
+            print(f"{path.name}: {read} of {len(used)} windows read captions from {captions} (per window: "
+                  f"{path.stem}_captions.csv)")  # fmt: skip
+            if read == 0:
+                print(f"warning: {path.name}: no window matched a captioned tile of {captions} by its pixels or its "
+                      f"tile id; every expert was masked (caption tiles cut from this image with tile size "
+                      f"{trained.tile_size} and stride {trained.tile_stride})")  # fmt: skip
         target = out / f"{path.stem}.tif"
         options = {"driver": "GTiff", "height": classes.shape[0], "width": classes.shape[1], "count": 1,
                    "dtype": "uint8", "compress": "deflate", **profile}  # fmt: skip

@@ -277,7 +277,7 @@ def prepare_tiles(
             source_rows, report = _cut_source(dataset, source, tiling, crop_dir, dataset_config.tile_prefix)
             rows += source_rows
             reports.append(report)
-        warnings = [line for report in reports for line in report.warnings]
+        warnings = dataset.notices + [line for report in reports for line in report.warnings]
         index_path = write_tile_index(
             out,
             rows,

@@ -170,6 +170,7 @@ class ScriptedExpert:
     model: str = "script"
     backend: str = "annotation"
     pipeline_chunk: int | None = None
+    reprompts: bool = True
     asked: list[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -236,6 +237,16 @@ def test_annotation_expert_runs_only_where_labels_are_allowed(clip_config, small
     assert all(row["caption"].startswith("An aerial image") for row in rows)
 
 
+def test_annotation_expert_is_never_re_prompted(clip_config, small_index):
+    """Its caption depends on the mask alone: a re-prompt would repeat it word for word under a sampling record."""
+    tasks = tile_tasks(small_index, small_index.frame, PromptConfig())
+    rows = caption_tiles(tasks, build_expert(ExpertConfig(name="annotation", backend="annotation")),
+                         ClipScorer(clip_config), GateSettings(tau=1.0, max_attempts=3), RunInfo("r"))  # fmt: skip
+    assert rows and not any(row["passed"] for row in rows)
+    assert {row["attempt"] for row in rows} == {0} and all(row["selected"] for row in rows)
+    assert {(row["temperature"], row["seed"]) for row in rows} == {(0.0, 0)}
+
+
 @pytest.mark.parametrize("pipeline_chunk", [None, 2])
 def test_corrupt_tile_is_a_failed_attempt_and_the_rest_go_on(clip_config, small_index, tmp_path, pipeline_chunk):
     tasks = tile_tasks(small_index, small_index.frame.head(3), PromptConfig())
@@ -291,6 +302,7 @@ class RecordingExpert:
     model: str = "recorder"
     backend: str = "openai"
     pipeline_chunk: int | None = None
+    reprompts: bool = True
     requests: list[CaptionRequest] = dataclasses.field(default_factory=list)
 
     def generate(self, requests):

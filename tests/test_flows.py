@@ -57,6 +57,7 @@ captions:
 class CountingExpert:
     def __init__(self, inner):
         self.inner, self.name, self.model, self.backend, self.calls = inner, inner.name, inner.model, inner.backend, 0
+        self.reprompts = inner.reprompts
 
     def generate(self, requests):
         self.calls += len(requests)

@@ -65,23 +65,26 @@ class ChatHandler(BaseHTTPRequestHandler):
             assert url.startswith("data:image/png;base64,")
             with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) as image:
                 server.image_sizes.append(image.size)
+        # The request leaves the server's count before its reply is written: the client may send its next request
+        # as soon as it reads the reply, and counting both would be the server's race, not the client's bound.
         try:
             time.sleep(0.05)
             if prompt == "hang":
                 time.sleep(3)
+            choice = {"message": {"content": f" caption for {prompt} "}, "finish_reason": "stop"}
+            status, payload = 200, {"choices": [choice], "usage": {"completion_tokens": 4}}
             if prompt == "fail":
-                return self._reply(500, {"error": "boom"})
+                status, payload = 500, {"error": "boom"}
             if prompt == "bad request":
-                return self._reply(400, {"error": "no"})
+                status, payload = 400, {"error": "no"}
             if prompt == "flaky" and calls == 1:
-                return self._reply(429, {"error": "slow down"})
+                status, payload = 429, {"error": "slow down"}
             if prompt == "flaky" and calls == 2:
-                return self._reply(503, {"error": "busy"})
-            self._reply(200, {"choices": [{"message": {"content": f" caption for {prompt} "},
-                                           "finish_reason": "stop"}], "usage": {"completion_tokens": 4}})  # fmt: skip
+                status, payload = 503, {"error": "busy"}
         finally:
             with server.lock:
                 server.in_flight -= 1
+        self._reply(status, payload)
 
 
 @pytest.fixture

@@ -88,6 +88,29 @@ def test_custom_split_from_manifest_lists(tmp_path):
     assert frame.groupby("split")["source_id"].agg(set).to_dict() == {"train": {"area1", "area2"}, "val": {"area3"}}
 
 
+def test_custom_split_ids_may_be_numbers_and_a_source_is_in_one_split(tmp_path):
+    root = make_vaihingen(tmp_path / "v", ids=["1", "2", "3"], size=(16, 16))
+    config = vaihingen_configs(root, tmp_path / "tiles", size=16, split="custom",
+                               custom_splits={"train": [1, 2], "test": [3]})  # fmt: skip
+    frame = read_tile_index(prepare_tiles(*config).index_path).frame
+    assert frame.groupby("split")["source_id"].agg(set).to_dict() == {"train": {"area1", "area2"}, "test": {"area3"}}
+    twice = vaihingen_configs(root, tmp_path / "t2", size=16, split="custom",
+                              custom_splits={"train": ["1", "2"], "test": ["2", "3"]})  # fmt: skip
+    with pytest.raises(InputError, match=r"^dataset.custom_splits: source '2' is listed in both 'train' and 'test'"):
+        prepare_tiles(*twice)
+
+
+def test_a_zip_beside_its_extracted_folder_is_named_not_guessed(tmp_path):
+    root = make_vaihingen(tmp_path / "v", ids=["1", "3"], size=(16, 16), layout="folder")
+    make_vaihingen(tmp_path / "v", ids=["1", "3"], size=(16, 16))  # the zips, unzipped in place
+    config = vaihingen_configs(root, tmp_path / "tiles", size=16, split="custom",
+                               custom_splits={"train": ["1"], "test": ["3"]})  # fmt: skip
+    result = prepare_tiles(*config)
+    notice = f"{root / 'ISPRS_semantic_labeling_Vaihingen'}: read this folder; the archive "
+    assert any(line.startswith(notice) for line in result.warnings)
+    assert any(line.startswith(notice) for line in prepare_tiles(*config).warnings)  # repeated when up to date
+
+
 def test_index_schema_opens_in_pandas_and_duckdb(vaihingen_root, tmp_path):
     path = prepare_tiles(*vaihingen_configs(vaihingen_root, tmp_path / "tiles")).index_path
     schema = pq.read_schema(path)

@@ -206,6 +206,13 @@ def test_the_run_reads_the_experts_its_store_has(run_inputs, tmp_path, capsys):
     test_tiles = 4
     assert metrics.captions["masked_experts"] == {"alpha": 0, "beta": test_tiles}
     assert "expert beta: not in caption store" in capsys.readouterr().out
+    assert (tmp_path / "run" / "eval_test_eroded_alpha" / "metrics.json").is_file()  # the run's own report stays
+    assert not (tmp_path / "run" / "eval_test_eroded").exists()
+    rejected = tmp_path / "rejected"  # beta is in the store, but none of its captions passed the gate
+    write_fragment(rejected, read_store(two).pipe(lambda f: f.assign(passed=f["expert"] == "alpha")),
+                   StoreMeta(["a"], "tiny", 0.0))  # fmt: skip
+    with pytest.raises(InputError, match=r"no usable caption .* of expert\(s\) \['beta'\] on any of the 4 tiles"):
+        evaluate(tmp_path / "run", split="test", captions=rejected)
     with pytest.raises(InputError, match=r"--experts: caption store .* has no captions of \['delta'\]"):
         train(manifest, tmp_path / "r2", settings(steps=1, experts=["alpha", "delta"]), captions=two)
     checkpoint = train(manifest, tmp_path / "r3", settings(steps=1, experts=["beta"]), captions=two)
@@ -248,3 +255,23 @@ def test_predicted_tile_classes_of_an_index(run_inputs, small_index, tmp_path):
     train(manifest, tmp_path / "guided", settings(steps=1, checkpoint_every=1), captions=store)
     with pytest.raises(InputError, match="is text-guided"):
         predict_index(tmp_path / "guided", small_index.root, tmp_path / "p2.parquet")
+
+
+def test_predict_reads_the_captions_of_the_tiles_with_the_same_pixels(run_inputs, small_index, tmp_path, capsys):
+    """An orthophoto under its provider's name (not the tile id's `area7`) still gets its own tiles' captions."""
+    manifest, store = run_inputs
+    train(manifest, tmp_path / "run", settings(steps=1, checkpoint_every=1), captions=store)
+    photo = small_index.root.parent / "raw" / "ISPRS_semantic_labeling_Vaihingen" / "top" / "top_mosaic_09cm_area7.tif"
+    scene = tmp_path / "in" / photo.name
+    scene.parent.mkdir()
+    scene.write_bytes(photo.read_bytes())
+    predict(tmp_path / "run", [scene], tmp_path / "pred", captions=store)
+    used = pd.read_csv(tmp_path / "pred" / "top_mosaic_09cm_area7_captions.csv")
+    assert sorted(used["caption_tile_id"]) == sorted(small_index.frame.query("source_id == 'area7'")["tile_id"])
+    assert used["on_captioned_grid"].all()
+    assert "4 of 4 windows read captions" in capsys.readouterr().out
+    other = tmp_path / "other.tif"
+    with rasterio.open(other, "w", driver="GTiff", height=128, width=128, count=3, dtype="uint8") as sink:
+        sink.write(np.zeros((3, 128, 128), np.uint8))
+    predict(tmp_path / "run", [other], tmp_path / "pred", captions=store)
+    assert "warning: other.tif: no window matched a captioned tile" in capsys.readouterr().out

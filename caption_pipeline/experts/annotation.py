@@ -79,6 +79,7 @@ class AnnotationExpert:
     """Writes captions from class-index masks (labels or predictions); a request without one fails clearly."""
 
     backend = "annotation"
+    reprompts = False  # the caption depends on the mask alone
     model = "label-mask"
 
     def __init__(self, name: str = "annotation") -> None:

@@ -57,6 +57,9 @@ class Expert(Protocol):
     name: str
     model: str | None
     backend: str
+    # Whether a re-prompt can change the answer: False for an expert that writes the same caption from the same
+    # input whatever the wording and seed (the annotation expert), which the gate then never re-prompts.
+    reprompts: bool
 
     def generate(self, requests: list[CaptionRequest]) -> list[CaptionResult]:
         """Captions for ``requests``, in order; a failed request gives a result with an error, never an exception."""

@@ -29,6 +29,7 @@ class OpenAIExpert:
     """An expert served over the OpenAI chat-completions protocol."""
 
     backend = "openai"
+    reprompts = True
 
     def __init__(self, config: ExpertConfig, backoff_s: float = 0.5) -> None:
         self.config = config

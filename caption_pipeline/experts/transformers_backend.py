@@ -29,6 +29,7 @@ class TransformersExpert:
     """
 
     backend = "transformers"
+    reprompts = True
 
     def __init__(self, config: ExpertConfig) -> None:
         from transformers import AutoModelForImageTextToText, AutoProcessor

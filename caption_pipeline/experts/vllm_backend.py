@@ -45,6 +45,7 @@ class VLLMExpert:
     """An expert run by an in-process vLLM engine, created on the first batch."""
 
     backend = "vllm"
+    reprompts = True
 
     def __init__(self, config: ExpertConfig) -> None:
         self.config = config

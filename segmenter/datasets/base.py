@@ -41,6 +41,8 @@ class SegmentationDataset(ABC):
     def __init__(self, config: DatasetConfig) -> None:
         self.config = config
         self.ignore_index = config.ignore_index
+        # Facts about how the files were found that the user should see (printed and kept in the index).
+        self.notices: list[str] = []
         if not config.root.is_dir():
             raise InputError(f"dataset.root: directory {config.root} not found (expected the {self.name} data)")
 
@@ -56,16 +58,27 @@ class SegmentationDataset(ABC):
         """Source ids of each split under the configured split scheme.
 
         Raises:
-            InputError: the split scheme is unknown to this dataset.
+            InputError: the split scheme is unknown to this dataset, or a source is listed in two splits.
         """
         scheme = self.config.split
         if scheme == "custom":
             assert self.config.custom_splits is not None
-            return {split: [str(item) for item in ids] for split, ids in self.config.custom_splits.items()}
-        if scheme not in self.splits:
+            members = {split: [str(item) for item in ids] for split, ids in self.config.custom_splits.items()}
+        elif scheme in self.splits:
+            members = {split: list(ids) for split, ids in self.splits[scheme].items()}
+        else:
             known = ", ".join([*self.splits, "custom"])
             raise InputError(f"dataset.split: unknown split '{scheme}' for {self.name} (expected one of: {known})")
-        return {split: list(ids) for split, ids in self.splits[scheme].items()}
+        seen: dict[str, str] = {}
+        for split, ids in members.items():
+            for source_id in ids:
+                if source_id in seen:
+                    raise InputError(
+                        f"dataset.custom_splits: source '{source_id}' is listed in both '{seen[source_id]}' and "
+                        f"'{split}'; a source belongs to one split"
+                    )
+                seen[source_id] = split
+        return members
 
     @abstractmethod
     def sources(self) -> list[Source]:

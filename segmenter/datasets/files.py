@@ -129,6 +129,12 @@ class Archive:
         self._files: dict[str, list[tuple[str, SourceFile]]] = {}
         zip_path = root / f"{stem}.zip"
         folder = root / stem
+        # Both present (unzipped in place): the folder is read, and that is said rather than guessed silently.
+        self.notice = (
+            f"{folder}: read this folder; the archive {zip_path.name} beside it is not read"
+            if folder.is_dir() and zip_path.is_file()
+            else None
+        )
         if folder.is_dir():
             for path in sorted(folder.rglob("*")):
                 relative = path.relative_to(folder).as_posix()

@@ -64,6 +64,7 @@ class ISPRSDataset(SegmentationDataset):
         """
         roles = self._roles()
         archives = {role: Archive(self.config.root, spec.archive) for role, spec in roles.items()}
+        self.notices = sorted({archive.notice for archive in archives.values() if archive.notice})
         for role, archive in archives.items():
             if not archive.exists:
                 raise InputError(
