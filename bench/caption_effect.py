@@ -2,14 +2,16 @@
 
 Runs in its own work folder (default ``data/bench/caption_effect``, resumable): the demo scenes, tiles and
 random-weight stand-ins, then
-- ``test_tiny_notext`` (no captions) for every seed; seed 0 also predicts the test tiles' classes;
+- ``test_tiny_notext`` (no captions) for every seed, with the flips and rotations of its preset (``d4``), and
+  also without them where a text-guided row has none; seed 0 (``d4``) predicts the test tiles' classes;
 - per protocol (``predicted``: labels describe train tiles, the text-free model's predictions describe test tiles;
   ``blind``: no class information in any prompt) one caption store and ``test_tiny`` for every seed with the
   default augmentation;
 - with ``--augmentation-study``, ``test_tiny`` under ``predicted`` also with flips/rotations that leave the captions
   as they are (``d4``), with direction words moved (``d4_rewrite``) and without geometric augmentation (``none``);
 and prints mIoU (5 classes, eroded GT) as mean +- std over seeds, and each text-guided row's difference to the
-text-free model paired by seed. Usage: ``python bench/caption_effect.py [--steps 200] [--seeds 0 1 2]``.
+text-free model under the same augmentation, paired by seed.
+Usage: ``python bench/caption_effect.py [--steps 200] [--seeds 0 1 2] [--augmentation-study]``.
 """
 
 from __future__ import annotations
@@ -93,12 +95,18 @@ def main() -> None:
         console.print(f"{row:<45} seed {seed}: mIoU {100 * miou:.2f}  ({time.perf_counter() - started:.0f} s)")
         return out
 
-    plain_row = f"{TEXT_FREE} (no captions)"
-    for seed in args.seeds:
-        run(plain_row, TEXT_FREE, "notext", "demo", seed)
-    predictor = runs / f"notext_seed{args.seeds[0]}"
     default = TEXT_GUIDED_AUGMENTATION
     studied = ("d4", "d4_rewrite", "none") if args.augmentation_study else (default,)
+    # Each text-guided row is compared with the text-free model under the same flips and rotations.
+    plain_for = {augmentation: "none" if augmentation == "none" else "d4" for augmentation in studied}
+    plain_rows = {augmentation: f"{TEXT_FREE} (no captions), augmentation {augmentation}"
+                  for augmentation in sorted(set(plain_for.values()))}  # fmt: skip
+    for augmentation, row in plain_rows.items():
+        for seed in args.seeds:
+            run(row, TEXT_FREE, "notext" if augmentation == "d4" else f"notext_{augmentation}", "demo", seed,
+                augmentation=augmentation)  # fmt: skip
+    predictor = runs / f"notext_seed{args.seeds[0]}"
+    text_rows: dict[str, str] = {}
     for protocol, augmentations in (("predicted", studied), ("blind", (default,))):
         manifest = protocol_manifest(protocol, args.work)
         loaded = load_manifest(manifest)
@@ -107,16 +115,18 @@ def main() -> None:
             generate_captions(manifest)
         for augmentation in augmentations:
             row = f"{TEXT_GUIDED}, {protocol}, augmentation {augmentation}"
+            text_rows[row] = plain_rows[plain_for[augmentation]]
             for seed in args.seeds:
                 run(row, TEXT_GUIDED, f"{protocol}_{augmentation}", str(manifest), seed, loaded.captions.store,
                     augmentation)  # fmt: skip
 
-    plain = results[plain_row]
     print(f"\nmIoU (5 classes, eroded GT) on the demo test areas; {len(args.seeds)} seeds, {args.steps} steps each")
-    print(f"| model | mIoU mean +- std | difference to {TEXT_FREE}, paired by seed |")
+    print(f"| model | mIoU mean +- std | difference to {TEXT_FREE} with the same augmentation, paired by seed |")
     print("|---|---|---|")
     for row, values in results.items():
-        diff = "-" if row == plain_row else _spread([a - b for a, b in zip(values, plain, strict=True)])
+        diff = "-"
+        if row in text_rows:
+            diff = _spread([a - b for a, b in zip(values, results[text_rows[row]], strict=True)])
         print(f"| {row} | {_spread(values)} | {diff} |")
     (args.work / "results.json").write_text(json.dumps({"steps": args.steps, "seeds": args.seeds, **results}))
     print(f"\n{time.perf_counter() - started:.0f} s in all")

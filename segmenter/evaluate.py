@@ -10,17 +10,14 @@ from manifests.atomic import atomic_write_text
 from manifests.caption_store import selected_captions
 from manifests.errors import InputError
 from segmenter.datasets import build_dataset
-from segmenter.inference import CaptionWindows, TrainedRun, open_run, sliding_window_logits
+from segmenter.inference import CaptionWindows, open_run, sliding_window_logits
 from segmenter.metrics import ConfusionMatrix, Metrics, compute_metrics
-from segmenter.text.features import ExpertTextFeatures
-from segmenter.train import report_masked
+from segmenter.train import print_masked
 
 
-def _caption_facts(trained: TrainedRun, store: Path, text: ExpertTextFeatures, tiles: pd.DataFrame) -> dict:
+def _caption_facts(experts: list[str], store: Path, tile_ids: list[str], masked: dict[str, int]) -> dict:
     """What the text of an evaluation was: experts, masking per expert, and the class sources of the prompts
     (so a report shows whether any prompt of the split carried ground truth)."""
-    experts = list(trained.model.config.experts)
-    tile_ids = tiles["tile_id"].tolist()
     rows = selected_captions(store)
     rows = rows[rows["tile_id"].isin(set(tile_ids)) & rows["expert"].isin(experts)]
     kinds = rows.groupby("expert")["class_source"].agg(lambda values: sorted(set(values))).to_dict()
@@ -28,20 +25,20 @@ def _caption_facts(trained: TrainedRun, store: Path, text: ExpertTextFeatures, t
         "store": str(store),
         "experts": experts,
         "tiles": len(tile_ids),
-        "masked_experts": text.masked_counts(tile_ids),
+        "masked_experts": masked,
         "class_sources": {name: kinds.get(name, []) for name in experts},
     }
 
 
 def _refuse_experts_without_captions(
-    text: ExpertTextFeatures, tile_ids: list[str], split: str, store: Path, missing: str
+    masked: dict[str, int], tile_ids: list[str], split: str, store: Path, missing: str
 ) -> None:
     """An expert the store names but with no usable caption on any tile of the split is as good as absent.
 
     Raises:
         InputError: with ``missing='error'``, one line naming those experts.
     """
-    empty = [name for name, n in text.masked_counts(tile_ids).items() if tile_ids and n == len(tile_ids)]
+    empty = [name for name, n in masked.items() if tile_ids and n == len(tile_ids)]
     if empty and missing == "error":
         raise InputError(
             f"--captions: caption store {store} has no usable caption (passed the gate, not empty) of expert(s) "
@@ -76,15 +73,20 @@ def evaluate(
     sources = [source for source in dataset.sources() if source.split == split]
     if not sources:
         raise InputError(f"--split: no sources in split '{split}' of {manifest.dataset.name}")
-    store = Path(captions or trained.info.get("captions") or "") if model.config.uses_text else None
-    if store is not None and not str(store):
-        raise InputError(f"--captions: run {run} reads captions but records no caption store; pass --captions")
-    text = trained.text_features(store, missing_captions) if store is not None else None
+    split_tiles = index.split(split)
+    tile_ids = split_tiles["tile_id"].tolist()
+    store, text, masked = None, None, {}
+    if model.config.uses_text:
+        recorded = captions or trained.info.get("captions")
+        if not recorded:
+            raise InputError(f"--captions: run {run} reads captions but records no caption store; pass --captions")
+        store = Path(recorded)
+        text = trained.text_features(store, missing_captions)
+        masked = text.masked_counts(tile_ids)
+        _refuse_experts_without_captions(masked, tile_ids, split, store, missing_captions)
+        print_masked(masked, len(tile_ids), split)
     window = trained.window(window)
     stride = trained.stride(window, overlap)
-    split_tiles = index.split(split)
-    if text is not None:
-        _refuse_experts_without_captions(text, split_tiles["tile_id"].tolist(), split, store, missing_captions)
     matrix = ConfusionMatrix(len(index.class_names), index.ignore_index)
     used: list[dict] = []
     for done, source in enumerate(sources):
@@ -107,11 +109,10 @@ def evaluate(
     folder = Path(run) / f"eval_{split}_{gt}"
     if captions is not None and store is not None and str(store.resolve()) != trained.info.get("captions"):
         folder = folder.with_name(f"{folder.name}_{store.name}")  # another store's result never replaces the run's
-    if text is not None and store is not None:
-        report_masked(text, split_tiles["tile_id"].tolist(), split)
+    if store is not None:
         windows = pd.DataFrame(used)
         metrics.captions = {
-            **_caption_facts(trained, store, text, split_tiles),
+            **_caption_facts(list(model.config.experts), store, tile_ids, masked),
             "windows": len(windows),
             "windows_on_grid": int(windows["on_captioned_grid"].sum()) if len(windows) else 0,
         }

@@ -134,7 +134,7 @@ class CaptionWindows:
 
     source_id: str
     tiles: pd.DataFrame
-    text: ExpertTextFeatures | None
+    text: ExpertTextFeatures
     used: list[dict] = field(default_factory=list)
 
     def __call__(self, y: int, x: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -150,6 +150,6 @@ class CaptionWindows:
                 best, best_area = row.tile_id, area
         self.used.append({"source_id": self.source_id, "y": y, "x": x, "height": h, "width": w,
                           "caption_tile_id": best, "on_captioned_grid": exact})  # fmt: skip
-        if best is None or self.text is None:
+        if best is None:
             return None
         return self.text.lookup(best)

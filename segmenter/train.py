@@ -40,8 +40,9 @@ class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss); the message names the step and batch."""
 
 
-# What `auto` picks for text-guided presets (see TrainSettings.augmentation_for).
-TEXT_GUIDED_AUGMENTATION = "d4_rewrite"
+# What `auto` picks for text-guided presets (see TrainSettings.augmentation_for): of d4, d4_rewrite and none, none
+# scored best on the demo over 3 seeds (bench/caption_effect.py --augmentation-study; README "Caption effect").
+TEXT_GUIDED_AUGMENTATION = "none"
 
 
 class TrainSettings(BaseModel):
@@ -113,14 +114,12 @@ def load_text_features(
     return expert_text_features(captions, list(config.experts), cache, passed_only, direction_variants)
 
 
-def report_masked(text: ExpertTextFeatures, tile_ids: list[str], split: str) -> dict[str, int]:
-    """Print, per expert, how many tiles of a split have no usable caption of it (masked there)."""
-    counts = text.masked_counts(tile_ids)
+def print_masked(counts: dict[str, int], n_tiles: int, split: str) -> None:
+    """Say, per expert, on how many tiles of a split it has no usable caption (masked there)."""
     masked = {name: n for name, n in counts.items() if n}
     if masked:
         shown = ", ".join(f"{name} on {n}" for name, n in masked.items())
-        print(f"split {split}: of {len(tile_ids)} tiles, experts masked for lack of a usable caption: {shown}")
-    return counts
+        print(f"split {split}: of {n_tiles} tiles, experts masked for lack of a usable caption: {shown}")
 
 
 def _recorded_experts(paths: RunPaths) -> list[str] | None:
@@ -205,7 +204,8 @@ def train(
                              f"{captions}; caption them or pass --missing-captions mask")  # fmt: skip
         if rank == 0:
             print(f"experts (from {'--experts' if settings.experts else 'the caption store'}): {config.experts}")
-            masked = report_masked(text, samples.frame["tile_id"].tolist(), "train")
+            masked = text.masked_counts(samples.frame["tile_id"].tolist())
+            print_masked(masked, len(samples), "train")
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
     milestones = [int(settings.steps * m) for m in settings.milestones]

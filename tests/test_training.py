@@ -28,7 +28,7 @@ from segmenter.evaluate import evaluate
 from segmenter.inference import sliding_window_logits
 from segmenter.model import MPerSSegmenter, build_model
 from segmenter.predict import predict, predict_index
-from segmenter.train import TrainingError, TrainSettings, train
+from segmenter.train import TEXT_GUIDED_AUGMENTATION, TrainingError, TrainSettings, train
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERTS = ["annotation", "qwen-tiny", "llava-tiny"]
@@ -275,3 +275,29 @@ def test_predict_reads_the_captions_of_the_tiles_with_the_same_pixels(run_inputs
         sink.write(np.zeros((3, 128, 128), np.uint8))
     predict(tmp_path / "run", [other], tmp_path / "pred", captions=store)
     assert "warning: other.tif: no window matched a captioned tile" in capsys.readouterr().out
+
+
+def test_augmentations_move_captions_with_the_pixels(run_inputs, small_index, tmp_path):
+    """d4_rewrite reads the text variant of the very flip/rotation the tile got; none leaves tiles as they are."""
+    from segmenter.data import TileSamples, augment, d4_variant
+    from segmenter.raster_io import read_crop
+    from segmenter.text import TextEncoder, TextFeatureCache, expert_text_features
+
+    _, store = run_inputs
+    cache = TextFeatureCache(tmp_path / "cache", TextEncoder("test-tiny-clip"))
+    text = expert_text_features(store, ["annotation"], cache, direction_variants=True)
+    rewrite = TileSamples(small_index, "train", text, augmentation="d4_rewrite")
+    plain = TileSamples(small_index, "train", text, augmentation="none")
+    seed = next(s for s in range(100) if d4_variant(s) != 0)  # a seed that transforms the tile
+    variant = d4_variant(seed)
+    item = rewrite.sample(0, seed)
+    tile_id = item["tile_id"]
+    original = read_crop(small_index.path(rewrite.frame.loc[0, "image_path"]))[..., :3]
+    expected, _ = augment(original, np.zeros(original.shape[:2], np.uint8), variant)
+    np.testing.assert_array_equal((item["image"] * 255).round().byte().permute(1, 2, 0).numpy(), expected)
+    torch.testing.assert_close(item["text"], text.lookup(tile_id, variant)[0])
+    untouched = plain.sample(0, seed)
+    np.testing.assert_array_equal((untouched["image"] * 255).round().byte().permute(1, 2, 0).numpy(), original)
+    torch.testing.assert_close(untouched["text"], text.lookup(tile_id, 0)[0])
+    assert settings().augmentation_for(build_model("test_tiny_notext").config) == "d4"
+    assert settings().augmentation_for(build_model("test_tiny", experts=["a"]).config) == TEXT_GUIDED_AUGMENTATION
