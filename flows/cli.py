@@ -20,11 +20,10 @@ console = Console(stderr=True, soft_wrap=True)
 def with_progress(run):
     """Run a caption flow with a progress bar over its shard tasks."""
     from flows import generate_captions as module
-    from segmenter.cli import progress_bar
+    from segmenter.cli import progress
 
-    with progress_bar() as bar:
-        task = bar.add_task("captions", total=None, note="")
-        module.progress_hook = lambda done, total, note: bar.update(task, completed=done, total=total, note=note)
+    with progress("captions") as on_shard:
+        module.progress_hook = on_shard
         try:
             return run()
         finally:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -21,11 +23,16 @@ app = typer.Typer(
 console = Console(stderr=True, soft_wrap=True)
 
 
-def progress_bar() -> Progress:
-    return Progress(
+@contextmanager
+def progress(description: str) -> Iterator[Callable[[int, int, str], None]]:
+    """A progress bar on stderr; yields the ``(done, total, note)`` callback that advances it."""
+    bar = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TextColumn("{task.fields[note]}"), console=console, transient=False,
     )  # fmt: skip
+    with bar:
+        task = bar.add_task(description, total=None, note="")
+        yield lambda done, total, note: bar.update(task, completed=done, total=total, note=note)
 
 
 @app.command()
@@ -53,12 +60,7 @@ def prepare(
         except ValueError as exc:
             raise InputError(f"--dataset {dataset}: {str(exc).splitlines()[-1].strip()}") from None
         tiling = TilingConfig(size=size, stride=stride, out=out)
-    with progress_bar() as bar:
-        task = bar.add_task("prepare", total=None, note="")
-
-        def on_progress(done: int, total: int, note: str) -> None:
-            bar.update(task, completed=done, total=total, note=note)
-
+    with progress("prepare") as on_progress:
         result = prepare_tiles(dataset_config, tiling, on_progress)
     if result.up_to_date:
         console.print(f"up to date: {result.index_path} ({result.n_tiles} tiles)")
@@ -166,12 +168,7 @@ def evaluate(
     if gt not in ("eroded", "full"):
         raise InputError(f"--gt: expected eroded or full, got '{gt}'")
     _check_inference_options(overlap, missing_captions)
-    with progress_bar() as bar:
-        task = bar.add_task("evaluate", total=None, note="")
-
-        def on_source(done: int, total: int, note: str) -> None:
-            bar.update(task, completed=done, total=total, note=note)
-
+    with progress("evaluate") as on_source:
         metrics = run_evaluation(run, split, gt, window, overlap, device, on_source, captions, missing_captions)
     print(metrics.markdown(f"{run} ({split}, {gt} GT)"))
 
@@ -218,12 +215,7 @@ def predict(
     if index is not None or predictions is not None:
         if index is None or predictions is None or images or out:
             raise InputError("predict: give --index with --predictions, or --images with --out")
-        with progress_bar() as bar:
-            task = bar.add_task("predict", total=None, note="")
-
-            def on_tile(done: int, total: int, note: str) -> None:
-                bar.update(task, completed=done, total=total, note=note)
-
+        with progress("predict") as on_tile:
             path = predict_index(run, index, predictions, split, device, on_tile)
         console.print(f"wrote {path}")
         return

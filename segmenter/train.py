@@ -180,8 +180,9 @@ def train(
         if captions is None:
             raise InputError(f"--captions: preset {config.name} reads captions; give a caption store")
         # A resumed run keeps the experts its weights were made for.
-        requested = (_recorded_experts(paths) if resume else None) or settings.experts
-        config = config.model_copy(update={"experts": run_experts(captions, requested)})
+        recorded = _recorded_experts(paths) if resume else None
+        config = config.model_copy(update={"experts": run_experts(captions, recorded or settings.experts)})
+        chosen_by = "the run record" if recorded else "--experts" if settings.experts else "the caption store"
     elif settings.experts:
         raise InputError(f"--experts: preset {config.name} reads no captions")
     model = build_model(config).to(device)
@@ -203,7 +204,7 @@ def train(
             raise InputError(f"--captions: {uncaptioned} of {len(samples)} train tiles have no passed caption in "
                              f"{captions}; caption them or pass --missing-captions mask")  # fmt: skip
         if rank == 0:
-            print(f"experts (from {'--experts' if settings.experts else 'the caption store'}): {config.experts}")
+            print(f"experts (from {chosen_by}): {config.experts}")
             masked = text.masked_counts(samples.frame["tile_id"].tolist())
             print_masked(masked, len(samples), "train")
     parameters = [p for p in model.parameters() if p.requires_grad]

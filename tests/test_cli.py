@@ -52,6 +52,11 @@ def test_prepare_from_manifest_warns_about_stray_colours(tmp_path):
         (["prepare"], "give --manifest"),
         (["prepare", "--manifest", "missing.yaml"], "file not found"),
         (["demo-data", "--areas", "0", "--out", "x"], "n_areas must be within"),
+        (["predict", "--run", "r", "--index", "t"], "give --index with --predictions"),
+        (["predict", "--run", "r", "--images", "a.tif"], "give --images with --out"),
+        (["predict", "--run", "r", "--index", "t", "--predictions", "p.parquet", "--out", "o"], "give --index with"),
+        (["evaluate", "--run", "r", "--missing-captions", "drop"], "--missing-captions: expected error or mask"),
+        (["train", "--manifest", "m", "--out", "o", "--augmentation", "flip"], "--augmentation: expected auto"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, args, message, monkeypatch):
