@@ -132,10 +132,10 @@ def summarize(store: Path, experts: list[str]) -> pd.DataFrame:
     )
     table = per_key.groupby(["expert", "prompt_id"]).agg(
         keys=("passed", "size"), pass_rate=("passed", "mean"), first_try=("first_pass", "mean"),
-        recovered=("passed", "sum"), errored=("errored", "sum"),
+        passed=("passed", "sum"), first_passed=("first_pass", "sum"), errored=("errored", "sum"),
     )  # fmt: skip
-    table["not_passed"] = table["keys"] - table["recovered"]
-    table["recovered"] = table["recovered"] - per_key.groupby(["expert", "prompt_id"])["first_pass"].sum()
+    table["recovered"] = table["passed"] - table["first_passed"]
+    table["not_passed"] = table["keys"] - table["passed"]
     return table.reset_index()[["expert", "prompt_id", "keys", "pass_rate", "first_try", "recovered", "not_passed",
                                 "errored"]]  # fmt: skip
 
