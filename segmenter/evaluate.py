@@ -7,26 +7,25 @@ from pathlib import Path
 import pandas as pd
 
 from manifests.atomic import atomic_write_text
-from manifests.caption_store import selected_captions
 from manifests.errors import InputError
 from segmenter.datasets import build_dataset
 from segmenter.inference import CaptionWindows, open_run, sliding_window_logits
 from segmenter.metrics import ConfusionMatrix, Metrics, compute_metrics
+from segmenter.text.features import ExpertTextFeatures
 from segmenter.train import print_masked
 
 
-def _caption_facts(experts: list[str], store: Path, tile_ids: list[str], masked: dict[str, int]) -> dict:
+def _caption_facts(text: ExpertTextFeatures, store: Path, tile_ids: list[str], masked: dict[str, int]) -> dict:
     """What the text of an evaluation was: experts, masking per expert, and the class sources of the prompts
     (so a report shows whether any prompt of the split carried ground truth)."""
-    rows = selected_captions(store)
-    rows = rows[rows["tile_id"].isin(set(tile_ids)) & rows["expert"].isin(experts)]
+    rows = text.rows[text.rows["tile_id"].isin(set(tile_ids))]
     kinds = rows.groupby("expert")["class_source"].agg(lambda values: sorted(set(values))).to_dict()
     return {
         "store": str(store),
-        "experts": experts,
+        "experts": text.experts,
         "tiles": len(tile_ids),
         "masked_experts": masked,
-        "class_sources": {name: kinds.get(name, []) for name in experts},
+        "class_sources": {name: kinds.get(name, []) for name in text.experts},
     }
 
 
@@ -109,10 +108,10 @@ def evaluate(
     folder = Path(run) / f"eval_{split}_{gt}"
     if captions is not None and store is not None and str(store.resolve()) != trained.info.get("captions"):
         folder = folder.with_name(f"{folder.name}_{store.name}")  # another store's result never replaces the run's
-    if store is not None:
+    if text is not None and store is not None:
         windows = pd.DataFrame(used)
         metrics.captions = {
-            **_caption_facts(list(model.config.experts), store, tile_ids, masked),
+            **_caption_facts(text, store, tile_ids, masked),
             "windows": len(windows),
             "windows_on_grid": int(windows["on_captioned_grid"].sum()) if len(windows) else 0,
         }

@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from manifests.caption_store import selected_captions
 from manifests.errors import InputError
 from manifests.run_manifest import RunManifest, load_manifest
 from manifests.tile_index import TileIndex, read_tile_index
@@ -62,11 +63,12 @@ class TrainedRun:
                 masks the lacking ones on every tile and says so).
         """
         experts = list(self.model.config.experts)
-        lacking = check_store_experts(captions, experts, missing)
+        selected = selected_captions(captions)
+        lacking = check_store_experts(captions, selected, experts, missing)
         for name in lacking:
             print(f"expert {name}: not in caption store {captions}; masked on every tile (--missing-captions mask)")
         passed_only = self.info["settings"]["passed_only"]
-        return load_text_features(self.model.config, Path(captions), passed_only, self.device)
+        return load_text_features(self.model.config, Path(captions), selected, passed_only, self.device)
 
 
 def open_run(run: str | Path, device: str = "cpu") -> TrainedRun:

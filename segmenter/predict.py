@@ -15,13 +15,13 @@ import rasterio
 from PIL import Image
 
 from manifests.atomic import atomic_path
-from manifests.caption_store import selected_captions
 from manifests.class_predictions import write_class_predictions
 from manifests.errors import InputError
 from manifests.tile_index import make_tile_id, read_tile_index
 from segmenter.datasets.labels import encode_rgb_mask
 from segmenter.inference import CaptionWindows, TrainedRun, open_run, sliding_window_logits
 from segmenter.raster_io import array_sha256, read_crop, write_crop
+from segmenter.text.features import ExpertTextFeatures
 from segmenter.tiling import tile_grid
 
 SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
@@ -41,10 +41,9 @@ def image_files(inputs: list[Path]) -> list[Path]:
     return files
 
 
-def captioned_tiles_by_pixels(captions: Path, experts: list[str]) -> dict[str, str]:
-    """Pixel hash -> tile id of every tile with a selected caption of the run's experts in a store."""
-    rows = selected_captions(captions)
-    rows = rows[rows["expert"].isin(experts) & rows["image_sha256"].notna()]
+def _captioned_tiles_by_pixels(text: ExpertTextFeatures) -> dict[str, str]:
+    """Pixel hash -> tile id of every tile with a selected caption of the run's experts."""
+    rows = text.rows[text.rows["image_sha256"].notna()]
     return dict(zip(rows["image_sha256"], rows["tile_id"], strict=True))
 
 
@@ -88,7 +87,7 @@ def predict(
     if guided and captions is None:
         print(f"no --captions: every expert of {trained.model.config.experts} is masked on every window")
     prefix = trained.manifest.dataset.tile_prefix
-    by_pixels = captioned_tiles_by_pixels(captions, trained.model.config.experts) if text is not None else {}
+    by_pixels = _captioned_tiles_by_pixels(text) if text is not None else {}
     written = []
     for path in image_files(inputs):
         try:

@@ -21,12 +21,14 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 
 from manifests.atomic import atomic_path, atomic_write_text
+from manifests.caption_store import selected_captions
 from manifests.errors import InputError
 from manifests.run_manifest import load_manifest
 from manifests.tile_index import read_tile_index
@@ -106,12 +108,18 @@ def sample_plan(step: int, batch: int, n: int, seed: int, rank: int, world: int)
 
 
 def load_text_features(
-    config: SegmenterConfig, captions: Path, passed_only: bool, device: str, direction_variants: bool = False
+    config: SegmenterConfig,
+    captions: Path,
+    selected: pd.DataFrame,
+    passed_only: bool,
+    device: str,
+    direction_variants: bool = False,
 ) -> ExpertTextFeatures:
-    """The text features of ``config.experts`` from a caption store, through the on-disk cache beside it."""
+    """The text features of ``config.experts`` from a caption store's selected rows (read once by the caller),
+    through the on-disk cache beside the store."""
     encoder = TextEncoder(config.text_encoder, config.text_checkpoint, device=device)
     cache = TextFeatureCache(Path(captions).parent / "text_cache", encoder)
-    return expert_text_features(captions, list(config.experts), cache, passed_only, direction_variants)
+    return expert_text_features(selected, list(config.experts), cache, passed_only, direction_variants)
 
 
 def print_masked(counts: dict[str, int], n_tiles: int, split: str) -> None:
@@ -175,21 +183,24 @@ def train(
         raise InputError(f"--out: {paths.root} already holds a run; pass --resume to continue it or pick a new folder")
     torch.manual_seed(settings.seed)
     config = preset_config(settings.preset, num_classes=len(index.class_names))
-    text, masked = None, {}
+    text, masked, selected = None, {}, None
     if config.uses_text:
         if captions is None:
             raise InputError(f"--captions: preset {config.name} reads captions; give a caption store")
+        selected = selected_captions(captions)
         # A resumed run keeps the experts its weights were made for.
         recorded = _recorded_experts(paths) if resume else None
-        config = config.model_copy(update={"experts": run_experts(captions, recorded or settings.experts)})
+        experts = run_experts(captions, selected, recorded or settings.experts)
+        config = config.model_copy(update={"experts": experts})
         chosen_by = "the run record" if recorded else "--experts" if settings.experts else "the caption store"
     elif settings.experts:
         raise InputError(f"--experts: preset {config.name} reads no captions")
     model = build_model(config).to(device)
     augmentation = settings.augmentation_for(config)
     if config.uses_text:
-        assert captions is not None
-        text = load_text_features(config, Path(captions), settings.passed_only, device, augmentation == "d4_rewrite")
+        assert captions is not None and selected is not None
+        text = load_text_features(config, Path(captions), selected, settings.passed_only, device,
+                                  augmentation == "d4_rewrite")  # fmt: skip
     samples = TileSamples(index, "train", text, augmentation=augmentation)
     if len(samples) == 0:
         raise InputError(f"tile index {index.root}: no tiles in split 'train'")

@@ -8,7 +8,7 @@ no text.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -31,6 +31,8 @@ class ExpertTextFeatures:
     present: dict[str, torch.Tensor]
     dim: int
     n_variants: int = 1
+    # The store's selected rows of these experts (passed or not), for reports that need more than the features.
+    rows: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     def lookup(self, tile_id: str, variant: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Features of a tile (under a direction variant); a tile the store lacks has every expert masked."""
@@ -48,24 +50,28 @@ class ExpertTextFeatures:
         return counts
 
 
-def _usable(store: str | Path, passed_only: bool) -> pd.DataFrame:
-    frame = selected_captions(store)
-    frame = frame[frame["caption"].fillna("").str.strip().ne("")]
+def _usable(selected: pd.DataFrame, passed_only: bool) -> pd.DataFrame:
+    frame = selected[selected["caption"].fillna("").str.strip().ne("")]
     return frame[frame["passed"]] if passed_only else frame
 
 
-def store_experts(store: str | Path) -> list[str]:
-    """The experts that have selected captions in a store, sorted by name."""
-    return sorted(selected_captions(store)["expert"].unique())
+def store_experts(selected: pd.DataFrame) -> list[str]:
+    """The experts that have selected captions (rows of ``selected_captions``), sorted by name."""
+    return sorted(selected["expert"].unique())
 
 
-def run_experts(store: str | Path, requested: list[str] | None = None) -> list[str]:
+def run_experts(store: str | Path, selected: pd.DataFrame, requested: list[str] | None = None) -> list[str]:
     """The experts a new run reads: ``requested`` in that order, else every expert of the store (sorted).
+
+    Args:
+        store: the caption store, for messages.
+        selected: its selected rows (``selected_captions(store)``, read once by the caller).
+        requested: the experts asked for (``--experts``, or a resumed run's record).
 
     Raises:
         InputError: a requested expert has no caption in the store, or the store has no captions at all.
     """
-    available = store_experts(store)
+    available = store_experts(selected)
     if not available:
         raise InputError(f"--captions: caption store {store} holds no selected captions")
     if not requested:
@@ -76,14 +82,14 @@ def run_experts(store: str | Path, requested: list[str] | None = None) -> list[s
     return list(requested)
 
 
-def check_store_experts(store: str | Path, experts: list[str], missing: str) -> list[str]:
+def check_store_experts(store: str | Path, selected: pd.DataFrame, experts: list[str], missing: str) -> list[str]:
     """The run's experts that the store lacks; refuses a store that differs from the run unless ``missing='mask'``.
 
     Raises:
         InputError: with ``missing='error'``, one line naming the experts the store lacks and those the run does
             not know.
     """
-    available = store_experts(store)
+    available = store_experts(selected)
     lacking = [name for name in experts if name not in available]
     unknown = [name for name in available if name not in experts]
     if (lacking or unknown) and missing == "error":
@@ -97,7 +103,7 @@ def check_store_experts(store: str | Path, experts: list[str], missing: str) -> 
 
 
 def expert_text_features(
-    store: str | Path,
+    store: str | Path | pd.DataFrame,
     experts: list[str],
     cache: TextFeatureCache,
     passed_only: bool = True,
@@ -108,9 +114,11 @@ def expert_text_features(
     With ``passed_only`` (the paper's filter) captions that failed the CLIP gate are left out; an expert with no
     caption left for a tile is masked for that tile. With ``direction_variants`` each caption is also encoded
     with its direction words moved by each flip/rotation (for geometric augmentation that keeps captions true).
+    ``store`` is a store path or its already read ``selected_captions`` rows.
     """
-    frame = _usable(store, passed_only)
-    frame = frame[frame["expert"].isin(experts)].reset_index(drop=True)
+    selected = store if isinstance(store, pd.DataFrame) else selected_captions(store)
+    rows = selected[selected["expert"].isin(experts)].reset_index(drop=True)
+    frame = _usable(rows, passed_only).reset_index(drop=True)
     n_variants = N_VARIANTS if direction_variants else 1
     captions = frame["caption"].tolist()
     texts = [rewrite_directions(caption, variant) for variant in range(n_variants) for caption in captions]
@@ -126,4 +134,4 @@ def expert_text_features(
         assert vectors is not None
         features[tile_id][:, slot[expert]] = F.normalize(vectors[:, group.index].mean(1), dim=-1)
         present[tile_id][slot[expert]] = True
-    return ExpertTextFeatures(list(experts), features, present, dim, n_variants)
+    return ExpertTextFeatures(list(experts), features, present, dim, n_variants, rows)
