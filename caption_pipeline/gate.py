@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from caption_pipeline.experts.base import CaptionRequest, CaptionResult, Expert, load_image
-from caption_pipeline.prompts import TileClasses, build_prompt, class_source_for
+from caption_pipeline.prompts import TileClasses, build_prompt
 from caption_pipeline.scoring import ClipScorer
 from manifests.caption_store import mark_selected
 from manifests.class_predictions import ClassPredictions, read_class_predictions
@@ -72,7 +72,7 @@ def class_sources(frame: pd.DataFrame, prompts: PromptConfig) -> dict[str, str]:
     Raises:
         InputError: ground truth asked for on an evaluation split without an opt-in.
     """
-    return {split: class_source_for(split, prompts) for split in sorted(frame["split"].unique())}
+    return {split: prompts.source_for(split) for split in sorted(frame["split"].unique())}
 
 
 def load_predictions(

@@ -1,10 +1,8 @@
-"""The three MPerS prompt templates, their attempt-dependent re-prompts, and where their class lists come from."""
+"""The three MPerS prompt templates and their attempt-dependent re-prompts (class sources: PromptConfig.source_for)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from manifests.run_manifest import PromptConfig
 
 TEMPLATES: dict[str, str] = {
     "p1": "This image contains the following land cover types: {classes}. Describe the image in one sentence.",
@@ -93,12 +91,3 @@ def build_prompt(prompt_id: str, classes: TileClasses, attempt: int = 0, overrid
         classes=", ".join(readable(name) for name in classes.present), proportions=classes.proportions()
     )
     return text + refinement(classes, attempt) if attempt > 0 else text
-
-
-def class_source_for(split: str, config: PromptConfig) -> str:
-    """The class source of a split: ``labels``, ``predictions`` or ``none`` (see ``PromptConfig.source_for``).
-
-    Raises:
-        InputError: labels are asked for on an evaluation split without an opt-in.
-    """
-    return config.source_for(split)

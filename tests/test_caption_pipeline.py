@@ -22,7 +22,7 @@ from caption_pipeline.experts.annotation import describe_label
 from caption_pipeline.experts.base import CaptionRequest, CaptionResult, load_image
 from caption_pipeline.experts.vllm_backend import build_conversations, engine_args, sampling_args
 from caption_pipeline.gate import GateSettings, RunInfo, caption_tiles, tile_tasks
-from caption_pipeline.prompts import TileClasses, build_prompt, class_source_for, readable
+from caption_pipeline.prompts import TileClasses, build_prompt, readable
 from caption_pipeline.scoring import ClipScorer
 from manifests.caption_store import StoreMeta, read_store, selected_captions, write_fragment
 from manifests.class_predictions import write_class_predictions
@@ -58,13 +58,13 @@ def test_every_attempt_gets_its_own_wording(classes, override):
 
 def test_labels_on_evaluation_split_need_an_explicit_opt_in():
     config = PromptConfig(class_source={"train": "labels", "test": "labels"})
-    assert class_source_for("train", config) == "labels"
+    assert config.source_for("train") == "labels"
     with pytest.raises(InputError, match="'test' is an evaluation split"):
-        class_source_for("test", config)
+        config.source_for("test")
     opted = config.model_copy(update={"allow_labels_on_eval": True})
-    assert class_source_for("test", opted) == "labels"
-    assert class_source_for("val", PromptConfig()) == "none"
-    assert class_source_for("test", PromptConfig(class_source={"test": "predictions"}, predictions="p.parquet")) == (
+    assert opted.source_for("test") == "labels"
+    assert PromptConfig().source_for("val") == "none"
+    assert PromptConfig(class_source={"test": "predictions"}, predictions="p.parquet").source_for("test") == (
         "predictions"
     )
 
