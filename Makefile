@@ -12,7 +12,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_LOGGING_LEVEL ?= WARNING
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test bench lint clean vllm-env
 
 install: $(STAMP)
 
@@ -21,6 +21,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev,dask]'
 	touch $(STAMP)
+
+# In-process vLLM experts (CUDA machines only). vLLM pins its own torch and transformers, so it gets its own
+# environment instead of downgrading .venv; run the caption stage from it: .venv-vllm/bin/flows run ...
+vllm-env:
+	test -x .venv-vllm/bin/python || $(PYTHON) -m venv .venv-vllm
+	.venv-vllm/bin/python -m pip install --quiet --upgrade pip
+	.venv-vllm/bin/python -m pip install -e '.[vllm]'
 
 demo: install
 	$(BIN)/flows run demo
@@ -36,4 +43,4 @@ lint: install
 	$(BIN)/ruff format --check .
 
 clean:
-	rm -rf $(VENV) .prefect data runs
+	rm -rf $(VENV) .venv-vllm .prefect data runs

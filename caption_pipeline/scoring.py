@@ -1,7 +1,7 @@
 """CLIP agreement between a tile and a caption: ``similarity = cos / 2 + 1 / 2`` (eq. 2 of the supplement).
 
-Each tile image is encoded once per scorer however many captions it gets. Captions longer than CLIP's context
-are split into chunks of ``context - 2`` BPE tokens whose normalised embeddings are averaged (``n_chunks``).
+Each tile image is encoded once per scorer however many captions it gets. Captions are encoded whole
+(``clip_models.ChunkedTextEncoder``); the network's activation follows its weights (``clip_models.ClipWeights``).
 """
 
 from __future__ import annotations
@@ -9,12 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import open_clip
 import torch
 import torch.nn.functional as F
 
+from caption_pipeline.clip_models import ChunkedTextEncoder, ClipWeights, create_clip, register_config
 from caption_pipeline.experts.base import load_image
-from manifests.errors import InputError
 from manifests.run_manifest import ClipConfig
 
 
@@ -26,64 +25,14 @@ class Score:
     n_chunks: int
 
 
+def clip_weights(config: ClipConfig) -> ClipWeights:
+    """The network and weights a manifest's ``captions.clip`` names (its ``model_id`` is known before loading)."""
+    return ClipWeights(config.model, config.pretrained, config.checkpoint, config.quick_gelu)
+
+
 def normalized_similarity(cosine: torch.Tensor | float):
     """Eq. 2: maps a cosine in [-1, 1] to [0, 1]."""
     return cosine / 2 + 0.5
-
-
-def load_open_clip(config: ClipConfig, device: torch.device):
-    """An open_clip model, its image transform and tokenizer, from a name + tag, a local checkpoint or config.
-
-    Raises:
-        InputError: a configured local config or checkpoint is missing.
-    """
-    if config.config is not None:
-        if not config.config.exists():
-            raise InputError(f"captions.clip.config: {config.config} not found (an open_clip JSON config)")
-        open_clip.add_model_config(config.config)
-    if config.checkpoint is not None and not config.checkpoint.is_file():
-        raise InputError(f"captions.clip.checkpoint: {config.checkpoint} not found")
-    pretrained = str(config.checkpoint) if config.checkpoint else config.pretrained
-    try:
-        model, _, preprocess = open_clip.create_model_and_transforms(config.model, pretrained=pretrained, device=device)
-    except RuntimeError as exc:
-        raise InputError(f"captions.clip: cannot load {config.model} ({pretrained}): {exc}".splitlines()[0]) from None
-    return model.eval(), preprocess, open_clip.get_tokenizer(config.model)
-
-
-class ChunkedTextEncoder:
-    """CLIP text embeddings that see the whole caption, not only its first 77 tokens."""
-
-    def __init__(self, model, tokenizer, device: torch.device) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.device = device
-        self.context = getattr(tokenizer, "context_length", 77)
-
-    def token_chunks(self, text: str) -> list[list[int]]:
-        tokens = self.tokenizer.encode(text)
-        width = self.context - 2
-        return [tokens[start : start + width] for start in range(0, len(tokens), width)] or [[]]
-
-    @torch.inference_mode()
-    def encode(self, texts: list[str]) -> tuple[torch.Tensor, list[int], list[int]]:
-        """Normalised embeddings of ``texts``, their BPE token counts and chunk counts."""
-        sot, eot = self.tokenizer.sot_token_id, self.tokenizer.eot_token_id
-        rows, owners, n_tokens, n_chunks = [], [], [], []
-        for index, text in enumerate(texts):
-            chunks = self.token_chunks(text)
-            n_tokens.append(sum(len(chunk) for chunk in chunks))
-            n_chunks.append(len(chunks))
-            for chunk in chunks:
-                row = torch.zeros(self.context, dtype=torch.long)
-                ids = [sot, *chunk, eot]
-                row[: len(ids)] = torch.tensor(ids)
-                rows.append(row)
-                owners.append(index)
-        features = F.normalize(self.model.encode_text(torch.stack(rows).to(self.device)).float(), dim=-1)
-        pooled = torch.zeros(len(texts), features.shape[-1], device=features.device)
-        pooled.index_add_(0, torch.tensor(owners, device=features.device), features)
-        return F.normalize(pooled, dim=-1), n_tokens, n_chunks
 
 
 class ClipScorer:
@@ -91,13 +40,16 @@ class ClipScorer:
 
     def __init__(self, config: ClipConfig) -> None:
         self.config = config
-        self.model_id = config.model_id
+        weights = clip_weights(config)
+        self.model_id = weights.model_id
         requested = config.device
         self.device = torch.device(
             ("cuda" if torch.cuda.is_available() else "cpu") if requested == "auto" else requested
         )
-        self.model, self.preprocess, tokenizer = load_open_clip(config, self.device)
-        self.text_encoder = ChunkedTextEncoder(self.model, tokenizer, self.device)
+        if config.config is not None:
+            register_config(config.config)
+        self.model, self.preprocess = create_clip(weights, self.device)
+        self.text_encoder = ChunkedTextEncoder(self.model, config.model)
         self.image_encodes = 0
         self._images: dict[str, torch.Tensor] = {}
 

@@ -7,16 +7,12 @@ captions are gibberish and their CLIP scores are noise: they prove plumbing, not
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-TINY_CLIP_CONFIG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
+from caption_pipeline.clip_models import register_tiny_config
+
 CORPUS = (
     "An aerial image with buildings, trees, low vegetation, impervious surfaces, cars and clutter. "
     "Roads cross the scene from north to south; roofs in the north-west; trees in the east; 3 cars."
@@ -33,10 +29,7 @@ def build_tiny_clip(folder: Path, name: str = "demo-tiny-clip", seed: int = 0) -
     """Write ``<name>.json`` (an open_clip config) and ``<name>.pt`` (its state dict) into ``folder``."""
     import open_clip
 
-    folder.mkdir(parents=True, exist_ok=True)
-    config_path = folder / f"{name}.json"
-    config_path.write_text(json.dumps(TINY_CLIP_CONFIG))
-    open_clip.add_model_config(config_path)
+    config_path = register_tiny_config(name, folder)
     torch.manual_seed(seed)
     model = open_clip.create_model(name, pretrained=None)
     checkpoint = folder / f"{name}.pt"

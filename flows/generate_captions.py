@@ -22,9 +22,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
 from caption_pipeline.experts import Expert, build_expert
+from caption_pipeline.experts.base import ExpertUnavailable
 from caption_pipeline.gate import GateSettings, RunInfo, caption_tiles, class_sources, load_predictions, tile_tasks
-from caption_pipeline.scoring import ClipScorer
-from manifests.caption_store import StoreMeta, attempt_counts, compact, read_store, write_fragment
+from caption_pipeline.scoring import ClipScorer, clip_weights
+from manifests.caption_store import StoreMeta, attempt_counts, compact, read_store, scorers, write_fragment
 from manifests.errors import InputError
 from manifests.run_manifest import ExpertConfig, RunManifest, load_manifest
 from manifests.tile_index import read_tile_index
@@ -45,8 +46,21 @@ def _cached(key: str, build):
         return _models[key]
 
 
+def _expert_key(config: ExpertConfig) -> str:
+    return f"expert:{config.model_dump_json()}"
+
+
 def _expert(config: ExpertConfig) -> Expert:
-    return _cached(f"expert:{config.model_dump_json()}", lambda: build_expert(config))
+    return _cached(_expert_key(config), lambda: build_expert(config))
+
+
+def release_expert(config: ExpertConfig) -> None:
+    """Drop this process's instance of an expert, closing it first (a vLLM engine frees its GPU memory)."""
+    with _models_lock:
+        expert = _models.pop(_expert_key(config), None)
+    close = getattr(expert, "close", None)
+    if close is not None:
+        close()
 
 
 def _scorer(manifest: RunManifest) -> ClipScorer:
@@ -56,10 +70,13 @@ def _scorer(manifest: RunManifest) -> ClipScorer:
 
 @dataclass(frozen=True)
 class ShardResult:
+    """What one shard task did; ``unavailable`` is the one-line reason its expert cannot answer at all."""
+
     expert: str
     tiles: int
     rows: int
     skipped: int
+    unavailable: str | None = None
 
 
 @task(name="caption-shard", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
@@ -80,10 +97,13 @@ def caption_shard(
     keys = {(tile_id, expert_name, pid) for tile_id in tile_ids for pid in settings.prompt_ids}
     skip = done & keys
     scorer = _scorer(manifest)
-    rows = caption_tiles(
-        tile_tasks(index, frame, captions.prompts), _expert(config), scorer, settings,
-        RunInfo(run_id, manifest_sha256), skip=skip, previous_attempts=counts,
-    )  # fmt: skip
+    try:
+        rows = caption_tiles(
+            tile_tasks(index, frame, captions.prompts), _expert(config), scorer, settings,
+            RunInfo(run_id, manifest_sha256), skip=skip, previous_attempts=counts,
+        )  # fmt: skip
+    except ExpertUnavailable as exc:  # a bad key, an unknown model, an engine that cannot start: stop, not retry
+        return ShardResult(expert_name, len(frame), 0, len(skip), unavailable=str(exc))
     write_fragment(store, rows, StoreMeta(index.class_names, scorer.model_id, captions.tau))
     return ShardResult(expert_name, len(frame), len(rows), len(skip))
 
@@ -109,6 +129,7 @@ class CaptionRunSummary:
     table: pd.DataFrame
     protocol: str = "custom"
     class_sources: dict[str, str] = field(default_factory=dict)
+    unavailable: str | None = None
 
     def class_information(self) -> str:
         """One line: the protocol and the class source per split."""
@@ -170,24 +191,64 @@ def generate_captions_flow(
     chosen = index.frame[index.frame["tile_id"].isin(set(tile_ids))]
     prompts = manifest.captions.prompts
     sources = class_sources(chosen, prompts)
-    gpu = {expert.name for expert in manifest.captions.experts if expert.gpu}
-    futures = []
-    for expert_name in experts:
-        shard_task = caption_shard.with_options(tags=[GPU_TAG] if expert_name in gpu else [])
-        for shard in shards(tile_ids, size):
-            futures.append(shard_task.submit(manifest_path, expert_name, shard, store, run_id, manifest.sha256))
-    logger.info("%d tiles, %d experts, %d shard tasks (run %s)", len(tile_ids), len(experts), len(futures), run_id)
+    configs = {expert.name: expert for expert in manifest.captions.experts}
+    tile_shards = shards(tile_ids, size)
+    total = len(experts) * len(tile_shards)
+    logger.info("%d tiles, %d experts, %d shard tasks (run %s)", len(tile_ids), len(experts), total, run_id)
     logger.info("protocol %s, class source per split: %s", prompts.protocol, sources)
-    results = []
-    for future in as_completed(futures):
-        results.append(future.result())
-        if progress_hook is not None:
-            progress_hook(len(results), len(futures), f"{results[-1].expert}: {results[-1].rows} attempts")
+
+    def submit(expert_name: str) -> list:
+        shard_task = caption_shard.with_options(tags=[GPU_TAG] if configs[expert_name].gpu else [])
+        return [shard_task.submit(manifest_path, expert_name, shard, store, run_id, manifest.sha256)
+                for shard in tile_shards]  # fmt: skip
+
+    # In-process vLLM engines run one after another, each released before the next starts, so every engine can
+    # take most of the GPU; the other experts (HTTP servers, transformers) run alongside from the start.
+    engines = [name for name in experts if configs[name].backend == "vllm"]
+    alongside = [future for name in experts if name not in engines for future in submit(name)]
+    results: list[ShardResult] = []
+    for name in engines:
+        try:
+            results += _collect(submit(name), total, results)
+        finally:
+            release_expert(configs[name])
+        if any(result.unavailable for result in results):
+            break
+    results += _collect(alongside, total, results)
+    for name in {result.expert for result in results if result.unavailable}:
+        release_expert(configs[name])  # its refusal is remembered: a later run in this process starts afresh
     compact(store)
     return CaptionRunSummary(
         Path(store), len(tile_ids), sum(r.rows for r in results), sum(r.skipped for r in results),
         time.perf_counter() - started, summarize(Path(store), experts), prompts.protocol, sources,
+        next((r.unavailable for r in results if r.unavailable), None),
     )  # fmt: skip
+
+
+def _collect(futures: list, total: int, done: list[ShardResult]) -> list[ShardResult]:
+    """The results of ``futures`` as they finish, with progress. Once an expert is unavailable, the shard tasks
+    not started yet are cancelled (the running ones finish and keep what they wrote)."""
+    results: list[ShardResult] = []
+    stopping = any(result.unavailable for result in done)
+    if stopping:
+        _cancel(futures)
+    for future in as_completed(futures):
+        if getattr(future, "wrapped_future", None) is not None and future.wrapped_future.cancelled():
+            continue
+        results.append(future.result())
+        if progress_hook is not None:
+            progress_hook(len(done) + len(results), total, f"{results[-1].expert}: {results[-1].rows} attempts")
+        if results[-1].unavailable and not stopping:
+            stopping = True
+            _cancel(futures)
+    return results
+
+
+def _cancel(futures: list) -> None:
+    for future in futures:
+        wrapped = getattr(future, "wrapped_future", None)
+        if wrapped is not None:
+            wrapped.cancel()
 
 
 @contextmanager
@@ -230,6 +291,24 @@ def generate_captions(
     tiles = index.frame[index.frame["tile_id"].isin(sorted(index.frame["tile_id"])[:limit])]
     load_predictions(index, tiles, manifest.captions.prompts)
     store_path = str(store or manifest.captions.store)
+    check_scorer(store_path, clip_weights(manifest.captions.clip).model_id)
     configured = generate_captions_flow.with_options(task_runner=_task_runner(runner, address))
     with frozen_heap():
-        return configured(str(manifest.source), store_path, chosen, limit, shard_size)
+        summary = configured(str(manifest.source), store_path, chosen, limit, shard_size)
+    if summary.unavailable:
+        raise ExpertUnavailable(f"{summary.unavailable} (run stopped; the attempts written so far are kept)")
+    return summary
+
+
+def check_scorer(store: str | Path, model_id: str) -> None:
+    """Refuse to add to a store scored by another CLIP network: its done keys would be kept as if scored alike.
+
+    Raises:
+        InputError: the store holds rows of another scorer (another model, weights or activation).
+    """
+    others = sorted(scorers(store) - {model_id})
+    if others:
+        raise InputError(
+            f"caption store {store}: scored by CLIP {', '.join(others)}, this manifest scores with {model_id} "
+            "(the activation now follows the weights: QuickGELU for OpenAI-trained ones); caption into a new store"
+        )

@@ -132,6 +132,15 @@ def read_store(store: str | Path, missing_ok: bool = False) -> pd.DataFrame:
     return pa.concat_tables(tables).to_pandas()
 
 
+def scorers(store: str | Path) -> set[str]:
+    """The CLIP model ids that scored the store's rows (one column read; empty for no store)."""
+    models: set[str] = set()
+    for path in _fragments(Path(store)):
+        _check_fragment(path)
+        models.update(pq.read_table(path, columns=["clip_model"]).column("clip_model").unique().to_pylist())
+    return models - {None}
+
+
 def store_meta(store: str | Path) -> StoreMeta | None:
     """Metadata of the newest fragment, or None for an empty store."""
     fragments = _fragments(Path(store))

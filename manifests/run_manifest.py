@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -18,7 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from manifests.errors import InputError
 
 DatasetName = Literal["vaihingen", "potsdam", "syndrone", "folder"]
-Backend = Literal["openai", "vllm", "transformers", "annotation"]
 ClassSource = Literal["labels", "predictions", "none"]
 ClassProtocol = Literal["oracle", "predicted", "blind", "custom"]
 PromptId = Literal["p1", "p2", "p3"]
@@ -78,29 +77,25 @@ class TilingConfig(_Strict):
 
 
 class ClipConfig(_Strict):
-    """The open_clip scorer: a model name with a pretrained tag, a local checkpoint or a local JSON config."""
+    """The open_clip scorer: a model name with a pretrained tag, a local checkpoint or a local JSON config.
+
+    With a ``checkpoint``, ``pretrained`` names where the file's weights come from (``openai``, ``remoteclip``):
+    it decides the activation (QuickGELU for OpenAI-trained weights) unless ``quick_gelu`` says otherwise.
+    """
 
     model: str = "ViT-B-32"
     pretrained: str | None = "openai"
     config: Path | None = Field(default=None, description="directory or file with an open_clip JSON config")
     checkpoint: Path | None = None
+    quick_gelu: bool | None = Field(default=None, description="force the activation; unset: follow the weights")
     device: str = "auto"
     batch_size: int = Field(default=64, ge=1)
 
-    @property
-    def model_id(self) -> str:
-        weights = str(self.checkpoint) if self.checkpoint else (self.pretrained or "random")
-        return f"{self.model}:{weights}"
 
-
-class ExpertConfig(_Strict):
-    """One multimodal LLM (an "expert") and the backend that serves it."""
+class _ExpertSettings(_Strict):
+    """What every expert has, whatever serves it: its name, the image size it sees and its decoding."""
 
     name: str
-    backend: Backend
-    model: str | None = None
-    base_url: str | None = None
-    api_key_env: str | None = Field(default=None, description="name of the env var that holds the API key")
     max_side: int = Field(default=512, ge=16, description="images are resized to this longest side first")
     max_new_tokens: int = Field(default=160, ge=1)
     temperature: float = Field(default=0.0, ge=0.0, description="temperature of attempt 0 (0 = greedy)")
@@ -110,23 +105,73 @@ class ExpertConfig(_Strict):
         description="sampling temperature of the re-prompts (attempts >= 1, seed = attempt), so a re-prompt can "
         "change its answer instead of repeating the greedy one",
     )
-    concurrency: int = Field(default=8, ge=1)
-    batch_size: int = Field(default=8, ge=1)
-    timeout_s: float = Field(default=120.0, gt=0)
-    max_retries: int = Field(default=5, ge=0)
-    device: str = "auto"
-    dtype: str = "auto"
     gpu: bool = Field(default=False, description="tag its tasks for the GPU concurrency limit")
     prompts: dict[PromptId, str] = Field(default_factory=dict, description="per-expert template overrides")
-    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
 
-    @model_validator(mode="after")
-    def _backend_needs(self) -> ExpertConfig:
-        if self.backend != "annotation" and not self.model:
-            raise ValueError(f"expert '{self.name}' with backend '{self.backend}' needs a model")
-        if self.backend == "openai" and not self.base_url:
-            raise ValueError(f"expert '{self.name}' with backend 'openai' needs a base_url")
-        return self
+
+class AnnotationExpertConfig(_ExpertSettings):
+    """The label-grounded expert: captions written from class masks, no model."""
+
+    backend: Literal["annotation"]
+
+    @property
+    def model(self) -> None:
+        return None
+
+
+class OpenAIExpertConfig(_ExpertSettings):
+    """A model behind an OpenAI-compatible chat-completions server (`vllm serve`, SGLang, the OpenAI API)."""
+
+    backend: Literal["openai"]
+    model: str
+    base_url: str
+    api_key_env: str | None = Field(default=None, description="name of the env var that holds the API key")
+    concurrency: int = Field(default=8, ge=1)
+    timeout_s: float = Field(default=120.0, gt=0)
+    max_retries: int = Field(default=5, ge=0)
+    token_limit_field: Literal["max_tokens", "max_completion_tokens"] = Field(
+        default="max_tokens",
+        description="request field that carries max_new_tokens: o-series and newer GPT models reject max_tokens",
+    )
+
+
+class VLLMExpertConfig(_ExpertSettings):
+    """A model run by an in-process ``vllm.LLM`` engine (the ``vllm`` extra, CUDA only)."""
+
+    backend: Literal["vllm"]
+    model: str
+    dtype: str = "auto"
+    gpu_memory_utilization: float = Field(
+        default=0.8,
+        gt=0.0,
+        le=1.0,
+        description="share of GPU memory the engine takes; the flow runs vLLM experts one after another and "
+        "releases each engine before the next starts, so the default leaves room for CLIP only",
+    )
+    max_num_seqs: int | None = Field(default=None, ge=1, description="vLLM's default unless set")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="more vllm.LLM arguments; they win")
+
+
+class TransformersExpertConfig(_ExpertSettings):
+    """A local ``AutoModelForImageTextToText`` from a hub id or a folder."""
+
+    backend: Literal["transformers"]
+    model: str
+    batch_size: int = Field(default=8, ge=1)
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+ExpertConfig = Annotated[
+    AnnotationExpertConfig | OpenAIExpertConfig | VLLMExpertConfig | TransformersExpertConfig,
+    Field(discriminator="backend"),
+]
+EXPERT_SETTINGS: dict[str, type[_ExpertSettings]] = {
+    "annotation": AnnotationExpertConfig,
+    "openai": OpenAIExpertConfig,
+    "vllm": VLLMExpertConfig,
+    "transformers": TransformersExpertConfig,
+}
 
 
 class PromptConfig(_Strict):
@@ -252,6 +297,20 @@ def packaged_manifests() -> dict[str, Path]:
 def _describe_error(error: dict[str, Any]) -> str:
     key = ".".join(str(part) for part in error["loc"]) or "<top level>"
     kind = error["type"]
+    backends = ", ".join(EXPERT_SETTINGS)
+    if kind == "union_tag_invalid":
+        return f"key '{key}.backend': unknown backend {error['ctx']['tag']!r} (expected one of {backends})"
+    if kind == "union_tag_not_found":
+        return f"missing key '{key}.backend' (expected one of {backends})"
+    after_experts = error["loc"][error["loc"].index("experts") + 1 :] if "experts" in error["loc"] else ()
+    backend = next((str(part) for part in after_experts if str(part) in EXPERT_SETTINGS), None)
+    if backend is not None:  # a tagged union puts the tag into the location: say it in words instead
+        key = ".".join(str(part) for part in error["loc"] if str(part) != backend)
+        if kind == "extra_forbidden":
+            allowed = ", ".join(sorted(EXPERT_SETTINGS[backend].model_fields))
+            return f"key '{key}' is not a setting of backend '{backend}' (its settings: {allowed})"
+        if kind == "missing":
+            return f"missing key '{key}' (backend '{backend}' needs it)"
     if kind == "extra_forbidden":
         return f"unknown key '{key}'"
     if kind == "missing":

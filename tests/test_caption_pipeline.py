@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import open_clip
@@ -20,14 +18,18 @@ from PIL import Image
 from caption_pipeline.experts import build_expert
 from caption_pipeline.experts.annotation import describe_label
 from caption_pipeline.experts.base import CaptionRequest, CaptionResult, load_image
-from caption_pipeline.experts.vllm_backend import build_conversations, engine_args, sampling_args
 from caption_pipeline.gate import GateSettings, RunInfo, caption_tiles, tile_tasks
 from caption_pipeline.prompts import TileClasses, build_prompt, readable
 from caption_pipeline.scoring import ClipScorer
 from manifests.caption_store import StoreMeta, read_store, selected_captions, write_fragment
 from manifests.class_predictions import write_class_predictions
 from manifests.errors import InputError
-from manifests.run_manifest import ExpertConfig, PromptConfig
+from manifests.run_manifest import (
+    AnnotationExpertConfig,
+    OpenAIExpertConfig,
+    PromptConfig,
+    TransformersExpertConfig,
+)
 
 CLASSES = TileClasses("labels", {"building": 0.5, "low_vegetation": 0.3, "car": 0.2, "tree": 0.0})
 
@@ -84,50 +86,13 @@ def test_annotation_caption_counts_and_places_objects():
 
 @pytest.mark.parametrize("kind", ["qwen", "llava"])
 def test_transformers_backend_loads_saved_tiny_models(tiny_models, small_index, kind):
-    expert = build_expert(ExpertConfig(name=kind, backend="transformers", model=str(tiny_models[kind]),
+    expert = build_expert(TransformersExpertConfig(name=kind, backend="transformers", model=str(tiny_models[kind]),
                                        max_new_tokens=6, batch_size=2, device="cpu"))  # fmt: skip
     image = small_index.path(small_index.frame["image_path"].iloc[0])
     prompts = ["Describe the image.", "Which classes?", "Count cars."]
     results = expert.generate([CaptionRequest(f"t{i}", image, prompt) for i, prompt in enumerate(prompts)])
     assert len(results) == 3 and all(r.error is None and isinstance(r.caption, str) for r in results)
     assert all(r.finish_reason in {"stop", "length"} and 0 < r.n_generated <= 6 for r in results)
-
-
-def test_vllm_requests_are_built_without_vllm(small_index):
-    assert "vllm" not in sys.modules
-    config = ExpertConfig(name="qwen", backend="vllm", model="Qwen/Qwen2.5-VL-3B-Instruct", max_side=448,
-                          engine_kwargs={"max_model_len": 8192})  # fmt: skip
-    args = engine_args(config)
-    assert args["limit_mm_per_prompt"] == {"image": 1} and args["max_model_len"] == 8192
-    assert args["mm_processor_kwargs"]["max_pixels"] == 448 * 448
-    assert "mm_processor_kwargs" not in engine_args(config.model_copy(update={"model": "llava-hf/llava-1.5-7b-hf"}))
-    assert sampling_args(config)["max_tokens"] == config.max_new_tokens
-    image = small_index.path(small_index.frame["image_path"].iloc[0])
-    [conversation] = build_conversations([CaptionRequest("t", image, "Describe.")], config)
-    parts = conversation[0]["content"]
-    assert parts[0]["image_url"]["url"].startswith("data:image/png;base64,") and parts[1]["text"] == "Describe."
-    with pytest.raises(InputError, match="needs the vllm extra"):
-        build_expert(config).generate([CaptionRequest("t", image, "x")])
-
-
-def test_vllm_gets_one_sampling_params_per_request(small_index):
-    config = ExpertConfig(name="qwen", backend="vllm", model="Qwen/Qwen2.5-VL-3B-Instruct", temperature=0.1)
-    image = small_index.path(small_index.frame["image_path"].iloc[0])
-    seen = []
-
-    class Engine:  # stands in for vllm.LLM on this instance only
-        def chat(self, conversations, params):
-            seen.append(params)
-            done = SimpleNamespace(text=" a caption ", finish_reason="stop", token_ids=[1, 2])
-            return [SimpleNamespace(outputs=[done]) for _ in conversations]
-
-    expert = build_expert(config)
-    expert._llm, expert._vllm = Engine(), SimpleNamespace(SamplingParams=dict)
-    requests = [CaptionRequest("a", image, "x", temperature=0.0, seed=0),
-                CaptionRequest("a", image, "y", temperature=0.7, seed=2), CaptionRequest("b", image, "z")]  # fmt: skip
-    results = expert.generate(requests)
-    assert [result.caption for result in results] == ["a caption"] * 3
-    assert [(params["temperature"], params["seed"]) for params in seen[0]] == [(0.0, 0), (0.7, 2), (0.1, 0)]
 
 
 def test_similarity_is_eq2_of_a_direct_open_clip_computation(clip_config, small_index):
@@ -229,7 +194,7 @@ def test_one_image_encode_per_tile_across_prompts_experts_and_attempts(clip_conf
 def test_annotation_expert_runs_only_where_labels_are_allowed(clip_config, small_index):
     scorer = ClipScorer(clip_config)
     tasks = tile_tasks(small_index, small_index.frame, PromptConfig())
-    rows = caption_tiles(tasks, build_expert(ExpertConfig(name="annotation", backend="annotation")), scorer,
+    rows = caption_tiles(tasks, build_expert(AnnotationExpertConfig(name="annotation", backend="annotation")), scorer,
                          GateSettings(tau=0.0, max_attempts=1), RunInfo("r"))  # fmt: skip
     train = {tile.tile_id for tile in tasks if tile.split == "train"}
     assert {row["tile_id"] for row in rows} == train  # test tiles: labels not allowed, not asked
@@ -240,7 +205,7 @@ def test_annotation_expert_runs_only_where_labels_are_allowed(clip_config, small
 def test_annotation_expert_is_never_re_prompted(clip_config, small_index):
     """Its caption depends on the mask alone: a re-prompt would repeat it word for word under a sampling record."""
     tasks = tile_tasks(small_index, small_index.frame, PromptConfig())
-    rows = caption_tiles(tasks, build_expert(ExpertConfig(name="annotation", backend="annotation")),
+    rows = caption_tiles(tasks, build_expert(AnnotationExpertConfig(name="annotation", backend="annotation")),
                          ClipScorer(clip_config), GateSettings(tau=1.0, max_attempts=3), RunInfo("r"))  # fmt: skip
     assert rows and not any(row["passed"] for row in rows)
     assert {row["attempt"] for row in rows} == {0} and all(row["selected"] for row in rows)
@@ -274,7 +239,7 @@ def test_openai_expert_through_the_gate_never_writes_the_key(clip_config, small_
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         monkeypatch.setenv("MY_KEY", SECRET)
-        config = ExpertConfig(name="gpt", backend="openai", model="gpt-4o", api_key_env="MY_KEY",
+        config = OpenAIExpertConfig(name="gpt", backend="openai", model="gpt-4o", api_key_env="MY_KEY",
                               base_url=f"http://127.0.0.1:{server.server_port}/v1")  # fmt: skip
         tasks = tile_tasks(small_index, small_index.frame.head(2), PromptConfig())
         rows = caption_tiles(tasks, build_expert(config), ClipScorer(clip_config), GateSettings(tau=0.0), RunInfo("r"))
@@ -347,7 +312,7 @@ def test_no_two_attempts_of_a_key_send_the_same_request(clip_config, small_index
 
 
 def test_transformers_sampling_is_seeded_and_do_sample_is_explicit(tiny_models, small_index):
-    expert = build_expert(ExpertConfig(name="qwen", backend="transformers", model=str(tiny_models["qwen"]),
+    expert = build_expert(TransformersExpertConfig(name="qwen", backend="transformers", model=str(tiny_models["qwen"]),
                                        max_new_tokens=8, batch_size=2, device="cpu"))  # fmt: skip
     calls = []
     generate = expert.network.generate
@@ -466,7 +431,7 @@ def test_predictions_missing_for_tiles_of_a_split_are_one_line(small_index, pred
 
 def test_annotation_expert_describes_predicted_masks(clip_config, small_index, predictions):
     scorer = ClipScorer(clip_config)
-    annotation = build_expert(ExpertConfig(name="annotation", backend="annotation"))
+    annotation = build_expert(AnnotationExpertConfig(name="annotation", backend="annotation"))
     settings = GateSettings(tau=0.0, max_attempts=1, prompt_ids=("p1", "p2"))
     prompts = PromptConfig(protocol="predicted", predictions=predictions)
     rows = caption_tiles(
@@ -488,7 +453,7 @@ def test_annotation_expert_without_a_predicted_mask_fails_once(clip_config, smal
     prompts = PromptConfig(protocol="predicted", predictions=predictions)
     tasks = [dataclasses.replace(task, label_path=None) if task.split == "test" else task
              for task in tile_tasks(small_index, small_index.frame, prompts)]  # fmt: skip
-    rows = caption_tiles(tasks, build_expert(ExpertConfig(name="annotation", backend="annotation")),
+    rows = caption_tiles(tasks, build_expert(AnnotationExpertConfig(name="annotation", backend="annotation")),
                          ClipScorer(clip_config), GateSettings(tau=0.5, max_attempts=3), RunInfo("r"))  # fmt: skip
     failed = [row for row in rows if row["split"] == "test"]
     assert len(failed) == 4 * 3 and all(row["attempt"] == 0 and row["selected"] for row in failed)

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -225,3 +226,101 @@ def test_predicted_protocol_reads_predictions_and_says_so(prefect_api, manifest_
     predictions.unlink()  # before any shard task starts, a one-line error names the file
     with pytest.raises(InputError, match=r"class predictions .*class_predictions.parquet: file not found"):
         generate_captions(manifest, experts=["annotation"])
+
+
+def _variant(manifest_path: Path, folder: Path, experts: str) -> Path:
+    """The test manifest with its own store and the given expert entries (YAML list items)."""
+    text = manifest_path.read_text().replace(str(manifest_path.parent / "store"), str(folder / "store"))
+    path = folder / "run.yaml"
+    path.write_text(text.split("  experts:")[0] + "  experts:\n" + experts)
+    return path
+
+
+def test_a_store_scored_by_another_clip_is_refused(prefect_api, manifest_path, threads_store, tmp_path):
+    from manifests.caption_store import StoreMeta, write_fragment
+    from manifests.errors import InputError
+
+    old = read_store(threads_store).assign(clip_model="demo-tiny-clip:demo-tiny-clip.pt")  # before the activation
+    write_fragment(tmp_path / "old", old, StoreMeta(["a"], "demo-tiny-clip:demo-tiny-clip.pt", 0.6))
+    with pytest.raises(InputError, match=r"scored by CLIP demo-tiny-clip:demo-tiny-clip.pt, this manifest scores "
+                                         r"with demo-tiny-clip:demo-tiny-clip.pt:gelu"):  # fmt: skip
+        generate_captions(manifest_path, store=tmp_path / "old")
+    assert len(read_store(tmp_path / "old")) == len(old)  # nothing written
+
+
+class ScriptedEngineExpert:
+    """Stands in for an in-process vLLM expert: records when it served and when its engine was released."""
+
+    backend, reprompts = "vllm", True
+
+    def __init__(self, name: str, events: list[tuple[str, str]]):
+        self.name, self.model, self.events = name, f"model-{name}", events
+
+    def generate(self, requests):
+        from caption_pipeline.experts.base import CaptionResult
+
+        self.events.append((self.name, "generate"))
+        return [CaptionResult(f"an aerial image for {self.name}", "stop", 5, 0.0) for _ in requests]
+
+    def close(self):
+        self.events.append((self.name, "close"))
+
+
+def test_vllm_experts_run_one_after_another_and_each_engine_is_released(prefect_api, manifest_path, tmp_path):
+    manifest = _variant(manifest_path, tmp_path, "    - {name: llava, backend: vllm, model: m1}\n"
+                                                 "    - {name: qwen, backend: vllm, model: m2}\n")  # fmt: skip
+    from manifests.run_manifest import load_manifest
+
+    events: list[tuple[str, str]] = []
+    for config in load_manifest(manifest).captions.experts:
+        flow_module._models[flow_module._expert_key(config)] = ScriptedEngineExpert(config.name, events)
+    summary = generate_captions(manifest)
+    assert events[-1] == ("qwen", "close") and ("llava", "close") in events
+    released = events.index(("llava", "close"))
+    assert {name for name, _ in events[:released]} == {"llava"}  # qwen's engine starts after llava's is gone
+    assert [event for event in events if event[1] == "generate"].count(("qwen", "generate")) == 3  # 12 tiles / 4
+    assert summary.new_rows == 2 * 12 * 3 and not any(key.startswith("expert:") and "vllm" in key
+                                                      for key in flow_module._models)  # fmt: skip
+
+
+def test_a_rejected_key_stops_the_run_with_one_line_and_keeps_what_was_written(prefect_api, manifest_path, tmp_path):
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    class Refuse(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"error": {"message": "Incorrect API key provided"}}')
+            self.server.calls += 1
+
+        def log_message(self, *args):
+            pass
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads, calls = True, 0
+
+        def handle_error(self, request, client_address):  # a request the client cancelled: nothing to report
+            pass
+
+    server = Server(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/v1"
+    gpt = f"    - {{name: gpt, backend: openai, model: gpt-4o, base_url: {url}}}\n"
+    manifest = _variant(manifest_path, tmp_path, "    - {name: annotation, backend: annotation}\n" + gpt)
+    try:
+        result = CliRunner().invoke(app, ["run", "generate-captions", "--manifest", str(manifest)])
+    finally:
+        server.shutdown()
+    assert result.exit_code == 2
+    message = result.output.strip().splitlines()[-1]
+    assert message.startswith("error: ") and "gpt" in message and url in message and "401" in message
+    assert "Traceback" not in result.output
+    assert server.calls <= 3 * 4  # no retries, and the shard tasks not started yet were cancelled
+    frame = read_store(tmp_path / "store")
+    assert set(frame["expert"]) == {"annotation"} and len(frame) == 8 * 3  # the other expert's work is kept

@@ -56,7 +56,25 @@ def with_prompts(prompts: str) -> str:
         (BASE.replace("size: 64", "size: 4"), r"key 'tiling.size': .*greater than or equal to 16"),
         (BASE.replace("name: vaihingen", "name: vaihinge"), r"key 'dataset.name': .*'vaihingen'.*got 'vaihinge'"),
         ("name: t\ndataset: {name: vaihingen, root: x}\n", r"missing key 'tiling'"),
-        (BASE + "captions: {store: s, experts: [{name: a, backend: openai, model: m}]}\n", r"needs a base_url"),
+        (
+            BASE + "captions: {store: s, experts: [{name: a, backend: openai, model: m}]}\n",
+            r"missing key 'captions.experts.0.base_url' \(backend 'openai' needs it\)$",
+        ),
+        (
+            BASE + "captions: {store: s, experts: [{name: a, backend: ollama, model: m}]}\n",
+            r"key 'captions.experts.0.backend': unknown backend 'ollama' \(expected one of annotation, openai, vllm, "
+            r"transformers\)$",
+        ),
+        (BASE + "captions: {store: s, experts: [{name: a, model: m}]}\n", r"missing key 'captions.experts.0.backend'"),
+        (
+            BASE + "captions: {store: s, experts: [{name: a, backend: openai, model: m, base_url: u, "
+            "gpu_memory_utilization: 0.4}]}\n",
+            r"key 'captions.experts.0.gpu_memory_utilization' is not a setting of backend 'openai' \(its settings: ",
+        ),
+        (
+            BASE + "captions: {store: s, experts: [{name: a, backend: vllm, model: m, concurrency: 4}]}\n",
+            r"key 'captions.experts.0.concurrency' is not a setting of backend 'vllm'",
+        ),
         (BASE + "captions: {store: s, tau: high, experts: []}\n", r"key 'captions.tau'"),
         (
             with_prompts("protocol: predicted, class_source: {test: none}, predictions: p"),

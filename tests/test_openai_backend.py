@@ -5,20 +5,26 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from email.utils import format_datetime, parsedate_to_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from multidict import CIMultiDict
 from PIL import Image
 
-from caption_pipeline.experts.base import CaptionRequest
-from caption_pipeline.experts.openai_backend import OpenAIExpert
+from caption_pipeline.experts import base
+from caption_pipeline.experts.base import CaptionRequest, DataUrlCache, ExpertUnavailable, image_data_url
+from caption_pipeline.experts.openai_backend import MAX_BACKOFF_S, OpenAIExpert, retry_after_s
 from manifests.errors import InputError
-from manifests.run_manifest import ExpertConfig
+from manifests.run_manifest import OpenAIExpertConfig
 
 SECRET = "sk-test-SECRET-4242"
+ENCODE = base._encode  # the real encoder, for comparisons that must not count as the cache's work
 
 
 class ChatServer(ThreadingHTTPServer):
@@ -33,6 +39,11 @@ class ChatServer(ThreadingHTTPServer):
         self.image_sizes: list[tuple[int, int]] = []
         self.auth_headers: set[str] = set()
         self.bodies: list[dict] = []  # every request body without its messages, plus the prompt text
+        self.refused_field: str | None = None  # a request field answered with OpenAI's "Unsupported parameter"
+
+    def handle_error(self, request, client_address):
+        # A client that cancelled or timed out a request has closed the socket the handler later writes to.
+        pass
 
 
 class ChatHandler(BaseHTTPRequestHandler):
@@ -41,10 +52,12 @@ class ChatHandler(BaseHTTPRequestHandler):
     def log_message(self, *args):  # keep test output quiet
         pass
 
-    def _reply(self, status: int, payload: dict) -> None:
+    def _reply(self, status: int, payload: dict, headers: dict[str, str] | None = None) -> None:
         body = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -67,10 +80,13 @@ class ChatHandler(BaseHTTPRequestHandler):
                 server.image_sizes.append(image.size)
         # The request leaves the server's count before its reply is written: the client may send its next request
         # as soon as it reads the reply, and counting both would be the server's race, not the client's bound.
+        headers: dict[str, str] = {}
         try:
             time.sleep(0.05)
             if prompt == "hang":
                 time.sleep(3)
+            if prompt == "stall":  # far longer than any bound a test puts on the client
+                time.sleep(20)
             choice = {"message": {"content": f" caption for {prompt} "}, "finish_reason": "stop"}
             status, payload = 200, {"choices": [choice], "usage": {"completion_tokens": 4}}
             if prompt == "fail":
@@ -81,10 +97,25 @@ class ChatHandler(BaseHTTPRequestHandler):
                 status, payload = 429, {"error": "slow down"}
             if prompt == "flaky" and calls == 2:
                 status, payload = 503, {"error": "busy"}
+            if prompt == "throttled" and calls == 1:  # OpenAI sends both; the millisecond one is the precise one
+                status, payload = 429, {"error": "rate limited"}
+                headers = {"retry-after-ms": "50", "Retry-After": "20"}
+            if prompt.startswith("status "):  # an OpenAI-style error that echoes the key it was sent
+                message = f"Incorrect API key provided: {self.headers.get('Authorization')}.\nSee the docs."
+                status, payload = int(prompt.split()[1]), {"error": {"message": message, "code": "invalid_api_key"}}
+            if prompt == "too long":  # vLLM: names the field, but only this request is at fault
+                message = "'max_tokens' or 'max_completion_tokens' is too large: 160. This model's maximum context"
+                status, payload = 400, {"object": "error", "message": message}
+            if server.refused_field in body:
+                message = (
+                    f"Unsupported parameter: '{server.refused_field}' is not supported with this model. "
+                    f"Use '{({'max_tokens', 'max_completion_tokens'} - {server.refused_field}).pop()}' instead."
+                )
+                status, payload = 400, {"error": {"message": message, "param": server.refused_field}}
         finally:
             with server.lock:
                 server.in_flight -= 1
-        self._reply(status, payload)
+        self._reply(status, payload, headers)
 
 
 @pytest.fixture
@@ -103,12 +134,12 @@ def image(tmp_path):
     return path
 
 
-def expert(server, monkeypatch, **overrides) -> OpenAIExpert:
+def expert(server, monkeypatch, backoff_s: float = 0.01, **overrides) -> OpenAIExpert:
     monkeypatch.setenv("TEST_CHAT_KEY", SECRET)
     settings = {"name": "gpt", "backend": "openai", "model": "gpt-4o", "base_url": f"http://127.0.0.1:{server.server_port}/v1",
                 "api_key_env": "TEST_CHAT_KEY", "max_side": 128, "concurrency": 3, "timeout_s": 5.0, "max_retries": 3,
                 **overrides}  # fmt: skip
-    return OpenAIExpert(ExpertConfig(**settings), backoff_s=0.01)
+    return OpenAIExpert(OpenAIExpertConfig(**settings), backoff_s=backoff_s)
 
 
 def test_concurrency_bound_and_base64_images(server, monkeypatch, image):
@@ -157,25 +188,198 @@ def test_permanent_failures_are_recorded_without_stopping(server, monkeypatch, i
 
 def test_connection_refused_is_an_error_result(monkeypatch, image):
     monkeypatch.setenv("TEST_CHAT_KEY", SECRET)
-    config = ExpertConfig(name="gpt", backend="openai", model="m", base_url="http://127.0.0.1:9/v1",
+    config = OpenAIExpertConfig(name="gpt", backend="openai", model="m", base_url="http://127.0.0.1:9/v1",
                           api_key_env="TEST_CHAT_KEY", max_retries=1)  # fmt: skip
     [result] = OpenAIExpert(config, backoff_s=0.01).generate([CaptionRequest("a", image, "x")])
     assert result.caption is None and "Connect" in result.error
+    assert "http://127.0.0.1:9/v1/chat/completions" in result.error  # which server, for a run with several
 
 
 def test_missing_api_key_variable(monkeypatch):
     monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
-    config = ExpertConfig(name="gpt", backend="openai", model="m", base_url="http://x", api_key_env="NO_SUCH_KEY_VAR")
+    config = OpenAIExpertConfig(
+        name="gpt", backend="openai", model="m", base_url="http://x", api_key_env="NO_SUCH_KEY_VAR"
+    )
     with pytest.raises(InputError, match="environment variable NO_SUCH_KEY_VAR"):
         OpenAIExpert(config)
 
 
 def test_concurrency_bound_holds_across_caller_threads(server, monkeypatch, image):
-    from concurrent.futures import ThreadPoolExecutor
-
     backend = expert(server, monkeypatch, concurrency=4)
     batches = [[CaptionRequest(f"t{b}-{i}", image, f"p{b}-{i}") for i in range(6)] for b in range(4)]
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(backend.generate, batches))
     assert all(r.caption for batch in results for r in batch)
     assert server.max_in_flight == 4
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
+def test_a_rejection_before_any_success_stops_the_run_at_once(server, monkeypatch, image, status):
+    backend = expert(server, monkeypatch, concurrency=8, max_retries=3, timeout_s=30.0)
+    started = time.monotonic()
+    with pytest.raises(ExpertUnavailable) as raised:
+        backend.generate([CaptionRequest(f"t{i}", image, f"status {status}") for i in range(64)])
+    assert time.monotonic() - started < 5  # one round trip, not 64 requests' worth of retries and backoff
+    # Never retried, and nothing sent once the first rejection arrived: at most the first `concurrency` requests.
+    assert 1 <= server.calls[f"status {status}"] <= 8
+    message = str(raised.value)
+    assert isinstance(raised.value, InputError) and "\n" not in message
+    assert f"expert gpt: {backend.url} answered HTTP {status}" in message
+    assert "Incorrect API key provided" in message and SECRET not in message
+    # The expert stays unavailable: a later batch raises before sending anything.
+    with pytest.raises(ExpertUnavailable):
+        backend.generate([CaptionRequest("a", image, "fine")])
+    assert server.calls["fine"] == 0
+
+
+def test_a_rejection_names_the_key_variable(server, monkeypatch, image):
+    with pytest.raises(ExpertUnavailable, match=r"API key in TEST_CHAT_KEY \(api_key_env\)"):
+        expert(server, monkeypatch).generate([CaptionRequest("a", image, "status 401")])
+
+
+def test_a_rejection_cancels_requests_in_flight_in_every_caller_thread(server, monkeypatch, image):
+    backend = expert(server, monkeypatch, concurrency=8, max_retries=0, timeout_s=60.0)
+    batches = [[CaptionRequest(f"s{i}", image, "stall") for i in range(3)], [CaptionRequest("d", image, "status 401")]]
+    started = time.monotonic()
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(backend.generate, batch) for batch in batches]
+        errors = [future.exception(timeout=30) for future in futures]
+    assert all(isinstance(error, ExpertUnavailable) for error in errors)
+    assert time.monotonic() - started < 10  # the stalled requests (20 s) were not waited for
+    deadline = time.monotonic() + 5  # a cancelled request gives its slot back on the loop, just after the raise
+    while backend.in_flight and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert backend.in_flight == 0
+
+
+def test_after_a_success_a_rejection_is_a_failed_result(server, monkeypatch, image):
+    backend = expert(server, monkeypatch)
+    assert backend.generate([CaptionRequest("a", image, "fine")])[0].caption == "caption for fine"
+    results = backend.generate([CaptionRequest("a", image, "status 401"), CaptionRequest("b", image, "status 404"),
+                                CaptionRequest("c", image, "again")])  # fmt: skip
+    assert results[0].error.startswith("HTTP 401: Incorrect API key") and SECRET not in results[0].error
+    assert results[1].error.startswith("HTTP 404") and results[2].caption == "caption for again"
+    assert server.calls["status 401"] == 1 and server.calls["status 404"] == 1  # recorded, not retried
+
+
+def test_retry_after_ms_is_honoured_over_the_exponential_backoff(server, monkeypatch, image):
+    backend = expert(server, monkeypatch, backoff_s=20.0)  # the default wait would be 20-40 s
+    started = time.monotonic()
+    [result] = backend.generate([CaptionRequest("a", image, "throttled")])
+    assert result.caption == "caption for throttled" and server.calls["throttled"] == 2
+    assert time.monotonic() - started < 5  # 50 ms asked (retry-after-ms wins over Retry-After: 20)
+
+
+def test_retry_after_headers_are_parsed_safely(monkeypatch):
+    date = "Wed, 21 Oct 2015 07:28:00 GMT"
+    then = parsedate_to_datetime(date).timestamp()
+    assert retry_after_s(CIMultiDict({"Retry-After-Ms": "50", "Retry-After": "20"})) == 0.05
+    assert retry_after_s(CIMultiDict({"retry-after": "2"})) == 2.0
+    assert retry_after_s(CIMultiDict({"Retry-After": date}), now=then - 3) == 3.0
+    assert retry_after_s(CIMultiDict({"Retry-After": date.removesuffix(" GMT")}), now=then - 3) == 3.0  # GMT, not local
+    assert retry_after_s(CIMultiDict({"Retry-After": format_datetime(parsedate_to_datetime(date))}), now=then + 60) == 0
+    assert retry_after_s(CIMultiDict({"retry-after-ms": "nan", "Retry-After": "1"})) == 1.0
+    for headers in ({}, {"Retry-After": "soon"}, {"Retry-After": "-3"}, {"retry-after-ms": "-5"}, {"Retry-After": ""}):
+        assert retry_after_s(CIMultiDict(headers)) is None
+    monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
+    backend = OpenAIExpert(OpenAIExpertConfig(name="gpt", backend="openai", model="m", base_url="http://x"))
+    assert backend._delay(0, CIMultiDict({"Retry-After": "3600"})) == MAX_BACKOFF_S  # capped
+    assert 0.5 <= backend._delay(0, CIMultiDict({"Retry-After": "later"})) <= 1.0  # the default backoff
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+def test_max_new_tokens_is_sent_under_the_configured_field(server, monkeypatch, image, field):
+    expert(server, monkeypatch, token_limit_field=field, max_new_tokens=77).generate([CaptionRequest("a", image, "x")])
+    [body] = server.bodies
+    other = "max_completion_tokens" if field == "max_tokens" else "max_tokens"
+    assert body[field] == 77 and other not in body
+
+
+@pytest.mark.parametrize(("sent", "advice"), [("max_tokens", "max_completion_tokens"),
+                                              ("max_completion_tokens", "max_tokens")])  # fmt: skip
+def test_a_refused_token_field_tells_how_to_fix_the_manifest(server, monkeypatch, image, sent, advice):
+    server.refused_field = sent
+    backend = expert(server, monkeypatch, token_limit_field=sent)
+    with pytest.raises(ExpertUnavailable) as raised:
+        backend.generate([CaptionRequest(f"t{i}", image, "x") for i in range(6)])
+    message = str(raised.value)
+    assert f"set token_limit_field: {advice} on this expert in the manifest" in message
+    assert f"Unsupported parameter: '{sent}'" in message and "\n" not in message
+    assert server.calls["x"] <= 3  # concurrency: nothing retried, nothing sent after the first answer
+
+
+def test_a_400_that_only_names_the_token_field_fails_that_request_alone(server, monkeypatch, image):
+    results = expert(server, monkeypatch).generate([CaptionRequest("a", image, "too long"),
+                                                    CaptionRequest("b", image, "fine")])  # fmt: skip
+    assert results[0].error.startswith("HTTP 400: 'max_tokens' or 'max_completion_tokens' is too large")
+    assert results[1].caption == "caption for fine" and server.calls["too long"] == 1
+
+
+def _tile(path, color, size=(40, 30)):
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+def _counting_encoder(monkeypatch) -> Counter:
+    encoded: Counter = Counter()
+
+    def counting(path, max_side):
+        encoded[path.stem] += 1
+        return ENCODE(path, max_side)
+
+    monkeypatch.setattr(base, "_encode", counting)
+    return encoded
+
+
+def test_data_url_cache_is_bounded_by_bytes_and_evicts_least_recently_used(tmp_path, monkeypatch):
+    a, b, c = (_tile(tmp_path / f"{name}.png", color, size) for name, color, size in
+               [("a", (255, 0, 0), (40, 30)), ("b", (0, 255, 0), (50, 20)), ("c", (0, 0, 255), (30, 30))])  # fmt: skip
+    lengths = {path.stem: len(ENCODE(path, 64)) for path in (a, b, c)}
+    encoded = _counting_encoder(monkeypatch)
+    cache = DataUrlCache(max_bytes=sum(lengths.values()) - 1)  # room for any two, never all three
+    monkeypatch.setattr(base, "_DATA_URLS", cache)
+    assert image_data_url(a, 64) == ENCODE(a, 64)
+    image_data_url(b, 64)
+    image_data_url(a, 64)  # a hit: a is now the most recently used
+    image_data_url(c, 64)  # over the bound: b goes
+    assert encoded == {"a": 1, "b": 1, "c": 1}
+    assert len(cache) == 2 and cache.nbytes == lengths["a"] + lengths["c"] <= cache.max_bytes
+    image_data_url(a, 64)
+    image_data_url(c, 64)
+    assert encoded == {"a": 1, "b": 1, "c": 1}
+    image_data_url(b, 64)
+    assert encoded["b"] == 2 and cache.nbytes <= cache.max_bytes
+
+
+def test_data_url_cache_returns_but_never_stores_an_entry_larger_than_its_bound(tmp_path, monkeypatch):
+    a = _tile(tmp_path / "a.png", (255, 0, 0))
+    encoded = _counting_encoder(monkeypatch)
+    cache = DataUrlCache(max_bytes=10)
+    monkeypatch.setattr(base, "_DATA_URLS", cache)
+    assert image_data_url(a, 64).startswith("data:image/png;base64,")
+    image_data_url(a, 64)
+    assert encoded["a"] == 2 and len(cache) == 0 and cache.nbytes == 0
+
+
+def test_data_url_cache_re_encodes_a_changed_file(tmp_path, monkeypatch):
+    a = _tile(tmp_path / "a.png", (255, 0, 0))
+    encoded = _counting_encoder(monkeypatch)
+    monkeypatch.setattr(base, "_DATA_URLS", DataUrlCache())
+    before = image_data_url(a, 64)
+    assert image_data_url(a, 64) == before and encoded["a"] == 1
+    mtime_ns = a.stat().st_mtime_ns
+    _tile(a, (0, 0, 255))
+    os.utime(a, ns=(mtime_ns + 10**9, mtime_ns + 10**9))  # a clock too coarse to tell the two writes apart
+    after = image_data_url(a, 64)
+    assert after != before and after == ENCODE(a, 64) and encoded["a"] == 2
+    assert len(base._DATA_URLS) == 1  # the stale encoding was replaced, not left to age out
+    assert image_data_url(a, 32) != after and len(base._DATA_URLS) == 2  # another size is another entry
+
+
+def test_data_url_cache_stays_within_its_bound_under_threads(tmp_path):
+    tiles = [_tile(tmp_path / f"t{i}.png", (i * 20, 0, 0), (20 + i, 20)) for i in range(8)]
+    cache = DataUrlCache(max_bytes=3 * len(ENCODE(tiles[-1], 64)))
+    with ThreadPoolExecutor(8) as pool:
+        urls = list(pool.map(lambda i: cache.get(tiles[i % 8], 64), range(400)))
+    assert urls == [ENCODE(tiles[i % 8], 64) for i in range(400)]
+    assert 0 < cache.nbytes <= cache.max_bytes and cache.nbytes == sum(len(url) for _, url in cache._entries.values())

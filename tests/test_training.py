@@ -22,7 +22,7 @@ from caption_pipeline.scoring import ClipScorer
 from manifests.caption_store import StoreMeta, read_store, write_fragment
 from manifests.class_predictions import read_class_predictions
 from manifests.errors import InputError
-from manifests.run_manifest import ExpertConfig, PromptConfig
+from manifests.run_manifest import AnnotationExpertConfig, PromptConfig
 from segmenter import train as train_module
 from segmenter.evaluate import evaluate
 from segmenter.inference import sliding_window_logits
@@ -41,7 +41,8 @@ def run_inputs(tmp_path_factory, small_index, clip_config):
     store = folder / "captions"
     prompts = PromptConfig(class_source={"train": "labels", "test": "labels"}, allow_labels_on_eval=True)
     rows = caption_tiles(tile_tasks(small_index, small_index.frame, prompts),
-                         build_expert(ExpertConfig(name="annotation", backend="annotation")), ClipScorer(clip_config),
+                         build_expert(AnnotationExpertConfig(name="annotation", backend="annotation")),
+                         ClipScorer(clip_config),
                          GateSettings(tau=0.0, max_attempts=1), RunInfo("r"))  # fmt: skip
     write_fragment(store, rows, StoreMeta(small_index.class_names, "tiny", 0.0))
     manifest = folder / "run.yaml"

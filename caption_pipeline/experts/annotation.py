@@ -17,6 +17,7 @@ from scipy import ndimage
 
 from caption_pipeline.experts.base import CaptionRequest, CaptionResult
 from caption_pipeline.prompts import readable
+from manifests.run_manifest import AnnotationExpertConfig
 
 COMPASS = (("north-west", "north", "north-east"), ("west", "centre", "east"), ("south-west", "south", "south-east"))
 COUNTABLE = {"building": "buildings", "car": "cars", "tree": "trees", "vehicle": "vehicles", "person": "people"}
@@ -82,8 +83,8 @@ class AnnotationExpert:
     reprompts = False  # the caption depends on the mask alone
     model = "label-mask"
 
-    def __init__(self, name: str = "annotation") -> None:
-        self.name = name
+    def __init__(self, config: AnnotationExpertConfig) -> None:
+        self.name = config.name
 
     def generate(self, requests: list[CaptionRequest]) -> list[CaptionResult]:
         results = []

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import base64
-import functools
 import io
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -12,6 +13,20 @@ from typing import Protocol
 import numpy as np
 import tifffile
 from PIL import Image
+
+from manifests.errors import InputError
+
+# Total characters of encoded data URLs kept in memory. A 512-px PNG tile is about 0.5 MiB of base64, so this holds
+# several hundred tiles: enough for every prompt and attempt of the chunks in flight to reuse one encoding.
+DATA_URL_CACHE_BYTES = 256 * 2**20
+
+
+class ExpertUnavailable(InputError):
+    """An expert that cannot answer any request of this run.
+
+    A rejected key, an unknown model or URL, a request field the server refuses: ``generate`` raises it instead of
+    recording one failed result per request, and the run stops. Retrying cannot help, so callers must not retry it.
+    """
 
 
 @dataclass(frozen=True)
@@ -62,7 +77,11 @@ class Expert(Protocol):
     reprompts: bool
 
     def generate(self, requests: list[CaptionRequest]) -> list[CaptionResult]:
-        """Captions for ``requests``, in order; a failed request gives a result with an error, never an exception."""
+        """Captions for ``requests``, in order; a failed request gives a result with an error.
+
+        Raises:
+            ExpertUnavailable: the expert cannot serve any request (backends that talk to a server only).
+        """
         ...
 
 
@@ -78,18 +97,65 @@ def load_image(path: Path, max_side: int | None = None) -> Image.Image:
     return image
 
 
+class DataUrlCache:
+    """A thread-safe least-recently-used cache of encoded data URLs, bounded by their total length.
+
+    A tile is sent once per prompt and attempt, so its encoding is reused; an entry is valid while the file's
+    mtime and size are those it was encoded from, and a changed file replaces its old entry rather than leaving it
+    to age out. An encoding longer than the whole bound is returned but never stored.
+
+    Args:
+        max_bytes: the most characters (bytes: the URLs are ASCII) of data URL kept at once.
+    """
+
+    def __init__(self, max_bytes: int = DATA_URL_CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._entries: OrderedDict[tuple[str, int], tuple[tuple[int, int], str]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, path: Path, max_side: int) -> str:
+        """The data URL of ``path`` shrunk to ``max_side``, encoded now unless an up-to-date copy is cached."""
+        stat = path.stat()
+        key, stamp = (str(path), max_side), (stat.st_mtime_ns, stat.st_size)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry[0] == stamp:
+                self._entries.move_to_end(key)
+                return entry[1]
+        # Encoding runs outside the lock so caller threads encode different tiles in parallel; two threads that
+        # miss on the same tile both encode it and the second store wins, which costs time, never correctness.
+        url = _encode(path, max_side)
+        with self._lock:
+            stale = self._entries.pop(key, None)
+            if stale is not None:
+                self.nbytes -= len(stale[1])
+            if len(url) <= self.max_bytes:
+                self._entries[key] = (stamp, url)
+                self.nbytes += len(url)
+                while self.nbytes > self.max_bytes:
+                    _, (_, evicted) = self._entries.popitem(last=False)
+                    self.nbytes -= len(evicted)
+        return url
+
+
+_DATA_URLS = DataUrlCache()
+
+
 def image_data_url(path: Path, max_side: int) -> str:
     """The image as a base64 PNG data URL, resized first: what OpenAI-compatible servers accept.
 
-    A tile is sent once per prompt and attempt, so the encoding is cached (keyed by path, mtime and size).
+    Encodings are cached (see :class:`DataUrlCache`), up to ``DATA_URL_CACHE_BYTES`` in all.
     """
-    return _encoded(str(path), path.stat().st_mtime_ns, max_side)
+    return _DATA_URLS.get(path, max_side)
 
 
-@functools.lru_cache(maxsize=2048)
-def _encoded(path: str, mtime_ns: int, max_side: int) -> str:
+def _encode(path: Path, max_side: int) -> str:
     buffer = io.BytesIO()
-    load_image(Path(path), max_side).save(buffer, format="PNG")
+    load_image(path, max_side).save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 

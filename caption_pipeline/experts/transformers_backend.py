@@ -9,7 +9,7 @@ from itertools import groupby
 import torch
 
 from caption_pipeline.experts.base import CaptionRequest, CaptionResult, load_image
-from manifests.run_manifest import ExpertConfig
+from manifests.run_manifest import TransformersExpertConfig
 
 
 def pick_device(requested: str) -> torch.device:
@@ -31,7 +31,7 @@ class TransformersExpert:
     backend = "transformers"
     reprompts = True
 
-    def __init__(self, config: ExpertConfig) -> None:
+    def __init__(self, config: TransformersExpertConfig) -> None:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.config = config

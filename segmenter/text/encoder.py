@@ -1,89 +1,81 @@
-"""Frozen open_clip text towers that see whole captions (75-token chunks, averaged normalised embeddings)."""
+"""Frozen open_clip text towers that see whole captions (``caption_pipeline.clip_models`` does the encoding)."""
 
 from __future__ import annotations
 
-import json
-import tempfile
 from pathlib import Path
 
-import open_clip
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from caption_pipeline.clip_models import (
+    TINY_CLIP_CONFIG,
+    ChunkedTextEncoder,
+    ClipWeights,
+    create_clip,
+    register_tiny_config,
+)
 from manifests.errors import InputError
 
-# encoder id -> (open_clip model name, pretrained tag); RemoteCLIP ships open_clip-format checkpoints.
+TINY_ENCODER = "test-tiny-clip"
+# encoder id -> (open_clip model name, where its weights come from). The origin decides the activation: the
+# OpenAI weights and RemoteCLIP (fine-tuned from them) need QuickGELU; RemoteCLIP ships open_clip checkpoints.
 TEXT_ENCODERS: dict[str, tuple[str, str | None]] = {
     "clip-vit-b16": ("ViT-B-16", "openai"),
     "clip-vit-l14": ("ViT-L-14", "openai"),
-    "remoteclip-vit-b32": ("ViT-B-32", None),
-    "test-tiny-clip": ("segmenter-test-tiny-clip", None),
+    "remoteclip-vit-b32": ("ViT-B-32", "remoteclip"),
+    TINY_ENCODER: ("segmenter-test-tiny-clip", None),
 }
-TINY_TEXT_CONFIG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
+NEEDS_CHECKPOINT = {"remoteclip-vit-b32": "the RemoteCLIP-ViT-B-32.pt file"}
 
 
-def _register_tiny_config() -> None:
-    folder = Path(tempfile.gettempdir()) / "segmenter-open-clip-configs"
-    folder.mkdir(exist_ok=True)
-    path = folder / "segmenter-test-tiny-clip.json"
-    path.write_text(json.dumps(TINY_TEXT_CONFIG))
-    open_clip.add_model_config(path)
+def text_encoder_weights(encoder: str, checkpoint: str | Path | None = None) -> ClipWeights:
+    """The network and weights of a text encoder id (its activation is known without loading anything).
+
+    Raises:
+        InputError: an unknown encoder id.
+    """
+    if encoder not in TEXT_ENCODERS:
+        raise InputError(f"text encoder '{encoder}' unknown (expected one of {sorted(TEXT_ENCODERS)})")
+    name, origin = TEXT_ENCODERS[encoder]
+    return ClipWeights(name, origin, Path(checkpoint) if checkpoint else None)
 
 
 class TextEncoder(nn.Module):
     """A frozen CLIP text tower; ``encode`` counts its calls so tests can see the cache at work."""
 
     def __init__(
-        self, encoder: str, checkpoint: str | None = None, device: str = "cpu", random_weights: bool = False
+        self,
+        encoder: str,
+        checkpoint: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        random_weights: bool = False,
     ) -> None:
         super().__init__()
-        if encoder not in TEXT_ENCODERS:
-            raise InputError(f"text encoder '{encoder}' unknown (expected one of {sorted(TEXT_ENCODERS)})")
-        name, tag = TEXT_ENCODERS[encoder]
-        if encoder == "test-tiny-clip":
-            _register_tiny_config()
+        weights = text_encoder_weights(encoder, checkpoint)
+        if encoder == TINY_ENCODER:
+            register_tiny_config(weights.model)
             torch.manual_seed(0)  # random but reproducible: the same features in every process
-        if encoder == "remoteclip-vit-b32" and not checkpoint:
-            raise InputError("text_checkpoint: remoteclip-vit-b32 needs the RemoteCLIP-ViT-B-32.pt file")
+        if encoder in NEEDS_CHECKPOINT and not checkpoint and not random_weights:
+            raise InputError(f"text_checkpoint: {encoder} needs {NEEDS_CHECKPOINT[encoder]}")
         if checkpoint and not Path(checkpoint).is_file():
             raise InputError(f"text_checkpoint: {checkpoint} not found")
-        pretrained = None if random_weights else checkpoint or tag  # random: benchmarks, no download
-        model = open_clip.create_model(name, pretrained=pretrained, device=device)
-        self.model = model.eval().requires_grad_(False)
-        self.tokenizer = open_clip.get_tokenizer(name)
-        weights = "random" if random_weights else Path(checkpoint).name if checkpoint else tag or "seed0"
-        self.encoder_id = f"{encoder}:{weights}"
-        self.dim = (
-            int(model.text_projection.shape[-1]) if model.text_projection is not None else TINY_TEXT_CONFIG["embed_dim"]
-        )
+        # random weights (benchmarks): the same network, nothing downloaded
+        model, _ = create_clip(weights, device, load_weights=not random_weights, transforms=False)
+        self.model = model.requires_grad_(False)
+        self.chunked = ChunkedTextEncoder(self.model, weights.model)
+        origin = weights.checkpoint.name if weights.checkpoint else weights.pretrained or "seed0"
+        # the activation is part of the id, so features of a network built with the other one are never reused
+        self.encoder_id = f"{encoder}:{'random' if random_weights else origin}:{weights.activation}"
+        projection = getattr(model, "text_projection", None)
+        self.dim = int(projection.shape[-1]) if projection is not None else TINY_CLIP_CONFIG["embed_dim"]
         self.calls = 0
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def _chunks(self, text: str) -> list[list[int]]:
-        tokens = self.tokenizer.encode(text)
-        width = self.tokenizer.context_length - 2
-        return [tokens[start : start + width] for start in range(0, len(tokens), width)] or [[]]
+        return self.chunked.device
 
     @torch.no_grad()
     def encode(self, texts: list[str]) -> torch.Tensor:
-        """``(N, D)`` normalised embeddings; a caption over 77 tokens is the mean of its chunk embeddings."""
+        """``(N, D)`` normalised embeddings on the CPU; a caption over 77 tokens is the mean of its chunks."""
         self.calls += 1
-        context = self.tokenizer.context_length
-        rows, owners = [], []
-        for index, text in enumerate(texts):
-            for chunk in self._chunks(text):
-                ids = [self.tokenizer.sot_token_id, *chunk, self.tokenizer.eot_token_id]
-                rows.append(ids + [0] * (context - len(ids)))
-                owners.append(index)
-        features = F.normalize(self.model.encode_text(torch.tensor(rows, device=self.device)).float(), dim=-1)
-        pooled = torch.zeros(len(texts), features.shape[-1], device=features.device)
-        pooled.index_add_(0, torch.tensor(owners, device=features.device), features)
-        return F.normalize(pooled, dim=-1).cpu()
+        return self.chunked.encode(texts)[0].cpu()

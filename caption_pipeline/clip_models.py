@@ -1,0 +1,187 @@
+"""open_clip loading and whole-caption text encoding, shared by the caption gate and the segmenter's text towers.
+
+This is the one module of ``caption_pipeline`` that ``segmenter`` may import, so it imports nothing else of
+the project but ``manifests.errors``.
+
+Two rules live here and nowhere else:
+
+- **Activation follows the weights.** open_clip 3.x builds ``ViT-B-32`` with ``nn.GELU``, but the OpenAI weights
+  were trained with QuickGELU (open_clip only warns). A network is built with QuickGELU exactly when its weights
+  need it: an explicit ``quick_gelu``, a ``-quickgelu`` model name, or the pretrained tag's own ``quick_gelu``
+  flag. The activation is part of the model id, so stores and text caches computed with the other activation
+  are never silently reused, and open_clip's mismatch warning is an error here.
+- **Whole captions.** CLIP's context is 77 tokens; a longer caption is split into chunks of ``context - 2`` BPE
+  tokens (room for start and end) whose normalised embeddings are averaged.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from manifests.errors import InputError
+
+QUICKGELU_SUFFIX = "-quickgelu"
+# Weights fine-tuned from the OpenAI checkpoints with open_clip's OpenAI loader, which built QuickGELU networks
+# whatever the model name said (open_clip issue #771): RemoteCLIP was trained from `ViT-B-32` + `openai` that way.
+FINE_TUNED_FROM_OPENAI = frozenset({"remoteclip"})
+TINY_CLIP_CONFIG: dict[str, Any] = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@dataclass(frozen=True)
+class ClipWeights:
+    """Which network to build and which weights to put in it.
+
+    Attributes:
+        model: open_clip model name (``ViT-B-32``, ``ViT-L-14-quickgelu``, a registered local config's name).
+        pretrained: an open_clip pretrained tag (``openai``, ``laion2b_s34b_b79k``). With a ``checkpoint`` it
+            names where the file's weights come from (``openai``, ``remoteclip``), which decides the activation.
+        checkpoint: a local weights file, loaded instead of the tag's download.
+        quick_gelu: force the activation; None follows the weights.
+    """
+
+    model: str
+    pretrained: str | None = None
+    checkpoint: Path | None = None
+    quick_gelu: bool | None = None
+
+    @property
+    def uses_quick_gelu(self) -> bool:
+        """Whether these weights were trained with QuickGELU (see the module docstring for the rule)."""
+        if self.quick_gelu is not None:
+            return self.quick_gelu
+        if self.model.endswith(QUICKGELU_SUFFIX):
+            return True
+        if self.pretrained in FINE_TUNED_FROM_OPENAI:
+            return True
+        tag = open_clip.get_pretrained_cfg(self.model, self.pretrained) if self.pretrained else {}
+        return bool(tag.get("quick_gelu", False))
+
+    @property
+    def activation(self) -> str:
+        return "quickgelu" if self.uses_quick_gelu else "gelu"
+
+    @property
+    def model_id(self) -> str:
+        """``model:weights:activation``: what a store or a text cache records, so a change of any is visible."""
+        weights = self.checkpoint.name if self.checkpoint else (self.pretrained or "random")
+        return f"{self.model}:{weights}:{self.activation}"
+
+    @property
+    def _tag(self) -> str | None:
+        """The pretrained tag open_clip should download, if it knows it (a local checkpoint wins)."""
+        if self.checkpoint is not None or not self.pretrained:
+            return None
+        return self.pretrained if open_clip.get_pretrained_cfg(self.model, self.pretrained) else None
+
+
+def register_config(path: Path) -> None:
+    """Make a local open_clip JSON config (a file or a folder of them) known by its name.
+
+    Raises:
+        InputError: the path does not exist.
+    """
+    if not path.exists():
+        raise InputError(f"{path}: open_clip config not found (a JSON file or a folder of them)")
+    open_clip.add_model_config(path)
+
+
+def register_tiny_config(name: str, folder: Path | None = None) -> Path:
+    """Write the tiny test config as ``<name>.json`` and register it; returns the file."""
+    folder = folder or Path(tempfile.gettempdir()) / "mpers-open-clip-configs"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(TINY_CLIP_CONFIG))
+    open_clip.add_model_config(path)
+    return path
+
+
+def create_clip(
+    weights: ClipWeights, device: torch.device | str = "cpu", load_weights: bool = True, transforms: bool = True
+) -> tuple[nn.Module, Any]:
+    """The CLIP network with the activation its weights need, and its eval image transform (or None).
+
+    Args:
+        weights: the network and its weights.
+        device: where to build it (``meta`` builds the architecture without memory).
+        load_weights: False builds the same architecture with random weights (benchmarks, offline checks).
+        transforms: also return the eval image transform.
+
+    Raises:
+        InputError: a missing checkpoint, weights that cannot be loaded, or an activation that contradicts the
+            pretrained tag (open_clip's QuickGELU mismatch warning).
+    """
+    if weights.checkpoint is not None and load_weights and not weights.checkpoint.is_file():
+        raise InputError(f"CLIP checkpoint {weights.checkpoint} not found")
+    quick = weights.uses_quick_gelu
+    if not quick and weights.model.endswith(QUICKGELU_SUFFIX):
+        raise InputError(f"CLIP {weights.model}: quick_gelu false contradicts the '{QUICKGELU_SUFFIX}' model name")
+    pretrained = (str(weights.checkpoint) if weights.checkpoint else weights._tag) if load_weights else None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="QuickGELU mismatch")
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                weights.model, pretrained=pretrained, device=device, force_quick_gelu=quick
+            )
+        except UserWarning as exc:
+            raise InputError(f"CLIP {weights.model} ({weights.pretrained}): {exc}") from None
+        except RuntimeError as exc:
+            raise InputError(f"CLIP {weights.model} ({pretrained}): cannot load: {str(exc).splitlines()[0]}") from None
+    return model.eval(), (preprocess if transforms else None)
+
+
+def network_activation(model: nn.Module) -> str:
+    """``quickgelu`` or ``gelu``: the activation the built network actually uses."""
+    kinds = {type(module).__name__ for module in model.modules()}
+    return "quickgelu" if "QuickGELU" in kinds else "gelu"
+
+
+class ChunkedTextEncoder:
+    """CLIP text embeddings that see the whole caption, not only its first 77 tokens."""
+
+    def __init__(self, model: nn.Module, model_name: str) -> None:
+        self.model = model
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+        self.context = getattr(self.tokenizer, "context_length", 77)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def token_chunks(self, text: str) -> list[list[int]]:
+        """The caption's BPE tokens in chunks that fit the context with start and end tokens."""
+        tokens = self.tokenizer.encode(text)
+        width = self.context - 2
+        return [tokens[start : start + width] for start in range(0, len(tokens), width)] or [[]]
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, list[int], list[int]]:
+        """Normalised embeddings of ``texts`` (on the model's device), their BPE token counts and chunk counts."""
+        sot, eot = self.tokenizer.sot_token_id, self.tokenizer.eot_token_id
+        rows, owners, n_tokens, n_chunks = [], [], [], []
+        for index, text in enumerate(texts):
+            chunks = self.token_chunks(text)
+            n_tokens.append(sum(len(chunk) for chunk in chunks))
+            n_chunks.append(len(chunks))
+            for chunk in chunks:
+                ids = [sot, *chunk, eot]
+                rows.append(ids + [0] * (self.context - len(ids)))
+                owners.append(index)
+        tokens = torch.tensor(rows, dtype=torch.long, device=self.device)
+        features = F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+        pooled = torch.zeros(len(texts), features.shape[-1], device=features.device)
+        pooled.index_add_(0, torch.tensor(owners, device=features.device), features)
+        return F.normalize(pooled, dim=-1), n_tokens, n_chunks

@@ -1,0 +1,89 @@
+"""The CLIP networks both stages build: the activation their weights need, and ids that say which one ran."""
+
+from __future__ import annotations
+
+import open_clip
+import pytest
+import torch
+
+from caption_pipeline.clip_models import ClipWeights, create_clip, network_activation
+from caption_pipeline.scoring import ClipScorer, clip_weights
+from manifests.errors import InputError
+from manifests.run_manifest import ClipConfig, load_manifest, packaged_manifests
+from segmenter.model.presets import list_presets, preset_config
+from segmenter.text.encoder import TextEncoder, text_encoder_weights
+
+TAG = "tiny_openai_style"  # a pretrained tag whose weights, like OpenAI's, were trained with QuickGELU
+
+
+def expected_activation(weights: ClipWeights) -> str:
+    """What the weights were trained with, read from open_clip's own pretrained config (RemoteCLIP: see README)."""
+    if weights.pretrained == "remoteclip":
+        return "quickgelu"
+    tag = open_clip.get_pretrained_cfg(weights.model, weights.pretrained) if weights.pretrained else {}
+    return "quickgelu" if tag.get("quick_gelu") else "gelu"
+
+
+def built_activation(weights: ClipWeights) -> str:
+    """The activation of the network as built (architecture only, on the meta device: nothing downloaded)."""
+    model, _ = create_clip(weights, device="meta", load_weights=False, transforms=False)
+    return network_activation(model)
+
+
+@pytest.mark.parametrize("name", sorted(set(packaged_manifests()) - {"demo"}))
+def test_every_shipped_manifest_scores_with_the_activation_of_its_weights(name):
+    weights = clip_weights(load_manifest(name).captions.clip)
+    assert weights.pretrained == "openai" and expected_activation(weights) == "quickgelu"
+    assert built_activation(weights) == "quickgelu"
+    assert weights.model_id.endswith(":quickgelu")
+
+
+def test_every_preset_text_encoder_gets_the_activation_of_its_weights():
+    encoders = {preset_config(name).text_encoder for name in list_presets()} - {"none", "test-tiny-clip"}
+    assert encoders == {"clip-vit-b16", "clip-vit-l14", "remoteclip-vit-b32"}
+    for encoder in sorted(encoders):
+        weights = text_encoder_weights(encoder)
+        assert built_activation(weights) == expected_activation(weights) == "quickgelu", encoder
+
+
+def test_activation_is_part_of_every_id():
+    assert ClipWeights("ViT-B-32", "openai").model_id == "ViT-B-32:openai:quickgelu"
+    assert ClipWeights("ViT-B-32", "openai", quick_gelu=False).model_id == "ViT-B-32:openai:gelu"
+    assert ClipWeights("ViT-B-32", "laion2b_s34b_b79k").model_id == "ViT-B-32:laion2b_s34b_b79k:gelu"
+    assert ClipWeights("ViT-B-32-quickgelu", "laion400m_e32").activation == "quickgelu"
+    assert TextEncoder("test-tiny-clip").encoder_id == "test-tiny-clip:seed0:gelu"
+    remote = TextEncoder("remoteclip-vit-b32", random_weights=True, device="meta")
+    assert remote.encoder_id == "remoteclip-vit-b32:random:quickgelu"
+
+
+@pytest.fixture
+def tiny_tag(monkeypatch, tiny_models):
+    """A pretrained tag of the tiny CLIP, registered as open_clip registers its own (weights from a local file)."""
+    open_clip.add_model_config(tiny_models["clip_dir"])
+    entry = {TAG: {"file": str(tiny_models["clip_checkpoint"]), "quick_gelu": True}}
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, "demo-tiny-clip", entry)
+    return ClipConfig(model="demo-tiny-clip", pretrained=TAG, config=tiny_models["clip_dir"], device="cpu")
+
+
+def test_a_quickgelu_tag_builds_quickgelu_through_the_real_tag_path(tiny_tag, tiny_models):
+    scorer = ClipScorer(tiny_tag)
+    assert network_activation(scorer.model) == "quickgelu"
+    assert scorer.model_id == f"demo-tiny-clip:{TAG}:quickgelu"
+    # the same weights in a GELU network give other embeddings: the activation changes every stored number
+    gelu, _ = create_clip(ClipWeights("demo-tiny-clip", checkpoint=tiny_models["clip_checkpoint"]))
+    tokens = open_clip.get_tokenizer("demo-tiny-clip")(["an aerial image with buildings and trees"])
+    with torch.no_grad():
+        assert not torch.allclose(scorer.model.encode_text(tokens), gelu.encode_text(tokens), atol=1e-4)
+
+
+def test_an_activation_against_the_tag_is_an_error_not_a_warning(tiny_tag):
+    with pytest.raises(InputError, match=r"QuickGELU mismatch .* tag 'tiny_openai_style'") as info:
+        ClipScorer(tiny_tag.model_copy(update={"quick_gelu": False}))
+    assert "\n" not in str(info.value)
+
+
+def test_a_checkpoint_takes_its_activation_from_where_its_weights_come_from(tiny_models):
+    weights = ClipWeights("demo-tiny-clip", "remoteclip", tiny_models["clip_checkpoint"])
+    open_clip.add_model_config(tiny_models["clip_dir"])
+    model, _ = create_clip(weights)
+    assert network_activation(model) == "quickgelu" and weights.model_id == "demo-tiny-clip:demo-tiny-clip.pt:quickgelu"
