@@ -138,6 +138,7 @@ def main() -> None:
 
     from caption_pipeline.experts import build_expert
     from caption_pipeline.gate import GateSettings, RunInfo, caption_tiles, tile_tasks
+    from caption_pipeline.policy import GatePolicy
     from caption_pipeline.scoring import ClipScorer
     from caption_pipeline.tiny_models import build_tiny_clip
     from flows.generate_captions import frozen_heap, generate_captions
@@ -173,7 +174,7 @@ captions:
     prepare_tiles(manifest.dataset, manifest.tiling)
     index = read_tile_index(manifest.tiling.out)
     tasks = tile_tasks(index, index.frame.sort_values("tile_id"), manifest.captions.prompts)
-    settings = GateSettings(tau=0.0, max_attempts=1)
+    settings = GateSettings(GatePolicy.from_captions(manifest.captions))
 
     scorer = ClipScorer(manifest.captions.clip)
     expert = build_expert(manifest.captions.experts[0])

@@ -16,6 +16,8 @@ Two rules live here and nowhere else:
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import tempfile
 import warnings
@@ -59,33 +61,80 @@ class ClipWeights:
     quick_gelu: bool | None = None
 
     @property
+    def tag_config(self) -> dict[str, Any]:
+        """open_clip's pretrained config of ``pretrained`` for this model ({} when it is not an open_clip tag)."""
+        return open_clip.get_pretrained_cfg(self.model, self.pretrained) if self.pretrained else {}
+
+    @property
     def uses_quick_gelu(self) -> bool:
         """Whether these weights were trained with QuickGELU (see the module docstring for the rule)."""
         if self.quick_gelu is not None:
             return self.quick_gelu
-        if self.model.endswith(QUICKGELU_SUFFIX):
+        if self.model.endswith(QUICKGELU_SUFFIX) or self.pretrained in FINE_TUNED_FROM_OPENAI:
             return True
-        if self.pretrained in FINE_TUNED_FROM_OPENAI:
-            return True
-        tag = open_clip.get_pretrained_cfg(self.model, self.pretrained) if self.pretrained else {}
-        return bool(tag.get("quick_gelu", False))
+        return bool(self.tag_config.get("quick_gelu", False))
 
     @property
     def activation(self) -> str:
         return "quickgelu" if self.uses_quick_gelu else "gelu"
 
     @property
-    def model_id(self) -> str:
-        """``model:weights:activation``: what a store or a text cache records, so a change of any is visible."""
-        weights = self.checkpoint.name if self.checkpoint else (self.pretrained or "random")
-        return f"{self.model}:{weights}:{self.activation}"
+    def weights_label(self) -> str:
+        """The weights, so that two different files never share a label: a checkpoint by name and content."""
+        if self.checkpoint is None:
+            return self.pretrained or "random"
+        origin = f"{self.pretrained}=" if self.pretrained else ""
+        digest = file_digest(self.checkpoint)[:12] if self.checkpoint.is_file() else "missing"
+        return f"{origin}{self.checkpoint.name}@{digest}"
 
     @property
-    def _tag(self) -> str | None:
-        """The pretrained tag open_clip should download, if it knows it (a local checkpoint wins)."""
-        if self.checkpoint is not None or not self.pretrained:
-            return None
-        return self.pretrained if open_clip.get_pretrained_cfg(self.model, self.pretrained) else None
+    def model_id(self) -> str:
+        """``model:weights:activation``: what a store or a text cache records, so a change of any is visible."""
+        return f"{self.model}:{self.weights_label}:{self.activation}"
+
+    def check(self) -> None:
+        """Refuse, before anything is downloaded or built, weights that cannot be what the user meant.
+
+        Raises:
+            InputError: a tag open_clip does not know for this model, an origin such as ``remoteclip`` without its
+                checkpoint, no weights at all, a missing checkpoint, or ``quick_gelu`` against the tag's activation.
+        """
+        if self.checkpoint is not None:
+            if not self.checkpoint.is_file():
+                raise InputError(f"CLIP checkpoint {self.checkpoint} not found")
+        elif self.pretrained in FINE_TUNED_FROM_OPENAI:
+            raise InputError(
+                f"CLIP {self.model}: pretrained '{self.pretrained}' names where a checkpoint's weights come from; "
+                "give the checkpoint file too"
+            )
+        elif not self.pretrained:
+            raise InputError(f"CLIP {self.model}: no weights (give a pretrained tag or a checkpoint file)")
+        elif not self.tag_config:
+            known = ", ".join(open_clip.list_pretrained_tags_by_model(self.model)) or "none"
+            raise InputError(f"CLIP {self.model}: unknown pretrained tag '{self.pretrained}' (known: {known})")
+        tagged = self.tag_config.get("quick_gelu")
+        if self.quick_gelu is not None and tagged is not None and self.quick_gelu != tagged:
+            raise InputError(
+                f"CLIP {self.model}: quick_gelu {str(self.quick_gelu).lower()} contradicts the weights of tag "
+                f"'{self.pretrained}', trained with {'QuickGELU' if tagged else 'GELU'}"
+            )
+        if not self.uses_quick_gelu and self.model.endswith(QUICKGELU_SUFFIX):
+            raise InputError(f"CLIP {self.model}: quick_gelu false contradicts the '{QUICKGELU_SUFFIX}' model name")
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(path: str, mtime_ns: int, size: int) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a weights file, computed once per (path, mtime, size) in a process."""
+    stat = path.stat()
+    return _digest(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
 
 
 def register_config(path: Path) -> None:
@@ -121,15 +170,15 @@ def create_clip(
         transforms: also return the eval image transform.
 
     Raises:
-        InputError: a missing checkpoint, weights that cannot be loaded, or an activation that contradicts the
-            pretrained tag (open_clip's QuickGELU mismatch warning).
+        InputError: see ``ClipWeights.check``; weights that cannot be loaded; open_clip's QuickGELU mismatch
+            warning, should it still come.
     """
-    if weights.checkpoint is not None and load_weights and not weights.checkpoint.is_file():
-        raise InputError(f"CLIP checkpoint {weights.checkpoint} not found")
+    if load_weights:
+        weights.check()
+        pretrained = str(weights.checkpoint) if weights.checkpoint else weights.pretrained
+    else:
+        pretrained = None
     quick = weights.uses_quick_gelu
-    if not quick and weights.model.endswith(QUICKGELU_SUFFIX):
-        raise InputError(f"CLIP {weights.model}: quick_gelu false contradicts the '{QUICKGELU_SUFFIX}' model name")
-    pretrained = (str(weights.checkpoint) if weights.checkpoint else weights._tag) if load_weights else None
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="QuickGELU mismatch")
         try:

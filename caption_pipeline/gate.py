@@ -11,9 +11,10 @@ from pathlib import Path
 import pandas as pd
 
 from caption_pipeline.experts.base import CaptionRequest, CaptionResult, Expert, load_image
+from caption_pipeline.policy import GatePolicy
 from caption_pipeline.prompts import TileClasses, build_prompt
 from caption_pipeline.scoring import ClipScorer
-from manifests.caption_store import mark_selected
+from manifests.caption_store import KEY_COLUMNS
 from manifests.class_predictions import ClassPredictions, read_class_predictions
 from manifests.errors import InputError
 from manifests.run_manifest import PromptConfig
@@ -40,15 +41,16 @@ class TileTask:
     class_source: str
     protocol: str = "custom"
     class_names: tuple[str, ...] = ()
+    plurals: dict[str, str] = field(default_factory=dict)
     ignore_index: int = 255
 
 
 @dataclass(frozen=True)
 class GateSettings:
-    """The gate of one expert: tau, attempts, prompts, template overrides and the decoding of each attempt."""
+    """The gate of one expert: the run's policy (tau, attempts), prompts, template overrides and the decoding of each
+    attempt."""
 
-    tau: float = 0.55
-    max_attempts: int = 3
+    policy: GatePolicy = field(default_factory=GatePolicy)
     prompt_ids: tuple[str, ...] = ("p1", "p2", "p3")
     overrides: dict[str, str] = field(default_factory=dict)
     temperature: float = 0.0
@@ -148,6 +150,7 @@ def tile_tasks(
                 class_source=source,
                 protocol=prompts.protocol,
                 class_names=tuple(index.class_names),
+                plurals=index.vocabulary.plurals,
                 ignore_index=ignore,
             )
         )
@@ -182,34 +185,36 @@ class ImageCheck:
 def _row(
     tile, pid, attempt, expert, scorer, settings, run, request: CaptionRequest, result: CaptionResult, score
 ) -> dict:
-    """One caption-store row: the request as sent (prompt, temperature, seed), its result and its score."""
+    """One caption-store row: the request as sent (prompt, temperature, seed), its result and its score.
+
+    ``usable`` is the policy's verdict on the answer (only usable answers are scored); ``passed`` and ``selected`` are
+    set by the caller, which decides them for all attempts of a round, and of the run, at once.
+    """
+    usable = settings.policy.usable(result.caption, result.error)  # exactly the answers that were scored
     return {
         "tile_id": tile.tile_id, "expert": expert.name, "model": expert.model, "backend": expert.backend,
         "prompt_id": pid, "attempt": attempt, "prompt_text": request.prompt, "temperature": request.temperature,
         "seed": request.seed, "caption": result.caption,
         "n_tokens": score.n_tokens if score else None, "n_chunks": score.n_chunks if score else None,
         "clip_model": scorer.model_id, "raw_cosine": score.raw_cosine if score else None,
-        "similarity": score.similarity if score else None, "tau": settings.tau,
-        "passed": score is not None and score.similarity >= settings.tau, "selected": False,
+        "similarity": score.similarity if score else None, "tau": settings.policy.tau,
+        "usable": usable, "passed": False, "selected": False,
         "finish_reason": result.finish_reason, "latency_s": result.latency_s, "created_at": datetime.now(UTC),
         "run_id": run.run_id, "manifest_sha256": run.manifest_sha256, "image_sha256": tile.image_sha256,
-        # The annotation expert describes the mask of the split's source; a prompt states what its classes hold.
+        # An expert that reads the class mask describes the mask of the split's source; a prompt states what its
+        # classes hold.
         "split": tile.split, "protocol": tile.protocol,
-        "class_source": tile.class_source if expert.backend == "annotation" else tile.classes.source,
-        "error": result.error if result.error else (None if score else "empty caption"),
+        "class_source": tile.class_source if expert.needs_class_mask else tile.classes.source,
+        "error": result.error if result.error else (None if usable else "empty caption"),
     }  # fmt: skip
 
 
-def _is_usable(result: CaptionResult) -> bool:
-    return result.error is None and result.caption is not None and result.caption.strip() != ""
-
-
 def _generate_and_score(
-    expert: Expert, scorer: ClipScorer, pending, requests, check: ImageCheck
+    expert: Expert, scorer: ClipScorer, policy: GatePolicy, pending, requests, check: ImageCheck
 ) -> tuple[list[CaptionResult], dict]:
-    """Captions and their scores. Experts that serve concurrent batches (``pipeline_chunk``, the HTTP backend)
-    get the requests in chunks, two in flight, so CLIP scores one chunk while the next is being generated."""
-    chunk = getattr(expert, "pipeline_chunk", None) or len(requests)
+    """Captions and the scores of the usable ones. Experts that serve concurrent batches (``pipeline_chunk``, the
+    HTTP backend) get the requests in chunks, two in flight, so CLIP scores one chunk while the next is generated."""
+    chunk = expert.pipeline_chunk or len(requests)
     spans = [(start, min(start + chunk, len(requests))) for start in range(0, len(requests), chunk)]
     results: list[CaptionResult] = [None] * len(requests)  # type: ignore[list-item]
     scores: dict = {}
@@ -224,7 +229,7 @@ def _generate_and_score(
 
     def score(start: int, end: int, part: list[CaptionResult]) -> None:
         results[start:end] = part
-        usable = [i for i in range(start, end) if _is_usable(results[i])]
+        usable = [i for i in range(start, end) if policy.usable(results[i].caption, results[i].error)]
         scored = scorer.score(
             [pending[i][0].image_sha256 for i in usable],
             [pending[i][0].image_path for i in usable],
@@ -253,19 +258,22 @@ def caption_tiles(
 ) -> list[dict]:
     """Every attempt of ``expert`` on the (tile, prompt) pairs not in ``skip``, as caption-store rows.
 
-    A caption passes when its similarity reaches tau; an empty caption or a failed request never passes.
-    Failures are re-generated until ``max_attempts``, each attempt with its own prompt wording and decoding
-    (``GateSettings.decoding``: sampling with seed = attempt after the first), so no two attempts of a key send the
-    same request; the best attempt per key is marked ``selected`` whether it passed or not. ``previous_attempts``
-    continues the attempt numbers (and so the wordings and seeds) of keys that an earlier run tried without success.
-    A tile whose image cannot be read gets one failed attempt per prompt, is never re-prompted, and the others go
-    on. An expert whose answer a re-prompt cannot change (``reprompts`` False) gets one attempt per key. The
-    ``annotation`` expert describes the class mask of the split's class source and skips splits whose source is
-    ``none``; a tile of another split without a mask is a failed attempt like an unreadable image.
+    What is usable, what passes, which attempt is ``selected`` and when a key is asked again is the run's
+    ``GatePolicy``: a usable caption passes when its similarity reaches tau, an empty caption or a failed request
+    never does. Failures are re-generated until ``max_attempts``, each attempt with its own prompt wording and
+    decoding (``GateSettings.decoding``: sampling with seed = attempt after the first), so no two attempts of a key
+    send the same request; the best attempt per key is marked ``selected`` whether it passed or not.
+    ``previous_attempts`` continues the attempt numbers (and so the wordings and seeds) of keys that an earlier run
+    tried without success. A tile whose image cannot be read gets one failed attempt per prompt, is never
+    re-prompted, and the others go on. An expert whose answer a re-prompt cannot change (``reprompts`` False) gets
+    one attempt per key. An expert that describes the class mask of the split's class source (``needs_class_mask``,
+    the annotation expert) skips splits whose source is ``none``; a tile of another split without a mask is a failed
+    attempt like an unreadable image.
     """
+    policy = settings.policy
     previous = previous_attempts or {}
     check = ImageCheck()
-    if expert.backend == "annotation":  # it reads a class mask: nothing to do where the class source is none
+    if expert.needs_class_mask:  # nothing to describe where the class source is none
         tiles = [tile for tile in tiles if tile.class_source != "none"]
         for tile in tiles:
             if tile.label_path is None:
@@ -274,8 +282,7 @@ def caption_tiles(
         (tile, pid) for tile in tiles for pid in settings.prompt_ids if (tile.tile_id, expert.name, pid) not in skip
     ]
     rows: list[dict] = []
-    rounds = settings.max_attempts if expert.reprompts else 1  # re-asking cannot change a deterministic answer
-    for round_ in range(rounds):
+    for round_ in range(policy.rounds(expert.reprompts)):
         if not pending:
             break
         attempts = [previous.get((tile.tile_id, expert.name, pid), 0) + round_ for tile, pid in pending]
@@ -290,24 +297,31 @@ def caption_tiles(
                     prompt_id=pid,
                     label_path=tile.label_path,
                     class_names=tile.class_names,
+                    plurals=tile.plurals,
                     ignore_index=tile.ignore_index,
                     temperature=temperature,
                     seed=seed,
                 )
             )
-        results, scores = _generate_and_score(expert, scorer, pending, requests, check)
+        results, scores = _generate_and_score(expert, scorer, policy, pending, requests, check)
+        round_rows = [
+            _row(tile, pid, attempt, expert, scorer, settings, run, request, result, scores.get(i))
+            for i, ((tile, pid), attempt, request, result) in enumerate(
+                zip(pending, attempts, requests, results, strict=True)
+            )
+        ]
+        passed = policy.passes([row["similarity"] for row in round_rows], [row["usable"] for row in round_rows])
         still_failing = []
-        for i, ((tile, pid), attempt, request, result) in enumerate(
-            zip(pending, attempts, requests, results, strict=True)
-        ):
-            row = _row(tile, pid, attempt, expert, scorer, settings, run, request, result, scores.get(i))
-            rows.append(row)
-            if not row["passed"] and not check.unreadable(tile):
+        for (tile, pid), row, flag in zip(pending, round_rows, passed.tolist(), strict=True):
+            row["passed"] = flag
+            if policy.reprompt(flag, readable=not check.unreadable(tile)):
                 still_failing.append((tile, pid))
+        rows += round_rows
         pending = still_failing
     if rows:
-        columns = ["tile_id", "expert", "prompt_id", "attempt", "caption", "similarity", "error"]
-        flags = mark_selected(pd.DataFrame(rows, columns=columns))["selected"].tolist()
+        # Selection within this run; compaction selects again over the attempts of every run of a key.
+        columns = [*KEY_COLUMNS, "attempt", "similarity", "usable"]
+        flags = policy.select(pd.DataFrame(rows, columns=columns)).tolist()
         for row, flag in zip(rows, flags, strict=True):
             row["selected"] = flag
     return rows

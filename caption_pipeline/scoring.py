@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from caption_pipeline.clip_models import ChunkedTextEncoder, ClipWeights, create_clip, register_config
 from caption_pipeline.experts.base import load_image
+from manifests.devices import resolve_device
 from manifests.run_manifest import ClipConfig
 
 
@@ -42,10 +43,7 @@ class ClipScorer:
         self.config = config
         weights = clip_weights(config)
         self.model_id = weights.model_id
-        requested = config.device
-        self.device = torch.device(
-            ("cuda" if torch.cuda.is_available() else "cpu") if requested == "auto" else requested
-        )
+        self.device = resolve_device(config.device, source="captions.clip.device")
         if config.config is not None:
             register_config(config.config)
         self.model, self.preprocess = create_clip(weights, self.device)

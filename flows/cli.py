@@ -6,43 +6,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
+from flows.console import console, print_summary, with_progress
 from manifests.errors import exit_on_input_error
 
 app = typer.Typer(help="Prefect flows of the MPerS toolkit.", no_args_is_help=True, add_completion=False)
 run_app = typer.Typer(help="Run one flow.", no_args_is_help=True)
 app.add_typer(run_app, name="run")
-console = Console(stderr=True, soft_wrap=True)
-
-
-def with_progress(run):
-    """Run a caption flow with a progress bar over its shard tasks."""
-    from flows import generate_captions as module
-    from segmenter.cli import progress
-
-    with progress("captions") as on_shard:
-        module.progress_hook = on_shard
-        try:
-            return run()
-        finally:
-            module.progress_hook = None
-
-
-def print_summary(summary) -> None:
-    """The per-expert pass-rate table, the protocol with the class source per split, and the run's totals."""
-    table = Table("expert", "prompt", "keys", "pass rate", "first try", "recovered", "not passed", "errored",
-                  title="captions")  # fmt: skip
-    for row in summary.table.itertuples(index=False):
-        table.add_row(row.expert, row.prompt_id, str(row.keys), f"{row.pass_rate:.1%}", f"{row.first_try:.1%}",
-                      str(int(row.recovered)), str(int(row.not_passed)), str(int(row.errored)))  # fmt: skip
-    console.print(table)
-    console.print(summary.class_information())
-    console.print(
-        f"{summary.tiles} tiles, {summary.new_rows} new attempts, {summary.skipped_keys} keys already done, "
-        f"{summary.seconds:.1f} s; store: {summary.store}"
-    )
 
 
 @run_app.command("generate-captions")
@@ -60,8 +30,12 @@ def generate_captions(
     from flows import generate_captions as module
 
     names = [name.strip() for name in experts.split(",")] if experts else None
-    print_summary(with_progress(lambda: module.generate_captions(manifest, store, names, limit, runner, address,
-                                                                 shard_size)))  # fmt: skip
+    summary = with_progress(
+        lambda on_shard: module.generate_captions(
+            manifest, store, names, limit, runner, address, shard_size, on_shard=on_shard
+        )
+    )
+    print_summary(summary)
 
 
 @run_app.command("caption-report")

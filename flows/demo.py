@@ -7,9 +7,12 @@ from pathlib import Path
 
 from rich.console import Console
 
+from caption_pipeline.scoring import clip_weights
 from caption_pipeline.tiny_models import build_tiny_clip, build_tiny_llava, build_tiny_qwen2_vl
-from flows.generate_captions import generate_captions
+from flows.console import print_summary, with_progress
+from flows.generate_captions import check_scorer, generate_captions
 from flows.report import caption_report_flow
+from manifests.errors import InputError
 from manifests.run_manifest import load_manifest
 from segmenter.demo_scenes import write_demo_dataset
 from segmenter.prepare import prepare_tiles
@@ -28,11 +31,18 @@ def build_demo_models(manifest) -> None:
 
 
 DEMO_STEPS = 300
+DEMO_SCENES, DEMO_SCENE_SIZE = 16, 1024  # the 16 Vaihingen areas of the ``mpers`` split, 1024 px each
 TEXT_FREE, TEXT_GUIDED = "test_tiny_notext", "test_tiny"
 
 
 def train_preset(
-    console: Console, manifest_name: str, preset: str, out: Path, steps: int, store: Path | None = None, seed: int = 0
+    console: Console,
+    manifest: str | Path,
+    preset: str,
+    out: Path,
+    steps: int,
+    store: Path | None = None,
+    seed: int = 0,
 ) -> Path:
     """Train a tiny preset (resuming a run cut short), with the captions of ``store`` for a text-guided one."""
     from segmenter.train import TrainSettings, train
@@ -40,7 +50,7 @@ def train_preset(
     settings = TrainSettings(preset=preset, steps=steps, batch_size=8, checkpoint_every=100, log_every=10, seed=seed)
     resume = (out / "checkpoints" / "latest").is_file()
     console.print(f"      training {preset} for {steps} steps -> {out}")
-    return train(manifest_name, out, settings, captions=store, resume=resume, progress=True)
+    return train(manifest, out, settings, captions=store, resume=resume, progress=True)
 
 
 def write_predicted_classes(console: Console, manifest, run: Path) -> Path | None:
@@ -61,35 +71,56 @@ def write_predicted_classes(console: Console, manifest, run: Path) -> Path | Non
     return path
 
 
-def run_demo(console: Console, limit: int | None = None, steps: int = DEMO_STEPS) -> None:
-    """Run every stage on the embedded default, in the working directory, under the ``predicted`` protocol:
-    labels describe the train tiles, a text-free model's predictions describe the test tiles."""
+def run_demo(
+    console: Console,
+    limit: int | None = None,
+    steps: int = DEMO_STEPS,
+    manifest_path: str | Path = "demo",
+    scenes: int = DEMO_SCENES,
+    scene_size: int = DEMO_SCENE_SIZE,
+) -> None:
+    """Run every stage on the embedded default (its paths are relative to the working directory), under the
+    ``predicted`` protocol: labels describe the train tiles, a text-free model's predictions describe the test tiles.
+    The defaults are ``make demo``'s; the tests run the same stages at a small scale.
+
+    Args:
+        console: where the stages are announced (the metrics tables go to stdout).
+        limit: caption only the first ``limit`` tiles (by tile id).
+        steps: training steps of each of the two segmenters.
+        manifest_path: the run manifest (packaged name or path); its dataset root, tile folder, models and caption
+            store say where everything is written. Its split must name areas among the first ``scenes`` demo areas.
+        scenes: how many synthetic areas to write (the ``mpers`` split's train areas first, then its test areas).
+        scene_size: the side of each scene in pixels.
+    """
     from segmenter.evaluate import evaluate
 
     started = time.perf_counter()
-    manifest = load_manifest("demo")
+    manifest = load_manifest(manifest_path)
     store = manifest.captions.store
+    try:  # before any stage runs, not after minutes of training
+        check_scorer(store, clip_weights(manifest.captions.clip).model_id)
+    except InputError as exc:
+        raise InputError(f"{exc}. It was made by an older version: remove {store.parent} and run again") from None
     runs = store.parent / "runs"
     console.print(f"[1/7] demo scenes -> {manifest.dataset.root}")
-    write_demo_dataset(manifest.dataset.root)
+    write_demo_dataset(manifest.dataset.root, n_areas=scenes, size=scene_size)
     console.print(f"[2/7] tiles -> {manifest.tiling.out}")
     result = prepare_tiles(manifest.dataset, manifest.tiling)
     console.print(f"      {result.n_tiles} tiles{' (up to date)' if result.up_to_date else ''}")
     console.print("[3/7] tiny random-weight stand-ins for CLIP, Qwen2-VL and LLaVA (no download)")
     build_demo_models(manifest)
     console.print(f"[4/7] text-free segmenter {TEXT_FREE}, whose predictions describe the test tiles -> {runs}")
-    train_preset(console, "demo", TEXT_FREE, runs / TEXT_FREE, steps)
+    train_preset(console, manifest_path, TEXT_FREE, runs / TEXT_FREE, steps)
     write_predicted_classes(console, manifest, runs / TEXT_FREE)
     console.print(f"[5/7] captions (protocol {manifest.captions.prompts.protocol}) -> {store}")
-    from flows.cli import print_summary, with_progress
-
-    print_summary(with_progress(lambda: generate_captions("demo", limit=limit)))
+    summary = with_progress(lambda on_shard: generate_captions(manifest_path, limit=limit, on_shard=on_shard))
+    print_summary(summary, console)
     report_dir = store.parent / "report"
     console.print(f"[6/7] caption report -> {report_dir}")
     path = caption_report_flow(str(store), str(report_dir), str(manifest.tiling.out))
     console.print(f"report: {path}")
     console.print(f"[7/7] text-guided segmenter {TEXT_GUIDED}; both evaluated on the test areas -> {runs}")
-    train_preset(console, "demo", TEXT_GUIDED, runs / TEXT_GUIDED, steps, store)
+    train_preset(console, manifest_path, TEXT_GUIDED, runs / TEXT_GUIDED, steps, store)
     # Both on the captioned tile grid (the text-guided default), so the two reports differ only by the captions.
     for preset in (TEXT_GUIDED, TEXT_FREE):
         metrics = evaluate(runs / preset, split="test", overlap=0.0)

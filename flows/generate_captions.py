@@ -13,8 +13,10 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, TypeVar
 
 import pandas as pd
 from prefect import flow, get_run_logger, task
@@ -24,6 +26,7 @@ from prefect.futures import as_completed
 from caption_pipeline.experts import Expert, build_expert
 from caption_pipeline.experts.base import ExpertUnavailable
 from caption_pipeline.gate import GateSettings, RunInfo, caption_tiles, class_sources, load_predictions, tile_tasks
+from caption_pipeline.policy import GatePolicy
 from caption_pipeline.scoring import ClipScorer, clip_weights
 from manifests.caption_store import StoreMeta, attempt_counts, compact, read_store, scorers, write_fragment
 from manifests.errors import InputError
@@ -31,41 +34,111 @@ from manifests.run_manifest import ExpertConfig, RunManifest, load_manifest
 from manifests.tile_index import read_tile_index
 
 GPU_TAG = "gpu"
+T = TypeVar("T")
 ShardProgress = Callable[[int, int, str], None]
-# Set by the CLI to draw a progress bar; a hook rather than a flow parameter, since parameters must be data.
-progress_hook: ShardProgress | None = None
-_models: dict[str, object] = {}
-_models_lock = threading.Lock()
+# The ``on_shard`` callback of the generate_captions() call now running in this context, read where the flow collects
+# shard results. A callable cannot be a flow parameter (parameters are data, sent to the Prefect API), so it travels
+# beside the flow as a context variable: generate_captions() sets it around the flow call and resets it afterwards.
+# A synchronous flow runs in its caller's thread, and Prefect copies the context into the threads it starts, as it
+# does for its own run contexts (which are context variables too).
+_ON_SHARD: ContextVar[ShardProgress | None] = ContextVar("on_shard", default=None)
 
 
-def _cached(key: str, build):
-    """One expert or scorer per process and configuration, shared by the shard tasks that run there."""
-    with _models_lock:
-        if key not in _models:
-            _models[key] = build()
-        return _models[key]
+class ModelCache:
+    """Experts and CLIP scorers built once per configuration and shared by the shard tasks of one process.
+
+    Loading a captioning model or a CLIP network takes seconds to minutes, so the shard tasks that run in a process
+    share one instance of each: :meth:`get` builds on first use, under a lock, and later calls return the same object.
+    What the cache drops it closes first (a vLLM engine frees its GPU memory, an HTTP expert its session).
+
+    Lifetime. Prefect runs tasks in threads of the flow's process (``ThreadPoolTaskRunner``, a local Dask cluster
+    without processes) or in Dask worker processes, and a task can reach no object of the caller but through its
+    process: so there is one cache per process, :meth:`of_process`, created on first use. In the process that calls
+    :func:`generate_captions`, each run holds the cache (:meth:`hold`) and the last holder to leave empties it, so
+    no model outlives the run that loaded it, and a later run starts afresh (an expert that refused a key is built
+    again). A caller that wants the models kept across several runs (a benchmark timing warm runs) holds the cache
+    around them. In a remote Dask worker no run holds the cache: its models live as long as the worker process.
+    """
+
+    _process: ClassVar[ModelCache | None] = None
+    _process_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self) -> None:
+        self._items: dict[str, object] = {}
+        self._lock = threading.Lock()
+        self._holders = 0
+
+    @classmethod
+    def of_process(cls) -> ModelCache:
+        """This process's cache, created on first use."""
+        with cls._process_lock:
+            if cls._process is None:
+                cls._process = cls()
+            return cls._process
+
+    def get(self, key: str, build: Callable[[], T]) -> T:
+        """The object cached under ``key``, built by ``build()`` the first time (one build however many callers)."""
+        with self._lock:
+            if key not in self._items:
+                self._items[key] = build()
+            return self._items[key]  # type: ignore[return-value]
+
+    def release(self, key: str) -> None:
+        """Drop the object under ``key`` (if any), closing it."""
+        with self._lock:
+            item = self._items.pop(key, None)
+        _close(item)
+
+    def clear(self) -> None:
+        """Drop and close every cached object."""
+        with self._lock:
+            items, self._items = list(self._items.values()), {}
+        for item in items:
+            _close(item)
+
+    def keys(self) -> list[str]:
+        """The keys cached now."""
+        with self._lock:
+            return list(self._items)
+
+    @contextmanager
+    def hold(self) -> Iterator[ModelCache]:
+        """Keep the cached objects while the block runs; the last holder to leave clears the cache."""
+        with self._lock:
+            self._holders += 1
+        try:
+            yield self
+        finally:
+            with self._lock:
+                self._holders -= 1
+                last = self._holders == 0
+            if last:
+                self.clear()
 
 
-def _expert_key(config: ExpertConfig) -> str:
-    return f"expert:{config.model_dump_json()}"
-
-
-def _expert(config: ExpertConfig) -> Expert:
-    return _cached(_expert_key(config), lambda: build_expert(config))
-
-
-def release_expert(config: ExpertConfig) -> None:
-    """Drop this process's instance of an expert, closing it first (a vLLM engine frees its GPU memory)."""
-    with _models_lock:
-        expert = _models.pop(_expert_key(config), None)
-    close = getattr(expert, "close", None)
+def _close(item: object) -> None:
+    close = getattr(item, "close", None)
     if close is not None:
         close()
 
 
+def _expert_key(config: ExpertConfig) -> str:
+    """The cache key of an expert: its whole configuration."""
+    return f"expert:{config.model_dump_json()}"
+
+
+def _expert(config: ExpertConfig) -> Expert:
+    return ModelCache.of_process().get(_expert_key(config), lambda: build_expert(config))
+
+
+def release_expert(config: ExpertConfig) -> None:
+    """Drop this process's instance of an expert, closing it first (a vLLM engine frees its GPU memory)."""
+    ModelCache.of_process().release(_expert_key(config))
+
+
 def _scorer(manifest: RunManifest) -> ClipScorer:
     config = manifest.captions.clip
-    return _cached(f"clip:{config.model_dump_json()}", lambda: ClipScorer(config))
+    return ModelCache.of_process().get(f"clip:{config.model_dump_json()}", lambda: ClipScorer(config))
 
 
 @dataclass(frozen=True)
@@ -88,10 +161,11 @@ def caption_shard(
     captions = manifest.captions
     index = read_tile_index(manifest.tiling.out)
     frame = index.frame[index.frame["tile_id"].isin(set(tile_ids))]
-    done, counts = attempt_counts(store, tile_ids)
+    policy = GatePolicy.from_captions(captions)
+    done, counts = attempt_counts(store, tile_ids, done=policy.done)
     config = next(expert for expert in captions.experts if expert.name == expert_name)
     settings = GateSettings(
-        captions.tau, captions.max_attempts, tuple(captions.prompts.ids), dict(config.prompts),
+        policy, tuple(captions.prompts.ids), dict(config.prompts),
         temperature=config.temperature, reprompt_temperature=config.reprompt_temperature,
     )  # fmt: skip
     keys = {(tile_id, expert_name, pid) for tile_id in tile_ids for pid in settings.prompt_ids}
@@ -217,7 +291,7 @@ def generate_captions_flow(
     results += _collect(alongside, total, results)
     for name in {result.expert for result in results if result.unavailable}:
         release_expert(configs[name])  # its refusal is remembered: a later run in this process starts afresh
-    compact(store)
+    compact(store, select=GatePolicy.from_captions(manifest.captions).select)
     return CaptionRunSummary(
         Path(store), len(tile_ids), sum(r.rows for r in results), sum(r.skipped for r in results),
         time.perf_counter() - started, summarize(Path(store), experts), prompts.protocol, sources,
@@ -236,8 +310,9 @@ def _collect(futures: list, total: int, done: list[ShardResult]) -> list[ShardRe
         if getattr(future, "wrapped_future", None) is not None and future.wrapped_future.cancelled():
             continue
         results.append(future.result())
-        if progress_hook is not None:
-            progress_hook(len(done) + len(results), total, f"{results[-1].expert}: {results[-1].rows} attempts")
+        on_shard = _ON_SHARD.get()
+        if on_shard is not None:
+            on_shard(len(done) + len(results), total, f"{results[-1].expert}: {results[-1].rows} attempts")
         if results[-1].unavailable and not stopping:
             stopping = True
             _cancel(futures)
@@ -271,8 +346,13 @@ def generate_captions(
     runner: str = "threads",
     address: str | None = None,
     shard_size: int | None = None,
+    on_shard: ShardProgress | None = None,
 ) -> CaptionRunSummary:
     """Validate the inputs, then run the flow with the chosen task runner.
+
+    Args:
+        on_shard: called in the calling thread as each shard task finishes, with ``(done, total, note)``: the shard
+            tasks finished so far, all of them, and what the last one did (a progress bar's callback).
 
     Raises:
         InputError: a manifest without captions, an unknown expert name, no tile index yet, ground truth on an
@@ -293,8 +373,12 @@ def generate_captions(
     store_path = str(store or manifest.captions.store)
     check_scorer(store_path, clip_weights(manifest.captions.clip).model_id)
     configured = generate_captions_flow.with_options(task_runner=_task_runner(runner, address))
-    with frozen_heap():
-        summary = configured(str(manifest.source), store_path, chosen, limit, shard_size)
+    token = _ON_SHARD.set(on_shard)
+    try:
+        with frozen_heap(), ModelCache.of_process().hold():
+            summary = configured(str(manifest.source), store_path, chosen, limit, shard_size)
+    finally:
+        _ON_SHARD.reset(token)
     if summary.unavailable:
         raise ExpertUnavailable(f"{summary.unavailable} (run stopped; the attempts written so far are kept)")
     return summary

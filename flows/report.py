@@ -18,33 +18,23 @@ import pandas as pd
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from caption_pipeline.policy import GatePolicy
 from flows.generate_captions import summarize
 from manifests.atomic import atomic_write_text
 from manifests.caption_store import KEY_COLUMNS, read_store, store_meta
 from manifests.tile_index import read_tile_index
 
-SYNONYMS: dict[str, tuple[str, ...]] = {
-    "impervious_surfaces": ("impervious", "road", "roads", "street", "streets", "pavement", "paved", "asphalt",
-                            "parking", "sidewalk", "plaza"),
-    "building": ("building", "buildings", "house", "houses", "roof", "roofs", "rooftop", "rooftops"),
-    "low_vegetation": ("low vegetation", "grass", "lawn", "lawns", "meadow", "field", "fields", "shrub", "shrubs"),
-    "tree": ("tree", "trees", "forest", "canopy", "canopies", "woods"),
-    "car": ("car", "cars", "vehicle", "vehicles"),
-    "clutter": ("clutter", "debris", "container", "containers", "bare soil", "water"),
-}  # fmt: skip
 PRESENT_SHARE = 0.005
 TAUS = np.round(np.linspace(0.0, 1.0, 101), 2)
 
 
-def mentioned_classes(caption: str, class_names: list[str]) -> set[str]:
-    """Classes a caption names, by class name or synonym (whole words, any case)."""
+def mentioned_classes(caption: str, words: dict[str, tuple[str, ...]]) -> set[str]:
+    """Classes a caption names by one of their words (the tile index's class vocabulary; whole words, any case)."""
     text = caption.lower()
-    found = set()
-    for name in class_names:
-        words = SYNONYMS.get(name, (name.replace("_", " "),))
-        if any(re.search(rf"\b{re.escape(word)}\b", text) for word in words):
-            found.add(name)
-    return found
+    return {
+        name for name, names in words.items()
+        if any(re.search(rf"\b{re.escape(word.lower())}\b", text) for word in names)
+    }  # fmt: skip
 
 
 @dataclass
@@ -84,10 +74,19 @@ def protocol_line(table: pd.DataFrame) -> str:
     return f"protocol: {protocols[0]}" if protocols else "protocol: none recorded (empty store)"
 
 
-def tau_sweep(frame: pd.DataFrame) -> pd.DataFrame:
-    """Share of keys whose best caption reaches each tau, per expert (what a re-run at that tau would keep)."""
-    best = frame.groupby([*KEY_COLUMNS])["similarity"].max().fillna(-1.0).reset_index()
-    curves = {expert: [(group["similarity"] >= tau).mean() for tau in TAUS] for expert, group in best.groupby("expert")}
+def tau_sweep(frame: pd.DataFrame, policy: GatePolicy) -> pd.DataFrame:
+    """Per expert and tau, the share of keys with an attempt that would pass the gate at that tau (what a re-run at
+    that tau would keep), asked of the gate policy: at the store's own tau it is the store's pass rate."""
+    grouped = frame.groupby(list(KEY_COLUMNS))
+    key_of_row = grouped.ngroup().to_numpy()
+    experts = grouped["expert"].first().to_numpy()
+    curves: dict[str, list[float]] = {expert: [] for expert in sorted(set(experts))}
+    for tau in TAUS:
+        passes = policy.with_tau(float(tau)).passes(frame["similarity"], frame["usable"])
+        # A key passes when any of its attempts does (counted per key with one bincount, not a groupby per tau).
+        key_passes = np.bincount(key_of_row, weights=passes, minlength=len(experts)) > 0
+        for expert in curves:
+            curves[expert].append(float(key_passes[experts == expert].mean()))
     return pd.DataFrame(curves, index=pd.Index(TAUS, name="tau"))
 
 
@@ -106,7 +105,7 @@ def class_quality(selected: pd.DataFrame, index_path: Path) -> pd.DataFrame:
             # Recall counts classes that cover a visible share; a class is invented only if it has no pixel at all.
             present = {name for name, share in zip(index.class_names, shares, strict=True) if share > PRESENT_SHARE}
             absent = {name for name, share in zip(index.class_names, shares, strict=True) if share == 0}
-            named = mentioned_classes(caption, index.class_names)
+            named = mentioned_classes(caption, index.vocabulary.words)
             captions += 1
             hits += len(named & present)
             present_total += len(present)
@@ -125,6 +124,7 @@ def class_quality(selected: pd.DataFrame, index_path: Path) -> pd.DataFrame:
 def build_report(store: str | Path, index: str | Path | None = None) -> CaptionReport:
     frame = read_store(store)
     meta = store_meta(store)
+    policy = GatePolicy() if meta is None else GatePolicy(tau=meta.tau)
     selected = frame[frame["selected"]]
     scored = frame[frame["similarity"].notna()]
     lengths = scored.groupby("expert").agg(
@@ -136,12 +136,12 @@ def build_report(store: str | Path, index: str | Path | None = None) -> CaptionR
     return CaptionReport(
         summary=summarize(Path(store), sorted(frame["expert"].unique())),
         class_information=class_information(frame),
-        tau_sweep=tau_sweep(frame),
+        tau_sweep=tau_sweep(frame, policy),
         lengths=lengths,
         class_quality=class_quality(selected, Path(index)) if index else None,
         worst=worst,
         similarities={e: g["similarity"].to_numpy(float) for e, g in scored.groupby("expert")},
-        tau=meta.tau if meta else 0.55,
+        tau=policy.tau,
     )
 
 

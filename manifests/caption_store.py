@@ -3,13 +3,18 @@
 A store is a directory of fragments (``part-*.parquet``) or a single Parquet file; readers accept both.
 Every fragment is written atomically (temp file + rename), with a unique name, so a crashed writer leaves no
 partial fragment and two runs writing into one directory never touch each other's files.
+
+The gate's rules live in its policy (``caption_pipeline.policy``), which this package cannot import: rows carry the
+policy's results (``usable``, ``passed``, ``selected``) and readers read those columns; the two rules the store
+applies itself, selection across runs and done keys, are passed in by the caller (``compact(store, select=...)``,
+``attempt_counts(store, done=...)``).
 """
 
 from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +27,13 @@ from manifests.errors import InputError
 from manifests.parquet_contract import checked_metadata
 
 # 2: per-row decoding (temperature, seed) and class provenance (split, protocol) next to class_source.
-CAPTION_STORE_SCHEMA_VERSION = 2
+# 3: ``usable``, the gate policy's verdict on the answer, which readers read instead of re-deriving it.
+CAPTION_STORE_SCHEMA_VERSION = 3
 KEY_COLUMNS = ("tile_id", "expert", "prompt_id")
 ATTEMPT_KEY = (*KEY_COLUMNS, "attempt")
+Key = tuple[str, str, str]
+# A rule of the gate policy over attempts of the store: one flag per row, on the frame's index.
+RowRule = Callable[[pd.DataFrame], pd.Series]
 
 CAPTION_STORE_SCHEMA = pa.schema(
     [
@@ -46,6 +55,9 @@ CAPTION_STORE_SCHEMA = pa.schema(
         pa.field("raw_cosine", pa.float32()),
         pa.field("similarity", pa.float32()),
         pa.field("tau", pa.float32(), nullable=False),
+        # The gate policy's results: an answer with a caption (no error, not empty: only these are scored), one that
+        # passed the gate, and the attempt selected for its (tile, expert, prompt).
+        pa.field("usable", pa.bool_(), nullable=False),
         pa.field("passed", pa.bool_(), nullable=False),
         pa.field("selected", pa.bool_(), nullable=False),
         pa.field("finish_reason", pa.string()),
@@ -151,29 +163,19 @@ def store_meta(store: str | Path) -> StoreMeta | None:
     return StoreMeta(json.loads(meta["class_names"]), meta["clip_model"], float(meta["tau"]))
 
 
-def mark_selected(frame: pd.DataFrame) -> pd.DataFrame:
-    """Set ``selected`` on exactly one attempt per key: the most CLIP-similar caption, the earliest on ties.
-
-    Attempts without a caption (errors, empty text) rank last, so a key whose every attempt failed still has
-    one selected row, as the contract asks.
-    """
-    usable = frame["error"].isna() & frame["caption"].fillna("").str.strip().ne("") & frame["similarity"].notna()
-    rank = frame["similarity"].astype("float64").where(usable, float("-inf"))
-    order = frame.assign(_rank=rank).sort_values(["_rank", "attempt"], ascending=[False, True], kind="stable")
-    winners = order.drop_duplicates(list(KEY_COLUMNS)).index
-    return frame.assign(selected=frame.index.isin(winners))
-
-
 def attempt_counts(
-    store: str | Path, tile_ids: Iterable[str] | None = None
-) -> tuple[set[tuple[str, str, str]], dict[tuple[str, str, str], int]]:
+    store: str | Path, tile_ids: Iterable[str] | None = None, *, done: RowRule
+) -> tuple[set[Key], dict[Key, int]]:
     """What a resumed run needs: keys already done, and how many attempts every key has so far.
 
-    A key is done when its selected attempt holds a caption; a key whose attempts all failed (a server down for
-    the night) is not done, and a re-run retries it with the next attempt numbers. With ``tile_ids`` only those
-    tiles' rows are read (and only the key columns), so a shard task's cost does not grow with the store.
+    Args:
+        store: the caption store.
+        tile_ids: only these tiles' rows are read (and only the columns below), so a shard task's cost does not grow
+            with the store; None reads every row.
+        done: the gate policy's rule (``GatePolicy.done``): the rows that make their key done, given the key columns,
+            ``attempt``, ``selected``, ``usable`` and ``passed``.
     """
-    columns = [*ATTEMPT_KEY, "selected", "error", "caption"]
+    columns = [*ATTEMPT_KEY, "selected", "usable", "passed"]
     wanted = None if tile_ids is None else list(tile_ids)
     tables = []
     for path in _fragments(Path(store)):
@@ -184,34 +186,35 @@ def attempt_counts(
         return set(), {}
     frame = pa.concat_tables(tables).to_pandas()
     keys = list(zip(frame["tile_id"], frame["expert"], frame["prompt_id"], strict=True))
-    counts: dict[tuple[str, str, str], int] = {}
+    counts: dict[Key, int] = {}
     for key, attempt in zip(keys, frame["attempt"], strict=True):
         counts[key] = max(counts.get(key, 0), int(attempt) + 1)
-    ok = frame["selected"] & frame["error"].isna() & frame["caption"].notna()
-    done = {key for key, flag in zip(keys, ok, strict=True) if flag}
-    return done, counts
+    finished = {key for key, flag in zip(keys, done(frame), strict=True) if flag}
+    return finished, counts
 
 
-def done_keys(store: str | Path) -> set[tuple[str, str, str]]:
-    """(tile_id, expert, prompt_id) keys whose selected attempt holds a caption: what a resumed run skips."""
-    return attempt_counts(store)[0]
+def done_keys(store: str | Path, *, done: RowRule) -> set[Key]:
+    """(tile_id, expert, prompt_id) keys that the gate policy's ``done`` says a resumed run skips."""
+    return attempt_counts(store, done=done)[0]
 
 
 def selected_captions(store: str | Path) -> pd.DataFrame:
-    """The selected attempt of every (tile, expert, prompt): the view the segmenter reads."""
+    """The selected attempt of every (tile, expert, prompt): the view the segmenter reads, with the gate's verdicts
+    on it (``usable``, ``passed``)."""
     frame = read_store(store)
-    columns = ["tile_id", "expert", "prompt_id", "caption", "similarity", "passed", "attempt", "image_sha256",
-               "class_source"]  # fmt: skip
+    columns = ["tile_id", "expert", "prompt_id", "caption", "similarity", "usable", "passed", "attempt",
+               "image_sha256", "class_source"]  # fmt: skip
     # Two runs that raced on one key each selected a row: the newest wins.
     selected = frame[frame["selected"]].sort_values("created_at").drop_duplicates(list(KEY_COLUMNS), keep="last")
     return selected[columns].sort_values(list(KEY_COLUMNS)).reset_index(drop=True)
 
 
-def compact(store: str | Path) -> Path | None:
+def compact(store: str | Path, *, select: RowRule) -> Path | None:
     """Merge the fragments of a store directory into one; returns the new fragment.
 
-    Repeated attempts are dropped and ``selected`` is re-derived over all attempts of each key, so a key that
-    was retried by a later run again has exactly one selected row.
+    Repeated attempts are dropped and ``selected`` is re-derived over all attempts of each key by ``select`` (the
+    gate policy's ``GatePolicy.select``, given every column), so a key that was retried by a later run again has
+    exactly one selected row.
 
     The merged fragment is written before the old ones are removed, so a crash at any point loses nothing
     (it may leave rows twice, which the next compaction or any reader's key check resolves).
@@ -223,7 +226,7 @@ def compact(store: str | Path) -> Path | None:
     # The listed fragments, each read on its own: a fragment a writer adds meanwhile is neither merged nor deleted.
     frame = pd.concat([read_store(path) for path in fragments], ignore_index=True)
     frame = frame.sort_values("created_at").drop_duplicates(list(ATTEMPT_KEY), keep="last").reset_index(drop=True)
-    frame = mark_selected(frame)
+    frame = frame.assign(selected=select(frame))
     meta = store_meta(store)
     assert meta is not None
     merged = write_fragment(store, frame, meta, name=f"compacted-{uuid.uuid4().hex}")

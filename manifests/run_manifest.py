@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -28,10 +28,14 @@ class _Strict(BaseModel):
 
 
 class ClassSpec(_Strict):
-    """One class of a generic folder dataset: its name and the RGB colour that codes it in the masks."""
+    """One class of a generic folder dataset: its name, the RGB colour that codes it in the masks, and how
+    captions and metrics treat it."""
 
     name: str
     color: tuple[int, int, int]
+    words: list[str] = Field(default_factory=list, description="more words a caption names this class by")
+    plural: str | None = Field(default=None, description="plural noun: the class is counted as objects")
+    in_mean: bool = Field(default=True, description="whether the headline mIoU/mF1 average over this class")
 
 
 class DatasetConfig(_Strict):
@@ -93,9 +97,14 @@ class ClipConfig(_Strict):
 
 
 class _ExpertSettings(_Strict):
-    """What every expert has, whatever serves it: its name, the image size it sees and its decoding."""
+    """What every expert has, whatever serves it: its name and its backend."""
 
     name: str
+
+
+class _ModelExpertSettings(_ExpertSettings):
+    """What every expert that runs a model has: the image size it sees, its decoding and its prompt overrides."""
+
     max_side: int = Field(default=512, ge=16, description="images are resized to this longest side first")
     max_new_tokens: int = Field(default=160, ge=1)
     temperature: float = Field(default=0.0, ge=0.0, description="temperature of attempt 0 (0 = greedy)")
@@ -110,16 +119,19 @@ class _ExpertSettings(_Strict):
 
 
 class AnnotationExpertConfig(_ExpertSettings):
-    """The label-grounded expert: captions written from class masks, no model."""
+    """The label-grounded expert: captions written from class masks, no model, no decoding, no GPU."""
 
     backend: Literal["annotation"]
 
-    @property
-    def model(self) -> None:
-        return None
+    # Read by the flow for every expert; the annotation expert is deterministic and writes its own text.
+    model: ClassVar[None] = None
+    temperature: ClassVar[float] = 0.0
+    reprompt_temperature: ClassVar[float] = 0.0
+    gpu: ClassVar[bool] = False
+    prompts: ClassVar[dict[str, str]] = {}
 
 
-class OpenAIExpertConfig(_ExpertSettings):
+class OpenAIExpertConfig(_ModelExpertSettings):
     """A model behind an OpenAI-compatible chat-completions server (`vllm serve`, SGLang, the OpenAI API)."""
 
     backend: Literal["openai"]
@@ -135,7 +147,7 @@ class OpenAIExpertConfig(_ExpertSettings):
     )
 
 
-class VLLMExpertConfig(_ExpertSettings):
+class VLLMExpertConfig(_ModelExpertSettings):
     """A model run by an in-process ``vllm.LLM`` engine (the ``vllm`` extra, CUDA only)."""
 
     backend: Literal["vllm"]
@@ -152,7 +164,7 @@ class VLLMExpertConfig(_ExpertSettings):
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="more vllm.LLM arguments; they win")
 
 
-class TransformersExpertConfig(_ExpertSettings):
+class TransformersExpertConfig(_ModelExpertSettings):
     """A local ``AutoModelForImageTextToText`` from a hub id or a folder."""
 
     backend: Literal["transformers"]
@@ -315,6 +327,8 @@ def _describe_error(error: dict[str, Any]) -> str:
         return f"unknown key '{key}'"
     if kind == "missing":
         return f"missing key '{key}'"
+    if kind == "value_error":  # a validator's own sentence says what is wrong
+        return f"{key}: {error['msg'].removeprefix('Value error, ')}"
     given = error.get("input")
     shown = repr(given) if not isinstance(given, dict) else "a mapping"
     return f"key '{key}': {error['msg'].lower()} (got {shown})"
@@ -354,5 +368,7 @@ def load_manifest(name_or_path: str | Path) -> RunManifest:
     try:
         manifest = RunManifest.model_validate(data)
     except ValidationError as exc:
-        raise InputError(f"manifest {path}: {_describe_error(exc.errors()[0])}") from None
+        problems = list(dict.fromkeys(_describe_error(error) for error in exc.errors()))
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise InputError(f"manifest {path}: {'; '.join(problems[:3])}{more}") from None
     return manifest.model_copy(update={"source": path, "sha256": hashlib.sha256(text.encode()).hexdigest()})

@@ -2,7 +2,8 @@
 
 Paths in the index are relative to the directory that holds ``index.parquet``, so a tile folder
 can be moved or copied as a whole. The file metadata carries the class names, the ignore index,
-the palette and a fingerprint of the inputs that produced it.
+the palette, the dataset's class vocabulary (how captions name each class, which classes the headline means
+average over) and a fingerprint of the inputs that produced it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from manifests.atomic import atomic_path
 from manifests.errors import InputError
 from manifests.parquet_contract import checked_metadata
 
-TILE_INDEX_SCHEMA_VERSION = 1
+# 2: the class vocabulary in the metadata (an index without it would leave the report and the metrics guessing)
+TILE_INDEX_SCHEMA_VERSION = 2
 INDEX_FILENAME = "index.parquet"
 
 TILE_INDEX_SCHEMA = pa.schema(
@@ -41,9 +43,43 @@ TILE_INDEX_SCHEMA = pa.schema(
 )
 
 
+def tile_name(y: int, x: int) -> str:
+    """The name of the crop whose top-left corner is at row ``y``, column ``x`` (its files and its id end in it)."""
+    return f"{y:04d}_{x:04d}"
+
+
 def make_tile_id(dataset: str, source_id: str, y: int, x: int) -> str:
     """The stable id of the crop of ``source_id`` whose top-left corner is at row ``y``, column ``x``."""
-    return f"{dataset}/{source_id}/{y:04d}_{x:04d}"
+    return f"{dataset}/{source_id}/{tile_name(y, x)}"
+
+
+@dataclass(frozen=True)
+class ClassVocabulary:
+    """What a dataset says about its classes beyond their names and colours.
+
+    Attributes:
+        words: per class, the words a caption names it by (whole words, any case), its readable name first.
+        plurals: the plural noun of each class that is counted as objects (buildings, cars); others are areas.
+        main_classes: the classes the headline mIoU/mF1 average over (ISPRS leaves out clutter).
+    """
+
+    words: dict[str, tuple[str, ...]]
+    plurals: dict[str, str]
+    main_classes: tuple[str, ...]
+
+    @classmethod
+    def plain(cls, class_names: list[str] | tuple[str, ...]) -> ClassVocabulary:
+        """Each class named by its own words, none counted, every class in the means."""
+        return cls({name: (name.replace("_", " "),) for name in class_names}, {}, tuple(class_names))
+
+    def to_json(self) -> str:
+        return json.dumps({"words": self.words, "plurals": self.plurals, "main_classes": self.main_classes})
+
+    @classmethod
+    def from_json(cls, text: str) -> ClassVocabulary:
+        data = json.loads(text)
+        words = {name: tuple(words) for name, words in data["words"].items()}
+        return cls(words, dict(data["plurals"]), tuple(data["main_classes"]))
 
 
 @dataclass(frozen=True)
@@ -55,6 +91,7 @@ class TileIndex:
     class_names: list[str]
     ignore_index: int
     palette: list[tuple[int, int, int]]
+    vocabulary: ClassVocabulary
     extra: dict[str, str] = field(default_factory=dict)
 
     def path(self, relative: str | None) -> Path | None:
@@ -71,6 +108,7 @@ def write_tile_index(
     class_names: list[str],
     ignore_index: int,
     palette: list[tuple[int, int, int]],
+    vocabulary: ClassVocabulary,
     extra: dict[str, str] | None = None,
 ) -> Path:
     """Write ``index.parquet`` atomically; ``extra`` goes into the file metadata as strings."""
@@ -82,6 +120,7 @@ def write_tile_index(
         "class_names": json.dumps(class_names),
         "ignore_index": str(ignore_index),
         "palette": json.dumps([list(color) for color in palette]),
+        "class_vocabulary": vocabulary.to_json(),
         **(extra or {}),
     }
     table = table.replace_schema_metadata({key.encode(): value.encode() for key, value in metadata.items()})
@@ -106,12 +145,13 @@ def read_tile_index(path: str | Path) -> TileIndex:
         path, "tile index", TILE_INDEX_SCHEMA, TILE_INDEX_SCHEMA_VERSION, "re-run `segmenter prepare`"
     )
     table = pq.read_table(path)
-    known = {"schema_version", "class_names", "ignore_index", "palette", "pandas", "ARROW:schema"}
+    known = {"schema_version", "class_names", "ignore_index", "palette", "class_vocabulary", "pandas", "ARROW:schema"}
     return TileIndex(
         frame=table.to_pandas(),
         root=path.parent,
         class_names=json.loads(meta["class_names"]),
         ignore_index=int(meta["ignore_index"]),
         palette=[tuple(color) for color in json.loads(meta["palette"])],
+        vocabulary=ClassVocabulary.from_json(meta["class_vocabulary"]),
         extra={key: value for key, value in meta.items() if key not in known},
     )

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, get_args
 
 import typer
 from rich.console import Console
+from rich.padding import Padding
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from manifests.devices import DEVICE_HELP
 from manifests.errors import InputError, exit_on_input_error
-from manifests.run_manifest import DatasetConfig, TilingConfig, load_manifest
+from manifests.run_manifest import DatasetConfig, DatasetName, TilingConfig, load_manifest
+from segmenter.options import Augmentation, GroundTruth, MissingCaptions, TrainSettings
 
 app = typer.Typer(
     help="Stage 2 of MPerS: tiles, the caption-guided segmenter, its training and evaluation.",
@@ -21,6 +27,16 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console(stderr=True, soft_wrap=True)
+
+# The datasets `prepare` can read from flags alone: the manifest's dataset names, less `folder`, whose classes only a
+# manifest can give.
+Dataset = StrEnum("Dataset", {name: name for name in get_args(DatasetName) if name != "folder"})
+OVERLAP_HELP = "window overlap in [0, 1) (default: the captioned tile grid for text-guided models, 0.25 otherwise)"
+
+
+def _train_default(field: str) -> Any:
+    """The default of a training setting: the CLI takes it from :class:`TrainSettings`, never repeats it."""
+    return TrainSettings.model_fields[field].default
 
 
 @contextmanager
@@ -39,10 +55,12 @@ def progress(description: str) -> Iterator[Callable[[int, int, str], None]]:
 @exit_on_input_error
 def prepare(
     manifest: Annotated[str | None, typer.Option(help="run manifest (path or packaged name)")] = None,
-    dataset: Annotated[str | None, typer.Option(help="vaihingen | potsdam | syndrone (without a manifest)")] = None,
+    dataset: Annotated[Dataset | None, typer.Option(help="dataset (without a manifest)")] = None,
     root: Annotated[Path | None, typer.Option(help="folder with the archives or their extracted folders")] = None,
     out: Annotated[Path | None, typer.Option(help="output folder for crops and index.parquet")] = None,
-    split: Annotated[str, typer.Option(help="split scheme: mpers | isprs")] = "mpers",
+    split: Annotated[
+        str, typer.Option(help="split scheme: mpers or isprs (Vaihingen, Potsdam), mpers or official (SynDrone)")
+    ] = "mpers",
     size: Annotated[int, typer.Option(help="crop size in pixels")] = 512,
     stride: Annotated[int | None, typer.Option(help="crop stride (default: the size)")] = None,
 ) -> None:
@@ -56,7 +74,7 @@ def prepare(
         if not (dataset and root and out):
             raise InputError("prepare: give --manifest, or --dataset, --root and --out")
         try:
-            dataset_config = DatasetConfig(name=dataset, root=root, split=split)  # type: ignore[arg-type]
+            dataset_config = DatasetConfig(name=dataset.value, root=root, split=split)  # type: ignore[arg-type]
         except ValueError as exc:
             raise InputError(f"--dataset {dataset}: {str(exc).splitlines()[-1].strip()}") from None
         tiling = TilingConfig(size=size, stride=stride, out=out)
@@ -105,32 +123,36 @@ def train(
     manifest: Annotated[str, typer.Option(help="run manifest (its tile index is read)")],
     out: Annotated[Path, typer.Option(help="run folder: checkpoints, logs, metrics")],
     captions: Annotated[Path | None, typer.Option(help="caption store (needed by text-guided presets)")] = None,
-    preset: Annotated[str, typer.Option(help="model preset (`segmenter models`)")] = "mpers_vitl16",
-    steps: Annotated[int, typer.Option(help="optimizer steps")] = 20000,
-    batch_size: Annotated[int, typer.Option(help="tiles per step and process")] = 8,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 1e-3,
-    checkpoint_every: Annotated[int, typer.Option(help="steps between checkpoints")] = 1000,
-    missing_captions: Annotated[str, typer.Option(help="mask | error for tiles without captions")] = "mask",
+    preset: Annotated[str, typer.Option(help="model preset (`segmenter models`)")] = _train_default("preset"),
+    steps: Annotated[int, typer.Option(help="optimizer steps")] = _train_default("steps"),
+    batch_size: Annotated[int, typer.Option(help="tiles per step and process")] = _train_default("batch_size"),
+    lr: Annotated[float, typer.Option(help="AdamW learning rate")] = _train_default("lr"),
+    checkpoint_every: Annotated[int, typer.Option(help="steps between checkpoints")] = _train_default(
+        "checkpoint_every"
+    ),
+    missing_captions: Annotated[
+        MissingCaptions, typer.Option(help="train tiles without a passed caption: mask their experts, or stop")
+    ] = _train_default("missing_captions"),
     experts: Annotated[
         str | None, typer.Option(help="comma-separated experts to read, in this order (default: the store's)")
-    ] = None,
+    ] = _train_default("experts"),
     augmentation: Annotated[
-        str, typer.Option(help="auto | d4 | d4_rewrite (flips/rotations with direction words moved) | none")
-    ] = "auto",
-    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+        Augmentation,
+        typer.Option(
+            help="flips/rotations: d4; with the captions' direction words moved: d4_rewrite; auto: per preset"
+        ),
+    ] = _train_default("augmentation"),
+    seed: Annotated[int, typer.Option(help="random seed")] = _train_default("seed"),
     resume: Annotated[bool, typer.Option(help="continue the run in --out from its newest checkpoint")] = False,
 ) -> None:
-    """Train a preset (cross-entropy, AdamW, multi-step LR); run under `torchrun` for DDP."""
+    """Train a preset (cross-entropy, AdamW, multi-step LR) on the GPU when there is one; run under `torchrun` for
+    DDP."""
     from segmenter.model import list_presets
-    from segmenter.train import TrainingError, TrainSettings
+    from segmenter.train import TrainingError
     from segmenter.train import train as run_training
 
     if preset not in list_presets():
         raise InputError(f"--preset: unknown preset '{preset}' (see `segmenter models`)")
-    if missing_captions not in ("mask", "error"):
-        raise InputError(f"--missing-captions: expected mask or error, got '{missing_captions}'")
-    if augmentation not in ("auto", "d4", "d4_rewrite", "none"):
-        raise InputError(f"--augmentation: expected auto, d4, d4_rewrite or none, got '{augmentation}'")
     chosen = [name.strip() for name in experts.split(",") if name.strip()] if experts else None
     settings = TrainSettings(preset=preset, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                              checkpoint_every=checkpoint_every, missing_captions=missing_captions, experts=chosen,
@@ -148,36 +170,29 @@ def train(
 def evaluate(
     run: Annotated[Path, typer.Option(help="run folder written by `segmenter train`")],
     split: Annotated[str, typer.Option(help="split to evaluate")] = "test",
-    gt: Annotated[str, typer.Option(help="eroded (ISPRS protocol) | full")] = "eroded",
+    gt: Annotated[GroundTruth, typer.Option(help="ground truth: eroded (the ISPRS protocol) or full")] = (
+        GroundTruth.eroded
+    ),
     window: Annotated[int | None, typer.Option(help="sliding window (default: the tile size)")] = None,
-    overlap: Annotated[
-        float | None,
-        typer.Option(
-            help="window overlap in [0, 1) (default: the captioned tile grid for text-guided models, 0.25 otherwise)"
-        ),
-    ] = None,
-    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    overlap: Annotated[float | None, typer.Option(help=OVERLAP_HELP)] = None,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     captions: Annotated[Path | None, typer.Option(help="caption store (default: the one the run trained on)")] = None,
     missing_captions: Annotated[
-        str, typer.Option(help="error | mask: a store lacking some of the run's experts or having others")
-    ] = "error",
+        MissingCaptions, typer.Option(help="a store lacking some of the run's experts or having others: stop, or mask")
+    ] = MissingCaptions.error,
 ) -> None:
     """Sliding-window inference over whole sources; OA, per-class IoU/F1, mIoU/mF1 (5 classes and all)."""
     from segmenter.evaluate import evaluate as run_evaluation
 
-    if gt not in ("eroded", "full"):
-        raise InputError(f"--gt: expected eroded or full, got '{gt}'")
-    _check_inference_options(overlap, missing_captions)
+    _check_overlap(overlap)
     with progress("evaluate") as on_source:
         metrics = run_evaluation(run, split, gt, window, overlap, device, on_source, captions, missing_captions)
     print(metrics.markdown(f"{run} ({split}, {gt} GT)"))
 
 
-def _check_inference_options(overlap: float | None, missing_captions: str) -> None:
+def _check_overlap(overlap: float | None) -> None:
     if overlap is not None and not 0 <= overlap < 1:
         raise InputError(f"--overlap: expected a value in [0, 1), got {overlap}")
-    if missing_captions not in ("error", "mask"):
-        raise InputError(f"--missing-captions: expected error or mask, got '{missing_captions}'")
 
 
 @app.command()
@@ -195,23 +210,18 @@ def predict(
     split: Annotated[list[str] | None, typer.Option(help="with --index: only these splits (repeatable)")] = None,
     captions: Annotated[Path | None, typer.Option(help="caption store for these images (else experts masked)")] = None,
     window: Annotated[int | None, typer.Option(help="sliding window (default: the tile size)")] = None,
-    overlap: Annotated[
-        float | None,
-        typer.Option(
-            help="window overlap in [0, 1) (default: the captioned tile grid for text-guided models, 0.25 otherwise)"
-        ),
-    ] = None,
-    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    overlap: Annotated[float | None, typer.Option(help=OVERLAP_HELP)] = None,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     missing_captions: Annotated[
-        str, typer.Option(help="error | mask: a store lacking some of the run's experts or having others")
-    ] = "error",
+        MissingCaptions, typer.Option(help="a store lacking some of the run's experts or having others: stop, or mask")
+    ] = MissingCaptions.error,
 ) -> None:
     """Class-index GeoTIFFs + colour PNGs of images (--images, --out), or the predicted class fractions of every
     tile of an index (--index, --predictions) for prompts whose class source is `predictions`."""
     from segmenter.predict import predict as run_prediction
     from segmenter.predict import predict_index
 
-    _check_inference_options(overlap, missing_captions)
+    _check_overlap(overlap)
     if index is not None or predictions is not None:
         if index is None or predictions is None or images or out:
             raise InputError("predict: give --index with --predictions, or --images with --out")
@@ -225,22 +235,75 @@ def predict(
         console.print(f"wrote {path}")
 
 
-@app.command()
-def models() -> None:
-    """List the model presets (the paper's model, its ablations, the tiny test model)."""
+PRESET_FIELDS = ("preset", "backbone", "adapter", "text", "lqga_stages", "decoder", "note")
+PRESET_LABELS = {field: "LQGA stages" if field == "lqga_stages" else field for field in PRESET_FIELDS}
+
+
+def preset_rows() -> list[dict[str, str]]:
+    """One row per model preset: its name, the parts it is built of, and the first line of its docstring."""
     from segmenter.model import list_presets, preset_config
     from segmenter.model import presets as registry
 
-    table = Table("preset", "backbone", "adapter", "text", "LQGA stages", "decoder", "note", title="presets")
+    rows = []
     for name in list_presets():
         config = preset_config(name)
-        adapter = f"{config.adapter} r={config.dilation}" if config.adapter == "swda" else config.adapter
-        note = (
-            (getattr(registry, name).__doc__ or "").strip().splitlines()[0] if getattr(registry, name).__doc__ else ""
-        )
-        stages = ",".join(map(str, config.lqga_stages)) if config.uses_text else "-"
-        table.add_row(name, config.backbone, adapter, config.text_encoder, stages, config.decoder, note)
-    Console().print(table)
+        doc = (getattr(registry, name).__doc__ or "").strip()
+        rows.append({
+            "preset": name,
+            "backbone": config.backbone,
+            "adapter": f"{config.adapter} r={config.dilation}" if config.adapter == "swda" else config.adapter,
+            "text": config.text_encoder,
+            "lqga_stages": ",".join(map(str, config.lqga_stages)) if config.uses_text else "-",
+            "decoder": config.decoder,
+            "note": doc.splitlines()[0] if doc else "",
+        })  # fmt: skip
+    return rows
+
+
+def render_presets(rows: list[dict[str, str]], out: Console) -> None:
+    """The presets on a terminal. A preset name is what `--preset` takes, so it is never cut.
+
+    A table whose name column is as wide as the longest name while the other columns wrap (long identifiers fold)
+    into what is left; a console too narrow to leave them a legible width (an 80-column terminal) gets one block
+    per preset instead: the name on its own line, its parts and note indented below.
+    """
+    longest = max(len(row["preset"]) for row in rows)
+    others = len(PRESET_FIELDS) - 1
+    # Each column costs 3 characters of padding and border; below ~10 characters of text a column is unreadable.
+    if out.width >= longest + 4 + others * (3 + 10):
+        table = Table(title="presets")
+        table.add_column("preset", no_wrap=True, min_width=longest)
+        for field in PRESET_FIELDS[1:]:
+            table.add_column(PRESET_LABELS[field], overflow="fold")
+        for row in rows:
+            table.add_row(*(row[field] for field in PRESET_FIELDS))
+        out.print(table)
+        return
+    for row in rows:
+        out.print(row["preset"], style="bold", markup=False, highlight=False, soft_wrap=True)
+        parts = ", ".join(f"{PRESET_LABELS[field]} {row[field]}" for field in PRESET_FIELDS[1:-1])
+        for line in (parts, row["note"]):
+            if line:
+                out.print(Padding(line, (0, 0, 0, 2)), markup=False, highlight=False)
+
+
+@app.command()
+def models(
+    as_json: Annotated[bool, typer.Option("--json", help="print a JSON list of objects, one per preset")] = False,
+) -> None:
+    """List the model presets (the paper's model, its ablations, the tiny test model).
+
+    A table in a terminal; one preset a line (tab-separated fields, a header first) when the output is a pipe or a
+    file; JSON with --json.
+    """
+    rows = preset_rows()
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    elif not sys.stdout.isatty():
+        for values in [PRESET_FIELDS, *(tuple(row[field] for field in PRESET_FIELDS) for row in rows)]:
+            print("\t".join(values))
+    else:
+        render_presets(rows, Console())
 
 
 if __name__ == "__main__":

@@ -10,23 +10,27 @@ from manifests.atomic import atomic_write_text
 from manifests.errors import InputError
 from segmenter.datasets import build_dataset
 from segmenter.inference import CaptionWindows, open_run, sliding_window_logits
-from segmenter.metrics import ConfusionMatrix, Metrics, compute_metrics
+from segmenter.metrics import CaptionFacts, ConfusionMatrix, Metrics, compute_metrics
+from segmenter.options import GroundTruth, MissingCaptions, parse_choice
+from segmenter.run_record import prompt_class_sources
 from segmenter.text.features import ExpertTextFeatures
 from segmenter.train import print_masked
 
 
-def _caption_facts(text: ExpertTextFeatures, store: Path, tile_ids: list[str], masked: dict[str, int]) -> dict:
-    """What the text of an evaluation was: experts, masking per expert, and the class sources of the prompts
-    (so a report shows whether any prompt of the split carried ground truth)."""
-    rows = text.rows[text.rows["tile_id"].isin(set(tile_ids))]
-    kinds = rows.groupby("expert")["class_source"].agg(lambda values: sorted(set(values))).to_dict()
-    return {
-        "store": str(store),
-        "experts": text.experts,
-        "tiles": len(tile_ids),
-        "masked_experts": masked,
-        "class_sources": {name: kinds.get(name, []) for name in text.experts},
-    }
+def _caption_facts(
+    text: ExpertTextFeatures, store: Path, tile_ids: list[str], masked: dict[str, int], windows: pd.DataFrame
+) -> CaptionFacts:
+    """What the text of an evaluation was: experts, masking per expert, the class sources of the prompts (so a
+    report shows whether any prompt of the split carried ground truth) and how many windows were captioned tiles."""
+    return CaptionFacts(
+        store=str(store),
+        experts=text.experts,
+        tiles=len(tile_ids),
+        masked_experts=masked,
+        class_sources=prompt_class_sources(text.rows, tile_ids, text.experts),
+        windows=len(windows),
+        windows_on_grid=int(windows["on_captioned_grid"].sum()) if len(windows) else 0,
+    )
 
 
 def _refuse_experts_without_captions(
@@ -49,23 +53,28 @@ def _refuse_experts_without_captions(
 def evaluate(
     run: str | Path,
     split: str = "test",
-    gt: str = "eroded",
+    gt: str = GroundTruth.eroded,
     window: int | None = None,
     overlap: float | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     on_source=None,
     captions: str | Path | None = None,
-    missing_captions: str = "error",
+    missing_captions: str = MissingCaptions.error,
 ) -> Metrics:
     """Metrics of a run's newest checkpoint on a split, written to ``<run>/eval_<split>_<gt>/``.
 
     A text-guided model reads the captions of the store it was trained with (or ``captions``); by default its
     windows are the captioned tiles (``overlap=None``), so each window's caption describes what it sees.
 
+    ``device``: ``auto`` (the GPU when there is one) or a torch device name.
+
     Raises:
-        InputError: no checkpoint, an unknown split, ``--gt eroded`` on a dataset without eroded labels, a store
-            whose experts differ from the run's (unless ``missing_captions='mask'``).
+        InputError: no checkpoint, a run record of another version, an unknown split or ground truth, ``--gt
+            eroded`` on a dataset without eroded labels, a store whose experts differ from the run's (unless
+            ``missing_captions='mask'``).
     """
+    gt = parse_choice(GroundTruth, gt, "--gt")
+    missing_captions = parse_choice(MissingCaptions, missing_captions, "--missing-captions")
     trained = open_run(run, device)
     model, manifest, index = trained.model, trained.manifest, trained.index
     dataset = build_dataset(manifest.dataset)
@@ -76,7 +85,7 @@ def evaluate(
     tile_ids = split_tiles["tile_id"].tolist()
     store, text, masked = None, None, {}
     if model.config.uses_text:
-        recorded = captions or trained.info.get("captions")
+        recorded = captions or trained.record.captions
         if not recorded:
             raise InputError(f"--captions: run {run} reads captions but records no caption store; pass --captions")
         store = Path(recorded)
@@ -89,7 +98,7 @@ def evaluate(
     matrix = ConfusionMatrix(len(index.class_names), index.ignore_index)
     used: list[dict] = []
     for done, source in enumerate(sources):
-        label_file = source.eval_label if gt == "eroded" else source.label
+        label_file = source.eval_label if gt == GroundTruth.eroded else source.label
         if label_file is None:
             raise InputError(f"--gt {gt}: source {source.source_id} has no such ground truth")
         image = dataset.read_image(source)
@@ -97,7 +106,7 @@ def evaluate(
         lookup = None
         if text is not None:
             lookup = CaptionWindows(source.source_id, split_tiles[split_tiles["source_id"] == source.source_id], text)
-        logits = sliding_window_logits(model, image, window, 0.0, lookup, device, stride=stride)
+        logits = sliding_window_logits(model, image, window, 0.0, lookup, trained.device, stride=stride)
         assert logits.shape[-2:] == label.shape, (logits.shape, label.shape)
         matrix.update(logits.argmax(0), label)
         if lookup is not None:
@@ -106,15 +115,11 @@ def evaluate(
             on_source(done + 1, len(sources), source.source_id)
     metrics = compute_metrics(matrix.matrix, index.class_names, gt=gt)
     folder = Path(run) / f"eval_{split}_{gt}"
-    if captions is not None and store is not None and str(store.resolve()) != trained.info.get("captions"):
+    if captions is not None and store is not None and str(store.resolve()) != trained.record.captions:
         folder = folder.with_name(f"{folder.name}_{store.name}")  # another store's result never replaces the run's
     if text is not None and store is not None:
         windows = pd.DataFrame(used)
-        metrics.captions = {
-            **_caption_facts(text, store, tile_ids, masked),
-            "windows": len(windows),
-            "windows_on_grid": int(windows["on_captioned_grid"].sum()) if len(windows) else 0,
-        }
+        metrics.captions = _caption_facts(text, store, tile_ids, masked, windows)
         atomic_write_text(folder / "windows.csv", windows.to_csv(index=False))
     metrics.save(folder, title=f"{model.config.name} on {manifest.name} {split}")
     return metrics

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,10 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from manifests.caption_store import selected_captions
+from manifests.devices import resolve_device
 from manifests.errors import InputError
 from manifests.run_manifest import RunManifest, load_manifest
 from manifests.tile_index import TileIndex, read_tile_index
 from segmenter.model import MPerSSegmenter
+from segmenter.options import MissingCaptions
+from segmenter.run_record import RunRecord, selected_captions_sha256
 from segmenter.text.features import ExpertTextFeatures, check_store_experts
 from segmenter.tiling import tile_grid
 from segmenter.train import RunPaths, load_text_features
@@ -26,13 +28,13 @@ TextLookup = Callable[[int, int, int, int], tuple[torch.Tensor, torch.Tensor] | 
 
 @dataclass
 class TrainedRun:
-    """What evaluation and prediction need of a training run: its newest model, manifest and tile index."""
+    """What evaluation and prediction need of a training run: its newest model, record, manifest and tile index."""
 
     model: MPerSSegmenter
-    info: dict
+    record: RunRecord
     manifest: RunManifest
     index: TileIndex
-    device: str
+    device: torch.device
 
     @property
     def tile_size(self) -> int:
@@ -55,7 +57,7 @@ class TrainedRun:
             overlap = 0.25
         return max(1, round(window * (1 - overlap)))
 
-    def text_features(self, captions: str | Path, missing: str = "error") -> ExpertTextFeatures:
+    def text_features(self, captions: str | Path, missing: str = MissingCaptions.error) -> ExpertTextFeatures:
         """Per-expert caption features from a store, as in training, for the run's experts.
 
         Raises:
@@ -67,23 +69,40 @@ class TrainedRun:
         lacking = check_store_experts(captions, selected, experts, missing)
         for name in lacking:
             print(f"expert {name}: not in caption store {captions}; masked on every tile (--missing-captions mask)")
-        passed_only = self.info["settings"]["passed_only"]
-        return load_text_features(self.model.config, Path(captions), selected, passed_only, self.device)
-
-
-def open_run(run: str | Path, device: str = "cpu") -> TrainedRun:
-    """The newest checkpoint of a training run, with the manifest and tile index it was trained on."""
-    paths = RunPaths(Path(run))
-    if paths.latest is None or not (paths.root / "run.json").is_file():
-        raise InputError(f"--run: {run} holds no finished checkpoint (checkpoints/latest and run.json)")
-    info = json.loads((paths.root / "run.json").read_text())
-    manifest = load_manifest(info["manifest"])
-    model = MPerSSegmenter.load(paths.latest).to(device).eval()
-    if model.config.uses_text and info.get("experts") not in (None, list(model.config.experts)):
-        raise InputError(
-            f"--run: {run} records experts {info['experts']} but its checkpoint reads {model.config.experts}"
+        same_store = self.record.captions is not None and str(Path(captions).resolve()) == self.record.captions
+        if same_store and selected_captions_sha256(selected) != self.record.captions_sha256:
+            # Not an error (re-captioning a store in place is how it grows), but never silent.
+            print(f"note: the selected captions of {captions} changed since this run was trained (record's hash)")
+        return load_text_features(
+            self.model.config, Path(captions), selected, self.record.settings.passed_only, self.device
         )
-    return TrainedRun(model, info, manifest, read_tile_index(manifest.tiling.out), device)
+
+
+def open_run(run: str | Path, device: str = "auto") -> TrainedRun:
+    """The newest checkpoint of a training run, with its record and the manifest and tile index it was trained on.
+
+    Args:
+        run: the run folder written by ``segmenter train``.
+        device: ``auto`` (the GPU when there is one) or a torch device name; see :func:`resolve_device`.
+
+    Raises:
+        InputError: no finished checkpoint, a run record of another version or with a missing field, a device this
+            machine lacks, a checkpoint whose experts differ from the record's.
+    """
+    resolved = resolve_device(device)  # first: a bad --device fails before anything is read
+    paths = RunPaths(Path(run))
+    if paths.latest is None:
+        raise InputError(f"--run: {run} holds no finished checkpoint (checkpoints/latest)")
+    record = RunRecord.read(paths.root)
+    manifest = load_manifest(record.manifest)
+    if manifest.sha256 != record.manifest_sha256:
+        print(f"note: manifest {record.manifest} changed since run {run} was trained")
+    model = MPerSSegmenter.load(paths.latest).to(resolved).eval()
+    if model.config.uses_text and record.experts != list(model.config.experts):
+        raise InputError(
+            f"--run: {run} records experts {record.experts} but its checkpoint reads {model.config.experts}"
+        )
+    return TrainedRun(model, record, manifest, read_tile_index(manifest.tiling.out), resolved)
 
 
 @torch.no_grad()
@@ -93,15 +112,18 @@ def sliding_window_logits(
     window: int,
     overlap: float = 0.25,
     text_for: TextLookup | None = None,
-    device: str = "cpu",
+    device: str | torch.device | None = None,
     stride: int | None = None,
 ) -> torch.Tensor:
     """``(K, H, W)`` class logits of an ``H x W x C`` uint8 image, averaged where windows overlap.
 
     Windows are padded to a multiple of 32 (reflect) and the padding is cropped from their logits.
     ``text_for(y, x, h, w)`` gives the text features of a window, or None for masked experts. ``stride``, when
-    given, replaces the stride derived from ``overlap``.
+    given, replaces the stride derived from ``overlap``. ``device`` defaults to the model's: windows go where
+    the weights are.
     """
+    if device is None:
+        device = next(model.parameters()).device
     height, width = image.shape[:2]
     stride = stride or max(1, round(window * (1 - overlap)))
     pixels = torch.from_numpy(np.ascontiguousarray(image[..., :3])).permute(2, 0, 1).float().div(255)

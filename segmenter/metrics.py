@@ -8,7 +8,7 @@ absent from both prediction and ground truth has no IoU/F1 and is left out of th
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,30 @@ class ConfusionMatrix:
 
 
 @dataclass
+class CaptionFacts:
+    """What text a text-guided model read in an evaluation, written into its metrics report.
+
+    Attributes:
+        store: the caption store read.
+        experts: the run's experts, in order.
+        tiles: tiles of the evaluated split.
+        masked_experts: per expert, on how many of those tiles it had no usable caption (masked there).
+        class_sources: per expert, the class sources of the prompts behind its captions of the split.
+        windows: sliding windows evaluated.
+        windows_on_grid: how many of them are captioned tiles (the others read the caption of the tile they
+            overlap most).
+    """
+
+    store: str
+    experts: list[str]
+    tiles: int
+    masked_experts: dict[str, int]
+    class_sources: dict[str, list[str]]
+    windows: int
+    windows_on_grid: int
+
+
+@dataclass
 class Metrics:
     class_names: list[str]
     iou: list[float]
@@ -52,11 +76,14 @@ class Metrics:
     mf1_all: float
     main_classes: list[str] = field(default_factory=list)
     gt: str = "eroded"
-    captions: dict = field(default_factory=dict)
+    captions: CaptionFacts | None = None
 
     def to_json(self) -> str:
-        """Strict JSON: an undefined value (a class absent from prediction and ground truth) is ``null``."""
-        return json.dumps(_finite_or_null(self.__dict__), indent=2, allow_nan=False)
+        """Strict JSON: an undefined value (a class absent from prediction and ground truth) is ``null``; no caption
+        facts (a text-free model) is ``{}``, as reports have always written it."""
+        report = asdict(self)
+        report["captions"] = report["captions"] or {}
+        return json.dumps(_finite_or_null(report), indent=2, allow_nan=False)
 
     def markdown(self, title: str = "") -> str:
         """A table laid out like the paper's: per-class IoU and F1, then OA, mIoU, mF1 (in %)."""
@@ -77,15 +104,15 @@ class Metrics:
 
     def _caption_note(self) -> str:
         """What text a text-guided model read: which experts, where they were masked, which windows' captions."""
-        if not self.captions:
+        facts = self.captions
+        if facts is None:
             return ""
-        info = self.captions
-        masked = ", ".join(f"{name} on {n}" for name, n in info["masked_experts"].items() if n) or "none"
-        sources = "; ".join(f"{name}: {', '.join(kinds) or '-'}" for name, kinds in info["class_sources"].items())
+        masked = ", ".join(f"{name} on {n}" for name, n in facts.masked_experts.items() if n) or "none"
+        sources = "; ".join(f"{name}: {', '.join(kinds) or '-'}" for name, kinds in facts.class_sources.items())
         return (
-            f"Captions: experts {', '.join(info['experts'])} from {info['store']}; class sources of their prompts: "
-            f"{sources or '-'}. Of {info['tiles']} tiles, experts masked: {masked}. {info['windows_on_grid']} of "
-            f"{info['windows']} windows are captioned tiles (the others read the caption of the tile they overlap "
+            f"Captions: experts {', '.join(facts.experts)} from {facts.store}; class sources of their prompts: "
+            f"{sources or '-'}. Of {facts.tiles} tiles, experts masked: {masked}. {facts.windows_on_grid} of "
+            f"{facts.windows} windows are captioned tiles (the others read the caption of the tile they overlap "
             "most, listed in windows.csv)."
         )
 

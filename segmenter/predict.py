@@ -20,6 +20,7 @@ from manifests.errors import InputError
 from manifests.tile_index import make_tile_id, read_tile_index
 from segmenter.datasets.labels import encode_rgb_mask
 from segmenter.inference import CaptionWindows, TrainedRun, open_run, sliding_window_logits
+from segmenter.options import MissingCaptions, parse_choice
 from segmenter.raster_io import array_sha256, read_crop, write_crop
 from segmenter.text.features import ExpertTextFeatures
 from segmenter.tiling import tile_grid
@@ -70,15 +71,17 @@ def predict(
     captions: Path | None = None,
     window: int | None = None,
     overlap: float | None = None,
-    device: str = "cpu",
-    missing_captions: str = "error",
+    device: str = "auto",
+    missing_captions: str = MissingCaptions.error,
 ) -> list[Path]:
     """Predict every image; returns the GeoTIFFs written.
 
     A text-guided model's windows are the tile grid; each reads the captions of the store's tile with the same pixels
     (or, failing that, of tile ``<dataset>/<image stem>/<y>_<x>``), recorded in ``<stem>_captions.csv``; without a
-    store, or for windows no captioned tile matches, every expert is masked, and that is printed.
+    store, or for windows no captioned tile matches, every expert is masked, and that is printed. ``device``:
+    ``auto`` (the GPU when there is one) or a torch device name.
     """
+    missing_captions = parse_choice(MissingCaptions, missing_captions, "--missing-captions")
     trained = open_run(run, device)
     window = trained.window(window)
     stride = trained.stride(window, overlap)
@@ -103,7 +106,7 @@ def predict(
             lookup = CaptionWindows(path.stem, tiles, text)
         if image.shape[-1] < 3:
             image = np.repeat(image[..., :1], 3, axis=-1)
-        logits = sliding_window_logits(trained.model, image, window, 0.0, lookup, device, stride=stride)
+        logits = sliding_window_logits(trained.model, image, window, 0.0, lookup, trained.device, stride=stride)
         classes = logits.argmax(0).numpy().astype(np.uint8)
         if lookup is not None:
             used = pd.DataFrame(lookup.used)
@@ -134,7 +137,7 @@ def predict_index(
     index_path: str | Path,
     predictions: str | Path,
     splits: list[str] | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     on_tile=None,
 ) -> Path:
     """Predicted class fractions and class masks of every tile of an index (or of ``splits``), written as the
@@ -173,7 +176,8 @@ def predict_index(
         image = np.array(read_crop(index.path(row.image_path)))
         if image.ndim == 2:
             image = np.repeat(image[..., None], 3, axis=-1)
-        classes = sliding_window_logits(model, image, max(image.shape[:2]), 0.0, None, device).argmax(0).numpy()
+        logits = sliding_window_logits(model, image, max(image.shape[:2]), 0.0, None, trained.device)
+        classes = logits.argmax(0).numpy()
         classes = classes.astype(np.uint8)
         relative = f"{mask_dir}/{row.tile_id}.png"
         write_crop(predictions.parent / relative, classes)

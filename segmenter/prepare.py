@@ -23,6 +23,7 @@ from manifests.tile_index import (
     TILE_INDEX_SCHEMA_VERSION,
     make_tile_id,
     read_tile_index,
+    tile_name,
     write_tile_index,
 )
 from segmenter.datasets import SegmentationDataset, Source, build_dataset
@@ -134,6 +135,7 @@ def _fingerprint(dataset: SegmentationDataset, tiling: TilingConfig, sources: li
     settings = dataset.config.model_dump(mode="json", exclude={"root"})
     digest = hashlib.sha256()
     digest.update(json.dumps([TILE_INDEX_SCHEMA_VERSION, settings, tiling.size, tiling.effective_stride]).encode())
+    digest.update(dataset.vocabulary.to_json().encode())  # a new word list in a release refreshes the index
     hashed: dict[str, str] = {}
     for source in sources:
         for file in (source.image, source.label, source.eval_label):
@@ -202,7 +204,7 @@ def _cut_source(
     rows = []
     suffix = crop_suffix(image)
     for y, x, h, w in tile_grid(image.shape[0], image.shape[1], tiling.size, tiling.effective_stride):
-        name = f"{y:04d}_{x:04d}"
+        name = tile_name(y, x)
         window = (slice(y, y + h), slice(x, x + w))
         image_crop = image[window]
         relative = {"image_path": f"images/{source.source_id}/{name}{suffix}"}
@@ -284,6 +286,7 @@ def prepare_tiles(
             class_names=list(dataset.classes),
             ignore_index=dataset.ignore_index,
             palette=list(dataset.colors),
+            vocabulary=dataset.vocabulary,
             extra={
                 "inputs_sha256": fingerprint,
                 "tile_size": str(tiling.size),

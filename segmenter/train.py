@@ -3,8 +3,9 @@
 The sample order and the augmentation of every step are derived from (seed, step), so ``--resume`` from a
 checkpoint continues exactly where the run stopped. Checkpoints are folders ``checkpoints/step_NNNNNN`` with
 ``config.json`` + ``model.safetensors`` + ``optimizer.pt`` (loaded with ``weights_only=True``) + ``state.json``;
-``checkpoints/latest`` names the newest complete one. Under ``torchrun`` each process trains on its share of
-every global batch (DDP; gloo on CPU, NCCL on GPU) and rank 0 writes.
+``checkpoints/latest`` names the newest complete one; ``run.json`` is the run record
+(:class:`segmenter.run_record.RunRecord`). Under ``torchrun`` each process trains on its share of every global
+batch (DDP; gloo on CPU, NCCL on GPU) and rank 0 writes.
 """
 
 from __future__ import annotations
@@ -16,63 +17,34 @@ import os
 import shutil
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict
 
 from manifests.atomic import atomic_path, atomic_write_text
 from manifests.caption_store import selected_captions
+from manifests.devices import resolve_device
 from manifests.errors import InputError
-from manifests.run_manifest import load_manifest
-from manifests.tile_index import read_tile_index
+from manifests.run_manifest import RunManifest, load_manifest
+from manifests.tile_index import TileIndex, read_tile_index
 from segmenter.data import TileSamples
-from segmenter.model import MPerSSegmenter, SegmenterConfig, build_model, preset_config
+from segmenter.model import MPerSSegmenter, SegmenterConfig, SegmenterOutput, build_model, preset_config
+from segmenter.options import TEXT_GUIDED_AUGMENTATION as TEXT_GUIDED_AUGMENTATION  # re-exported for callers
+from segmenter.options import Augmentation, MissingCaptions, TrainSettings
+from segmenter.run_record import RUN_RECORD_FILE, RunRecord, prompt_class_sources, selected_captions_sha256
 from segmenter.text import ExpertTextFeatures, TextEncoder, TextFeatureCache, expert_text_features
 from segmenter.text.features import run_experts
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss); the message names the step and batch."""
-
-
-# What `auto` picks for text-guided presets (see TrainSettings.augmentation_for): of d4, d4_rewrite and none, none
-# scored best on the demo over 3 seeds (bench/caption_effect.py --augmentation-study; README "Caption effect").
-TEXT_GUIDED_AUGMENTATION = "none"
-
-
-class TrainSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    preset: str = "mpers_vitl16"
-    steps: int = 20000
-    batch_size: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 1e-2
-    milestones: list[float] = [0.7, 0.9]
-    gamma: float = 0.1
-    seed: int = 0
-    checkpoint_every: int = 1000
-    log_every: int = 10
-    keep_checkpoints: int = 2
-    missing_captions: Literal["mask", "error"] = "mask"
-    passed_only: bool = True
-    amp: bool = True
-    experts: list[str] | None = None
-    augmentation: Literal["auto", "d4", "d4_rewrite", "none"] = "auto"
-
-    def augmentation_for(self, config: SegmenterConfig) -> str:
-        """``auto``: flips and rotations for a text-free model; for a text-guided one the choice that keeps its
-        captions true and measured best on the demo (README, "Geometric augmentation and captions")."""
-        if self.augmentation != "auto":
-            return self.augmentation
-        return TEXT_GUIDED_AUGMENTATION if config.uses_text else "d4"
 
 
 @dataclass
@@ -87,6 +59,19 @@ class RunPaths:
     def latest(self) -> Path | None:
         pointer = self.checkpoints / "latest"
         return self.checkpoints / pointer.read_text().strip() if pointer.is_file() else None
+
+
+@dataclass
+class _Setup:
+    """What the training loop reads, built and checked before its first step."""
+
+    config: SegmenterConfig
+    model: MPerSSegmenter
+    samples: TileSamples
+    text: ExpertTextFeatures | None
+    augmentation: Augmentation
+    selected: pd.DataFrame | None  # the caption store's selected rows (text-guided runs), read once
+    masked: dict[str, int]  # per expert, train tiles without a usable caption
 
 
 def _distributed() -> tuple[int, int]:
@@ -112,7 +97,7 @@ def load_text_features(
     captions: Path,
     selected: pd.DataFrame,
     passed_only: bool,
-    device: str,
+    device: str | torch.device,
     direction_variants: bool = False,
 ) -> ExpertTextFeatures:
     """The text features of ``config.experts`` from a caption store's selected rows (read once by the caller),
@@ -130,9 +115,151 @@ def print_masked(counts: dict[str, int], n_tiles: int, split: str) -> None:
         print(f"split {split}: of {n_tiles} tiles, experts masked for lack of a usable caption: {shown}")
 
 
-def _recorded_experts(paths: RunPaths) -> list[str] | None:
-    record = paths.root / "run.json"
-    return json.loads(record.read_text()).get("experts") if record.is_file() else None
+def _run_folder(out: str | Path, resume: bool) -> tuple[RunPaths, RunRecord | None]:
+    """The run folder, and its record when resuming.
+
+    Raises:
+        InputError: the folder holds a run and ``resume`` is off; its record is of another version or damaged.
+    """
+    paths = RunPaths(Path(out))
+    if paths.latest is not None and not resume:
+        raise InputError(f"--out: {paths.root} already holds a run; pass --resume to continue it or pick a new folder")
+    recorded = RunRecord.read(paths.root) if resume and (paths.root / RUN_RECORD_FILE).is_file() else None
+    return paths, recorded
+
+
+def _model_config(
+    settings: TrainSettings, num_classes: int, captions: str | Path | None, recorded: RunRecord | None
+) -> tuple[SegmenterConfig, pd.DataFrame | None, str]:
+    """The preset's configuration with the run's experts, the store's selected rows, and who chose the experts.
+
+    Raises:
+        InputError: a text-guided preset without a store, ``--experts`` for a text-free one, experts the store lacks.
+    """
+    config = preset_config(settings.preset, num_classes=num_classes)
+    if not config.uses_text:
+        if settings.experts:
+            raise InputError(f"--experts: preset {config.name} reads no captions")
+        return config, None, ""
+    if captions is None:
+        raise InputError(f"--captions: preset {config.name} reads captions; give a caption store")
+    selected = selected_captions(captions)
+    # A resumed run keeps the experts its weights were made for.
+    kept = recorded.experts if recorded is not None else None
+    experts = run_experts(captions, selected, kept or settings.experts)
+    chosen_by = "the run record" if kept else "--experts" if settings.experts else "the caption store"
+    return config.model_copy(update={"experts": experts}), selected, chosen_by
+
+
+def _train_samples(index: TileIndex, text: ExpertTextFeatures | None, augmentation: Augmentation) -> TileSamples:
+    """The train split's samples.
+
+    Raises:
+        InputError: the split is empty, or has tiles without labels.
+    """
+    samples = TileSamples(index, "train", text, augmentation=augmentation)
+    if len(samples) == 0:
+        raise InputError(f"tile index {index.root}: no tiles in split 'train'")
+    unlabelled = samples.frame["label_path"].isna()
+    if unlabelled.any():
+        raise InputError(f"tile index {index.root}: tile {samples.frame['tile_id'][unlabelled].iloc[0]} (and "
+                         f"{int(unlabelled.sum()) - 1} more) of split 'train' has no label; this index is for "
+                         "captioning/prediction only")  # fmt: skip
+    return samples
+
+
+def _setup(
+    index: TileIndex,
+    settings: TrainSettings,
+    captions: str | Path | None,
+    recorded: RunRecord | None,
+    device: torch.device,
+    rank: int,
+) -> _Setup:
+    """Model, text features and samples of a run, in the order that makes a seed give the same weights.
+
+    Raises:
+        InputError: see :func:`_model_config` and :func:`_train_samples`; train tiles without a passed caption
+            under ``missing_captions='error'``.
+    """
+    # Seeded before the model is built, and the model built before the text encoder (which reseeds for its tiny
+    # random test weights): that order is what makes a seed give the same initial weights in every run.
+    torch.manual_seed(settings.seed)
+    config, selected, chosen_by = _model_config(settings, len(index.class_names), captions, recorded)
+    model = build_model(config).to(device)
+    augmentation = settings.augmentation_for(config)
+    text = None
+    if config.uses_text:
+        assert captions is not None and selected is not None
+        rewrite = augmentation == Augmentation.d4_rewrite
+        text = load_text_features(config, Path(captions), selected, settings.passed_only, device, rewrite)
+    samples = _train_samples(index, text, augmentation)
+    masked: dict[str, int] = {}
+    if text is not None:
+        uncaptioned = sum(1 for tile in samples.frame["tile_id"] if not text.lookup(tile)[1].any())
+        if uncaptioned and settings.missing_captions == MissingCaptions.error:
+            raise InputError(f"--captions: {uncaptioned} of {len(samples)} train tiles have no passed caption in "
+                             f"{captions}; caption them or pass --missing-captions mask")  # fmt: skip
+        masked = text.masked_counts(samples.frame["tile_id"].tolist())
+        if rank == 0:
+            print(f"experts (from {chosen_by}): {config.experts}")
+            print_masked(masked, len(samples), "train")
+    return _Setup(config, model, samples, text, augmentation, selected, masked)
+
+
+def _optimizer(
+    model: MPerSSegmenter, settings: TrainSettings
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.MultiStepLR]:
+    """AdamW over the trainable parameters, with the multi-step schedule (milestones are fractions of the steps)."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
+    milestones = [int(settings.steps * m) for m in settings.milestones]
+    return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, settings.gamma)
+
+
+def _restore(
+    checkpoint: Path,
+    model: MPerSSegmenter,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.MultiStepLR,
+    device: torch.device,
+) -> int:
+    """Load a checkpoint's weights, optimizer and schedule; returns the step it was written at."""
+    model.load_weights(checkpoint)
+    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True, map_location=device))
+    state = json.loads((checkpoint / "state.json").read_text())
+    state["scheduler"]["milestones"] = Counter({int(k): v for k, v in state["scheduler"]["milestones"]})
+    scheduler.load_state_dict(state["scheduler"])
+    return state["step"]
+
+
+def _run_record(
+    manifest: str | Path,
+    run: RunManifest,
+    index: TileIndex,
+    setup: _Setup,
+    settings: TrainSettings,
+    captions: str | Path | None,
+    world: int,
+) -> RunRecord:
+    """The record of a run as it starts (see :class:`RunRecord` for each field)."""
+    experts = list(setup.config.experts)
+    class_sources = {}
+    if setup.text is not None:
+        class_sources["train"] = prompt_class_sources(setup.text.rows, setup.samples.frame["tile_id"].tolist(), experts)
+    return RunRecord(
+        manifest=str(Path(run.source).resolve()) if run.source else str(manifest),
+        manifest_sha256=run.sha256,
+        settings=settings,
+        class_names=list(index.class_names),
+        world_size=world,
+        experts=experts,
+        augmentation=setup.augmentation,
+        captions=str(Path(captions).resolve()) if captions else None,
+        captions_sha256=selected_captions_sha256(setup.selected) if setup.selected is not None else None,
+        class_sources=class_sources,
+        masked_experts={"train": setup.masked},
+    )
 
 
 def _save_checkpoint(paths: RunPaths, model: MPerSSegmenter, optimizer, scheduler, step: int, keep: int) -> Path:
@@ -159,6 +286,26 @@ def _log_row(path: Path, row: dict) -> None:
         writer.writerow(row)
 
 
+def _log_step(
+    paths: RunPaths,
+    writer: Any,
+    row: dict[str, Any],
+    output: SegmenterOutput,
+    present: torch.Tensor | None,
+    experts: list[str],
+) -> None:
+    """Append a step's row (plus the mean DMTE gate per expert over the tiles where it is present) to
+    ``metrics.csv`` and TensorBoard."""
+    if output.gates is not None and present is not None:
+        present = present.to(output.gates.device).float()
+        means = (output.gates.float() * present).sum(0) / present.sum(0).clamp(min=1)
+        row.update({f"gate_{name}": round(v, 4) for name, v in zip(experts, means.tolist(), strict=True)})
+    _log_row(paths.root / "metrics.csv", row)
+    for key, value in row.items():
+        if key != "step":
+            writer.add_scalar(f"train/{key}", value, row["step"])
+
+
 def train(
     manifest: str | Path,
     out: str | Path,
@@ -169,78 +316,29 @@ def train(
 ) -> Path:
     """Train a preset on the train split of the manifest's tile index; returns the newest checkpoint folder.
 
+    The device is :func:`resolve_device`'s ``auto``: this process's GPU under ``torchrun``, else the GPU when
+    there is one, else the CPU.
+
     Raises:
         InputError: no tile index, captions missing where the preset needs them, tiles without captions
-            with ``missing_captions='error'``, a run folder that exists without ``resume``.
+            with ``missing_captions='error'``, a run folder that exists without ``resume``, a run record of
+            another version on ``resume``.
         TrainingError: a non-finite loss (the last good checkpoint is kept).
     """
     rank, world = _distributed()
-    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    device = resolve_device()
     run = load_manifest(manifest)
     index = read_tile_index(run.tiling.out)
-    paths = RunPaths(Path(out))
-    if paths.latest is not None and not resume:
-        raise InputError(f"--out: {paths.root} already holds a run; pass --resume to continue it or pick a new folder")
-    torch.manual_seed(settings.seed)
-    config = preset_config(settings.preset, num_classes=len(index.class_names))
-    text, masked, selected = None, {}, None
-    if config.uses_text:
-        if captions is None:
-            raise InputError(f"--captions: preset {config.name} reads captions; give a caption store")
-        selected = selected_captions(captions)
-        # A resumed run keeps the experts its weights were made for.
-        recorded = _recorded_experts(paths) if resume else None
-        experts = run_experts(captions, selected, recorded or settings.experts)
-        config = config.model_copy(update={"experts": experts})
-        chosen_by = "the run record" if recorded else "--experts" if settings.experts else "the caption store"
-    elif settings.experts:
-        raise InputError(f"--experts: preset {config.name} reads no captions")
-    model = build_model(config).to(device)
-    augmentation = settings.augmentation_for(config)
-    if config.uses_text:
-        assert captions is not None and selected is not None
-        text = load_text_features(config, Path(captions), selected, settings.passed_only, device,
-                                  augmentation == "d4_rewrite")  # fmt: skip
-    samples = TileSamples(index, "train", text, augmentation=augmentation)
-    if len(samples) == 0:
-        raise InputError(f"tile index {index.root}: no tiles in split 'train'")
-    unlabelled = samples.frame["label_path"].isna()
-    if unlabelled.any():
-        raise InputError(f"tile index {index.root}: tile {samples.frame['tile_id'][unlabelled].iloc[0]} (and "
-                         f"{int(unlabelled.sum()) - 1} more) of split 'train' has no label; this index is for "
-                         "captioning/prediction only")  # fmt: skip
-    if text is not None:
-        uncaptioned = sum(1 for tile in samples.frame["tile_id"] if not text.lookup(tile)[1].any())
-        if uncaptioned and settings.missing_captions == "error":
-            raise InputError(f"--captions: {uncaptioned} of {len(samples)} train tiles have no passed caption in "
-                             f"{captions}; caption them or pass --missing-captions mask")  # fmt: skip
-        if rank == 0:
-            print(f"experts (from {chosen_by}): {config.experts}")
-            masked = text.masked_counts(samples.frame["tile_id"].tolist())
-            print_masked(masked, len(samples), "train")
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
-    milestones = [int(settings.steps * m) for m in settings.milestones]
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, settings.gamma)
-    step = 0
-    if resume and paths.latest is not None:
-        checkpoint = paths.latest
-        model.load_weights(checkpoint)
-        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True, map_location=device))
-        state = json.loads((checkpoint / "state.json").read_text())
-        state["scheduler"]["milestones"] = Counter({int(k): v for k, v in state["scheduler"]["milestones"]})
-        scheduler.load_state_dict(state["scheduler"])
-        step = state["step"]
+    paths, recorded = _run_folder(out, resume)
+    setup = _setup(index, settings, captions, recorded, device, rank)
+    model, samples, guided = setup.model, setup.samples, setup.text is not None
+    optimizer, scheduler = _optimizer(model, settings)
+    step = _restore(paths.latest, model, optimizer, scheduler, device) if resume and paths.latest else 0
     if rank == 0:
-        paths.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(paths.root / "run.json", json.dumps({
-            "manifest": str(Path(run.source).resolve()) if run.source else str(manifest),
-            "manifest_sha256": run.sha256, "captions": str(Path(captions).resolve()) if captions else None,
-            "settings": settings.model_dump(), "class_names": index.class_names, "world_size": world,
-            "experts": list(config.experts), "augmentation": augmentation, "masked_experts": {"train": masked},
-        }, indent=2))  # fmt: skip
-    use_amp = settings.amp and device.startswith("cuda")
-    if device.startswith("cuda"):
+        _run_record(manifest, run, index, setup, settings, captions, world).write(paths.root)
+    cuda = device.type == "cuda"
+    use_amp = settings.amp and cuda
+    if cuda:
         model = model.to(memory_format=torch.channels_last)
     network = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     network.train()
@@ -257,11 +355,13 @@ def train(
             positions, seeds = sample_plan(step, settings.batch_size, len(samples), settings.seed, rank, world)
             batch = samples.batch(positions, seeds)
             images = batch["image"].to(device)
-            if device.startswith("cuda"):
+            if cuda:
                 images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=use_amp):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 output = (
-                    network(images, batch["text"].to(device), batch["present"].to(device)) if text else network(images)
+                    network(images, batch["text"].to(device), batch["present"].to(device))
+                    if guided
+                    else network(images)
                 )
                 loss = F.cross_entropy(
                     output.logits.float(), batch["label"].to(device), ignore_index=index.ignore_index
@@ -281,16 +381,7 @@ def train(
                 rate = seen / (time.perf_counter() - started)
                 row = {"step": step, "loss": round(loss.item(), 6), "lr": scheduler.get_last_lr()[0],
                        "images_per_s": round(rate, 2)}  # fmt: skip
-                if output.gates is not None:
-                    present = batch["present"].to(device).float()
-                    means = (output.gates.float() * present).sum(0) / present.sum(0).clamp(min=1)
-                    row.update(
-                        {f"gate_{name}": round(v, 4) for name, v in zip(config.experts, means.tolist(), strict=True)}
-                    )
-                _log_row(paths.root / "metrics.csv", row)
-                for key, value in row.items():
-                    if key != "step":
-                        writer.add_scalar(f"train/{key}", value, step)
+                _log_step(paths, writer, row, output, batch.get("present"), setup.config.experts)
                 bar(step, loss.item(), rate)
             if step % settings.checkpoint_every == 0 or step == settings.steps:
                 if rank == 0:
@@ -304,7 +395,7 @@ def train(
     return paths.latest or paths.root
 
 
-def _progress(enabled: bool, total: int, start: int):
+def _progress(enabled: bool, total: int, start: int) -> Callable[[int | None, float | None, float | None], None]:
     """A rich progress bar with loss and throughput; a no-op when disabled."""
     if not enabled:
         return lambda *args: None

@@ -23,11 +23,14 @@ def vaihingen_root(tmp_path: Path) -> Path:
     return make_vaihingen(tmp_path / "vaihingen")
 
 
-def vaihingen_configs(root: Path, out: Path, size: int = 32, stride: int | None = None, **dataset):
-    return (
-        DatasetConfig(name="vaihingen", root=root, **dataset),
-        TilingConfig(size=size, stride=stride, out=out),
-    )
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A temporary Prefect API (with its own database) for the session's flow runs; yields its URL."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():
+        yield PREFECT_API_URL.value()
 
 
 @pytest.fixture(scope="session")

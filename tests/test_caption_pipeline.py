@@ -13,12 +13,12 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from caption_pipeline.experts import build_expert
 from caption_pipeline.experts.annotation import describe_label
 from caption_pipeline.experts.base import CaptionRequest, CaptionResult, load_image
 from caption_pipeline.gate import GateSettings, RunInfo, caption_tiles, tile_tasks
+from caption_pipeline.policy import GatePolicy
 from caption_pipeline.prompts import TileClasses, build_prompt, readable
 from caption_pipeline.scoring import ClipScorer
 from manifests.caption_store import StoreMeta, read_store, selected_captions, write_fragment
@@ -30,6 +30,8 @@ from manifests.run_manifest import (
     PromptConfig,
     TransformersExpertConfig,
 )
+from segmenter.datasets import Vaihingen
+from tests.helpers import SECRET, ChatServer, serving, write_predictions
 
 CLASSES = TileClasses("labels", {"building": 0.5, "low_vegetation": 0.3, "car": 0.2, "tree": 0.0})
 
@@ -78,8 +80,12 @@ def test_annotation_caption_counts_and_places_objects():
     classes[30:33, 5:10] = 4  # a car in the west
     classes[0, :] = 255
     names = ("impervious_surfaces", "building", "low_vegetation", "tree", "car", "clutter")
-    text = describe_label(classes, names, 255, "p3")
+    plurals = Vaihingen.plurals  # the dataset's vocabulary says which classes are counted as objects
+    text = describe_label(classes, names, 255, "p3", plurals)
     assert "2 buildings" in text and "car mostly in the west" in text and "low vegetation" in text
+    # a dataset that counts no class describes the same mask by areas only
+    areas = describe_label(classes, names, 255, "p3")
+    assert "buildings" not in areas and "building (" in areas and "car (" in areas
     assert describe_label(classes, names, 255, "p1") == "An aerial image showing low vegetation, building, car."
     assert "building (" in describe_label(classes, names, 255, "p2")
 
@@ -136,6 +142,7 @@ class ScriptedExpert:
     backend: str = "annotation"
     pipeline_chunk: int | None = None
     reprompts: bool = True
+    needs_class_mask: bool = False  # it answers from its script, whatever the backend name says
     asked: list[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -161,7 +168,7 @@ def test_gate_reprompts_a_failing_caption_and_selects_the_passing_attempt(clip_c
     ]
     tau = (low[0].similarity + high[0].similarity) / 2
     expert = ScriptedExpert([low[1], high[1]])
-    rows = caption_tiles(tasks, expert, scorer, GateSettings(tau=tau, prompt_ids=("p1",)), RunInfo("r"))
+    rows = caption_tiles(tasks, expert, scorer, GateSettings(GatePolicy(tau=tau), prompt_ids=("p1",)), RunInfo("r"))
     assert [(r["attempt"], r["passed"], r["selected"]) for r in rows] == [(0, False, False), (1, True, True)]
     assert rows[1]["prompt_text"] != rows[0]["prompt_text"]
 
@@ -169,8 +176,8 @@ def test_gate_reprompts_a_failing_caption_and_selects_the_passing_attempt(clip_c
 def test_empty_caption_always_fails_and_best_attempt_is_selected(clip_config, small_index):
     scorer = ClipScorer(clip_config)
     tasks = tile_tasks(small_index, small_index.frame.head(1), PromptConfig())
-    rows = caption_tiles(tasks, ScriptedExpert(["   ", "a caption"]), scorer,
-                         GateSettings(tau=1.0, max_attempts=3, prompt_ids=("p3",)), RunInfo("r"))  # fmt: skip
+    settings = GateSettings(GatePolicy(tau=1.0, max_attempts=3), prompt_ids=("p3",))
+    rows = caption_tiles(tasks, ScriptedExpert(["   ", "a caption"]), scorer, settings, RunInfo("r"))
     assert [r["attempt"] for r in rows] == [0, 1, 2]
     assert rows[0]["passed"] is False and rows[0]["error"] == "empty caption" and rows[0]["similarity"] is None
     assert [r["selected"] for r in rows] == [False, True, False]  # attempts 1 and 2 tie: the earliest wins
@@ -184,7 +191,7 @@ def test_one_image_encode_per_tile_across_prompts_experts_and_attempts(clip_conf
     total_rows = 0
     for name in ("a", "b", "c"):
         expert = ScriptedExpert(["first", "second"], name=name)
-        rows = caption_tiles(tasks, expert, scorer, GateSettings(tau=1.0, max_attempts=3), RunInfo("r"))
+        rows = caption_tiles(tasks, expert, scorer, GateSettings(GatePolicy(tau=1.0, max_attempts=3)), RunInfo("r"))
         assert expert.calls == 3 * 3 * 3
         total_rows += len(rows)
     assert total_rows == 3 * 3 * 3 * 3
@@ -195,7 +202,7 @@ def test_annotation_expert_runs_only_where_labels_are_allowed(clip_config, small
     scorer = ClipScorer(clip_config)
     tasks = tile_tasks(small_index, small_index.frame, PromptConfig())
     rows = caption_tiles(tasks, build_expert(AnnotationExpertConfig(name="annotation", backend="annotation")), scorer,
-                         GateSettings(tau=0.0, max_attempts=1), RunInfo("r"))  # fmt: skip
+                         GateSettings(GatePolicy(tau=0.0, max_attempts=1)), RunInfo("r"))  # fmt: skip
     train = {tile.tile_id for tile in tasks if tile.split == "train"}
     assert {row["tile_id"] for row in rows} == train  # test tiles: labels not allowed, not asked
     assert all(row["passed"] and row["class_source"] == "labels" for row in rows)
@@ -206,7 +213,7 @@ def test_annotation_expert_is_never_re_prompted(clip_config, small_index):
     """Its caption depends on the mask alone: a re-prompt would repeat it word for word under a sampling record."""
     tasks = tile_tasks(small_index, small_index.frame, PromptConfig())
     rows = caption_tiles(tasks, build_expert(AnnotationExpertConfig(name="annotation", backend="annotation")),
-                         ClipScorer(clip_config), GateSettings(tau=1.0, max_attempts=3), RunInfo("r"))  # fmt: skip
+                         ClipScorer(clip_config), GateSettings(GatePolicy(1.0, 3)), RunInfo("r"))  # fmt: skip
     assert rows and not any(row["passed"] for row in rows)
     assert {row["attempt"] for row in rows} == {0} and all(row["selected"] for row in rows)
     assert {(row["temperature"], row["seed"]) for row in rows} == {(0.0, 0)}
@@ -220,7 +227,8 @@ def test_corrupt_tile_is_a_failed_attempt_and_the_rest_go_on(clip_config, small_
     tasks[1] = dataclasses.replace(tasks[1], image_path=broken)
     expert = ScriptedExpert(["a caption"], pipeline_chunk=pipeline_chunk)
     # tau above any similarity: every readable key is re-prompted up to max_attempts, the corrupt one never
-    rows = caption_tiles(tasks, expert, ClipScorer(clip_config), GateSettings(tau=1.01, max_attempts=3), RunInfo("r"))
+    settings = GateSettings(GatePolicy(tau=1.01, max_attempts=3))
+    rows = caption_tiles(tasks, expert, ClipScorer(clip_config), settings, RunInfo("r"))
     failed = [row for row in rows if row["tile_id"] == tasks[1].tile_id]
     assert len(failed) == 3 and {row["attempt"] for row in failed} == {0}
     assert all("unreadable image" in row["error"] and row["selected"] for row in failed)
@@ -231,23 +239,16 @@ def test_corrupt_tile_is_a_failed_attempt_and_the_rest_go_on(clip_config, small_
 
 
 def test_openai_expert_through_the_gate_never_writes_the_key(clip_config, small_index, tmp_path, monkeypatch):
-    from tests.test_openai_backend import SECRET, ChatServer
-
-    server = ChatServer()
-    import threading
-
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with serving(ChatServer()) as server:
         monkeypatch.setenv("MY_KEY", SECRET)
         config = OpenAIExpertConfig(name="gpt", backend="openai", model="gpt-4o", api_key_env="MY_KEY",
                               base_url=f"http://127.0.0.1:{server.server_port}/v1")  # fmt: skip
         tasks = tile_tasks(small_index, small_index.frame.head(2), PromptConfig())
-        rows = caption_tiles(tasks, build_expert(config), ClipScorer(clip_config), GateSettings(tau=0.0), RunInfo("r"))
+        settings = GateSettings(GatePolicy(tau=0.0))
+        rows = caption_tiles(tasks, build_expert(config), ClipScorer(clip_config), settings, RunInfo("r"))
         first_tries = len(server.bodies)
-        reprompted = GateSettings(tau=1.01, max_attempts=2, prompt_ids=("p3",), reprompt_temperature=0.9)
+        reprompted = GateSettings(GatePolicy(tau=1.01, max_attempts=2), prompt_ids=("p3",), reprompt_temperature=0.9)
         caption_tiles(tasks, build_expert(config), ClipScorer(clip_config), reprompted, RunInfo("r2"))
-    finally:
-        server.shutdown()
     assert server.auth_headers == {f"Bearer {SECRET}"}
     decodings = sorted((body["temperature"], body["seed"]) for body in server.bodies[first_tries:])
     assert decodings == [(0.0, 0), (0.0, 0), (0.9, 1), (0.9, 1)]  # the re-prompts sample, seeded by attempt
@@ -268,11 +269,26 @@ class RecordingExpert:
     backend: str = "openai"
     pipeline_chunk: int | None = None
     reprompts: bool = True
+    needs_class_mask: bool = False
     requests: list[CaptionRequest] = dataclasses.field(default_factory=list)
 
     def generate(self, requests):
         self.requests += requests
         return [CaptionResult("an aerial image of a town", "stop", 6, 0.0) for _ in requests]
+
+
+def test_the_gate_asks_what_the_expert_declares_not_its_backend_name(clip_config, small_index):
+    """``needs_class_mask`` decides whether splits without a class source are skipped, whatever the backend."""
+    tasks = tile_tasks(small_index, small_index.frame, PromptConfig())  # train: labels, test: none
+    train = {tile.tile_id for tile in tasks if tile.split == "train"}
+    settings = GateSettings(GatePolicy(tau=0.0, max_attempts=1), prompt_ids=("p1",))
+    scorer = ClipScorer(clip_config)
+    reads_masks = RecordingExpert(backend="openai", needs_class_mask=True)
+    rows = caption_tiles(tasks, reads_masks, scorer, settings, RunInfo("r"))
+    assert {request.tile_id for request in reads_masks.requests} == train == {row["tile_id"] for row in rows}
+    describes_images = RecordingExpert(name="named-annotation", backend="annotation")
+    caption_tiles(tasks, describes_images, scorer, settings, RunInfo("r"))
+    assert {request.tile_id for request in describes_images.requests} == {tile.tile_id for tile in tasks}
 
 
 def sent_per_key(expert: RecordingExpert) -> dict[tuple[str, str], list[tuple[str, float, int]]]:
@@ -286,7 +302,8 @@ def test_no_two_attempts_of_a_key_send_the_same_request(clip_config, small_index
     scorer = ClipScorer(clip_config)
     frame = small_index.frame.iloc[[0, 1, 8]]  # two train tiles (labels) and a test tile (no class information)
     tasks = tile_tasks(small_index, frame, PromptConfig())
-    settings = GateSettings(tau=1.01, max_attempts=4, temperature=0.0, reprompt_temperature=0.7)  # nothing passes
+    # nothing passes
+    settings = GateSettings(GatePolicy(tau=1.01, max_attempts=4), temperature=0.0, reprompt_temperature=0.7)
     expert = RecordingExpert()
     rows = caption_tiles(tasks, expert, scorer, settings, RunInfo("r"))
     sent = sent_per_key(expert)
@@ -351,23 +368,6 @@ def test_transformers_sampling_is_seeded_and_do_sample_is_explicit(tiny_models, 
 CLASS_WORDS = re.compile(r"\b(impervious|surfaces?|buildings?|low vegetation|vegetation|trees?|cars?|clutter)\b", re.I)
 
 
-def write_predictions(index, folder) -> Path:
-    """A predictions file for every tile of ``index`` that disagrees with the labels: each tile is 70% tree and
-    30% car, with its class-index mask."""
-    names = index.class_names
-    tree, car = names.index("tree"), names.index("car")
-    (folder / "masks").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for number, tile_id in enumerate(index.frame["tile_id"]):
-        mask = np.full((64, 64), tree, np.uint8)
-        mask[:, 45:] = car
-        Image.fromarray(mask).save(folder / "masks" / f"{number}.png")
-        fractions = np.bincount(mask.ravel(), minlength=len(names)) / mask.size
-        rows.append({"tile_id": tile_id, "class_fractions": fractions.tolist(), "mask_path": f"masks/{number}.png",
-                     "run_id": "notext", "model": "test_tiny_notext"})  # fmt: skip
-    return write_class_predictions(folder / "class_predictions.parquet", rows, names, 255)
-
-
 @pytest.fixture
 def predictions(small_index, tmp_path) -> Path:
     return write_predictions(small_index, tmp_path)
@@ -383,7 +383,7 @@ def test_evaluation_prompts_carry_ground_truth_only_under_oracle(clip_config, sm
     prompts = PromptConfig(protocol=protocol, predictions=predictions if protocol == "predicted" else None)
     tasks = tile_tasks(small_index, small_index.frame, prompts)
     expert = RecordingExpert()
-    settings = GateSettings(tau=1.01, max_attempts=4)  # every wording of every attempt is sent
+    settings = GateSettings(GatePolicy(tau=1.01, max_attempts=4))  # every wording of every attempt is sent
     caption_tiles(tasks, expert, ClipScorer(clip_config), settings, RunInfo("r"))
     truth = small_index.frame.set_index("tile_id")["class_fractions"]
     predicted = percentages([0, 0, 0, 0.703125, 0.296875, 0], small_index.class_names)
@@ -432,7 +432,7 @@ def test_predictions_missing_for_tiles_of_a_split_are_one_line(small_index, pred
 def test_annotation_expert_describes_predicted_masks(clip_config, small_index, predictions):
     scorer = ClipScorer(clip_config)
     annotation = build_expert(AnnotationExpertConfig(name="annotation", backend="annotation"))
-    settings = GateSettings(tau=0.0, max_attempts=1, prompt_ids=("p1", "p2"))
+    settings = GateSettings(GatePolicy(tau=0.0, max_attempts=1), prompt_ids=("p1", "p2"))
     prompts = PromptConfig(protocol="predicted", predictions=predictions)
     rows = caption_tiles(
         tile_tasks(small_index, small_index.frame, prompts), annotation, scorer, settings, RunInfo("r")
@@ -454,7 +454,7 @@ def test_annotation_expert_without_a_predicted_mask_fails_once(clip_config, smal
     tasks = [dataclasses.replace(task, label_path=None) if task.split == "test" else task
              for task in tile_tasks(small_index, small_index.frame, prompts)]  # fmt: skip
     rows = caption_tiles(tasks, build_expert(AnnotationExpertConfig(name="annotation", backend="annotation")),
-                         ClipScorer(clip_config), GateSettings(tau=0.5, max_attempts=3), RunInfo("r"))  # fmt: skip
+                         ClipScorer(clip_config), GateSettings(GatePolicy(0.5, 3)), RunInfo("r"))  # fmt: skip
     failed = [row for row in rows if row["split"] == "test"]
     assert len(failed) == 4 * 3 and all(row["attempt"] == 0 and row["selected"] for row in failed)
     assert all("no class mask for this tile (class source 'predictions')" in row["error"] for row in failed)

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
@@ -16,11 +15,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from caption_pipeline.policy import GatePolicy
 from manifests.caption_store import (
     ATTEMPT_KEY,
     CAPTION_STORE_SCHEMA,
     CAPTION_STORE_SCHEMA_VERSION,
-    StoreMeta,
     attempt_counts,
     compact,
     done_keys,
@@ -29,22 +28,9 @@ from manifests.caption_store import (
     write_fragment,
 )
 from manifests.errors import InputError
+from tests.helpers import META, row
 
-META = StoreMeta(class_names=["a", "b"], clip_model="tiny:random", tau=0.55)
-
-
-def row(tile: str, prompt: str = "p1", attempt: int = 0, similarity: float | None = 0.6, **extra) -> dict:
-    base = {
-        "tile_id": tile, "expert": "e", "model": "m", "backend": "annotation", "prompt_id": prompt,
-        "attempt": attempt, "prompt_text": "describe", "temperature": 0.0 if attempt == 0 else 0.7, "seed": attempt,
-        "caption": None if similarity is None else f"caption {tile}",
-        "n_tokens": 3, "n_chunks": 1, "clip_model": "tiny:random", "raw_cosine": 0.2, "similarity": similarity,
-        "tau": 0.55, "passed": bool(similarity and similarity >= 0.55), "selected": True, "finish_reason": "stop",
-        "latency_s": 0.1, "created_at": datetime.now(UTC), "run_id": "r", "manifest_sha256": None,
-        "image_sha256": "x", "split": "train", "protocol": "custom", "class_source": "labels",
-        "error": None if similarity is not None else "HTTP 500",
-    }  # fmt: skip
-    return {**base, **extra}
+POLICY = GatePolicy()  # the rules the store applies (selection, done keys) come from the gate policy
 
 
 def test_fragments_and_single_file_read_the_same(tmp_path):
@@ -53,7 +39,7 @@ def test_fragments_and_single_file_read_the_same(tmp_path):
     write_fragment(store, [row("t3")], META)
     frame = read_store(store)
     assert sorted(frame["tile_id"]) == ["t1", "t2", "t3"]
-    merged = compact(store)
+    merged = compact(store, select=POLICY.select)
     assert [p.name for p in store.glob("*.parquet")] == [merged.name]
     pd.testing.assert_frame_equal(
         read_store(merged).sort_values("tile_id").reset_index(drop=True),
@@ -69,8 +55,8 @@ def test_selected_view_and_done_keys(tmp_path):
     write_fragment(store, rows, META)
     view = selected_captions(store)
     assert view[["tile_id", "attempt"]].values.tolist() == [["t1", 1], ["t2", 0]]
-    assert done_keys(store) == {("t1", "e", "p1")}  # t2 only failed: a re-run retries it
-    _, counts = attempt_counts(store)
+    assert done_keys(store, done=POLICY.done) == {("t1", "e", "p1")}  # t2 only failed: a re-run retries it
+    _, counts = attempt_counts(store, done=POLICY.done)
     assert counts == {("t1", "e", "p1"): 2, ("t2", "e", "p1"): 1}
 
 
@@ -78,7 +64,7 @@ def test_compaction_reselects_a_key_retried_by_a_later_run(tmp_path):
     store = tmp_path / "store"
     write_fragment(store, [row("t2", attempt=0, similarity=None)], META)
     write_fragment(store, [row("t2", attempt=1, similarity=0.61)], META)
-    compact(store)
+    compact(store, select=POLICY.select)
     frame = read_store(store)
     assert frame.loc[frame["selected"], "attempt"].tolist() == [1]
 
@@ -88,7 +74,7 @@ def test_other_schema_version_is_refused(tmp_path):
     path = write_fragment(store, [row("t1")], META)
     table = pq.read_table(path)
     pq.write_table(table.replace_schema_metadata({**table.schema.metadata, b"schema_version": b"99"}), path)
-    with pytest.raises(InputError, match=r"schema_version '99', this toolkit reads 2"):
+    with pytest.raises(InputError, match=r"schema_version '99', this toolkit reads 3"):
         read_store(store)
 
 
@@ -97,11 +83,41 @@ def test_version_1_store_without_decoding_columns_is_refused(tmp_path):
     path = write_fragment(store, [row("t1")], META)
     table = pq.read_table(path).drop_columns(["temperature", "seed", "split", "protocol"])
     pq.write_table(table.replace_schema_metadata({**table.schema.metadata, b"schema_version": b"1"}), path)
-    with pytest.raises(InputError, match=r"schema_version '1', this toolkit reads 2; regenerate or convert") as info:
+    with pytest.raises(InputError, match=r"schema_version '1', this toolkit reads 3; regenerate or convert") as info:
         read_store(store)
     assert "\n" not in str(info.value)
     with pytest.raises(InputError, match=r"schema_version '1'"):
-        attempt_counts(store)
+        attempt_counts(store, done=POLICY.done)
+
+
+def test_version_2_store_without_usable_is_refused(tmp_path):
+    """A version 2 store has no ``usable`` column; deriving it on read would be a second definition of the rule."""
+    store = tmp_path / "store"
+    path = write_fragment(store, [row("t1")], META)
+    table = pq.read_table(path).drop_columns(["usable"])
+    pq.write_table(table.replace_schema_metadata({**table.schema.metadata, b"schema_version": b"2"}), path)
+    for read in (read_store, selected_captions, lambda s: attempt_counts(s, done=POLICY.done)):
+        with pytest.raises(InputError, match=r"schema_version '2', this toolkit reads 3; regenerate or convert"):
+            read(store)
+
+
+def test_compaction_keeps_the_gate_columns_and_selects_with_the_policy(tmp_path):
+    """Selection across runs is the policy's: the most similar usable attempt, the earliest on ties, and one row for
+    a key whose attempts all failed. The store itself holds no selection rule: it applies the one it is given."""
+    store = tmp_path / "store"
+    write_fragment(store, [row("a", attempt=0, similarity=0.7), row("b", attempt=0, similarity=None),
+                           row("c", attempt=0, similarity=0.62)], META)  # fmt: skip
+    write_fragment(store, [row("a", attempt=1, similarity=0.7), row("b", attempt=1, similarity=None),
+                           row("c", attempt=1, similarity=0.9, caption="   ", usable=False)], META)  # fmt: skip
+    compact(store, select=POLICY.select)
+    frame = read_store(store)
+    selected = frame[frame["selected"]].set_index("tile_id")["attempt"].to_dict()
+    assert selected == {"a": 0, "b": 0, "c": 0}  # c's attempt 1 is more similar but not usable
+    assert frame.set_index(["tile_id", "attempt"]).loc[("c", 1), "usable"] == False  # noqa: E712
+    write_fragment(store, [row("d", attempt=1)], META)
+    compact(store, select=lambda frame: frame["attempt"] == 1)  # another rule, applied as given
+    frame = read_store(store)
+    assert frame.loc[frame["selected"], "attempt"].tolist() == [1, 1, 1, 1]
 
 
 def test_decoding_and_class_provenance_are_stored_per_row(tmp_path):
@@ -132,7 +148,7 @@ def test_missing_columns_and_missing_store(tmp_path):
 WRITER = textwrap.dedent(
     """
     import sys, itertools
-    from tests.test_caption_store import META, row
+    from tests.helpers import META, row
     from manifests.caption_store import write_fragment
     store = sys.argv[1]
     print("ready", flush=True)
@@ -174,7 +190,7 @@ def test_two_writers_in_one_directory(tmp_path):
 def test_attempt_counts_for_a_subset_of_tiles(tmp_path):
     store = tmp_path / "store"
     write_fragment(store, [row("t1"), row("t2", similarity=None), row("t3", attempt=1)], META)
-    done, counts = attempt_counts(store, ["t2", "t3"])
+    done, counts = attempt_counts(store, ["t2", "t3"], done=POLICY.done)
     assert done == {("t3", "e", "p1")}
     assert counts == {("t2", "e", "p1"): 1, ("t3", "e", "p1"): 2}
-    assert attempt_counts(tmp_path / "empty", ["t1"]) == (set(), {})
+    assert attempt_counts(tmp_path / "empty", ["t1"], done=POLICY.done) == (set(), {})

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import open_clip
 import pytest
 import torch
@@ -76,14 +79,37 @@ def test_a_quickgelu_tag_builds_quickgelu_through_the_real_tag_path(tiny_tag, ti
         assert not torch.allclose(scorer.model.encode_text(tokens), gelu.encode_text(tokens), atol=1e-4)
 
 
-def test_an_activation_against_the_tag_is_an_error_not_a_warning(tiny_tag):
-    with pytest.raises(InputError, match=r"QuickGELU mismatch .* tag 'tiny_openai_style'") as info:
+def test_an_activation_against_the_tag_is_refused_before_anything_loads(tiny_tag, tiny_models):
+    with pytest.raises(InputError, match=r"quick_gelu false contradicts the weights of tag 'tiny_openai_style', "
+                                         r"trained with QuickGELU$") as info:  # fmt: skip
         ClipScorer(tiny_tag.model_copy(update={"quick_gelu": False}))
     assert "\n" not in str(info.value)
+    local = ClipWeights("ViT-B-32", "openai", tiny_models["clip_checkpoint"], quick_gelu=False)  # a local copy
+    with pytest.raises(InputError, match=r"contradicts the weights of tag 'openai'"):
+        local.check()
 
 
-def test_a_checkpoint_takes_its_activation_from_where_its_weights_come_from(tiny_models):
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [
+        (ClipWeights("ViT-B-32", "opanai"), r"unknown pretrained tag 'opanai' \(known: .*openai"),
+        (ClipWeights("ViT-B-32", "remoteclip"), r"'remoteclip' names where a checkpoint's weights come from"),
+        (ClipWeights("ViT-B-32", None), r"no weights \(give a pretrained tag or a checkpoint file\)"),
+        (ClipWeights("ViT-B-32", "openai", Path("no/such.pt")), r"checkpoint no/such.pt not found"),
+    ],
+)
+def test_weights_that_cannot_be_meant_are_refused_instead_of_a_random_network(weights, message):
+    with pytest.raises(InputError, match=message):
+        create_clip(weights, device="meta")
+
+
+def test_a_checkpoint_is_known_by_its_content_and_its_origin(tiny_models, tmp_path):
     weights = ClipWeights("demo-tiny-clip", "remoteclip", tiny_models["clip_checkpoint"])
     open_clip.add_model_config(tiny_models["clip_dir"])
     model, _ = create_clip(weights)
-    assert network_activation(model) == "quickgelu" and weights.model_id == "demo-tiny-clip:demo-tiny-clip.pt:quickgelu"
+    assert network_activation(model) == "quickgelu"
+    assert re.fullmatch(r"demo-tiny-clip:remoteclip=demo-tiny-clip\.pt@[0-9a-f]{12}:quickgelu", weights.model_id)
+    other = tmp_path / "demo-tiny-clip.pt"  # the same file name, other weights: another id
+    state = torch.load(tiny_models["clip_checkpoint"], weights_only=True)
+    torch.save({key: value + 1 for key, value in state.items()}, other)
+    assert ClipWeights("demo-tiny-clip", "remoteclip", other).model_id != weights.model_id

@@ -19,7 +19,6 @@ from manifests.errors import InputError
 from manifests.tile_index import TileIndex, read_tile_index
 from segmenter.prepare import PrepareResult, prepare_tiles
 from segmenter.raster_io import read_crop
-from tests.conftest import vaihingen_configs
 from tests.data.isprs.generate import (
     VAIHINGEN_ERODED,
     VAIHINGEN_FULL,
@@ -27,6 +26,7 @@ from tests.data.isprs.generate import (
     make_potsdam,
     make_vaihingen,
 )
+from tests.helpers import vaihingen_configs
 
 # Written out here, independently of segmenter.datasets.isprs: colour -> class index, black -> ignore.
 PALETTE = {(255, 255, 255): 0, (0, 0, 255): 1, (0, 255, 255): 2, (0, 255, 0): 3, (255, 255, 0): 4, (255, 0, 0): 5}

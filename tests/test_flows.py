@@ -7,27 +7,19 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from flows import generate_captions as flow_module
-from flows.generate_captions import frozen_heap, generate_captions
+from flows.generate_captions import ModelCache, frozen_heap, generate_captions
 from flows.report import build_report, caption_report_flow, mentioned_classes
 from manifests.caption_store import ATTEMPT_KEY, read_store, selected_captions
+from manifests.tile_index import ClassVocabulary
+from tests.helpers import CheckedServer, serving
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def prefect_api():
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness():
-        yield PREFECT_API_URL.value()
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +50,8 @@ captions:
 class CountingExpert:
     def __init__(self, inner):
         self.inner, self.name, self.model, self.backend, self.calls = inner, inner.name, inner.model, inner.backend, 0
-        self.reprompts = inner.reprompts
+        self.reprompts, self.needs_class_mask = inner.reprompts, inner.needs_class_mask
+        self.pipeline_chunk = inner.pipeline_chunk
 
     def generate(self, requests):
         self.calls += len(requests)
@@ -79,23 +72,24 @@ def threads_store(prefect_api, manifest_path) -> Path:
     return store
 
 
-def test_flow_store_rows_and_a_second_run_calls_no_expert(threads_store, manifest_path):
+def test_flow_store_rows_and_a_second_run_calls_no_expert(threads_store, manifest_path, monkeypatch):
     selected = selected_captions(threads_store)
     counts = selected.groupby("expert").size().to_dict()
     assert counts == {"annotation": 8 * 3, "qwen": 12 * 3}  # annotation: train tiles only
     assert len(list(threads_store.glob("*.parquet"))) == 1  # compacted
-    for key, expert in list(flow_module._models.items()):
-        if key.startswith("expert:"):
-            flow_module._models[key] = CountingExpert(expert)
-    try:
-        summary = generate_captions(manifest_path, store=threads_store)
-        calls = [m.calls for m in flow_module._models.values() if isinstance(m, CountingExpert)]
-    finally:
-        for key, model in list(flow_module._models.items()):
-            if isinstance(model, CountingExpert):
-                flow_module._models[key] = model.inner
+    built: list[CountingExpert] = []
+
+    def counted(config):
+        built.append(CountingExpert(real_build_expert(config)))
+        return built[-1]
+
+    real_build_expert = flow_module.build_expert
+    monkeypatch.setattr(flow_module, "build_expert", counted)
+    summary = generate_captions(manifest_path, store=threads_store)
+    calls = [expert.calls for expert in built]
     assert calls == [0, 0] and summary.new_rows == 0 and summary.skipped_keys == 60
     assert gc.get_freeze_count() == 0  # the heap is frozen only while a run lasts
+    assert ModelCache.of_process().keys() == []  # the run's experts and scorer went with it
 
 
 def test_frozen_heap_is_released_when_the_run_fails():
@@ -169,40 +163,44 @@ def test_report_numbers_match_the_store(threads_store, small_index, tmp_path):
     assert "protocol: custom" in (tmp_path / "report" / "report.md").read_text()
 
 
-def test_class_mentions_use_synonyms_and_whole_words():
-    names = ["impervious_surfaces", "building", "low_vegetation", "tree", "car", "clutter"]
-    assert mentioned_classes("Two houses beside a paved street, with trees.", names) == {
+def test_class_mentions_use_the_datasets_words_and_whole_words(small_index):
+    words = small_index.vocabulary.words  # from the dataset (ISPRS), recorded in the tile index
+    assert mentioned_classes("Two houses beside a paved street, with trees.", words) == {
         "impervious_surfaces", "building", "tree"}  # fmt: skip
-    assert mentioned_classes("A streetcar", names) == set()
+    assert mentioned_classes("A streetcar", words) == set()
+    plain = ClassVocabulary.plain(list(words)).words  # a dataset without synonyms: the class names only
+    assert mentioned_classes("Two houses beside a paved street, with trees.", plain) == set()
+    assert mentioned_classes("Low vegetation and a building.", plain) == {"low_vegetation", "building"}
 
 
-def test_cli_shows_progress_and_summary(prefect_api, manifest_path, threads_store):
+def test_cli_shows_progress_and_summary(prefect_api, manifest_path, threads_store, monkeypatch):
     from typer.testing import CliRunner
 
     from flows.cli import app
 
-    seen = []
+    progress: list[tuple[int, int, str]] = []
     original = flow_module.generate_captions
 
-    def spy(*args, **kwargs):
-        seen.append(flow_module.progress_hook is not None)  # the CLI's bar is listening while the flow runs
-        return original(*args, **kwargs)
+    def spy(*args, on_shard, **kwargs):  # the CLI's bar is listening while the flow runs
+        def recorded(done: int, total: int, note: str) -> None:
+            progress.append((done, total, note))
+            on_shard(done, total, note)
 
-    flow_module.generate_captions = spy
-    try:
-        result = CliRunner().invoke(app, ["run", "generate-captions", "--manifest", str(manifest_path),
-                                          "--store", str(threads_store), "--experts", "annotation"])  # fmt: skip
-    finally:
-        flow_module.generate_captions = original
+        return original(*args, on_shard=recorded, **kwargs)
+
+    monkeypatch.setattr(flow_module, "generate_captions", spy)
+    result = CliRunner().invoke(app, ["run", "generate-captions", "--manifest", str(manifest_path),
+                                      "--store", str(threads_store), "--experts", "annotation"])  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert seen == [True] and flow_module.progress_hook is None
+    assert [done for done, _, _ in progress] == [1, 2, 3] and {total for _, total, _ in progress} == {3}
+    assert {note for _, _, note in progress} == {"annotation: 0 attempts"}
     assert "12 tiles, 0 new attempts, 24 keys already done" in result.output
     assert "class information in prompts: protocol custom (test: none, train: labels)" in result.output
 
 
 def test_predicted_protocol_reads_predictions_and_says_so(prefect_api, manifest_path, small_index, tmp_path):
     from manifests.errors import InputError
-    from tests.test_caption_pipeline import write_predictions
+    from tests.helpers import write_predictions
 
     predictions = write_predictions(small_index, tmp_path / "predictions")
     text = manifest_path.read_text().replace(
@@ -243,7 +241,7 @@ def test_a_store_scored_by_another_clip_is_refused(prefect_api, manifest_path, t
     old = read_store(threads_store).assign(clip_model="demo-tiny-clip:demo-tiny-clip.pt")  # before the activation
     write_fragment(tmp_path / "old", old, StoreMeta(["a"], "demo-tiny-clip:demo-tiny-clip.pt", 0.6))
     with pytest.raises(InputError, match=r"scored by CLIP demo-tiny-clip:demo-tiny-clip.pt, this manifest scores "
-                                         r"with demo-tiny-clip:demo-tiny-clip.pt:gelu"):  # fmt: skip
+                                         r"with demo-tiny-clip:demo-tiny-clip.pt@[0-9a-f]{12}:gelu"):  # fmt: skip
         generate_captions(manifest_path, store=tmp_path / "old")
     assert len(read_store(tmp_path / "old")) == len(old)  # nothing written
 
@@ -251,7 +249,7 @@ def test_a_store_scored_by_another_clip_is_refused(prefect_api, manifest_path, t
 class ScriptedEngineExpert:
     """Stands in for an in-process vLLM expert: records when it served and when its engine was released."""
 
-    backend, reprompts = "vllm", True
+    backend, reprompts, needs_class_mask, pipeline_chunk = "vllm", True, False, None
 
     def __init__(self, name: str, events: list[tuple[str, str]]):
         self.name, self.model, self.events = name, f"model-{name}", events
@@ -266,57 +264,52 @@ class ScriptedEngineExpert:
         self.events.append((self.name, "close"))
 
 
-def test_vllm_experts_run_one_after_another_and_each_engine_is_released(prefect_api, manifest_path, tmp_path):
+def test_vllm_experts_run_one_after_another_and_each_engine_is_released(
+    prefect_api, manifest_path, tmp_path, monkeypatch
+):
     manifest = _variant(manifest_path, tmp_path, "    - {name: llava, backend: vllm, model: m1}\n"
                                                  "    - {name: qwen, backend: vllm, model: m2}\n")  # fmt: skip
-    from manifests.run_manifest import load_manifest
 
     events: list[tuple[str, str]] = []
-    for config in load_manifest(manifest).captions.experts:
-        flow_module._models[flow_module._expert_key(config)] = ScriptedEngineExpert(config.name, events)
+    monkeypatch.setattr(flow_module, "build_expert", lambda config: ScriptedEngineExpert(config.name, events))
     summary = generate_captions(manifest)
-    assert events[-1] == ("qwen", "close") and ("llava", "close") in events
+    assert events.count(("llava", "close")) == 1 and events.count(("qwen", "close")) == 1  # each closed once
     released = events.index(("llava", "close"))
     assert {name for name, _ in events[:released]} == {"llava"}  # qwen's engine starts after llava's is gone
     assert [event for event in events if event[1] == "generate"].count(("qwen", "generate")) == 3  # 12 tiles / 4
-    assert summary.new_rows == 2 * 12 * 3 and not any(key.startswith("expert:") and "vllm" in key
-                                                      for key in flow_module._models)  # fmt: skip
+    assert summary.new_rows == 2 * 12 * 3 and ModelCache.of_process().keys() == []
 
 
 def test_a_rejected_key_stops_the_run_with_one_line_and_keeps_what_was_written(prefect_api, manifest_path, tmp_path):
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import BaseHTTPRequestHandler
 
     from typer.testing import CliRunner
 
     from flows.cli import app
 
     class Refuse(BaseHTTPRequestHandler):
+        server: Server
+
         def do_POST(self):
             self.rfile.read(int(self.headers["Content-Length"]))
             self.send_response(401)
             self.send_header("Content-Type", "application/json")
             self.end_headers()
             self.wfile.write(b'{"error": {"message": "Incorrect API key provided"}}')
-            self.server.calls += 1
+            with self.server.lock:
+                self.server.calls += 1
 
         def log_message(self, *args):
             pass
 
-    class Server(ThreadingHTTPServer):
-        daemon_threads, calls = True, 0
+    class Server(CheckedServer):
+        calls = 0
 
-        def handle_error(self, request, client_address):  # a request the client cancelled: nothing to report
-            pass
-
-    server = Server(("127.0.0.1", 0), Refuse)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_port}/v1"
-    gpt = f"    - {{name: gpt, backend: openai, model: gpt-4o, base_url: {url}}}\n"
-    manifest = _variant(manifest_path, tmp_path, "    - {name: annotation, backend: annotation}\n" + gpt)
-    try:
+    with serving(Server(Refuse)) as server:
+        url = f"http://127.0.0.1:{server.server_port}/v1"
+        gpt = f"    - {{name: gpt, backend: openai, model: gpt-4o, base_url: {url}}}\n"
+        manifest = _variant(manifest_path, tmp_path, "    - {name: annotation, backend: annotation}\n" + gpt)
         result = CliRunner().invoke(app, ["run", "generate-captions", "--manifest", str(manifest)])
-    finally:
-        server.shutdown()
     assert result.exit_code == 2
     message = result.output.strip().splitlines()[-1]
     assert message.startswith("error: ") and "gpt" in message and url in message and "401" in message
@@ -324,3 +317,34 @@ def test_a_rejected_key_stops_the_run_with_one_line_and_keeps_what_was_written(p
     assert server.calls <= 3 * 4  # no retries, and the shard tasks not started yet were cancelled
     frame = read_store(tmp_path / "store")
     assert set(frame["expert"]) == {"annotation"} and len(frame) == 8 * 3  # the other expert's work is kept
+
+
+def test_model_cache_builds_once_and_closes_what_it_drops():
+    from concurrent.futures import ThreadPoolExecutor
+
+    class Model:
+        built = 0
+
+        def __init__(self):
+            Model.built += 1
+            self.closed = 0
+            time.sleep(0.05)  # a racing caller would build its own
+
+        def close(self):
+            self.closed += 1
+
+    cache = ModelCache()
+    with ThreadPoolExecutor(4) as pool:
+        models = list(pool.map(lambda _: cache.get("a", Model), range(4)))
+    assert Model.built == 1 and all(model is models[0] for model in models)
+    cache.release("a")
+    cache.release("a")  # nothing left to drop
+    assert models[0].closed == 1 and cache.keys() == []
+    with cache.hold():
+        with cache.hold():  # a second run in the same process
+            b = cache.get("b", Model)
+        assert cache.keys() == ["b"] and b.closed == 0  # still held by the first
+    assert cache.keys() == [] and b.closed == 1
+    c, text = cache.get("c", Model), cache.get("text", lambda: "no close method")
+    cache.clear()
+    assert c.closed == 1 and cache.keys() == [] and text == "no close method"

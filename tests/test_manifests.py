@@ -27,7 +27,8 @@ def test_packaged_manifests_parse_as_the_paper_ran():
     assert prompts.protocol == "predicted"
     assert prompts.predictions == Path("data/demo/predictions/class_predictions.parquet")
     assert (prompts.source_for("train"), prompts.source_for("test")) == ("labels", "predictions")
-    assert all(expert.temperature == 0 and expert.reprompt_temperature == 0.7 for expert in demo.captions.experts)
+    models = [expert for expert in demo.captions.experts if expert.backend != "annotation"]
+    assert all(expert.temperature == 0 and expert.reprompt_temperature == 0.7 for expert in models)
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -74,6 +75,20 @@ def with_prompts(prompts: str) -> str:
         (
             BASE + "captions: {store: s, experts: [{name: a, backend: vllm, model: m, concurrency: 4}]}\n",
             r"key 'captions.experts.0.concurrency' is not a setting of backend 'vllm'",
+        ),
+        (
+            BASE + "captions: {store: s, experts: [{name: a, backend: annotation, temperature: 0.7}]}\n",
+            r"key 'captions.experts.0.temperature' is not a setting of backend 'annotation' \(its settings: "
+            r"backend, name\)$",
+        ),
+        (
+            BASE + "captions: {store: s, experts: [{name: a, backend: openai, model: m, base_url: u, "
+            "batch_size: 2, dtype: bf16}]}\n",
+            r"'captions.experts.0.batch_size' is not .*; key 'captions.experts.0.dtype' is not",
+        ),
+        (
+            BASE + "captions: {store: s, experts: [{name: a, backend: annotation}, {name: a, backend: annotation}]}\n",
+            r"captions: expert names must be unique, got \['a', 'a'\]$",
         ),
         (BASE + "captions: {store: s, tau: high, experts: []}\n", r"key 'captions.tau'"),
         (

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from sklearn.metrics import confusion_matrix, f1_score, jaccard_score
 
-from segmenter.metrics import ConfusionMatrix, compute_metrics
+from segmenter.metrics import CaptionFacts, ConfusionMatrix, compute_metrics
 
 NAMES = ["impervious_surfaces", "building", "low_vegetation", "tree", "car", "clutter"]
 
@@ -66,3 +68,20 @@ def test_markdown_table_layout():
     table = metrics.markdown("demo")
     assert "| metric | impervious_surfaces |" in table and "| IoU | 100.00 | - |" in table
     assert "mIoU/mF1 over impervious_surfaces, building, low_vegetation, tree, car" in table
+
+
+def test_caption_facts_are_typed_in_the_report(tmp_path):
+    metrics = compute_metrics(ConfusionMatrix(6).update(np.zeros((4, 4), int), np.zeros((4, 4), int)), NAMES)
+    metrics.save(tmp_path / "plain")
+    assert json.loads((tmp_path / "plain" / "metrics.json").read_text())["captions"] == {}  # a text-free model
+    metrics.captions = CaptionFacts(store="s", experts=["a", "b"], tiles=4, masked_experts={"a": 0, "b": 4},
+                                    class_sources={"a": ["labels"], "b": []}, windows=9, windows_on_grid=4)  # fmt: skip
+    metrics.save(tmp_path / "guided")
+    report = json.loads((tmp_path / "guided" / "metrics.json").read_text())
+    assert report["captions"]["masked_experts"] == {"a": 0, "b": 4} and report["iou"][1] is None
+    note = (tmp_path / "guided" / "metrics.md").read_text()
+    assert (
+        "experts a, b from s; class sources of their prompts: a: labels; b: -. Of 4 tiles, experts masked: b on 4"
+        in note
+    )
+    assert "4 of 9 windows are captioned tiles" in note

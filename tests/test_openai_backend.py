@@ -2,129 +2,30 @@
 
 from __future__ import annotations
 
-import base64
-import io
-import json
 import os
-import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from email.utils import format_datetime, parsedate_to_datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from multidict import CIMultiDict
 from PIL import Image
 
-from caption_pipeline.experts import base
+from caption_pipeline.experts import base, openai_backend
 from caption_pipeline.experts.base import CaptionRequest, DataUrlCache, ExpertUnavailable, image_data_url
 from caption_pipeline.experts.openai_backend import MAX_BACKOFF_S, OpenAIExpert, retry_after_s
 from manifests.errors import InputError
 from manifests.run_manifest import OpenAIExpertConfig
+from tests.helpers import SECRET, ChatServer, serving
 
-SECRET = "sk-test-SECRET-4242"
 ENCODE = base._encode  # the real encoder, for comparisons that must not count as the cache's work
-
-
-class ChatServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self):
-        super().__init__(("127.0.0.1", 0), ChatHandler)
-        self.lock = threading.Lock()
-        self.in_flight = 0
-        self.max_in_flight = 0
-        self.calls: Counter[str] = Counter()
-        self.image_sizes: list[tuple[int, int]] = []
-        self.auth_headers: set[str] = set()
-        self.bodies: list[dict] = []  # every request body without its messages, plus the prompt text
-        self.refused_field: str | None = None  # a request field answered with OpenAI's "Unsupported parameter"
-
-    def handle_error(self, request, client_address):
-        # A client that cancelled or timed out a request has closed the socket the handler later writes to.
-        pass
-
-
-class ChatHandler(BaseHTTPRequestHandler):
-    server: ChatServer
-
-    def log_message(self, *args):  # keep test output quiet
-        pass
-
-    def _reply(self, status: int, payload: dict, headers: dict[str, str] | None = None) -> None:
-        body = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        content = body["messages"][0]["content"]
-        prompt = next(part["text"] for part in content if part["type"] == "text")
-        url = next(part["image_url"]["url"] for part in content if part["type"] == "image_url")
-        server = self.server
-        with server.lock:
-            server.calls[prompt] += 1
-            calls = server.calls[prompt]
-            server.in_flight += 1
-            server.max_in_flight = max(server.max_in_flight, server.in_flight)
-            server.auth_headers.add(self.headers.get("Authorization", ""))
-            server.bodies.append({**{key: value for key, value in body.items() if key != "messages"}, "prompt": prompt})
-            assert url.startswith("data:image/png;base64,")
-            with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) as image:
-                server.image_sizes.append(image.size)
-        # The request leaves the server's count before its reply is written: the client may send its next request
-        # as soon as it reads the reply, and counting both would be the server's race, not the client's bound.
-        headers: dict[str, str] = {}
-        try:
-            time.sleep(0.05)
-            if prompt == "hang":
-                time.sleep(3)
-            if prompt == "stall":  # far longer than any bound a test puts on the client
-                time.sleep(20)
-            choice = {"message": {"content": f" caption for {prompt} "}, "finish_reason": "stop"}
-            status, payload = 200, {"choices": [choice], "usage": {"completion_tokens": 4}}
-            if prompt == "fail":
-                status, payload = 500, {"error": "boom"}
-            if prompt == "bad request":
-                status, payload = 400, {"error": "no"}
-            if prompt == "flaky" and calls == 1:
-                status, payload = 429, {"error": "slow down"}
-            if prompt == "flaky" and calls == 2:
-                status, payload = 503, {"error": "busy"}
-            if prompt == "throttled" and calls == 1:  # OpenAI sends both; the millisecond one is the precise one
-                status, payload = 429, {"error": "rate limited"}
-                headers = {"retry-after-ms": "50", "Retry-After": "20"}
-            if prompt.startswith("status "):  # an OpenAI-style error that echoes the key it was sent
-                message = f"Incorrect API key provided: {self.headers.get('Authorization')}.\nSee the docs."
-                status, payload = int(prompt.split()[1]), {"error": {"message": message, "code": "invalid_api_key"}}
-            if prompt == "too long":  # vLLM: names the field, but only this request is at fault
-                message = "'max_tokens' or 'max_completion_tokens' is too large: 160. This model's maximum context"
-                status, payload = 400, {"object": "error", "message": message}
-            if server.refused_field in body:
-                message = (
-                    f"Unsupported parameter: '{server.refused_field}' is not supported with this model. "
-                    f"Use '{({'max_tokens', 'max_completion_tokens'} - {server.refused_field}).pop()}' instead."
-                )
-                status, payload = 400, {"error": {"message": message, "param": server.refused_field}}
-        finally:
-            with server.lock:
-                server.in_flight -= 1
-        self._reply(status, payload, headers)
 
 
 @pytest.fixture
 def server():
-    chat = ChatServer()
-    thread = threading.Thread(target=chat.serve_forever, daemon=True)
-    thread.start()
-    yield chat
-    chat.shutdown()
+    with serving(ChatServer()) as chat:
+        yield chat
 
 
 @pytest.fixture
@@ -383,3 +284,10 @@ def test_data_url_cache_stays_within_its_bound_under_threads(tmp_path):
         urls = list(pool.map(lambda i: cache.get(tiles[i % 8], 64), range(400)))
     assert urls == [ENCODE(tiles[i % 8], 64) for i in range(400)]
     assert 0 < cache.nbytes <= cache.max_bytes and cache.nbytes == sum(len(url) for _, url in cache._entries.values())
+
+
+def test_a_failure_in_the_servers_thread_fails_the_test(monkeypatch, image):
+    """What the stand-in server finds wrong in a request reaches the test, not only a traceback on stderr."""
+    with pytest.raises(AssertionError, match="not a PNG data URL"), serving(ChatServer()) as chat:
+        monkeypatch.setattr(openai_backend, "image_data_url", lambda path, max_side: "data:image/gif;base64,R0lGOD")
+        expert(chat, monkeypatch, max_retries=0).generate([CaptionRequest("a", image, "fine")])

@@ -20,7 +20,6 @@ from segmenter.datasets import Vaihingen
 from segmenter.prepare import KNOWN_OVERLAY, prepare_tiles
 from segmenter.raster_io import read_crop
 from segmenter.tiling import window_starts
-from tests.conftest import vaihingen_configs
 from tests.data.isprs.generate import (
     VAIHINGEN_FULL,
     VAIHINGEN_IMAGES,
@@ -30,6 +29,7 @@ from tests.data.isprs.generate import (
     make_vaihingen,
     overlay_for,
 )
+from tests.helpers import vaihingen_configs
 
 HEIGHT, WIDTH = 40, 72
 

@@ -6,9 +6,9 @@ from datetime import UTC, datetime
 
 import torch
 
-from manifests.caption_store import StoreMeta, write_fragment
+from manifests.caption_store import StoreMeta, read_store, write_fragment
 from segmenter.text import TextEncoder, TextFeatureCache, expert_text_features
-from tests.test_caption_store import row
+from tests.helpers import row
 
 META = StoreMeta(["a"], "tiny", 0.55)
 
@@ -71,3 +71,23 @@ def test_direction_variants_encode_the_rewritten_captions(tmp_path):
     plain = expert_text_features(store, ["annotation", "qwen"], cache)
     torch.testing.assert_close(features.lookup("t1", 0)[0], plain.lookup("t1")[0])
     assert not torch.allclose(features.lookup("t1", 1)[0][1], plain.lookup("t1")[0][1])
+
+
+def test_the_segmenter_reads_the_rows_the_gate_marked(tmp_path):
+    """Which selected captions count is read from the store's ``usable`` and ``passed`` columns, never re-derived
+    from the text: a row the gate marked unusable stays out even where it holds text."""
+    rows = [
+        row("t1", caption="passed", expert="qwen", similarity=0.7),
+        row("t2", caption="kept but failed the gate", expert="qwen", similarity=0.3, passed=False),
+        row("t3", caption="cut off by an error", expert="qwen", similarity=None, usable=False, error="timeout"),
+        row("t4", caption=None, expert="qwen", similarity=None),
+    ]
+    store = tmp_path / "store"
+    write_fragment(store, rows, META)
+    cache = TextFeatureCache(tmp_path / "cache", TextEncoder("test-tiny-clip"))
+    marked = read_store(store).set_index("tile_id")
+    for passed_only, column in ((True, "passed"), (False, "usable")):
+        features = expert_text_features(store, ["qwen"], cache, passed_only=passed_only)
+        read = {tile for tile in marked.index if features.lookup(tile)[1].item()}
+        assert read == set(marked.index[marked[column]]), passed_only
+    assert read == {"t1", "t2"}

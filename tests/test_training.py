@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from rasterio.transform import from_origin
 
 from caption_pipeline.experts import build_expert
 from caption_pipeline.gate import GateSettings, RunInfo, caption_tiles, tile_tasks
+from caption_pipeline.policy import GatePolicy
 from caption_pipeline.scoring import ClipScorer
 from manifests.caption_store import StoreMeta, read_store, write_fragment
 from manifests.class_predictions import read_class_predictions
@@ -27,8 +29,10 @@ from segmenter import train as train_module
 from segmenter.evaluate import evaluate
 from segmenter.inference import sliding_window_logits
 from segmenter.model import MPerSSegmenter, build_model
+from segmenter.options import TEXT_GUIDED_AUGMENTATION
 from segmenter.predict import predict, predict_index
-from segmenter.train import TEXT_GUIDED_AUGMENTATION, TrainingError, TrainSettings, train
+from segmenter.run_record import RunRecord
+from segmenter.train import TrainingError, TrainSettings, train
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERTS = ["annotation", "qwen-tiny", "llava-tiny"]
@@ -43,7 +47,7 @@ def run_inputs(tmp_path_factory, small_index, clip_config):
     rows = caption_tiles(tile_tasks(small_index, small_index.frame, prompts),
                          build_expert(AnnotationExpertConfig(name="annotation", backend="annotation")),
                          ClipScorer(clip_config),
-                         GateSettings(tau=0.0, max_attempts=1), RunInfo("r"))  # fmt: skip
+                         GateSettings(GatePolicy(tau=0.0, max_attempts=1)), RunInfo("r"))  # fmt: skip
     write_fragment(store, rows, StoreMeta(small_index.class_names, "tiny", 0.0))
     manifest = folder / "run.yaml"
     manifest.write_text(
@@ -83,7 +87,7 @@ def test_loss_goes_down(run_inputs, tmp_path):
     assert (tmp_path / "run" / "tensorboard").is_dir()
 
 
-def test_resume_after_a_stop_gives_the_uninterrupted_weights(run_inputs, tmp_path, monkeypatch):
+def test_resume_after_a_stop_gives_the_uninterrupted_weights(run_inputs, tmp_path, monkeypatch, capsys):
     manifest, store = run_inputs
     uninterrupted = train(manifest, tmp_path / "a", settings(), captions=store)
     original = train_module._save_checkpoint
@@ -98,10 +102,45 @@ def test_resume_after_a_stop_gives_the_uninterrupted_weights(run_inputs, tmp_pat
     monkeypatch.setattr(train_module, "_save_checkpoint", original)
     with pytest.raises(InputError, match="already holds a run"):
         train(manifest, tmp_path / "b", settings(), captions=store)
+    record = RunRecord.read(tmp_path / "b")
+    assert record.settings == settings() and record.experts == ["annotation"] and record.world_size == 1
+    assert record.captions == str(store.resolve()) and len(record.captions_sha256 or "") == 64
+    assert record.class_sources == {"train": {"annotation": ["labels"]}} and record.augmentation == "none"
+    # --resume reads the typed record and keeps the experts it names.
+    read, original_read = [], RunRecord.read
+    monkeypatch.setattr(
+        RunRecord, "read", classmethod(lambda cls, folder: read.append(folder) or original_read(folder))
+    )
+    capsys.readouterr()
     resumed = train(manifest, tmp_path / "b", settings(), captions=store, resume=True)
+    assert read == [tmp_path / "b"] and "experts (from the run record): ['annotation']" in capsys.readouterr().out
+    monkeypatch.setattr(RunRecord, "read", original_read)
     assert resumed.name == uninterrupted.name == "step_000006"
     for name, tensor in weights(uninterrupted).items():
         torch.testing.assert_close(weights(resumed)[name], tensor, msg=name)
+    assert RunRecord.read(tmp_path / "b") == record  # rewritten on resume, the same facts
+
+
+def test_resume_evaluate_and_predict_refuse_an_unversioned_run_record(run_inputs, tmp_path):
+    """A run.json written before records were versioned is refused with one line, not read by guesswork."""
+    manifest, store = run_inputs
+    train(manifest, tmp_path / "run", settings(steps=1, checkpoint_every=1), captions=store)
+    path = tmp_path / "run" / "run.json"
+    old = json.loads(path.read_text())
+    del old["schema_version"], old["captions_sha256"], old["class_sources"]
+    path.write_text(json.dumps(old))
+    where = re.escape(str(path))
+    message = rf"run record {where}: an unversioned record, this toolkit reads schema_version 1; .* train it again"
+    with pytest.raises(InputError, match=message):
+        train(manifest, tmp_path / "run", settings(steps=2, checkpoint_every=1), captions=store, resume=True)
+    with pytest.raises(InputError, match=message):
+        evaluate(tmp_path / "run", split="test")
+    with pytest.raises(InputError, match=message):
+        predict(tmp_path / "run", [tmp_path], tmp_path / "pred", captions=store)
+    old["schema_version"] = 1  # the right version, but the fields of the old layout: the missing one is named
+    path.write_text(json.dumps(old))
+    with pytest.raises(InputError, match=rf"run record {where}: key 'captions_sha256': field required"):
+        evaluate(tmp_path / "run", split="test")
 
 
 def test_non_finite_loss_stops_naming_step_and_batch(run_inputs, tmp_path, monkeypatch):
@@ -147,7 +186,7 @@ def test_ddp_with_two_gloo_processes_and_single_process_load(run_inputs, tmp_pat
     assert result.returncode == 0, result.stderr[-2000:]
     model = MPerSSegmenter.load(tmp_path / "ddp" / "checkpoints" / "step_000002")
     assert model.config.name == "test_tiny"
-    assert json.loads((tmp_path / "ddp" / "run.json").read_text())["world_size"] == 2
+    assert RunRecord.read(tmp_path / "ddp").world_size == 2
 
 
 def test_sliding_window_output_has_the_source_size():
@@ -185,8 +224,8 @@ def test_the_run_reads_the_experts_its_store_has(run_inputs, tmp_path, capsys):
     write_fragment(two, frame.assign(expert="beta"), StoreMeta(["a"], "tiny", 0.0))
     checkpoint = train(manifest, tmp_path / "run", settings(steps=2, checkpoint_every=2), captions=two)
     assert MPerSSegmenter.load(checkpoint).config.experts == ["alpha", "beta"]
-    record = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert record["experts"] == ["alpha", "beta"] and record["masked_experts"]["train"] == {"alpha": 0, "beta": 0}
+    record = RunRecord.read(tmp_path / "run")
+    assert record.experts == ["alpha", "beta"] and record.masked_experts["train"] == {"alpha": 0, "beta": 0}
     log = pd.read_csv(tmp_path / "run" / "metrics.csv")
     assert [column for column in log.columns if column.startswith("gate_")] == ["gate_alpha", "gate_beta"]
     assert "experts (from the caption store): ['alpha', 'beta']" in capsys.readouterr().out
@@ -205,7 +244,7 @@ def test_the_run_reads_the_experts_its_store_has(run_inputs, tmp_path, capsys):
         evaluate(tmp_path / "run", split="test", captions=other)
     metrics = evaluate(tmp_path / "run", split="test", captions=only_alpha, missing_captions="mask")
     test_tiles = 4
-    assert metrics.captions["masked_experts"] == {"alpha": 0, "beta": test_tiles}
+    assert metrics.captions is not None and metrics.captions.masked_experts == {"alpha": 0, "beta": test_tiles}
     assert "expert beta: not in caption store" in capsys.readouterr().out
     assert (tmp_path / "run" / "eval_test_eroded_alpha" / "metrics.json").is_file()  # the run's own report stays
     assert not (tmp_path / "run" / "eval_test_eroded").exists()
@@ -227,11 +266,14 @@ def test_text_guided_evaluation_reads_each_window_its_own_tile_caption(run_input
     windows = pd.read_csv(tmp_path / "run" / "eval_test_eroded" / "windows.csv")
     expected = {f"demo/area7/{y:04d}_{x:04d}" for y in (0, 64) for x in (0, 64)}
     assert set(windows["caption_tile_id"]) == expected and windows["on_captioned_grid"].all() and len(windows) == 4
-    assert metrics.captions["windows_on_grid"] == 4 and metrics.captions["class_sources"] == {"annotation": ["labels"]}
+    assert metrics.captions is not None and metrics.captions.windows_on_grid == 4
+    assert metrics.captions.class_sources == {"annotation": ["labels"]}
+    assert json.loads((tmp_path / "run" / "eval_test_eroded" / "metrics.json").read_text())["captions"]["windows"] == 4
     assert "4 of 4 windows are captioned tiles" in (tmp_path / "run" / "eval_test_eroded" / "metrics.md").read_text()
     overlapped = evaluate(tmp_path / "run", split="test", overlap=0.5)
     windows = pd.read_csv(tmp_path / "run" / "eval_test_eroded" / "windows.csv")
-    assert len(windows) == 9 and windows["on_captioned_grid"].sum() == 4 == overlapped.captions["windows_on_grid"]
+    assert overlapped.captions is not None
+    assert len(windows) == 9 and windows["on_captioned_grid"].sum() == 4 == overlapped.captions.windows_on_grid
     centre = windows[(windows["y"] == 32) & (windows["x"] == 32)].iloc[0]
     assert centre["caption_tile_id"] in expected and not centre["on_captioned_grid"]
 

@@ -274,7 +274,7 @@ def test_vllm_requests_are_built_without_vllm(tiles):
     [conversation] = build_conversations([CaptionRequest("t", tiles[0], "Describe.")], qwen)
     parts = conversation[0]["content"]
     assert parts[0]["image_url"]["url"].startswith("data:image/png;base64,") and parts[1]["text"] == "Describe."
-    with pytest.raises(InputError, match="needs the vllm extra"):
+    with pytest.raises(InputError, match=r"runs in the vLLM environment \(`make vllm-env`"):
         build_expert(qwen).generate([CaptionRequest("t", tiles[0], "x")])
 
 
@@ -293,3 +293,22 @@ def test_vllm_gets_one_sampling_params_per_request(tiles):
         (0.7, 2, 160),
         (0.1, 0, 160),
     ]
+
+
+def test_the_vllm_path_uses_no_transformers_api_of_its_own():
+    """vLLM brings its own transformers (< 5): code the in-process path imports must not depend on our version."""
+    import ast
+    import subprocess
+
+    probe = (
+        "import sys, flows.generate_captions, caption_pipeline.experts.vllm_backend\n"
+        "print('\\n'.join(m.__file__ for n, m in sys.modules.items() if n.split('.')[0] in "
+        "('flows', 'caption_pipeline', 'manifests') and getattr(m, '__file__', None)))"
+    )
+    files = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    assert any(path.endswith("vllm_backend.py") for path in files)
+    for path in files:
+        for node in ast.walk(ast.parse(Path(path).read_text())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(name.split(".")[0] == "transformers" for name in names), path

@@ -1,6 +1,7 @@
 """The annotation expert: a caption written from the label mask alone (no weights, no image).
 
-It names the classes with their shares, counts objects of the countable classes by connected components and
+It names the classes with their shares, counts objects of the countable classes (those the dataset's class
+vocabulary gives a plural) by connected components and
 places them on a 3 x 3 compass grid. It is the embedded default and a label-grounded baseline. It needs a
 class-index mask: the label where the class source of the split is ``labels``, the mask a text-free segmenter
 predicted where it is ``predictions`` (the store rows record which); where it is ``none`` it does not run. It is
@@ -10,6 +11,7 @@ deterministic: the temperature and seed of a request change nothing, its prompt 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 
 import numpy as np
 from PIL import Image
@@ -20,7 +22,6 @@ from caption_pipeline.prompts import readable
 from manifests.run_manifest import AnnotationExpertConfig
 
 COMPASS = (("north-west", "north", "north-east"), ("west", "centre", "east"), ("south-west", "south", "south-east"))
-COUNTABLE = {"building": "buildings", "car": "cars", "tree": "trees", "vehicle": "vehicles", "person": "people"}
 MIN_OBJECT_PIXELS = 12
 
 
@@ -45,8 +46,18 @@ def _regions(mask: np.ndarray) -> list[str]:
     return cells
 
 
-def describe_label(classes: np.ndarray, class_names: tuple[str, ...], ignore_index: int, prompt_id: str) -> str:
-    """A caption of a class-index mask, in the style of the prompt (P1 list, P2 shares, P3 spatial)."""
+def describe_label(
+    classes: np.ndarray,
+    class_names: tuple[str, ...],
+    ignore_index: int,
+    prompt_id: str,
+    plurals: Mapping[str, str] | None = None,
+) -> str:
+    """A caption of a class-index mask, in the style of the prompt (P1 list, P2 shares, P3 spatial).
+
+    P3 counts the objects of the classes that ``plurals`` names (the dataset's class vocabulary), by connected
+    components; other classes are described as areas."""
+    plurals = plurals or {}
     labelled = classes != ignore_index
     if not labelled.any():
         return "An aerial image whose content is not labelled."
@@ -62,12 +73,12 @@ def describe_label(classes: np.ndarray, class_names: tuple[str, ...], ignore_ind
     for index in order:
         name = class_names[index]
         mask = classes == index
-        if name in COUNTABLE:
+        if name in plurals:
             labelled_objects, n = ndimage.label(mask)
             sizes = np.bincount(labelled_objects.ravel())[1:]
             n = int((sizes >= MIN_OBJECT_PIXELS).sum())
             if n:
-                noun = COUNTABLE[name] if n > 1 else readable(name)
+                noun = plurals[name] if n > 1 else readable(name)
                 phrases.append(f"{n} {noun} mostly in the {compass(mask)}")
                 continue
         where = _regions(mask)
@@ -81,6 +92,8 @@ class AnnotationExpert:
 
     backend = "annotation"
     reprompts = False  # the caption depends on the mask alone
+    needs_class_mask = True
+    pipeline_chunk = None
     model = "label-mask"
 
     def __init__(self, config: AnnotationExpertConfig) -> None:
@@ -96,6 +109,8 @@ class AnnotationExpert:
                 continue
             with Image.open(request.label_path) as label:
                 classes = np.asarray(label)
-            text = describe_label(classes, request.class_names, request.ignore_index, request.prompt_id)
+            text = describe_label(
+                classes, request.class_names, request.ignore_index, request.prompt_id, request.plurals
+            )
             results.append(CaptionResult(text, "stop", None, time.perf_counter() - started))
         return results

@@ -6,7 +6,8 @@ import base64
 import io
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -46,6 +47,7 @@ class CaptionRequest:
     prompt_id: str = "p3"
     label_path: Path | None = None
     class_names: tuple[str, ...] = ()
+    plurals: Mapping[str, str] = field(default_factory=dict)  # classes counted as objects (the class vocabulary)
     ignore_index: int = 255
     temperature: float | None = None
     seed: int | None = None
@@ -75,6 +77,12 @@ class Expert(Protocol):
     # Whether a re-prompt can change the answer: False for an expert that writes the same caption from the same
     # input whatever the wording and seed (the annotation expert), which the gate then never re-prompts.
     reprompts: bool
+    # Whether the expert describes a tile's class mask rather than its image (the annotation expert): the gate then
+    # skips splits whose class source is none, fails a tile without a mask, and records the mask's class source.
+    needs_class_mask: bool
+    # Requests per chunk for an expert that serves a batch concurrently (the HTTP backend): the gate keeps two chunks
+    # in flight so CLIP scores one while the next is generated. None: the gate sends the whole batch at once.
+    pipeline_chunk: int | None
 
     def generate(self, requests: list[CaptionRequest]) -> list[CaptionResult]:
         """Captions for ``requests``, in order; a failed request gives a result with an error.

@@ -96,6 +96,8 @@ class OpenAIExpert:
 
     backend = "openai"
     reprompts = True
+    needs_class_mask = False
+    pipeline_chunk: int | None  # 4 * concurrency, set per instance
 
     def __init__(self, config: OpenAIExpertConfig, backoff_s: float = 0.5) -> None:
         self.config = config

@@ -9,13 +9,8 @@ from itertools import groupby
 import torch
 
 from caption_pipeline.experts.base import CaptionRequest, CaptionResult, load_image
+from manifests.devices import resolve_device
 from manifests.run_manifest import TransformersExpertConfig
-
-
-def pick_device(requested: str) -> torch.device:
-    if requested != "auto":
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class TransformersExpert:
@@ -30,6 +25,8 @@ class TransformersExpert:
 
     backend = "transformers"
     reprompts = True
+    needs_class_mask = False
+    pipeline_chunk = None
 
     def __init__(self, config: TransformersExpertConfig) -> None:
         from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -37,7 +34,7 @@ class TransformersExpert:
         self.config = config
         self.name = config.name
         self.model = config.model
-        self.device = pick_device(config.device)
+        self.device = resolve_device(config.device, source=f"expert {config.name}: device")
         dtype = getattr(torch, config.dtype) if config.dtype != "auto" else (
             torch.bfloat16 if self.device.type == "cuda" else torch.float32
         )  # fmt: skip

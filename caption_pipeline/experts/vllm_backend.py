@@ -200,6 +200,8 @@ class VLLMExpert:
 
     backend = "vllm"
     reprompts = True
+    needs_class_mask = False
+    pipeline_chunk = None  # the engine batches the whole request list itself
 
     def __init__(
         self,
@@ -225,8 +227,9 @@ class VLLMExpert:
             if exc.name != "vllm":  # vLLM is there but broken: the engine build names the cause
                 raise
             raise ExpertUnavailable(
-                f"expert {self.name}: backend 'vllm' needs the vllm extra (pip install 'mpers-toolkit[vllm]' on a "
-                "CUDA machine), or serve the model with `vllm serve` and use backend 'openai'"
+                f"expert {self.name}: backend 'vllm' runs in the vLLM environment (`make vllm-env`, then "
+                "`.venv-vllm/bin/flows ...` on a CUDA machine), or serve the model with `vllm serve` and use "
+                "backend 'openai'"
             ) from None
         return vllm
 

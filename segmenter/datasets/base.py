@@ -10,6 +10,7 @@ import numpy as np
 
 from manifests.errors import InputError
 from manifests.run_manifest import DatasetConfig
+from manifests.tile_index import ClassVocabulary
 from segmenter.datasets.files import SourceFile
 from segmenter.datasets.labels import RGB, DecodeStats, decode_rgb_mask
 
@@ -29,12 +30,17 @@ class SegmentationDataset(ABC):
     """A dataset of whole source scenes, described by class attributes.
 
     Subclasses set ``name``, ``class_names``, ``palette`` and ``splits`` (split scheme -> split -> source ids)
-    and implement :meth:`sources`.
+    and implement :meth:`sources`. Their class vocabulary (written into the tile index for both stages) comes
+    from ``class_words`` (extra words a caption names a class by), ``plurals`` (classes counted as objects) and
+    ``excluded_from_mean`` (classes the headline means leave out).
     """
 
     name: ClassVar[str]
     class_names: ClassVar[tuple[str, ...]]
     palette: ClassVar[tuple[RGB, ...]]
+    class_words: ClassVar[dict[str, tuple[str, ...]]] = {}
+    plurals: ClassVar[dict[str, str]] = {}
+    excluded_from_mean: ClassVar[tuple[str, ...]] = ()
     splits: ClassVar[dict[str, dict[str, tuple[str, ...]]]] = {}
     default_split: ClassVar[str] = "mpers"
 
@@ -53,6 +59,15 @@ class SegmentationDataset(ABC):
     @property
     def colors(self) -> tuple[RGB, ...]:
         return self.palette
+
+    @property
+    def vocabulary(self) -> ClassVocabulary:
+        """How captions name the classes of this dataset and which classes the headline means average over."""
+        readable = ClassVocabulary.plain(self.classes).words
+        words = {name: tuple(dict.fromkeys(readable[name] + self.class_words.get(name, ()))) for name in self.classes}
+        plurals = {name: noun for name, noun in self.plurals.items() if name in self.classes}
+        main = tuple(name for name in self.classes if name not in self.excluded_from_mean)
+        return ClassVocabulary(words, plurals, main)
 
     def split_members(self) -> dict[str, list[str]]:
         """Source ids of each split under the configured split scheme.

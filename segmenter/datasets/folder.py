@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from manifests.errors import InputError
 from manifests.run_manifest import DatasetConfig
+from manifests.tile_index import ClassVocabulary
 from segmenter.datasets.base import SegmentationDataset, Source
 from segmenter.datasets.files import SourceFile
 from segmenter.datasets.labels import RGB
@@ -33,6 +34,15 @@ class ImageMaskFolder(SegmentationDataset):
     @property
     def colors(self) -> tuple[RGB, ...]:
         return self._palette
+
+    @property
+    def vocabulary(self) -> ClassVocabulary:
+        """The manifest's ``classes[].words``, ``plural`` and ``in_mean``."""
+        assert self.config.classes is not None
+        specs = self.config.classes
+        words = {spec.name: tuple(dict.fromkeys((spec.name.replace("_", " "), *spec.words))) for spec in specs}
+        plurals = {spec.name: spec.plural for spec in specs if spec.plural}
+        return ClassVocabulary(words, plurals, tuple(spec.name for spec in specs if spec.in_mean))
 
     def split_members(self) -> dict[str, list[str]]:
         if self.config.split == "custom":

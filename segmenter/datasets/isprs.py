@@ -47,6 +47,18 @@ class ISPRSDataset(SegmentationDataset):
 
     class_names = ISPRS_CLASSES
     palette = ISPRS_PALETTE
+    class_words: ClassVar[dict[str, tuple[str, ...]]] = {
+        "impervious_surfaces": ("impervious", "road", "roads", "street", "streets", "pavement", "paved", "asphalt",
+                                "parking", "sidewalk", "plaza"),
+        "building": ("buildings", "house", "houses", "roof", "roofs", "rooftop", "rooftops"),
+        "low_vegetation": ("grass", "lawn", "lawns", "meadow", "field", "fields", "shrub", "shrubs"),
+        "tree": ("trees", "forest", "canopy", "canopies", "woods"),
+        "car": ("cars", "vehicle", "vehicles"),
+        "clutter": ("debris", "container", "containers", "bare soil", "water"),
+    }  # fmt: skip
+    plurals: ClassVar[dict[str, str]] = {"building": "buildings", "car": "cars", "tree": "trees"}
+    # The paper and GeoSeg average over the five classes other than clutter (mmsegmentation over all six).
+    excluded_from_mean = ("clutter",)
     roles: ClassVar[dict[str, FileRole]]
 
     def _roles(self) -> dict[str, FileRole]:

@@ -66,6 +66,19 @@ class SynDrone(SegmentationDataset):
     name = "syndrone"
     class_names = COARSE_CLASSES
     palette = COARSE_PALETTE
+    class_words: ClassVar[dict[str, tuple[str, ...]]] = {
+        "road": ("roads", "street", "streets", "sidewalk", "sidewalks", "pavement"),
+        "nature": ("vegetation", "grass", "tree", "trees", "terrain"),
+        "person": ("people", "pedestrian", "pedestrians", "rider", "riders"),
+        "vehicle": ("vehicles", "car", "cars", "truck", "trucks", "bus", "buses", "bicycle", "bicycles"),
+        "construction": ("building", "buildings", "wall", "walls", "fence", "fences", "bridge"),
+        "obstacle": ("obstacles", "pole", "poles", "traffic sign", "traffic light"),
+        "building": ("buildings",), "car": ("cars",), "truck": ("trucks",),  # fine classes
+    }  # fmt: skip
+    plurals: ClassVar[dict[str, str]] = {
+        "vehicle": "vehicles", "person": "people", "building": "buildings", "car": "cars", "truck": "trucks",
+        "bus": "buses", "bicycle": "bicycles", "motorcycle": "motorcycles", "pole": "poles",
+    }  # fmt: skip
     scenario: ClassVar[str] = "ClearNoon"
     split_files: ClassVar[dict[str, str]] = {"train": "train.txt", "test": "test.txt"}
 

@@ -54,18 +54,21 @@ class TextEncoder(nn.Module):
         weights = text_encoder_weights(encoder, checkpoint)
         if encoder == TINY_ENCODER:
             register_tiny_config(weights.model)
-            torch.manual_seed(0)  # random but reproducible: the same features in every process
+        seeded = encoder == TINY_ENCODER and not checkpoint  # random but reproducible: same features in every process
+        if seeded:
+            torch.manual_seed(0)
         if encoder in NEEDS_CHECKPOINT and not checkpoint and not random_weights:
             raise InputError(f"text_checkpoint: {encoder} needs {NEEDS_CHECKPOINT[encoder]}")
         if checkpoint and not Path(checkpoint).is_file():
             raise InputError(f"text_checkpoint: {checkpoint} not found")
         # random weights (benchmarks): the same network, nothing downloaded
-        model, _ = create_clip(weights, device, load_weights=not random_weights, transforms=False)
+        loaded = not (random_weights or seeded)
+        model, _ = create_clip(weights, device, load_weights=loaded, transforms=False)
         self.model = model.requires_grad_(False)
         self.chunked = ChunkedTextEncoder(self.model, weights.model)
-        origin = weights.checkpoint.name if weights.checkpoint else weights.pretrained or "seed0"
+        label = weights.weights_label if loaded else "seed0" if seeded else "random"
         # the activation is part of the id, so features of a network built with the other one are never reused
-        self.encoder_id = f"{encoder}:{'random' if random_weights else origin}:{weights.activation}"
+        self.encoder_id = f"{encoder}:{label}:{weights.activation}"
         projection = getattr(model, "text_projection", None)
         self.dim = int(projection.shape[-1]) if projection is not None else TINY_CLIP_CONFIG["embed_dim"]
         self.calls = 0

@@ -50,9 +50,10 @@ class ExpertTextFeatures:
         return counts
 
 
-def _usable(selected: pd.DataFrame, passed_only: bool) -> pd.DataFrame:
-    frame = selected[selected["caption"].fillna("").str.strip().ne("")]
-    return frame[frame["passed"]] if passed_only else frame
+def _read_rows(selected: pd.DataFrame, passed_only: bool) -> pd.DataFrame:
+    """The selected rows whose captions the segmenter reads, as the gate recorded them: those that passed (the
+    paper's filter; a passed caption is usable), else every usable one."""
+    return selected[selected["passed" if passed_only else "usable"]]
 
 
 def store_experts(selected: pd.DataFrame) -> list[str]:
@@ -118,7 +119,7 @@ def expert_text_features(
     """
     selected = store if isinstance(store, pd.DataFrame) else selected_captions(store)
     rows = selected[selected["expert"].isin(experts)].reset_index(drop=True)
-    frame = _usable(rows, passed_only).reset_index(drop=True)
+    frame = _read_rows(rows, passed_only).reset_index(drop=True)
     n_variants = N_VARIANTS if direction_variants else 1
     captions = frame["caption"].tolist()
     texts = [rewrite_directions(caption, variant) for variant in range(n_variants) for caption in captions]

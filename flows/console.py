@@ -1,0 +1,38 @@
+"""What the ``flows`` commands and the demo show on the terminal: the caption run's progress bar and summary."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+from rich.console import Console
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from flows.generate_captions import CaptionRunSummary, ShardProgress
+
+T = TypeVar("T")
+console = Console(stderr=True, soft_wrap=True)
+
+
+def with_progress(run: Callable[[ShardProgress], T]) -> T:
+    """Call ``run`` with the callback of a progress bar over the caption run's shard tasks (its ``on_shard``)."""
+    from segmenter.cli import progress
+
+    with progress("captions") as on_shard:
+        return run(on_shard)
+
+
+def print_summary(summary: CaptionRunSummary, out: Console = console) -> None:
+    """The per-expert pass-rate table, the protocol with the class source per split, and the run's totals."""
+    table = Table("expert", "prompt", "keys", "pass rate", "first try", "recovered", "not passed", "errored",
+                  title="captions")  # fmt: skip
+    for row in summary.table.itertuples(index=False):
+        table.add_row(row.expert, row.prompt_id, str(row.keys), f"{row.pass_rate:.1%}", f"{row.first_try:.1%}",
+                      str(int(row.recovered)), str(int(row.not_passed)), str(int(row.errored)))  # fmt: skip
+    out.print(table)
+    out.print(summary.class_information())
+    out.print(
+        f"{summary.tiles} tiles, {summary.new_rows} new attempts, {summary.skipped_keys} keys already done, "
+        f"{summary.seconds:.1f} s; store: {summary.store}"
+    )

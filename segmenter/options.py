@@ -1,0 +1,94 @@
+"""The choices and defaults of training and evaluation: one definition that the library and the CLI both read.
+
+The ``segmenter`` command builds its options from these (typer lists an enum's values in ``--help`` and refuses
+anything else), so a default or a choice is never written twice. This module imports neither torch nor the model,
+so the CLI stays quick to start.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import TYPE_CHECKING, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+from manifests.errors import InputError
+
+if TYPE_CHECKING:
+    from segmenter.model import SegmenterConfig
+
+Choice = TypeVar("Choice", bound=StrEnum)
+
+
+class Augmentation(StrEnum):
+    """Geometric augmentation at training: ``d4`` flips and rotates (captions unchanged), ``d4_rewrite`` also moves
+    the captions' direction words, ``none`` leaves tiles as they are, ``auto`` picks per preset."""
+
+    auto = "auto"
+    d4 = "d4"
+    d4_rewrite = "d4_rewrite"
+    none = "none"
+
+
+class MissingCaptions(StrEnum):
+    """What to do where captions are missing: ``mask`` the experts concerned (printed), or stop with an ``error``."""
+
+    mask = "mask"
+    error = "error"
+
+
+class GroundTruth(StrEnum):
+    """Which labels evaluation compares with: ``eroded`` (the ISPRS protocol, boundaries ignored) or ``full``."""
+
+    eroded = "eroded"
+    full = "full"
+
+
+# What `auto` picks for text-guided presets (see TrainSettings.augmentation_for): of d4, d4_rewrite and none, none
+# scored best on the demo over 3 seeds (bench/caption_effect.py --augmentation-study; README "Caption effect").
+TEXT_GUIDED_AUGMENTATION = Augmentation.none
+
+
+class TrainSettings(BaseModel):
+    """How a run trains; recorded whole in its run record. Its defaults are the CLI's defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    preset: str = "mpers_vitl16"
+    steps: int = 20000
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    milestones: list[float] = [0.7, 0.9]
+    gamma: float = 0.1
+    seed: int = 0
+    checkpoint_every: int = 1000
+    log_every: int = 10
+    keep_checkpoints: int = 2
+    missing_captions: MissingCaptions = MissingCaptions.mask
+    passed_only: bool = True
+    amp: bool = True
+    experts: list[str] | None = None
+    augmentation: Augmentation = Augmentation.auto
+
+    def augmentation_for(self, config: SegmenterConfig) -> Augmentation:
+        """The augmentation a run of ``config`` uses.
+
+        ``auto``: flips and rotations for a text-free model; for a text-guided one the choice that keeps its
+        captions true and measured best on the demo (README, "Geometric augmentation and captions").
+        """
+        if self.augmentation != Augmentation.auto:
+            return self.augmentation
+        return TEXT_GUIDED_AUGMENTATION if config.uses_text else Augmentation.d4
+
+
+def parse_choice(kind: type[Choice], value: str, option: str) -> Choice:
+    """``value`` as a member of ``kind``, for library callers that pass plain strings (the CLI gets enums).
+
+    Raises:
+        InputError: one line naming the option, the choices and the value given.
+    """
+    try:
+        return kind(value)
+    except ValueError:
+        raise InputError(f"{option}: expected one of {', '.join(kind)}, got '{value}'") from None

@@ -1,0 +1,202 @@
+"""Helpers shared by several test modules. Test modules import from here, never from each other or from conftest
+(``tests/test_layout.py`` checks); fixtures stay in ``conftest.py``."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import sys
+import threading
+import time
+import traceback
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from manifests.caption_store import StoreMeta
+from manifests.class_predictions import write_class_predictions
+from manifests.run_manifest import DatasetConfig, TilingConfig
+
+SECRET = "sk-test-SECRET-4242"
+META = StoreMeta(class_names=["a", "b"], clip_model="tiny:random", tau=0.55)
+
+
+class CheckedServer(ThreadingHTTPServer):
+    """An HTTP stand-in whose handler failures reach the test.
+
+    An ``assert`` in a handler thread only prints a traceback: :meth:`check` records a failed condition in
+    :attr:`errors`, and an exception escaping a handler is recorded too; :func:`serving` fails the test when the
+    list is not empty at the end.
+    """
+
+    daemon_threads = True
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler]):
+        super().__init__(("127.0.0.1", 0), handler)
+        self.lock = threading.Lock()
+        self.errors: list[str] = []
+
+    def check(self, condition: bool, message: str) -> None:
+        """Record ``message`` as a failure when ``condition`` is false (an ``assert`` for handler threads)."""
+        if not condition:
+            with self.lock:
+                self.errors.append(message)
+
+    def handle_error(self, request, client_address) -> None:
+        """Record an exception escaping a handler, except a socket the client closed (cancelled or timed out)."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # broken pipe, connection reset or aborted
+            with self.lock:
+                self.errors.append(traceback.format_exc())
+
+
+@contextmanager
+def serving(server: CheckedServer) -> Iterator[CheckedServer]:
+    """Serve ``server`` on a daemon thread; shut it down and fail on any error its handlers recorded."""
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not server.errors, "the stand-in server recorded errors:\n" + "\n".join(server.errors)
+
+
+class ChatServer(CheckedServer):
+    """A local OpenAI-compatible chat-completions server; the prompt text picks its behaviour (see ChatHandler)."""
+
+    def __init__(self):
+        super().__init__(ChatHandler)
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.calls: Counter[str] = Counter()
+        self.image_sizes: list[tuple[int, int]] = []
+        self.auth_headers: set[str] = set()
+        self.bodies: list[dict] = []  # every request body without its messages, plus the prompt text
+        self.refused_field: str | None = None  # a request field answered with OpenAI's "Unsupported parameter"
+
+
+class ChatHandler(BaseHTTPRequestHandler):
+    server: ChatServer
+
+    def log_message(self, *args):  # keep test output quiet
+        pass
+
+    def _reply(self, status: int, payload: dict, headers: dict[str, str] | None = None) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):
+        length = int(self.headers["Content-Length"])
+        raw = self.rfile.read(length)
+        if len(raw) < length:  # the client cancelled the request while sending it: nothing to answer
+            return
+        body = json.loads(raw)
+        content = body["messages"][0]["content"]
+        prompt = next(part["text"] for part in content if part["type"] == "text")
+        url = next(part["image_url"]["url"] for part in content if part["type"] == "image_url")
+        server = self.server
+        server.check(url.startswith("data:image/png;base64,"), f"not a PNG data URL: {url[:40]}")
+        with server.lock:
+            server.calls[prompt] += 1
+            calls = server.calls[prompt]
+            server.in_flight += 1
+            server.max_in_flight = max(server.max_in_flight, server.in_flight)
+            server.auth_headers.add(self.headers.get("Authorization", ""))
+            server.bodies.append({**{key: value for key, value in body.items() if key != "messages"}, "prompt": prompt})
+            with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) as image:
+                server.image_sizes.append(image.size)
+        # The request leaves the server's count before its reply is written: the client may send its next request
+        # as soon as it reads the reply, and counting both would be the server's race, not the client's bound.
+        headers: dict[str, str] = {}
+        try:
+            time.sleep(0.05)
+            if prompt == "hang":
+                time.sleep(3)
+            if prompt == "stall":  # far longer than any bound a test puts on the client
+                time.sleep(20)
+            choice = {"message": {"content": f" caption for {prompt} "}, "finish_reason": "stop"}
+            status, payload = 200, {"choices": [choice], "usage": {"completion_tokens": 4}}
+            if prompt == "fail":
+                status, payload = 500, {"error": "boom"}
+            if prompt == "bad request":
+                status, payload = 400, {"error": "no"}
+            if prompt == "flaky" and calls == 1:
+                status, payload = 429, {"error": "slow down"}
+            if prompt == "flaky" and calls == 2:
+                status, payload = 503, {"error": "busy"}
+            if prompt == "throttled" and calls == 1:  # OpenAI sends both; the millisecond one is the precise one
+                status, payload = 429, {"error": "rate limited"}
+                headers = {"retry-after-ms": "50", "Retry-After": "20"}
+            if prompt.startswith("status "):  # an OpenAI-style error that echoes the key it was sent
+                message = f"Incorrect API key provided: {self.headers.get('Authorization')}.\nSee the docs."
+                status, payload = int(prompt.split()[1]), {"error": {"message": message, "code": "invalid_api_key"}}
+            if prompt == "too long":  # vLLM: names the field, but only this request is at fault
+                message = "'max_tokens' or 'max_completion_tokens' is too large: 160. This model's maximum context"
+                status, payload = 400, {"object": "error", "message": message}
+            if server.refused_field in body:
+                message = (
+                    f"Unsupported parameter: '{server.refused_field}' is not supported with this model. "
+                    f"Use '{({'max_tokens', 'max_completion_tokens'} - {server.refused_field}).pop()}' instead."
+                )
+                status, payload = 400, {"error": {"message": message, "param": server.refused_field}}
+        finally:
+            with server.lock:
+                server.in_flight -= 1
+        self._reply(status, payload, headers)
+
+
+def row(tile: str, prompt: str = "p1", attempt: int = 0, similarity: float | None = 0.6, **extra: Any) -> dict:
+    """One caption-store row for ``tile``; ``similarity=None`` makes it a failed attempt."""
+    base = {
+        "tile_id": tile, "expert": "e", "model": "m", "backend": "annotation", "prompt_id": prompt,
+        "attempt": attempt, "prompt_text": "describe", "temperature": 0.0 if attempt == 0 else 0.7, "seed": attempt,
+        "caption": None if similarity is None else f"caption {tile}",
+        "n_tokens": 3, "n_chunks": 1, "clip_model": "tiny:random", "raw_cosine": 0.2, "similarity": similarity,
+        "tau": 0.55, "usable": similarity is not None, "passed": bool(similarity and similarity >= 0.55),
+        "selected": True, "finish_reason": "stop",
+        "latency_s": 0.1, "created_at": datetime.now(UTC), "run_id": "r", "manifest_sha256": None,
+        "image_sha256": "x", "split": "train", "protocol": "custom", "class_source": "labels",
+        "error": None if similarity is not None else "HTTP 500",
+    }  # fmt: skip
+    return {**base, **extra}
+
+
+def write_predictions(index, folder: Path) -> Path:
+    """A predictions file for every tile of ``index`` that disagrees with the labels: each tile is 70% tree and
+    30% car, with its class-index mask."""
+    names = index.class_names
+    tree, car = names.index("tree"), names.index("car")
+    (folder / "masks").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for number, tile_id in enumerate(index.frame["tile_id"]):
+        mask = np.full((64, 64), tree, np.uint8)
+        mask[:, 45:] = car
+        Image.fromarray(mask).save(folder / "masks" / f"{number}.png")
+        fractions = np.bincount(mask.ravel(), minlength=len(names)) / mask.size
+        rows.append({"tile_id": tile_id, "class_fractions": fractions.tolist(), "mask_path": f"masks/{number}.png",
+                     "run_id": "notext", "model": "test_tiny_notext"})  # fmt: skip
+    return write_class_predictions(folder / "class_predictions.parquet", rows, names, 255)
+
+
+def vaihingen_configs(
+    root: Path, out: Path, size: int = 32, stride: int | None = None, **dataset: Any
+) -> tuple[DatasetConfig, TilingConfig]:
+    """The dataset and tiling configuration of a Vaihingen release at ``root`` cut into ``size`` px tiles."""
+    return (
+        DatasetConfig(name="vaihingen", root=root, **dataset),
+        TilingConfig(size=size, stride=stride, out=out),
+    )
