@@ -31,6 +31,8 @@ def print_summary(summary: CaptionRunSummary, out: Console = console) -> None:
         table.add_row(row.expert, row.prompt_id, str(row.keys), f"{row.pass_rate:.1%}", f"{row.first_try:.1%}",
                       str(int(row.recovered)), str(int(row.not_passed)), str(int(row.errored)))  # fmt: skip
     out.print(table)
+    for expert, (keys, error) in summary.errors.items():
+        out.print(f"{expert}: {keys} key(s) got no caption; most common error: {error}", markup=False, highlight=False)
     out.print(summary.class_information())
     out.print(
         f"{summary.tiles} tiles, {summary.new_rows} new attempts, {summary.skipped_keys} keys already done, "

@@ -16,6 +16,7 @@ from manifests.errors import InputError
 from manifests.run_manifest import load_manifest
 from segmenter.demo_scenes import write_demo_dataset
 from segmenter.prepare import prepare_tiles
+from segmenter.run_record import RunRecord
 
 
 def build_demo_models(manifest) -> None:
@@ -97,11 +98,13 @@ def run_demo(
     started = time.perf_counter()
     manifest = load_manifest(manifest_path)
     store = manifest.captions.store
-    try:  # before any stage runs, not after minutes of training
+    runs = store.parent / "runs"
+    try:  # a re-run resumes what an earlier demo left: refuse, before any stage runs, what an older version left
         check_scorer(store, clip_weights(manifest.captions.clip).model_id)
+        for record in runs.glob("*/run.json"):
+            RunRecord.read(record.parent)
     except InputError as exc:
         raise InputError(f"{exc}. It was made by an older version: remove {store.parent} and run again") from None
-    runs = store.parent / "runs"
     console.print(f"[1/7] demo scenes -> {manifest.dataset.root}")
     write_demo_dataset(manifest.dataset.root, n_areas=scenes, size=scene_size)
     console.print(f"[2/7] tiles -> {manifest.tiling.out}")

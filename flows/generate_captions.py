@@ -25,10 +25,11 @@ from prefect.futures import as_completed
 
 from caption_pipeline.experts import Expert, build_expert
 from caption_pipeline.experts.base import ExpertUnavailable
+from caption_pipeline.experts.openai_backend import api_key
 from caption_pipeline.gate import GateSettings, RunInfo, caption_tiles, class_sources, load_predictions, tile_tasks
 from caption_pipeline.policy import GatePolicy
 from caption_pipeline.scoring import ClipScorer, clip_weights
-from manifests.caption_store import StoreMeta, attempt_counts, compact, read_store, scorers, write_fragment
+from manifests.caption_store import KEY_COLUMNS, StoreMeta, attempt_counts, compact, read_store, scorers, write_fragment
 from manifests.errors import InputError
 from manifests.run_manifest import ExpertConfig, RunManifest, load_manifest
 from manifests.tile_index import read_tile_index
@@ -193,6 +194,8 @@ class CaptionRunSummary:
     Attributes:
         protocol: ``captions.prompts.protocol`` (oracle | predicted | blind | custom).
         class_sources: the class source of every split the run captioned (labels | predictions | none).
+        unavailable: why an expert could not answer at all (the run stopped), or None.
+        errors: per expert, the keys that got no caption and the error most of their attempts recorded.
     """
 
     store: Path
@@ -204,6 +207,7 @@ class CaptionRunSummary:
     protocol: str = "custom"
     class_sources: dict[str, str] = field(default_factory=dict)
     unavailable: str | None = None
+    errors: dict[str, tuple[int, str]] = field(default_factory=dict)
 
     def class_information(self) -> str:
         """One line: the protocol and the class source per split."""
@@ -211,11 +215,16 @@ class CaptionRunSummary:
         return f"class information in prompts: protocol {self.protocol} ({splits})"
 
 
-def summarize(store: Path, experts: list[str]) -> pd.DataFrame:
-    """Per expert and prompt: keys, pass rate, recovery by re-prompting, keys that never passed (``not_passed``) and,
-    of those, keys whose every attempt was an error (``errored``: server down, unreadable tile)."""
+def expert_rows(store: Path, experts: list[str]) -> pd.DataFrame:
+    """Every attempt of ``experts`` in the store (none for a store not written yet)."""
     frame = read_store(store, missing_ok=True)
-    frame = frame[frame["expert"].isin(experts)]
+    return frame[frame["expert"].isin(experts)]
+
+
+def summarize(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per expert and prompt of these store rows: keys, pass rate, recovery by re-prompting, keys that never passed
+    (``not_passed``) and, of those, keys whose every attempt was an error (``errored``: server down, unreadable
+    tile)."""
     if frame.empty:
         return pd.DataFrame(
             columns=["expert", "prompt_id", "keys", "pass_rate", "first_try", "recovered", "not_passed", "errored"]
@@ -233,6 +242,19 @@ def summarize(store: Path, experts: list[str]) -> pd.DataFrame:
     table["not_passed"] = table["keys"] - table["passed"]
     return table.reset_index()[["expert", "prompt_id", "keys", "pass_rate", "first_try", "recovered", "not_passed",
                                 "errored"]]  # fmt: skip
+
+
+def common_errors(frame: pd.DataFrame) -> dict[str, tuple[int, str]]:
+    """Per expert with keys that never got a caption (store rows): how many, and the error most of their attempts
+    recorded (what a user must see when a run "succeeds" with nothing but failures)."""
+    if frame.empty:
+        return {}
+    errored = frame.assign(failed=frame["error"].notna()).groupby(list(KEY_COLUMNS))["failed"].transform("all")
+    frame = frame[errored]
+    return {
+        expert: (group.groupby(["tile_id", "prompt_id"]).ngroups, group["error"].value_counts().index[0])
+        for expert, group in frame.groupby("expert")
+    }
 
 
 def _task_runner(runner: str, address: str | None):
@@ -292,10 +314,11 @@ def generate_captions_flow(
     for name in {result.expert for result in results if result.unavailable}:
         release_expert(configs[name])  # its refusal is remembered: a later run in this process starts afresh
     compact(store, select=GatePolicy.from_captions(manifest.captions).select)
+    rows = expert_rows(Path(store), experts)
     return CaptionRunSummary(
         Path(store), len(tile_ids), sum(r.rows for r in results), sum(r.skipped for r in results),
-        time.perf_counter() - started, summarize(Path(store), experts), prompts.protocol, sources,
-        next((r.unavailable for r in results if r.unavailable), None),
+        time.perf_counter() - started, summarize(rows), prompts.protocol, sources,
+        next((r.unavailable for r in results if r.unavailable), None), common_errors(rows),
     )  # fmt: skip
 
 
@@ -371,7 +394,13 @@ def generate_captions(
     tiles = index.frame[index.frame["tile_id"].isin(sorted(index.frame["tile_id"])[:limit])]
     load_predictions(index, tiles, manifest.captions.prompts)
     store_path = str(store or manifest.captions.store)
-    check_scorer(store_path, clip_weights(manifest.captions.clip).model_id)
+    # What cannot succeed is refused here, in one line, before Prefect starts and any model loads.
+    weights = clip_weights(manifest.captions.clip)
+    weights.check()
+    check_scorer(store_path, weights.model_id)
+    for config in manifest.captions.experts:
+        if config.name in chosen and config.backend == "openai":
+            api_key(config)
     configured = generate_captions_flow.with_options(task_runner=_task_runner(runner, address))
     token = _ON_SHARD.set(on_shard)
     try:
@@ -394,5 +423,6 @@ def check_scorer(store: str | Path, model_id: str) -> None:
     if others:
         raise InputError(
             f"caption store {store}: scored by CLIP {', '.join(others)}, this manifest scores with {model_id} "
-            "(the activation now follows the weights: QuickGELU for OpenAI-trained ones); caption into a new store"
+            "(another model, weights or activation: the activation follows the weights since QuickGELU came in); "
+            "caption into a new store"
         )

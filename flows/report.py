@@ -134,7 +134,7 @@ def build_report(store: str | Path, index: str | Path | None = None) -> CaptionR
     ).reset_index()  # fmt: skip
     worst = selected.nsmallest(10, "similarity")[["tile_id", "expert", "prompt_id", "similarity", "caption"]]
     return CaptionReport(
-        summary=summarize(Path(store), sorted(frame["expert"].unique())),
+        summary=summarize(frame),
         class_information=class_information(frame),
         tau_sweep=tau_sweep(frame, policy),
         lengths=lengths,

@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from manifests.errors import InputError
 
-DatasetName = Literal["vaihingen", "potsdam", "syndrone", "folder"]
 ClassSource = Literal["labels", "predictions", "none"]
 ClassProtocol = Literal["oracle", "predicted", "blind", "custom"]
 PromptId = Literal["p1", "p2", "p3"]
@@ -38,34 +37,75 @@ class ClassSpec(_Strict):
     in_mean: bool = Field(default=True, description="whether the headline mIoU/mF1 average over this class")
 
 
-class DatasetConfig(_Strict):
-    """Which dataset to read and how to split it."""
+class _DatasetSettings(_Strict):
+    """What every dataset has: where it is, the prefix of its tile ids and how it is split."""
 
-    name: DatasetName
+    name: str
     root: Path
     id: str | None = Field(default=None, description="prefix of tile ids; defaults to the dataset name")
     split: str = "mpers"
     custom_splits: dict[str, list[str | int]] | None = Field(
         default=None, description="split -> source ids as the dataset numbers them (Vaihingen: 1, 3; Potsdam: 2_10)"
     )
-    modality: Literal["irrg", "rgb", "rgbir"] | None = None
-    coarse: bool = True
-    classes: list[ClassSpec] | None = None
-    images_dir: str = "images"
-    masks_dir: str = "masks"
     ignore_index: int = Field(default=255, ge=0, le=255)
 
     @model_validator(mode="after")
-    def _custom_split_has_lists(self) -> DatasetConfig:
+    def _custom_split_has_lists(self) -> _DatasetSettings:
         if self.split == "custom" and not self.custom_splits:
             raise ValueError("split 'custom' needs custom_splits: {train: [...], test: [...]}")
-        if self.name == "folder" and not self.classes:
-            raise ValueError("the folder dataset needs classes: [{name, color}, ...]")
         return self
 
     @property
     def tile_prefix(self) -> str:
         return self.id or self.name
+
+
+class VaihingenConfig(_DatasetSettings):
+    """ISPRS Vaihingen: IRRG true orthophotos, the official archives or their extracted folders."""
+
+    name: Literal["vaihingen"]
+
+
+class PotsdamConfig(_DatasetSettings):
+    """ISPRS Potsdam, in one of its three orthophoto modalities."""
+
+    name: Literal["potsdam"]
+    modality: Literal["irrg", "rgb", "rgbir"] = "rgb"
+
+
+class SynDroneConfig(_DatasetSettings):
+    """SynDrone (CARLA) frames, in the 7 coarse classes or the 28 fine ones."""
+
+    name: Literal["syndrone"]
+    coarse: bool = True
+
+
+class FolderConfig(_DatasetSettings):
+    """A folder of images and RGB-coded masks, with the classes and their colours given here."""
+
+    name: Literal["folder"]
+    classes: list[ClassSpec] = Field(min_length=1, description="[{name, color}, ...]: the colours of the masks")
+    images_dir: str = "images"
+    masks_dir: str = "masks"
+
+
+DatasetConfig = Annotated[VaihingenConfig | PotsdamConfig | SynDroneConfig | FolderConfig, Field(discriminator="name")]
+DATASET_SETTINGS: dict[str, type[_DatasetSettings]] = {
+    "vaihingen": VaihingenConfig,
+    "potsdam": PotsdamConfig,
+    "syndrone": SynDroneConfig,
+    "folder": FolderConfig,
+}
+_DATASET_ADAPTER: TypeAdapter[DatasetConfig] = TypeAdapter(DatasetConfig)
+
+
+def dataset_config(**fields: Any) -> DatasetConfig:
+    """The settings of the dataset ``fields["name"]`` names (a manifest's ``dataset`` section as keywords).
+
+    Raises:
+        pydantic.ValidationError: an unknown dataset, or a setting this dataset does not have.
+    """
+    return _DATASET_ADAPTER.validate_python(fields)
 
 
 class TilingConfig(_Strict):
@@ -306,23 +346,33 @@ def packaged_manifests() -> dict[str, Path]:
     }
 
 
+# A tagged union of the manifest: the key that holds it, the field that names the variant, and the variants.
+_UNIONS = {"experts": ("backend", EXPERT_SETTINGS), "dataset": ("dataset", DATASET_SETTINGS)}
+
+
 def _describe_error(error: dict[str, Any]) -> str:
-    key = ".".join(str(part) for part in error["loc"]) or "<top level>"
+    loc = error["loc"]
+    key = ".".join(str(part) for part in loc) or "<top level>"
     kind = error["type"]
-    backends = ", ".join(EXPERT_SETTINGS)
-    if kind == "union_tag_invalid":
-        return f"key '{key}.backend': unknown backend {error['ctx']['tag']!r} (expected one of {backends})"
-    if kind == "union_tag_not_found":
-        return f"missing key '{key}.backend' (expected one of {backends})"
-    after_experts = error["loc"][error["loc"].index("experts") + 1 :] if "experts" in error["loc"] else ()
-    backend = next((str(part) for part in after_experts if str(part) in EXPERT_SETTINGS), None)
-    if backend is not None:  # a tagged union puts the tag into the location: say it in words instead
-        key = ".".join(str(part) for part in error["loc"] if str(part) != backend)
+    holder = next((part for part in loc if part in _UNIONS), None)
+    if holder is None:
+        word, variants, tag = "", {}, None
+    else:
+        word, variants = _UNIONS[holder]
+        tag = next((str(part) for part in loc[loc.index(holder) + 1 :] if str(part) in variants), None)
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        field = error["ctx"]["discriminator"].strip("'")
+        expected = ", ".join(variants)
+        if kind == "union_tag_not_found":
+            return f"missing key '{key}.{field}' (expected one of {expected})"
+        return f"key '{key}.{field}': unknown {word} {error['ctx']['tag']!r} (expected one of {expected})"
+    if tag is not None:  # a tagged union puts the tag into the location: say it in words instead
+        key = ".".join(str(part) for part in loc if str(part) != tag)
         if kind == "extra_forbidden":
-            allowed = ", ".join(sorted(EXPERT_SETTINGS[backend].model_fields))
-            return f"key '{key}' is not a setting of backend '{backend}' (its settings: {allowed})"
+            allowed = ", ".join(sorted(variants[tag].model_fields))
+            return f"key '{key}' is not a setting of {word} '{tag}' (its settings: {allowed})"
         if kind == "missing":
-            return f"missing key '{key}' (backend '{backend}' needs it)"
+            return f"missing key '{key}' ({word} '{tag}' needs it)"
     if kind == "extra_forbidden":
         return f"unknown key '{key}'"
     if kind == "missing":

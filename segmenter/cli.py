@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, get_args
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -18,7 +18,7 @@ from rich.table import Table
 
 from manifests.devices import DEVICE_HELP
 from manifests.errors import InputError, exit_on_input_error
-from manifests.run_manifest import DatasetConfig, DatasetName, TilingConfig, load_manifest
+from manifests.run_manifest import DATASET_SETTINGS, TilingConfig, dataset_config, load_manifest
 from segmenter.options import Augmentation, GroundTruth, MissingCaptions, TrainSettings
 
 app = typer.Typer(
@@ -30,7 +30,7 @@ console = Console(stderr=True, soft_wrap=True)
 
 # The datasets `prepare` can read from flags alone: the manifest's dataset names, less `folder`, whose classes only a
 # manifest can give.
-Dataset = StrEnum("Dataset", {name: name for name in get_args(DatasetName) if name != "folder"})
+Dataset = StrEnum("Dataset", {name: name for name in DATASET_SETTINGS if name != "folder"})
 OVERLAP_HELP = "window overlap in [0, 1) (default: the captioned tile grid for text-guided models, 0.25 otherwise)"
 
 
@@ -69,17 +69,17 @@ def prepare(
 
     if manifest:
         run = load_manifest(manifest)
-        dataset_config, tiling = run.dataset, run.tiling
+        settings, tiling = run.dataset, run.tiling
     else:
         if not (dataset and root and out):
             raise InputError("prepare: give --manifest, or --dataset, --root and --out")
         try:
-            dataset_config = DatasetConfig(name=dataset.value, root=root, split=split)  # type: ignore[arg-type]
+            settings = dataset_config(name=dataset.value, root=root, split=split)
         except ValueError as exc:
             raise InputError(f"--dataset {dataset}: {str(exc).splitlines()[-1].strip()}") from None
         tiling = TilingConfig(size=size, stride=stride, out=out)
     with progress("prepare") as on_progress:
-        result = prepare_tiles(dataset_config, tiling, on_progress)
+        result = prepare_tiles(settings, tiling, on_progress)
     if result.up_to_date:
         console.print(f"up to date: {result.index_path} ({result.n_tiles} tiles)")
         for line in result.warnings:  # repeated from the run that wrote the index: nothing silent on a re-run

@@ -113,7 +113,7 @@ def evaluate(
             used += lookup.used
         if on_source:
             on_source(done + 1, len(sources), source.source_id)
-    metrics = compute_metrics(matrix.matrix, index.class_names, gt=gt)
+    metrics = compute_metrics(matrix.matrix, index.class_names, index.vocabulary.main_classes, gt=gt)
     folder = Path(run) / f"eval_{split}_{gt}"
     if captions is not None and store is not None and str(store.resolve()) != trained.record.captions:
         folder = folder.with_name(f"{folder.name}_{store.name}")  # another store's result never replaces the run's

@@ -1,13 +1,15 @@
 """ISPRS-style metrics from one dataset-pooled confusion matrix.
 
-OA over all non-ignored pixels; per-class IoU, precision, recall, F1; mIoU and mF1 over the five ISPRS classes
-(clutter excluded, as the paper and GeoSeg report) and over all classes (as mmsegmentation reports). A class
-absent from both prediction and ground truth has no IoU/F1 and is left out of the means.
+OA over all non-ignored pixels; per-class IoU, precision, recall, F1; mIoU and mF1 over the dataset's main classes
+(its class vocabulary in the tile index: for ISPRS the five classes without clutter, as the paper and GeoSeg
+report) and over all classes (as mmsegmentation reports). A class absent from both prediction and ground truth has
+no IoU/F1 and is left out of the means.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -15,8 +17,6 @@ import numpy as np
 import torch
 
 from manifests.atomic import atomic_write_text
-
-EXCLUDED_FROM_MAIN_MEAN = ("clutter",)
 
 
 class ConfusionMatrix:
@@ -131,7 +131,18 @@ def _finite_or_null(value):
     return value
 
 
-def compute_metrics(matrix: np.ndarray, class_names: list[str], gt: str = "eroded") -> Metrics:
+def compute_metrics(
+    matrix: np.ndarray, class_names: list[str], main_classes: Sequence[str], gt: str = "eroded"
+) -> Metrics:
+    """Metrics of a pooled confusion matrix; ``mIoU``/``mF1`` average over ``main_classes`` (the tile index's
+    ``vocabulary.main_classes``), ``mIoU_all``/``mF1_all`` over every class.
+
+    Raises:
+        ValueError: a main class that is not one of ``class_names``.
+    """
+    unknown = sorted(set(main_classes) - set(class_names))
+    if unknown:
+        raise ValueError(f"main classes {unknown} are not classes of this dataset ({class_names})")
     matrix = matrix.astype(np.float64)
     true_positive = np.diag(matrix)
     predicted = matrix.sum(0)
@@ -141,7 +152,7 @@ def compute_metrics(matrix: np.ndarray, class_names: list[str], gt: str = "erode
         precision = true_positive / predicted
         recall = true_positive / actual
         f1 = 2 * true_positive / (actual + predicted)
-    main = [i for i, name in enumerate(class_names) if name not in EXCLUDED_FROM_MAIN_MEAN]
+    main = [i for i, name in enumerate(class_names) if name in main_classes]
     total = matrix.sum()
 
     def nanmean(values: np.ndarray) -> float:

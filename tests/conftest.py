@@ -13,7 +13,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 import pytest
 
-from manifests.run_manifest import DatasetConfig, TilingConfig
+from manifests.run_manifest import TilingConfig, dataset_config
 from tests.data.isprs.generate import make_vaihingen
 
 
@@ -67,6 +67,6 @@ def small_index(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("small")
     write_demo_dataset(folder / "raw", n_areas=3, size=128)
-    dataset = DatasetConfig(name="vaihingen", id="demo", root=folder / "raw", split="custom",
+    dataset = dataset_config(name="vaihingen", id="demo", root=folder / "raw", split="custom",
                             custom_splits={"train": ["1", "3"], "test": ["7"]})  # fmt: skip
     return read_tile_index(prepare_tiles(dataset, TilingConfig(size=64, out=folder / "tiles")).index_path)

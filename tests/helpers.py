@@ -23,7 +23,7 @@ from PIL import Image
 
 from manifests.caption_store import StoreMeta
 from manifests.class_predictions import write_class_predictions
-from manifests.run_manifest import DatasetConfig, TilingConfig
+from manifests.run_manifest import DatasetConfig, TilingConfig, dataset_config
 
 SECRET = "sk-test-SECRET-4242"
 META = StoreMeta(class_names=["a", "b"], clip_model="tiny:random", tau=0.55)
@@ -197,6 +197,6 @@ def vaihingen_configs(
 ) -> tuple[DatasetConfig, TilingConfig]:
     """The dataset and tiling configuration of a Vaihingen release at ``root`` cut into ``size`` px tiles."""
     return (
-        DatasetConfig(name="vaihingen", root=root, **dataset),
+        dataset_config(name="vaihingen", root=root, **dataset),
         TilingConfig(size=size, stride=stride, out=out),
     )

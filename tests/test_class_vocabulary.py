@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from manifests.errors import InputError
-from manifests.run_manifest import ClassSpec, DatasetConfig, TilingConfig
+from manifests.run_manifest import ClassSpec, TilingConfig, dataset_config
 from manifests.tile_index import read_tile_index
 from segmenter.prepare import prepare_tiles
 from tests.data.syndrone.generate import make_syndrone
@@ -25,7 +25,7 @@ def test_isprs_index_records_its_vocabulary(vaihingen_root, tmp_path):
 
 def test_syndrone_averages_over_every_class(tmp_path):
     root = make_syndrone(tmp_path / "syndrone")
-    dataset = DatasetConfig(name="syndrone", root=root)
+    dataset = dataset_config(name="syndrone", root=root)
     index = read_tile_index(prepare_tiles(dataset, TilingConfig(size=32, out=tmp_path / "tiles")).index_path)
     assert index.vocabulary.main_classes == tuple(index.class_names)  # no ISPRS clutter rule here
     assert index.vocabulary.plurals["person"] == "people" and "clutter" not in index.vocabulary.words
@@ -44,7 +44,7 @@ def test_folder_classes_declare_their_words_plurals_and_means(tmp_path):
         ClassSpec(name="water", color=(0, 0, 255), words=["lake", "river"]),
         ClassSpec(name="boat", color=(0, 255, 0), plural="boats", in_mean=False),
     ]
-    dataset = DatasetConfig(name="folder", root=tmp_path / "f", classes=classes)
+    dataset = dataset_config(name="folder", root=tmp_path / "f", classes=classes)
     index = read_tile_index(prepare_tiles(dataset, TilingConfig(size=32, out=tmp_path / "tiles")).index_path)
     assert index.vocabulary.words == {"water": ("water", "lake", "river"), "boat": ("boat",)}
     assert index.vocabulary.plurals == {"boat": "boats"} and index.vocabulary.main_classes == ("water",)

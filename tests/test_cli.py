@@ -22,13 +22,21 @@ TRAIN = ["train", "--manifest", "m", "--out", "o"]
 
 
 @pytest.mark.parametrize(
-    ("app", "args"),
-    [(segmenter_app, []), (segmenter_app, ["prepare"]), (segmenter_app, ["demo-data"]), (flows_app, []),
-     (flows_app, ["run"]), (flows_app, ["run", "demo"])],
-)  # fmt: skip
-def test_help_on_every_command(app, args):
+    ("app", "args", "listed"),
+    [
+        (segmenter_app, [], ["prepare", "demo-data", "models", "train", "evaluate", "predict"]),
+        (segmenter_app, ["prepare"], ["--manifest", "--dataset", "vaihingen", "potsdam", "syndrone", "--size"]),
+        (segmenter_app, ["demo-data"], ["--out"]),
+        (flows_app, [], ["run"]),
+        (flows_app, ["run"], ["generate-captions", "caption-report", "demo"]),
+        (flows_app, ["run", "demo"], ["--limit", "--steps"]),
+    ],
+)
+def test_help_lists_every_command_and_choice(app, args, listed):
     result = runner.invoke(app, [*args, "--help"])
-    assert result.exit_code == 0 and "Usage" in result.output
+    assert result.exit_code == 0
+    missing = [word for word in listed if word not in result.output]
+    assert not missing, result.output
 
 
 def test_prepare_from_flags_then_up_to_date(vaihingen_root, tmp_path):

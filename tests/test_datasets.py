@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from manifests.errors import InputError
-from manifests.run_manifest import ClassSpec, DatasetConfig, TilingConfig
+from manifests.run_manifest import ClassSpec, TilingConfig, dataset_config
 from manifests.tile_index import read_tile_index
 from segmenter.datasets.syndrone import CARLA_IDS, COARSE_CLASSES, FINE_CLASSES, FINE_TO_COARSE
 from segmenter.prepare import prepare_tiles
@@ -19,7 +19,7 @@ from tests.data.syndrone.generate import make_syndrone
 @pytest.mark.parametrize("coarse", [True, False])
 def test_syndrone_classes_and_splits(tmp_path, coarse):
     root = make_syndrone(tmp_path / "syndrone")
-    dataset = DatasetConfig(name="syndrone", root=root, coarse=coarse)
+    dataset = dataset_config(name="syndrone", root=root, coarse=coarse)
     index = read_tile_index(prepare_tiles(dataset, TilingConfig(size=48, out=tmp_path / "t")).index_path)
     assert index.class_names == list(COARSE_CLASSES if coarse else FINE_CLASSES)
     assert index.frame.groupby("split").size().to_dict() == {"train": 12, "test": 4}  # 2 towns x 2 heights
@@ -40,7 +40,7 @@ def test_syndrone_without_split_files(tmp_path):
     root = make_syndrone(tmp_path / "syndrone")
     (root / "test.txt").unlink()
     with pytest.raises(InputError, match=r"split file .*test.txt not found"):
-        prepare_tiles(DatasetConfig(name="syndrone", root=root), TilingConfig(size=48, out=tmp_path / "t"))
+        prepare_tiles(dataset_config(name="syndrone", root=root), TilingConfig(size=48, out=tmp_path / "t"))
 
 
 def test_folder_dataset_with_manifest_palette(tmp_path):
@@ -54,7 +54,7 @@ def test_folder_dataset_with_manifest_palette(tmp_path):
         Image.fromarray(mask).save(tmp_path / "f" / split / "masks" / "a.png")
         Image.fromarray(np.full((20, 20, 3), 9, np.uint8)).save(tmp_path / "f" / split / "images" / "a.png")
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "f" / "val" / "images" / "unlabelled.png")
-    dataset = DatasetConfig(name="folder", root=tmp_path / "f", classes=classes)
+    dataset = dataset_config(name="folder", root=tmp_path / "f", classes=classes)
     index = read_tile_index(prepare_tiles(dataset, TilingConfig(size=20, out=tmp_path / "t")).index_path)
     assert index.class_names == ["water", "land"]
     frame = index.frame.set_index("tile_id")

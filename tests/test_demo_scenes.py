@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import tifffile
 
-from manifests.run_manifest import DatasetConfig, TilingConfig
+from manifests.run_manifest import TilingConfig, dataset_config
 from manifests.tile_index import read_tile_index
 from segmenter.demo_scenes import IGNORE, erode_boundaries, generate_scene, write_demo_dataset
 from segmenter.prepare import prepare_tiles
@@ -44,7 +44,7 @@ def test_erosion_marks_class_edges_only():
 def test_demo_dataset_reads_through_the_vaihingen_code_path(tmp_path):
     areas = write_demo_dataset(tmp_path / "raw", n_areas=16, size=128)
     assert len(areas) == 16
-    dataset = DatasetConfig(name="vaihingen", id="demo", root=tmp_path / "raw")
+    dataset = dataset_config(name="vaihingen", id="demo", root=tmp_path / "raw")
     index = read_tile_index(prepare_tiles(dataset, TilingConfig(size=64, out=tmp_path / "t")).index_path)
     assert index.frame.groupby("split").size().to_dict() == {"train": 48, "test": 16}
     assert index.frame["tile_id"].iloc[0].startswith("demo/area")
@@ -57,7 +57,7 @@ def test_demo_dataset_has_the_full_archive_layout_and_prepare_reads_top(tmp_path
     assert sorted(path.name for path in images.iterdir()) == ["dsm", "gts_for_participants", "top"]
     dsm = tifffile.imread(images / "dsm" / "dsm_09cm_matching_area1.tif")
     assert dsm.shape == (64, 64) and dsm.dtype == np.float32
-    dataset = DatasetConfig(
+    dataset = dataset_config(
         name="vaihingen", root=tmp_path / "raw", split="custom", custom_splits={"train": ["1", "3"]}
     )
     index = read_tile_index(prepare_tiles(dataset, TilingConfig(size=64, out=tmp_path / "t")).index_path)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -280,36 +283,44 @@ def test_vllm_experts_run_one_after_another_and_each_engine_is_released(
     assert summary.new_rows == 2 * 12 * 3 and ModelCache.of_process().keys() == []
 
 
-def test_a_rejected_key_stops_the_run_with_one_line_and_keeps_what_was_written(prefect_api, manifest_path, tmp_path):
-    from http.server import BaseHTTPRequestHandler
+class Answer(BaseHTTPRequestHandler):
+    """Answers every chat request with the server's ``status`` and ``message``, as a failing provider does."""
 
+    server: AnsweringServer
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(self.server.status)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(json.dumps({"error": {"message": self.server.message}}).encode())
+        with self.server.lock:
+            self.server.calls += 1
+
+    def log_message(self, *args):
+        pass
+
+
+class AnsweringServer(CheckedServer):
+    def __init__(self, status: int, message: str):
+        super().__init__(Answer)
+        self.status, self.message, self.calls = status, message, 0
+
+
+def _run_cli(manifest: Path):
     from typer.testing import CliRunner
 
     from flows.cli import app
 
-    class Refuse(BaseHTTPRequestHandler):
-        server: Server
+    return CliRunner().invoke(app, ["run", "generate-captions", "--manifest", str(manifest)])
 
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            self.send_response(401)
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(b'{"error": {"message": "Incorrect API key provided"}}')
-            with self.server.lock:
-                self.server.calls += 1
 
-        def log_message(self, *args):
-            pass
-
-    class Server(CheckedServer):
-        calls = 0
-
-    with serving(Server(Refuse)) as server:
+def test_a_rejected_key_stops_the_run_with_one_line_and_keeps_what_was_written(prefect_api, manifest_path, tmp_path):
+    with serving(AnsweringServer(401, "Incorrect API key provided")) as server:
         url = f"http://127.0.0.1:{server.server_port}/v1"
         gpt = f"    - {{name: gpt, backend: openai, model: gpt-4o, base_url: {url}}}\n"
         manifest = _variant(manifest_path, tmp_path, "    - {name: annotation, backend: annotation}\n" + gpt)
-        result = CliRunner().invoke(app, ["run", "generate-captions", "--manifest", str(manifest)])
+        result = _run_cli(manifest)
     assert result.exit_code == 2
     message = result.output.strip().splitlines()[-1]
     assert message.startswith("error: ") and "gpt" in message and url in message and "401" in message
@@ -317,6 +328,38 @@ def test_a_rejected_key_stops_the_run_with_one_line_and_keeps_what_was_written(p
     assert server.calls <= 3 * 4  # no retries, and the shard tasks not started yet were cancelled
     frame = read_store(tmp_path / "store")
     assert set(frame["expert"]) == {"annotation"} and len(frame) == 8 * 3  # the other expert's work is kept
+
+
+def test_a_run_whose_every_attempt_fails_says_why(prefect_api, manifest_path, tmp_path):
+    refusal = "Unsupported value: 'temperature' does not support 0.0 with this model. Only the default (1) is."
+    with serving(AnsweringServer(400, refusal)) as server:
+        gpt = f"    - {{name: o3, backend: openai, model: o3, base_url: http://127.0.0.1:{server.server_port}/v1}}\n"
+        result = _run_cli(_variant(manifest_path, tmp_path, gpt))
+    assert result.exit_code == 0, result.output
+    assert f"o3: 36 key(s) got no caption; most common error: HTTP 400: {refusal}" in result.output
+
+
+@pytest.mark.parametrize(
+    ("clip", "expert", "message"),
+    [
+        ("{model: ViT-B-32, pretrained: opanai}", "", r"unknown pretrained tag 'opanai'"),
+        ("{model: ViT-B-32, pretrained: remoteclip}", "", r"'remoteclip' names where a checkpoint's weights come"),
+        ("", "api_key_env: MPERS_TEST_UNSET_KEY", r"environment variable MPERS_TEST_UNSET_KEY \(api_key_env\)"),
+    ],
+)
+def test_what_cannot_succeed_is_refused_before_the_run_starts(manifest_path, tmp_path, monkeypatch, clip, expert,
+                                                               message):  # fmt: skip
+    monkeypatch.delenv("MPERS_TEST_UNSET_KEY", raising=False)
+    gpt = f"    - {{name: gpt, backend: openai, model: m, base_url: http://127.0.0.1:9/v1, {expert}}}\n"
+    manifest = _variant(manifest_path, tmp_path, gpt)
+    if clip:
+        text = manifest.read_text()
+        start = text.index("  clip: {")
+        end = text.index("}", text.index("device: cpu", start)) + 1
+        manifest.write_text(text[:start] + f"  clip: {clip}" + text[end:])
+    result = _run_cli(manifest)  # no Prefect server here: the refusal comes before the flow would need one
+    assert result.exit_code == 2 and re.search(message, result.output.strip().splitlines()[-1]), result.output
+    assert "Traceback" not in result.output and not (tmp_path / "store").exists()
 
 
 def test_model_cache_builds_once_and_closes_what_it_drops():

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 from sklearn.metrics import confusion_matrix, f1_score, jaccard_score
 
+from segmenter.datasets import Vaihingen
 from segmenter.metrics import CaptionFacts, ConfusionMatrix, compute_metrics
 
 NAMES = ["impervious_surfaces", "building", "low_vegetation", "tree", "car", "clutter"]
+MAIN = [name for name in NAMES if name not in Vaihingen.excluded_from_mean]  # the ISPRS rule, from the dataset
 
 
 def random_images(seed: int, n: int = 4, absent: tuple[int, ...] = (4,)):
@@ -37,7 +39,7 @@ def test_pooled_matrix_and_metrics_match_sklearn():
     keep = targets != 255
     expected = confusion_matrix(targets[keep], predictions[keep], labels=range(6))
     np.testing.assert_array_equal(matrix.matrix, expected)
-    metrics = compute_metrics(matrix.matrix, NAMES)
+    metrics = compute_metrics(matrix.matrix, NAMES, MAIN)
     present = [0, 1, 2, 3, 5]  # car (4) absent from both
     iou = jaccard_score(targets[keep], predictions[keep], labels=present, average=None)
     f1 = f1_score(targets[keep], predictions[keep], labels=present, average=None)
@@ -53,7 +55,7 @@ def test_pooled_matrix_and_metrics_match_sklearn():
 
 def test_per_class_loop_oracle():
     prediction, target = random_images(3, n=1, absent=())[0]
-    metrics = compute_metrics(ConfusionMatrix(6).update(prediction, target), NAMES)
+    metrics = compute_metrics(ConfusionMatrix(6).update(prediction, target), NAMES, MAIN)
     keep = target != 255
     for cls in range(6):
         tp = np.sum((prediction == cls) & (target == cls) & keep)
@@ -64,14 +66,14 @@ def test_per_class_loop_oracle():
 
 
 def test_markdown_table_layout():
-    metrics = compute_metrics(ConfusionMatrix(6).update(np.zeros((4, 4), int), np.zeros((4, 4), int)), NAMES)
+    metrics = compute_metrics(ConfusionMatrix(6).update(np.zeros((4, 4), int), np.zeros((4, 4), int)), NAMES, MAIN)
     table = metrics.markdown("demo")
     assert "| metric | impervious_surfaces |" in table and "| IoU | 100.00 | - |" in table
     assert "mIoU/mF1 over impervious_surfaces, building, low_vegetation, tree, car" in table
 
 
 def test_caption_facts_are_typed_in_the_report(tmp_path):
-    metrics = compute_metrics(ConfusionMatrix(6).update(np.zeros((4, 4), int), np.zeros((4, 4), int)), NAMES)
+    metrics = compute_metrics(ConfusionMatrix(6).update(np.zeros((4, 4), int), np.zeros((4, 4), int)), NAMES, MAIN)
     metrics.save(tmp_path / "plain")
     assert json.loads((tmp_path / "plain" / "metrics.json").read_text())["captions"] == {}  # a text-free model
     metrics.captions = CaptionFacts(store="s", experts=["a", "b"], tiles=4, masked_experts={"a": 0, "b": 4},
@@ -85,3 +87,14 @@ def test_caption_facts_are_typed_in_the_report(tmp_path):
         in note
     )
     assert "4 of 9 windows are captioned tiles" in note
+
+
+def test_the_headline_mean_covers_the_main_classes_the_dataset_names():
+    prediction, target = random_images(3, n=1, absent=())[0]
+    matrix = ConfusionMatrix(6).update(prediction, target)
+    every = compute_metrics(matrix, NAMES, NAMES)  # a dataset without an ISPRS clutter rule (SynDrone, folder)
+    assert every.miou == pytest.approx(every.miou_all) and every.main_classes == NAMES
+    isprs = compute_metrics(matrix, NAMES, MAIN)
+    assert isprs.miou == pytest.approx(np.mean(isprs.iou[:5])) and isprs.miou != pytest.approx(every.miou)
+    with pytest.raises(ValueError, match=r"main classes \['water'\] are not classes"):
+        compute_metrics(matrix, NAMES, ["water"])

@@ -199,7 +199,7 @@ def test_evaluate_and_predict_a_trained_run(run_inputs, tmp_path):
     manifest, store = run_inputs
     train(manifest, tmp_path / "run", settings(steps=2, checkpoint_every=2), captions=store)
     metrics = evaluate(tmp_path / "run", split="test", window=64, overlap=0.5)
-    assert 0 <= metrics.oa <= 1 and len(metrics.iou) == 6
+    assert len(metrics.iou) == 6 and metrics.main_classes == list(small_index_main(manifest))
     report = tmp_path / "run" / "eval_test_eroded"
     assert "| IoU |" in (report / "metrics.md").read_text() and (report / "metrics.json").is_file()
     source = tmp_path / "scene.tif"
@@ -344,3 +344,44 @@ def test_augmentations_move_captions_with_the_pixels(run_inputs, small_index, tm
     torch.testing.assert_close(untouched["text"], text.lookup(tile_id, 0)[0])
     assert settings().augmentation_for(build_model("test_tiny_notext").config) == "d4"
     assert settings().augmentation_for(build_model("test_tiny", experts=["a"]).config) == TEXT_GUIDED_AUGMENTATION
+
+
+def small_index_main(manifest: Path) -> tuple[str, ...]:
+    from manifests.run_manifest import load_manifest
+    from manifests.tile_index import read_tile_index
+
+    return read_tile_index(load_manifest(manifest).tiling.out).vocabulary.main_classes
+
+
+def test_evaluate_reports_what_an_independent_computation_of_its_predictions_gives(run_inputs, tmp_path):
+    """The metrics equal sklearn's on the maps `predict` writes for the same scene, against the eroded GT."""
+    from sklearn.metrics import f1_score, jaccard_score
+
+    from manifests.run_manifest import load_manifest
+    from segmenter.datasets import build_dataset
+
+    manifest, _ = run_inputs
+    run = tmp_path / "run"
+    train(manifest, run, settings(preset="test_tiny_notext", steps=3, checkpoint_every=3))
+    metrics = evaluate(run, split="test", window=64, overlap=0.0)
+    dataset = build_dataset(load_manifest(manifest).dataset)
+    [source] = [source for source in dataset.sources() if source.split == "test"]
+    scene = tmp_path / "scene.tif"
+    image = dataset.read_image(source)
+    with rasterio.open(scene, "w", driver="GTiff", height=image.shape[0], width=image.shape[1], count=3,
+                       dtype="uint8") as sink:  # fmt: skip
+        sink.write(image.transpose(2, 0, 1))
+    [written] = predict(run, [scene], tmp_path / "pred", window=64, overlap=0.0)
+    with rasterio.open(written) as opened:
+        prediction = opened.read(1).ravel()
+    label = dataset.read_label(source.eval_label)[0].ravel()
+    keep = label != 255
+    present = sorted(set(label[keep]) | set(prediction[keep]))
+    iou = jaccard_score(label[keep], prediction[keep], labels=present, average=None)
+    f1 = f1_score(label[keep], prediction[keep], labels=present, average=None)
+    np.testing.assert_allclose([metrics.iou[i] for i in present], iou)
+    np.testing.assert_allclose([metrics.f1[i] for i in present], f1)
+    assert metrics.oa == pytest.approx((label[keep] == prediction[keep]).mean())
+    main = [i for i in present if metrics.class_names[i] in metrics.main_classes]
+    assert "clutter" not in metrics.main_classes  # the ISPRS rule, from the tile index's class vocabulary
+    assert metrics.miou == pytest.approx(np.mean([iou[present.index(i)] for i in main]))

@@ -91,6 +91,20 @@ def _finite(value: str | None) -> float | None:
     return number if math.isfinite(number) and number >= 0 else None
 
 
+def api_key(config: OpenAIExpertConfig) -> str | None:
+    """The expert's API key from the environment variable ``api_key_env`` names (None when it names none).
+
+    Raises:
+        InputError: the variable is not set (checked before a run starts, and again where the expert is built).
+    """
+    if not config.api_key_env:
+        return None
+    key = os.environ.get(config.api_key_env)
+    if not key:
+        raise InputError(f"expert {config.name}: environment variable {config.api_key_env} (api_key_env) is not set")
+    return key
+
+
 class OpenAIExpert:
     """An expert served over the OpenAI chat-completions protocol."""
 
@@ -109,15 +123,9 @@ class OpenAIExpert:
         self.in_flight = 0
         self.max_in_flight = 0
         self._headers = {"Content-Type": "application/json"}
-        self._api_key: str | None = None
-        if config.api_key_env:
-            key = os.environ.get(config.api_key_env)
-            if not key:
-                raise InputError(
-                    f"expert {config.name}: environment variable {config.api_key_env} (api_key_env) is not set"
-                )
-            self._api_key = key
-            self._headers["Authorization"] = f"Bearer {key}"
+        self._api_key = api_key(config)
+        if self._api_key:
+            self._headers["Authorization"] = f"Bearer {self._api_key}"
         # One event loop per expert, shared by every caller thread, so `concurrency` bounds the requests in
         # flight across all shard tasks of a run, not per task.
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from manifests.errors import InputError
 from manifests.run_manifest import DatasetConfig
 from segmenter.datasets.base import SegmentationDataset, Source
 from segmenter.datasets.folder import ImageMaskFolder
@@ -14,7 +15,13 @@ DATASETS: dict[str, type[SegmentationDataset]] = {
 
 
 def build_dataset(config: DatasetConfig) -> SegmentationDataset:
-    """The dataset named by ``config.name``, reading from ``config.root``."""
+    """The dataset named by ``config.name``, reading from ``config.root``.
+
+    Raises:
+        InputError: a dataset name no class implements.
+    """
+    if config.name not in DATASETS:
+        raise InputError(f"dataset.name: unknown dataset '{config.name}' (expected one of {', '.join(DATASETS)})")
     return DATASETS[config.name](config)
 
 
