@@ -1,10 +1,11 @@
-"""The tau gate: generate, score, re-prompt the failures with an attempt-dependent prompt and sampling, keep every
-attempt."""
+"""The caption gate: generate, score, re-prompt the failures with an attempt-dependent prompt and sampling, keep every
+attempt. What passes is the run's ``GatePolicy`` (absolute tau, a percentile threshold per expert and prompt, or a
+contrastive margin against the other tiles of the shard)."""
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -198,6 +199,8 @@ def _row(
         "n_tokens": score.n_tokens if score else None, "n_chunks": score.n_chunks if score else None,
         "clip_model": scorer.model_id, "raw_cosine": score.raw_cosine if score else None,
         "similarity": score.similarity if score else None, "tau": settings.policy.tau,
+        "gate_mode": settings.policy.mode, "gate_threshold": settings.policy.threshold(expert.name, pid),
+        "gate_score": settings.policy.gate_score(score.similarity, score.others) if score else None,
         "usable": usable, "passed": False, "selected": False,
         "finish_reason": result.finish_reason, "latency_s": result.latency_s, "created_at": datetime.now(UTC),
         "run_id": run.run_id, "manifest_sha256": run.manifest_sha256, "image_sha256": tile.image_sha256,
@@ -210,10 +213,12 @@ def _row(
 
 
 def _generate_and_score(
-    expert: Expert, scorer: ClipScorer, policy: GatePolicy, pending, requests, check: ImageCheck
+    expert: Expert, scorer: ClipScorer, policy: GatePolicy, pending, requests, check: ImageCheck, shard: list[TileTask]
 ) -> tuple[list[CaptionResult], dict]:
     """Captions and the scores of the usable ones. Experts that serve concurrent batches (``pipeline_chunk``, the
-    HTTP backend) get the requests in chunks, two in flight, so CLIP scores one chunk while the next is generated."""
+    HTTP backend) get the requests in chunks, two in flight, so CLIP scores one chunk while the next is generated.
+    A contrastive gate scores each chunk against the readable tiles of ``shard`` too (their image embeddings are
+    cached by the scorer: one matrix product per chunk)."""
     chunk = expert.pipeline_chunk or len(requests)
     spans = [(start, min(start + chunk, len(requests))) for start in range(0, len(requests), chunk)]
     results: list[CaptionResult] = [None] * len(requests)  # type: ignore[list-item]
@@ -230,11 +235,17 @@ def _generate_and_score(
     def score(start: int, end: int, part: list[CaptionResult]) -> None:
         results[start:end] = part
         usable = [i for i in range(start, end) if policy.usable(results[i].caption, results[i].error)]
-        scored = scorer.score(
+        args = (
             [pending[i][0].image_sha256 for i in usable],
             [pending[i][0].image_path for i in usable],
             [results[i].caption for i in usable],
         )
+        if policy.contrastive and usable:
+            readable = [tile for tile in shard if check(tile) is None]
+            pool = ([tile.image_sha256 for tile in readable], [tile.image_path for tile in readable])
+            scored = scorer.score(*args, pool=pool)
+        else:
+            scored = scorer.score(*args)
         scores.update(zip(usable, scored, strict=True))
 
     if len(spans) == 1:
@@ -269,10 +280,19 @@ def caption_tiles(
     one attempt per key. An expert that describes the class mask of the split's class source (``needs_class_mask``,
     the annotation expert) skips splits whose source is ``none``; a tile of another split without a mask is a failed
     attempt like an unreadable image.
+
+    A contrastive gate contrasts every caption with the other readable tiles of ``tiles`` (the shard), so it needs
+    two tiles at least; where every other tile of the shard is unreadable an attempt has no ``gate_score`` (null in
+    the row) and does not pass.
+
+    Raises:
+        InputError: a contrastive gate asked to caption a single tile; a percentile gate without the threshold of
+            one of its (expert, prompt) pairs.
     """
     policy = settings.policy
     previous = previous_attempts or {}
     check = ImageCheck()
+    shard = list(tiles)
     if expert.needs_class_mask:  # nothing to describe where the class source is none
         tiles = [tile for tile in tiles if tile.class_source != "none"]
         for tile in tiles:
@@ -281,6 +301,13 @@ def caption_tiles(
     pending = [
         (tile, pid) for tile in tiles for pid in settings.prompt_ids if (tile.tile_id, expert.name, pid) not in skip
     ]
+    if policy.contrastive and pending and len({tile.image_sha256 for tile in shard}) < 2:
+        raise InputError(
+            f"contrastive gate: a shard of {len(shard)} tile(s) has no other tile to contrast a caption with "
+            "(caption at least two distinct tiles per shard)"
+        )
+    for pid in settings.prompt_ids:  # a percentile gate without its threshold stops before the first request
+        policy.threshold(expert.name, pid)
     rows: list[dict] = []
     for round_ in range(policy.rounds(expert.reprompts)):
         if not pending:
@@ -303,14 +330,18 @@ def caption_tiles(
                     seed=seed,
                 )
             )
-        results, scores = _generate_and_score(expert, scorer, policy, pending, requests, check)
+        results, scores = _generate_and_score(expert, scorer, policy, pending, requests, check, shard)
         round_rows = [
             _row(tile, pid, attempt, expert, scorer, settings, run, request, result, scores.get(i))
             for i, ((tile, pid), attempt, request, result) in enumerate(
                 zip(pending, attempts, requests, results, strict=True)
             )
         ]
-        passed = policy.passes([row["similarity"] for row in round_rows], [row["usable"] for row in round_rows])
+        passed = policy.passes(
+            [row["gate_score"] for row in round_rows],
+            [row["usable"] for row in round_rows],
+            [row["gate_threshold"] for row in round_rows],
+        )
         still_failing = []
         for (tile, pid), row, flag in zip(pending, round_rows, passed.tolist(), strict=True):
             row["passed"] = flag
@@ -320,8 +351,37 @@ def caption_tiles(
         pending = still_failing
     if rows:
         # Selection within this run; compaction selects again over the attempts of every run of a key.
-        columns = [*KEY_COLUMNS, "attempt", "similarity", "usable"]
+        columns = [*KEY_COLUMNS, "attempt", "gate_score", "usable"]
         flags = policy.select(pd.DataFrame(rows, columns=columns)).tolist()
         for row, flag in zip(rows, flags, strict=True):
             row["selected"] = flag
     return rows
+
+
+def calibrate_thresholds(
+    tiles: list[TileTask], expert: Expert, scorer: ClipScorer, settings: GateSettings, run: RunInfo
+) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], int]]:
+    """A percentile gate's thresholds for one expert: attempt 0 of every prompt on the calibration sample ``tiles``
+    (the same requests as a run's attempt 0), scored, and per prompt the policy's ``percentile_threshold`` of the
+    similarities of the usable captions. The captions are not kept: the run asks for them again under the gate.
+
+    Returns:
+        The threshold and the number of usable captions it was derived from, per (expert, prompt id).
+
+    Raises:
+        InputError: a prompt without a usable caption in the sample (nothing to derive its threshold from).
+    """
+    sampling = replace(settings, policy=replace(settings.policy, mode="absolute", max_attempts=1))
+    rows = caption_tiles(tiles, expert, scorer, sampling, run)
+    thresholds: dict[tuple[str, str], float] = {}
+    sizes: dict[tuple[str, str], int] = {}
+    for pid in settings.prompt_ids:
+        values = [row["similarity"] for row in rows if row["prompt_id"] == pid and row["usable"]]
+        if not values:
+            raise InputError(
+                f"percentile gate: expert '{expert.name}' gave no usable caption for prompt {pid} on the "
+                f"{len(tiles)} calibration tile(s); nothing to derive its threshold from"
+            )
+        thresholds[(expert.name, pid)] = settings.policy.percentile_threshold(values)
+        sizes[(expert.name, pid)] = len(values)
+    return thresholds, sizes

@@ -1,6 +1,8 @@
 """CLIP agreement between a tile and a caption: ``similarity = cos / 2 + 1 / 2`` (eq. 2 of the supplement).
 
-Each tile image is encoded once per scorer however many captions it gets. Captions are encoded whole
+Each tile image is encoded once per scorer however many captions it gets. A contrastive gate also asks how well each
+caption fits the other tiles of its shard (``ClipScorer.score(..., pool=...)``): the shard's image embeddings are
+cached like any other, so that costs one matrix product per call. Captions are encoded whole
 (``clip_models.ChunkedTextEncoder``); the network's activation follows its weights (``clip_models.ClipWeights``).
 """
 
@@ -20,10 +22,22 @@ from manifests.run_manifest import ClipConfig
 
 @dataclass(frozen=True)
 class Score:
+    """A caption's agreement with its tile.
+
+    Attributes:
+        raw_cosine: the cosine of the caption's and the tile's embeddings.
+        similarity: eq. 2 of that cosine.
+        n_tokens: the caption's tokens.
+        n_chunks: the 75-token chunks it was encoded in.
+        others: the mean eq. 2 similarity of the caption to the other tiles of the pool it was scored against; None
+            when it was scored without a pool, or the pool holds no other tile.
+    """
+
     raw_cosine: float
     similarity: float
     n_tokens: int
     n_chunks: int
+    others: float | None = None
 
 
 def clip_weights(config: ClipConfig) -> ClipWeights:
@@ -65,14 +79,38 @@ class ClipScorer:
                 self._images[key] = feature
         return torch.stack([self._images[key] for key in keys])
 
-    def score(self, keys: list[str], paths: list[Path], captions: list[str]) -> list[Score]:
-        """Eq. 2 similarity of each caption to its image (keys identify images, e.g. their sha256)."""
+    def score(
+        self, keys: list[str], paths: list[Path], captions: list[str], pool: tuple[list[str], list[Path]] | None = None
+    ) -> list[Score]:
+        """Eq. 2 similarity of each caption to its image (keys identify images, e.g. their sha256).
+
+        Args:
+            keys: the key of each caption's image.
+            paths: the path of each caption's image.
+            captions: the captions.
+            pool: (keys, paths) of the images to contrast with (a shard's tiles): each caption's ``others`` is its
+                mean eq. 2 similarity to the pool's images whose key is not its own; None leaves ``others`` None.
+        """
         if not captions:
             return []
         images = self.image_embeddings(keys, paths)
         texts, n_tokens, n_chunks = self.text_encoder.encode(captions)
         cosines = (images * texts).sum(-1).clamp(-1, 1).tolist()
+        others: list[float | None] = [None] * len(captions)
+        if pool is not None:
+            pool_keys = list(dict.fromkeys(pool[0]))  # each image once
+            paths_by_key = dict(zip(pool[0], pool[1], strict=True))
+            shard = self.image_embeddings(pool_keys, [paths_by_key[key] for key in pool_keys])
+            similarity = normalized_similarity((texts @ shard.T).clamp(-1, 1))  # captions x pool images
+            other = torch.tensor(
+                [[key != own for key in pool_keys] for own in keys], dtype=torch.bool, device=similarity.device
+            )
+            counts = other.sum(-1)
+            means = (similarity * other).sum(-1) / counts.clamp(min=1)
+            others = [
+                float(mean) if count else None for mean, count in zip(means.tolist(), counts.tolist(), strict=True)
+            ]
         return [
-            Score(cosine, normalized_similarity(cosine), tokens, chunks)
-            for cosine, tokens, chunks in zip(cosines, n_tokens, n_chunks, strict=True)
+            Score(cosine, normalized_similarity(cosine), tokens, chunks, other)
+            for cosine, tokens, chunks, other in zip(cosines, n_tokens, n_chunks, others, strict=True)
         ]

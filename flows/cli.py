@@ -52,6 +52,22 @@ def caption_report(
     console.print(f"report: {path}")
 
 
+@run_app.command("calibrate-gate")
+@exit_on_input_error
+def calibrate_gate(
+    manifest: Annotated[str, typer.Option(help="run manifest (path or packaged name)")],
+    sample: Annotated[int, typer.Option(help="tiles to draw from those with usable captions")] = 64,
+    store: Annotated[Path | None, typer.Option(help="caption store (default: the manifest's)")] = None,
+    false_pass: Annotated[float, typer.Option(help="share of shuffled pairs the suggested tau may pass")] = 0.05,
+    seed: Annotated[int, typer.Option(help="draws the sample and the shuffle")] = 0,
+) -> None:
+    """Own-tile vs shuffled-tile CLIP similarities of stored captions: AUC, suggested tau, pass rate per gate mode."""
+    from flows.calibrate import calibrate_gate as calibrate
+    from flows.calibrate import print_calibration
+
+    print_calibration(calibrate(manifest, sample, store, false_pass, seed))
+
+
 @run_app.command("demo")
 @exit_on_input_error
 def demo(

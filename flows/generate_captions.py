@@ -26,12 +26,32 @@ from prefect.futures import as_completed
 from caption_pipeline.experts import Expert, build_expert
 from caption_pipeline.experts.base import ExpertUnavailable
 from caption_pipeline.experts.openai_backend import api_key
-from caption_pipeline.gate import GateSettings, RunInfo, caption_tiles, class_sources, load_predictions, tile_tasks
+from caption_pipeline.gate import (
+    GateSettings,
+    RunInfo,
+    calibrate_thresholds,
+    caption_tiles,
+    class_sources,
+    load_predictions,
+    tile_tasks,
+)
 from caption_pipeline.policy import GatePolicy
 from caption_pipeline.scoring import ClipScorer, clip_weights
-from manifests.caption_store import KEY_COLUMNS, StoreMeta, attempt_counts, compact, read_store, scorers, write_fragment
+from manifests.caption_store import (
+    KEY_COLUMNS,
+    THRESHOLDS_FILE,
+    StoreMeta,
+    attempt_counts,
+    compact,
+    gate_modes,
+    read_gate_thresholds,
+    read_store,
+    scorers,
+    write_fragment,
+    write_gate_thresholds,
+)
 from manifests.errors import InputError
-from manifests.run_manifest import ExpertConfig, RunManifest, load_manifest
+from manifests.run_manifest import CaptionsConfig, ExpertConfig, RunManifest, load_manifest
 from manifests.tile_index import read_tile_index
 
 GPU_TAG = "gpu"
@@ -162,13 +182,12 @@ def caption_shard(
     captions = manifest.captions
     index = read_tile_index(manifest.tiling.out)
     frame = index.frame[index.frame["tile_id"].isin(set(tile_ids))]
-    policy = GatePolicy.from_captions(captions)
+    policy = GatePolicy.from_captions(
+        captions, stored_thresholds(store) if captions.gate.mode == "percentile" else None
+    )
     done, counts = attempt_counts(store, tile_ids, done=policy.done)
     config = next(expert for expert in captions.experts if expert.name == expert_name)
-    settings = GateSettings(
-        policy, tuple(captions.prompts.ids), dict(config.prompts),
-        temperature=config.temperature, reprompt_temperature=config.reprompt_temperature,
-    )  # fmt: skip
+    settings = _settings(policy, captions, config)
     keys = {(tile_id, expert_name, pid) for tile_id in tile_ids for pid in settings.prompt_ids}
     skip = done & keys
     scorer = _scorer(manifest)
@@ -183,8 +202,94 @@ def caption_shard(
     return ShardResult(expert_name, len(frame), len(rows), len(skip))
 
 
-def shards(tile_ids: list[str], size: int) -> list[list[str]]:
-    return [tile_ids[start : start + size] for start in range(0, len(tile_ids), size)]
+def _settings(policy: GatePolicy, captions: CaptionsConfig, config: ExpertConfig) -> GateSettings:
+    """The gate of one expert of the manifest."""
+    return GateSettings(
+        policy, tuple(captions.prompts.ids), dict(config.prompts),
+        temperature=config.temperature, reprompt_temperature=config.reprompt_temperature,
+    )  # fmt: skip
+
+
+def shards(tile_ids: list[str], size: int, min_size: int = 1) -> list[list[str]]:
+    """``tile_ids`` in shards of ``size``; a last shard smaller than ``min_size`` joins the one before it (a
+    contrastive gate needs two tiles per shard)."""
+    parts = [tile_ids[start : start + size] for start in range(0, len(tile_ids), size)]
+    if len(parts) > 1 and len(parts[-1]) < min_size:
+        parts[-2:] = [parts[-2] + parts[-1]]
+    return parts
+
+
+def stored_thresholds(store: str | Path) -> dict[tuple[str, str], float]:
+    """A percentile gate's thresholds per (expert, prompt id) from the store's sidecar (none where it has none)."""
+    content = read_gate_thresholds(store) or {}
+    return {
+        (expert, pid): float(value)
+        for expert, prompts in content.get("thresholds", {}).items()
+        for pid, value in prompts.items()
+    }
+
+
+def check_thresholds(store: str | Path, captions: CaptionsConfig, model_id: str) -> None:
+    """Refuse to resume a percentile gate whose stored thresholds were derived otherwise (another ``keep_top``,
+    calibration sample size or CLIP network): they are reused, never re-derived silently.
+
+    Raises:
+        InputError: the sidecar disagrees with the manifest.
+    """
+    content = read_gate_thresholds(store)
+    if content is None:
+        return
+    wanted = {"keep_top": captions.gate.keep_top, "calibration_tiles": captions.gate.calibration_tiles,
+              "clip_model": model_id}  # fmt: skip
+    differ = [f"{key} {content.get(key)!r} (manifest: {value!r})" for key, value in wanted.items()
+              if content.get(key) != value]  # fmt: skip
+    if differ:
+        raise InputError(
+            f"gate thresholds {Path(store) / THRESHOLDS_FILE}: derived with {', '.join(differ)}; they are reused, "
+            "not re-derived: caption into a new store, or delete the file together with the store's rows"
+        )
+
+
+def derive_thresholds(
+    manifest: RunManifest, store: str, experts: list[str], tile_ids: list[str], run_id: str
+) -> dict[tuple[str, str], float]:
+    """A percentile gate's thresholds for ``experts``: those in the store's sidecar are reused as stored; the
+    missing (expert, prompt) pairs are derived from attempt 0 on the calibration sample (the first
+    ``calibration_tiles`` of ``tile_ids``) and added to the sidecar, which the shard tasks then read."""
+    captions = manifest.captions
+    content = read_gate_thresholds(store) or {}
+    thresholds = stored_thresholds(store)
+    missing = [name for name in experts if any((name, pid) not in thresholds for pid in captions.prompts.ids)]
+    if not missing:
+        return thresholds
+    index = read_tile_index(manifest.tiling.out)
+    sample_ids = content.get("tiles") or tile_ids[: captions.gate.calibration_tiles]
+    frame = index.frame[index.frame["tile_id"].isin(set(sample_ids))].sort_values("tile_id")
+    sample = tile_tasks(index, frame, captions.prompts)
+    scorer = _scorer(manifest)
+    policy = GatePolicy.from_captions(captions)
+    sizes = content.get("captions", {})
+    for name in missing:
+        config = next(expert for expert in captions.experts if expert.name == name)
+        try:
+            derived, counts = calibrate_thresholds(
+                sample, _expert(config), scorer, _settings(policy, captions, config), RunInfo(f"{run_id}-calibration")
+            )
+        finally:
+            if config.backend == "vllm":  # engines run one at a time, each with most of the GPU
+                release_expert(config)
+        thresholds.update(derived)
+        for (expert, pid), count in counts.items():
+            sizes.setdefault(expert, {})[pid] = count
+    by_expert: dict[str, dict[str, float]] = {}
+    for (expert, pid), value in thresholds.items():
+        by_expert.setdefault(expert, {})[pid] = value
+    write_gate_thresholds(store, {
+        "gate_mode": "percentile", "keep_top": captions.gate.keep_top,
+        "calibration_tiles": captions.gate.calibration_tiles, "clip_model": scorer.model_id,
+        "tiles": list(frame["tile_id"]), "thresholds": by_expert, "captions": sizes,
+    })  # fmt: skip
+    return thresholds
 
 
 @dataclass(frozen=True)
@@ -288,10 +393,14 @@ def generate_captions_flow(
     prompts = manifest.captions.prompts
     sources = class_sources(chosen, prompts)
     configs = {expert.name: expert for expert in manifest.captions.experts}
-    tile_shards = shards(tile_ids, size)
+    gate = manifest.captions.gate
+    tile_shards = shards(tile_ids, size, min_size=2 if gate.mode == "contrastive" else 1)
     total = len(experts) * len(tile_shards)
     logger.info("%d tiles, %d experts, %d shard tasks (run %s)", len(tile_ids), len(experts), total, run_id)
     logger.info("protocol %s, class source per split: %s", prompts.protocol, sources)
+    if gate.mode == "percentile":  # before any shard: every shard task gates with the same thresholds
+        thresholds = derive_thresholds(manifest, store, experts, tile_ids, run_id)
+        logger.info("percentile gate thresholds (keep_top %s): %s", gate.keep_top, thresholds)
 
     def submit(expert_name: str) -> list:
         shard_task = caption_shard.with_options(tags=[GPU_TAG] if configs[expert_name].gpu else [])
@@ -398,6 +507,11 @@ def generate_captions(
     weights = clip_weights(manifest.captions.clip)
     weights.check()
     check_scorer(store_path, weights.model_id)
+    check_gate_mode(store_path, manifest.captions.gate.mode)
+    if manifest.captions.gate.mode == "percentile":
+        check_thresholds(store_path, manifest.captions, weights.model_id)
+    if manifest.captions.gate.mode == "contrastive" and len(tiles) == 1:
+        raise InputError("captions.gate.mode contrastive: one tile has no other tile to contrast a caption with")
     for config in manifest.captions.experts:
         if config.name in chosen and config.backend == "openai":
             api_key(config)
@@ -424,5 +538,19 @@ def check_scorer(store: str | Path, model_id: str) -> None:
         raise InputError(
             f"caption store {store}: scored by CLIP {', '.join(others)}, this manifest scores with {model_id} "
             "(another model, weights or activation: the activation follows the weights since QuickGELU came in); "
+            "caption into a new store"
+        )
+
+
+def check_gate_mode(store: str | Path, mode: str) -> None:
+    """Refuse to add to a store judged by another gate mode: its done keys would count as passed alike.
+
+    Raises:
+        InputError: the store holds rows of another gate mode.
+    """
+    others = sorted(gate_modes(store) - {mode})
+    if others:
+        raise InputError(
+            f"caption store {store}: gated in mode {', '.join(others)}, this manifest gates in mode {mode}; "
             "caption into a new store"
         )

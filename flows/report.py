@@ -1,12 +1,20 @@
-"""``flows run caption-report``: how good are the captions, computed from the store without re-generation."""
+"""``flows run caption-report``: how good are the captions, computed from the store without re-generation.
+
+Writes ``report.html`` (numbers, plots and captions next to thumbnails of their tiles: the worst and best per expert
+and prompt, keys the gate rejected and re-prompting recovered, tiles the experts disagree on) and ``captions.html``
+(every selected caption of a sample of tiles, filterable by expert, prompt and verdict). Both are single files: the
+thumbnails are embedded as downscaled JPEG data URLs, the filter is inline JavaScript, nothing is fetched.
+"""
 
 from __future__ import annotations
 
 import base64
 import html
 import io
+import json
 import re
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -15,6 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from PIL import Image
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -22,10 +31,21 @@ from caption_pipeline.policy import GatePolicy
 from flows.generate_captions import summarize
 from manifests.atomic import atomic_write_text
 from manifests.caption_store import KEY_COLUMNS, read_store, store_meta
-from manifests.tile_index import read_tile_index
+from manifests.tile_index import TileIndex, read_tile_index
 
 PRESENT_SHARE = 0.005
 TAUS = np.round(np.linspace(0.0, 1.0, 101), 2)
+# Size bounds of the two pages (README "Orchestration"): a thumbnail is at most THUMB_PX on its longer side and at
+# most THUMB_MAX_BYTES as JPEG, so report.html holds at most (2 * EXAMPLES * experts * prompts + 2 * MAX_RECOVERED +
+# experts * MAX_DISAGREEMENTS) thumbnails and captions.html one per sampled tile (CAPTION_TILES).
+THUMB_PX = 96
+THUMB_MAX_BYTES = 6_000
+EXAMPLES = 3
+MAX_RECOVERED = 12
+MAX_DISAGREEMENTS = 8
+CAPTION_TILES = 200
+CALIBRATION_FILE = Path("calibration") / "calibration.json"
+GATE_COLUMNS = ("gate_mode", "gate_threshold")
 
 
 def mentioned_classes(caption: str, words: dict[str, tuple[str, ...]]) -> set[str]:
@@ -35,6 +55,71 @@ def mentioned_classes(caption: str, words: dict[str, tuple[str, ...]]) -> set[st
         name for name, names in words.items()
         if any(re.search(rf"\b{re.escape(word.lower())}\b", text) for word in names)
     }  # fmt: skip
+
+
+class Thumbnails:
+    """Downscaled JPEG data URLs of the tiles of a tile index, made once per tile."""
+
+    def __init__(self, index: TileIndex, size: int = THUMB_PX, max_bytes: int = THUMB_MAX_BYTES):
+        self.paths = index.frame.set_index("tile_id")["image_path"]
+        self.index = index
+        self.size = size
+        self.max_bytes = max_bytes
+        self.cache: dict[str, str | None] = {}
+
+    def __call__(self, tile_id: str) -> str | None:
+        """The tile's thumbnail as a ``data:image/jpeg;base64,...`` URL; None for a tile not in the index or an
+        unreadable image."""
+        if tile_id not in self.cache:
+            path = self.index.path(self.paths.get(tile_id))
+            self.cache[tile_id] = None if path is None else thumbnail(path, self.size, self.max_bytes)
+        return self.cache[tile_id]
+
+
+def thumbnail(path: Path, size: int = THUMB_PX, max_bytes: int = THUMB_MAX_BYTES) -> str | None:
+    """An image downscaled (bilinear) to at most ``size`` px on its longer side, as a JPEG data URL of at most
+    ``max_bytes`` (lower quality first, then half the size, until it fits); None when the image cannot be read."""
+    try:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+    except (OSError, ValueError):
+        return None
+    while True:
+        scale = min(1.0, size / max(rgb.size))
+        small = rgb.resize((max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))),
+                           Image.Resampling.BILINEAR)  # fmt: skip
+        for quality in (80, 60, 40, 25):
+            buffer = io.BytesIO()
+            small.save(buffer, format="JPEG", quality=quality)
+            if buffer.tell() <= max_bytes or (quality == 25 and size <= 16):
+                return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+        size //= 2
+
+
+@dataclass
+class TileClasses:
+    """The classes of the tiles of an index, to flag what a caption misses or invents."""
+
+    index: TileIndex
+
+    def __post_init__(self) -> None:
+        self.fractions = self.index.frame.set_index("tile_id")["class_fractions"]
+
+    def flags(self, tile_id: str, caption: object) -> tuple[list[str], list[str]] | None:
+        """Classes covering more than PRESENT_SHARE of the tile that the caption does not name (missed), and classes
+        it names without a pixel in the tile (invented); None for a tile without class fractions or no caption."""
+        shares = self.fractions.get(tile_id)
+        if shares is None or not isinstance(caption, str):
+            return None
+        named = mentioned_classes(caption, self.index.vocabulary.words)
+        pairs = list(zip(self.index.class_names, shares, strict=True))
+        missed = [name for name, share in pairs if share > PRESENT_SHARE and name not in named]
+        invented = [name for name, share in pairs if share == 0 and name in named]
+        return missed, invented
+
+    def mentioned(self, caption: object) -> set[str]:
+        """The classes a caption names (none for a missing caption)."""
+        return mentioned_classes(caption, self.index.vocabulary.words) if isinstance(caption, str) else set()
 
 
 @dataclass
@@ -47,6 +132,17 @@ class CaptionReport:
     worst: pd.DataFrame
     similarities: dict[str, np.ndarray]
     tau: float
+    # Captions to look at: worst and best per expert and prompt (column ``which``), recovered keys (attempt 0 and
+    # the first attempt that passed), tiles the experts disagree on (one row per expert, ``group`` numbers them).
+    examples: pd.DataFrame = field(default_factory=pd.DataFrame)
+    recovered: pd.DataFrame = field(default_factory=pd.DataFrame)
+    recovered_total: int = 0
+    disagreement: pd.DataFrame = field(default_factory=pd.DataFrame)
+    selected: pd.DataFrame = field(default_factory=pd.DataFrame)
+    gate: pd.DataFrame | None = None
+    calibration: pd.DataFrame | None = None
+    calibration_note: str | None = None
+    index: TileIndex | None = None
 
 
 def class_information(frame: pd.DataFrame) -> pd.DataFrame:
@@ -90,9 +186,9 @@ def tau_sweep(frame: pd.DataFrame, policy: GatePolicy) -> pd.DataFrame:
     return pd.DataFrame(curves, index=pd.Index(TAUS, name="tau"))
 
 
-def class_quality(selected: pd.DataFrame, index_path: Path) -> pd.DataFrame:
+def class_quality(selected: pd.DataFrame, index_path: Path | TileIndex) -> pd.DataFrame:
     """Per expert: recall of the tile's classes and the classes it names that the tile lacks."""
-    index = read_tile_index(index_path)
+    index = index_path if isinstance(index_path, TileIndex) else read_tile_index(index_path)
     fractions = index.frame.set_index("tile_id")["class_fractions"]
     rows = []
     for expert, group in selected.groupby("expert"):
@@ -121,10 +217,143 @@ def class_quality(selected: pd.DataFrame, index_path: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+CAPTION_COLUMNS = ["tile_id", "expert", "prompt_id", "attempt", "similarity", "passed", "caption"]
+
+
+def selected_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """The selected attempt of every key (two runs that raced on one key: the newest), sorted by key."""
+    selected = frame[frame["selected"]].sort_values("created_at").drop_duplicates(list(KEY_COLUMNS), keep="last")
+    return selected.sort_values(list(KEY_COLUMNS)).reset_index(drop=True)
+
+
+def _extra_columns(frame: pd.DataFrame) -> list[str]:
+    return ["gate_score"] if "gate_score" in frame.columns else []
+
+
+def worst_and_best(selected: pd.DataFrame, n: int = EXAMPLES) -> pd.DataFrame:
+    """Per expert and prompt, the ``n`` scored selected captions with the lowest and the ``n`` with the highest
+    similarity (column ``which``: worst | best; a key is shown once even when a pair has fewer than 2n keys)."""
+    columns = ["which", *CAPTION_COLUMNS, *_extra_columns(selected)]
+    scored = selected[selected["similarity"].notna()]
+    parts = []
+    for _, group in scored.groupby(["expert", "prompt_id"], sort=True):
+        ordered = group.sort_values(["similarity", "tile_id"], kind="stable")
+        worst = ordered.head(n)
+        best = ordered.drop(worst.index).tail(n).iloc[::-1]
+        parts += [worst.assign(which="worst"), best.assign(which="best")]
+    return pd.concat(parts, ignore_index=True)[columns] if parts else pd.DataFrame(columns=columns)
+
+
+def recovered_keys(frame: pd.DataFrame, limit: int = MAX_RECOVERED) -> tuple[pd.DataFrame, int]:
+    """Keys whose attempt 0 did not pass and a later attempt did: both attempts (attempt 0 and the first that
+    passed), the keys with the largest similarity gain first (at most ``limit`` keys), and how many there are."""
+    columns = ["key", *CAPTION_COLUMNS, *_extra_columns(frame)]
+    attempts = frame.sort_values("created_at").drop_duplicates(["tile_id", "expert", "prompt_id", "attempt"],
+                                                               keep="last")  # fmt: skip
+    first = attempts[(attempts["attempt"] == 0) & ~attempts["passed"]]
+    later = attempts[(attempts["attempt"] > 0) & attempts["passed"]].sort_values("attempt")
+    later = later.drop_duplicates(list(KEY_COLUMNS), keep="first")
+    pairs = first.merge(later, on=list(KEY_COLUMNS), suffixes=("_0", "_1"))
+    if pairs.empty:
+        return pd.DataFrame(columns=columns), 0
+    gain = pairs["similarity_1"] - pairs["similarity_0"].fillna(0.0)
+    pairs = pairs.assign(gain=gain).sort_values(["gain", *KEY_COLUMNS], ascending=[False, True, True, True])
+    rows = []
+    for number, pair in enumerate(pairs.head(limit).itertuples(index=False)):
+        for suffix in ("_0", "_1"):
+            values = pair._asdict()
+            rows.append({"key": number, "tile_id": pair.tile_id, "expert": pair.expert, "prompt_id": pair.prompt_id,
+                         **{c: values[c + suffix] for c in columns if c + suffix in values}})  # fmt: skip
+    return pd.DataFrame(rows, columns=columns), len(pairs)
+
+
+def disagreements(selected: pd.DataFrame, classes: TileClasses | None, limit: int = MAX_DISAGREEMENTS) -> pd.DataFrame:
+    """Tiles and prompts the experts disagree on most: the largest spread of selected similarity across experts (at
+    least two scored), then (with a tile index) the lowest overlap (Jaccard) of the classes their captions name.
+    One row per expert; ``group`` numbers the (tile, prompt) pairs, ``spread`` and ``class_overlap`` are per pair."""
+    columns = ["group", "spread", "class_overlap", *CAPTION_COLUMNS, *_extra_columns(selected)]
+    scored = selected[selected["similarity"].notna()]
+    candidates = []
+    for (tile_id, prompt_id), group in scored.groupby(["tile_id", "prompt_id"], sort=True):
+        if group["expert"].nunique() < 2:
+            continue
+        overlap = float("nan")
+        if classes is not None:
+            named = [classes.mentioned(caption) for caption in group["caption"]]
+            union = set().union(*named)
+            overlap = len(set.intersection(*named)) / len(union) if union else 1.0
+        spread = float(group["similarity"].max() - group["similarity"].min())
+        candidates.append((-spread, 0.0 if np.isnan(overlap) else overlap, tile_id, prompt_id, overlap, group))
+    candidates.sort(key=lambda c: c[:4])
+    parts = [
+        group.sort_values("expert").assign(group=number, spread=-negative, class_overlap=overlap)
+        for number, (negative, _, _, _, overlap, group) in enumerate(candidates[:limit])
+    ]
+    return pd.concat(parts, ignore_index=True)[columns] if parts else pd.DataFrame(columns=columns)
+
+
+def gate_table(frame: pd.DataFrame) -> pd.DataFrame | None:
+    """Per expert and prompt, the gate mode(s) and threshold(s) its attempts were judged by, with attempt counts and
+    pass rate; None for a store without the gate columns."""
+    if not all(column in frame.columns for column in GATE_COLUMNS) or frame.empty:
+        return None
+    table = frame.groupby(["expert", "prompt_id", *GATE_COLUMNS], dropna=False).agg(
+        attempts=("passed", "size"), pass_rate=("passed", "mean")
+    )
+    return table.reset_index()
+
+
+def _calibration_fields(values: dict) -> dict[str, object]:
+    """The scalar fields of one expert's calibration, plus the means of its own / shuffled distributions and its
+    pass rates per gate mode (one level of nesting, prefixed)."""
+    scalar = str | int | float | bool
+    fields = {k: v for k, v in values.items() if k != "expert" and isinstance(v, scalar)}
+    for name in ("own", "shuffled"):
+        if isinstance(values.get(name), dict) and isinstance(values[name].get("mean"), int | float):
+            fields[f"{name}_mean"] = values[name]["mean"]
+    if isinstance(values.get("pass_rates"), dict):
+        fields |= {f"pass_{k}": v for k, v in values["pass_rates"].items() if isinstance(v, int | float)}
+    return fields
+
+
+def read_calibration(store: str | Path) -> tuple[pd.DataFrame | None, str | None]:
+    """The own-vs-shuffled separation per expert from ``<store>/calibration/calibration.json`` (written by
+    ``calibrate-gate``), read defensively: experts as a mapping (top level or under ``experts``) or a list of
+    records with ``expert``; their scalar fields become columns, ``auc`` and ``suggested_tau`` first.
+
+    Returns:
+        The table (None when there is no file or nothing usable in it) and a note when the file could not be read.
+    """
+    path = Path(store) / CALIBRATION_FILE
+    if not path.is_file():
+        return None, None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return None, f"{path} could not be read ({type(exc).__name__})"
+    entries = data.get("experts", data) if isinstance(data, dict) else data
+    if isinstance(entries, dict):
+        items = [(str(name), value) for name, value in entries.items() if isinstance(value, dict)]
+    elif isinstance(entries, list):
+        items = [(str(value.get("expert", "?")), value) for value in entries if isinstance(value, dict)]
+    else:
+        items = []
+    rows = [{"expert": name, **_calibration_fields(values)} for name, values in items]
+    if not rows:
+        return None, f"{path} holds no per-expert results"
+    table = pd.DataFrame(rows)
+    order = ("expert", "auc", "suggested_tau", "tau_at_false_pass", "youden_tau", "own_mean", "shuffled_mean")
+    first = [column for column in order if column in table.columns]
+    return table[first + [column for column in table.columns if column not in first]], None
+
+
 def build_report(store: str | Path, index: str | Path | None = None) -> CaptionReport:
+    """Every number, table and caption example of the report, from the store (and the tile index, when given)."""
     frame = read_store(store)
     meta = store_meta(store)
     policy = GatePolicy() if meta is None else GatePolicy(tau=meta.tau)
+    tile_index = read_tile_index(index) if index else None
+    classes = TileClasses(tile_index) if tile_index is not None else None
     selected = frame[frame["selected"]]
     scored = frame[frame["similarity"].notna()]
     lengths = scored.groupby("expert").agg(
@@ -133,15 +362,27 @@ def build_report(store: str | Path, index: str | Path | None = None) -> CaptionR
         truncated_by_max_tokens=("finish_reason", lambda f: int((f == "length").sum())),
     ).reset_index()  # fmt: skip
     worst = selected.nsmallest(10, "similarity")[["tile_id", "expert", "prompt_id", "similarity", "caption"]]
+    unique_selected = selected_rows(frame)
+    recovered, recovered_total = recovered_keys(frame)
+    calibration, calibration_note = read_calibration(store)
     return CaptionReport(
         summary=summarize(frame),
         class_information=class_information(frame),
         tau_sweep=tau_sweep(frame, policy),
         lengths=lengths,
-        class_quality=class_quality(selected, Path(index)) if index else None,
+        class_quality=class_quality(selected, tile_index) if tile_index is not None else None,
         worst=worst,
         similarities={e: g["similarity"].to_numpy(float) for e, g in scored.groupby("expert")},
         tau=policy.tau,
+        examples=worst_and_best(unique_selected),
+        recovered=recovered,
+        recovered_total=recovered_total,
+        disagreement=disagreements(unique_selected, classes),
+        selected=unique_selected,
+        gate=gate_table(frame),
+        calibration=calibration,
+        calibration_note=calibration_note,
+        index=tile_index,
     )
 
 
@@ -170,38 +411,232 @@ def _plots(report: CaptionReport) -> list[tuple[str, str]]:
 
 
 def render_markdown(report: CaptionReport) -> str:
+    """The report's tables as Markdown (the Prefect artifact and ``report.md``)."""
     parts = ["# Caption quality", "", f"tau = {report.tau:g}", "", report.summary.to_markdown(index=False)]
     parts += ["", "## Class information in prompts", "", protocol_line(report.class_information), ""]
     parts += [report.class_information.to_markdown(index=False)]
+    if report.gate is not None:
+        parts += ["", "## Gate", "", report.gate.to_markdown(index=False)]
+    if report.calibration is not None:
+        parts += ["", "## Own vs shuffled captions (calibration)", "", report.calibration.to_markdown(index=False)]
     if report.class_quality is not None:
         parts += ["", "## Class recall and hallucinated classes", "", report.class_quality.to_markdown(index=False)]
     parts += ["", "## Caption length", "", report.lengths.to_markdown(index=False)]
+    parts += ["", f"Keys recovered by re-prompting: {report.recovered_total}"]
     return "\n".join(parts)
 
 
+def _text(value: object) -> str:
+    """A table cell: numbers to 3 decimals, missing values empty, everything escaped."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return ""
+    if isinstance(value, float | np.floating):
+        return f"{value:.3f}"
+    return html.escape(str(value))
+
+
+def _flags(classes: TileClasses | None, tile_id: str, caption: object) -> str:
+    """The class-recall and hallucination flags of a caption as HTML (empty without a tile index)."""
+    flags = None if classes is None else classes.flags(tile_id, caption)
+    if flags is None:
+        return ""
+    missed, invented = flags
+    parts = [f'<span class="miss">missed: {html.escape(", ".join(missed))}</span>'] if missed else []
+    parts += [f'<span class="halluc">invented: {html.escape(", ".join(invented))}</span>'] if invented else []
+    return "<br>".join(parts) or '<span class="ok">all classes named, none invented</span>'
+
+
+def _img(url: str | None, tile_id: str) -> str:
+    return "" if url is None else f'<img class="thumb" alt="{html.escape(tile_id)}" src="{url}">'
+
+
+def _caption_table(
+    rows: pd.DataFrame, columns: list[str], thumbs: Thumbnails | None, classes: TileClasses | None,
+    group: str | None = None,
+) -> str:  # fmt: skip
+    """Captions as an HTML table: the tile's thumbnail (with an index) first, then ``columns``, then the class
+    flags; rows with the same ``group`` value share one thumbnail cell."""
+    if rows.empty:
+        return "<p>none</p>"
+    head = ["tile"] if thumbs is not None else []
+    head += columns + (["classes"] if classes is not None else [])
+    lines = ["<table class='captions'><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>"]
+    records = rows.to_dict("records")
+    for number, record in enumerate(records):
+        cells = []
+        if thumbs is not None:
+            previous = records[number - 1] if number else None
+            if group is None or previous is None or previous[group] != record[group]:
+                span = 1 if group is None else sum(1 for other in records if other[group] == record[group])
+                cells.append(f"<td rowspan='{span}'>{_img(thumbs(record['tile_id']), record['tile_id'])}</td>")
+        cells += [f"<td class='{c}'>{_text(record[c])}</td>" for c in columns]
+        if classes is not None:
+            cells.append(f"<td>{_flags(classes, record['tile_id'], record['caption'])}</td>")
+        lines.append("<tr>" + "".join(cells) + "</tr>")
+    return "".join(lines) + "</table>"
+
+
+STYLE = (
+    "body{font-family:sans-serif;max-width:72em;margin:auto}table{border-collapse:collapse}"
+    "td,th{padding:2px 8px;vertical-align:top;border-bottom:1px solid #ddd}img.thumb{display:block}"
+    ".caption{max-width:36em}.miss{color:#a60}.halluc{color:#c00}.ok{color:#080}.note{color:#555}"
+)
+
+
+def _page(title: str, body: Iterable[str], script: str = "") -> str:
+    head = f"<head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{STYLE}</style></head>"
+    tail = f"<script>{script}</script>" if script else ""
+    return f"<!doctype html><html>{head}<body>{''.join(body)}{tail}</body></html>"
+
+
 def render_html(report: CaptionReport) -> str:
+    """``report.html``: tables, plots and captions next to their tiles' thumbnails, one self-contained file."""
+    thumbs = Thumbnails(report.index) if report.index is not None else None
+    classes = TileClasses(report.index) if report.index is not None else None
     sections = [("Pass rate and recovery by re-prompting", report.summary)]
     sections.append((f"Class information in prompts ({protocol_line(report.class_information)})",
                      report.class_information))  # fmt: skip
+    if report.gate is not None:
+        sections.append(("Gate mode and threshold", report.gate))
     if report.class_quality is not None:
         sections.append(("Class recall and hallucinated classes", report.class_quality))
     sections += [("Caption length and truncation", report.lengths), ("Worst selected captions", report.worst)]
-    body = [f"<h1>Caption quality report</h1><p>tau = {report.tau:g}</p>"]
+    gate = ""
+    if report.gate is not None:
+        modes = ", ".join(sorted(map(str, report.gate["gate_mode"].unique())))
+        thresholds = ", ".join(f"{t:.3f}" for t in sorted(report.gate["gate_threshold"].unique()))
+        gate = f"; gate mode {html.escape(modes)}, threshold {thresholds}"
+    body = [f"<h1>Caption quality report</h1><p>tau = {report.tau:g}{gate}</p>"]
+    if report.index is None:
+        body.append("<p class='note'>No tile index given (<code>--index</code>): the captions below are shown "
+                    "without thumbnails and without class flags.</p>")  # fmt: skip
+    if report.calibration is not None:
+        table = report.calibration.to_html(index=False, float_format="{:.3f}".format)
+        body.append(f"<h2>Own vs shuffled captions (calibration)</h2><p class='note'>CLIP similarity of each "
+                    f"expert's captions with their own tile against shuffled tiles: AUC of the separation and the "
+                    f"suggested threshold.</p>{table}")  # fmt: skip
+    elif report.calibration_note:
+        body.append(f"<h2>Own vs shuffled captions (calibration)</h2><p class='note'>"
+                    f"{html.escape(report.calibration_note)}</p>")  # fmt: skip
     for title, table in sections:
         body.append(f"<h2>{html.escape(title)}</h2>{table.to_html(index=False, float_format='{:.3f}'.format)}")
+    extra = _extra_columns(report.selected)
+    columns = ["expert", "prompt_id", "attempt", "similarity", *extra, "passed", "caption"]
+    body.append(f"<h2>Worst and best selected captions per expert and prompt ({EXAMPLES} each)</h2>")
+    for which in ("worst", "best"):
+        rows = report.examples[report.examples["which"] == which] if not report.examples.empty else report.examples
+        body.append(f"<h3>{which}</h3>{_caption_table(rows, ['tile_id', *columns], thumbs, classes)}")
+    shown = report.recovered["key"].nunique() if not report.recovered.empty else 0
+    body.append(f"<h2>Rejected by the gate, recovered by re-prompting</h2><p class='note'>{report.recovered_total} "
+                f"keys whose attempt 0 did not pass and a later attempt did; {shown} shown (largest similarity gain "
+                f"first): attempt 0 and the first attempt that passed.</p>")  # fmt: skip
+    body.append(_caption_table(report.recovered, ["tile_id", *columns], thumbs, classes, group="key"))
+    body.append("<h2>Where the experts disagree</h2><p class='note'>Tiles and prompts with the largest spread of "
+                "selected similarity across experts (then the lowest overlap of the classes their captions name); "
+                "one row per expert.</p>")  # fmt: skip
+    body.append(_caption_table(report.disagreement, ["tile_id", "spread", "class_overlap", *columns], thumbs, classes,
+                               group="group"))  # fmt: skip
+    body.append("<p>All selected captions of a sample of tiles: <a href='captions.html'>captions.html</a></p>")
     for title, png in _plots(report):
-        body.append(f'<h2>{title}</h2><img alt="{title}" src="data:image/png;base64,{png}">')
-    style = (
-        "body{font-family:sans-serif;max-width:60em;margin:auto}table{border-collapse:collapse}td,th{padding:2px 8px}"
+        body.append(f'<h2>{title}</h2><img class="plot" alt="{title}" src="data:image/png;base64,{png}">')
+    return _page("Caption quality", body)
+
+
+FILTER_SCRIPT = """
+function applyFilter() {
+  var expert = document.getElementById('filter-expert').value;
+  var prompt = document.getElementById('filter-prompt').value;
+  var passed = document.getElementById('filter-passed').value;
+  var shown = 0;
+  document.querySelectorAll('tbody.tile').forEach(function (body) {
+    var visible = 0;
+    body.querySelectorAll('tr.caption-row').forEach(function (row) {
+      var ok = (expert === '' || row.dataset.expert === expert) && (prompt === '' || row.dataset.prompt === prompt)
+        && (passed === '' || row.dataset.passed === passed);
+      row.style.display = ok ? '' : 'none';
+      if (ok) { visible += 1; }
+    });
+    body.style.display = visible ? '' : 'none';
+    shown += visible;
+  });
+  document.getElementById('shown').textContent = shown;
+}
+['filter-expert', 'filter-prompt', 'filter-passed'].forEach(function (id) {
+  document.getElementById(id).addEventListener('change', applyFilter);
+});
+applyFilter();
+"""
+
+
+def sample_tiles(tile_ids: Iterable[str], n: int = CAPTION_TILES, seed: int | None = None) -> list[str]:
+    """Up to ``n`` tile ids, sorted: the first ``n`` by id, or (with ``seed``) a seeded random sample."""
+    ids = sorted(set(tile_ids))
+    if len(ids) <= n:
+        return ids
+    if seed is None:
+        return ids[:n]
+    return sorted(np.random.default_rng(seed).choice(ids, n, replace=False).tolist())
+
+
+def _select(name: str, label: str, values: Iterable[str]) -> str:
+    options = "".join(f"<option value='{html.escape(v)}'>{html.escape(v)}</option>" for v in values)
+    return f"<label>{label} <select id='filter-{name}'><option value=''>all</option>{options}</select></label> "
+
+
+def render_captions_html(report: CaptionReport, n_tiles: int = CAPTION_TILES, seed: int | None = None) -> str:
+    """``captions.html``: every selected caption of a sample of tiles, one table body per tile (its thumbnail
+    beside its captions), filterable by expert, prompt and passed with inline JavaScript."""
+    selected = report.selected
+    tiles = sample_tiles(selected["tile_id"], n_tiles, seed) if not selected.empty else []
+    rows = selected[selected["tile_id"].isin(tiles)]
+    thumbs = Thumbnails(report.index) if report.index is not None else None
+    total = selected["tile_id"].nunique() if not selected.empty else 0
+    how = "the first by tile id" if seed is None else f"a random sample, seed {seed}"
+    body = [f"<h1>Selected captions</h1><p class='note'>{len(rows)} captions of {len(tiles)} of {total} tiles "
+            f"({how}).{'' if thumbs else ' No tile index given (--index): no thumbnails.'}</p>"]  # fmt: skip
+    body.append(
+        "<p>"
+        + _select("expert", "expert", sorted(rows["expert"].unique()))
+        + _select("prompt", "prompt", sorted(rows["prompt_id"].unique()))
+        + _select("passed", "passed", ["true", "false"])
+        + "<span id='shown'></span> captions shown</p>"
     )
-    head = f"<head><meta charset='utf-8'><title>Caption quality</title><style>{style}</style></head>"
-    return f"<!doctype html><html>{head}<body>{''.join(body)}</body></html>"
+    columns = ["tile_id", "expert", "prompt_id", "similarity", "passed", "caption"]
+    head = (["tile"] if thumbs else []) + columns
+    body.append("<table class='captions'><thead><tr>" + "".join(f"<th>{c}</th>" for c in head) + "</tr></thead>")
+    for tile_id, group in rows.groupby("tile_id", sort=True):
+        lines = []
+        for number, record in enumerate(group.to_dict("records")):
+            passed = "true" if record["passed"] else "false"
+            cells = ""
+            if thumbs is not None and number == 0:
+                cells = f"<td rowspan='{len(group)}'>{_img(thumbs(tile_id), tile_id)}</td>"
+            cells += "".join(f"<td class='{c}'>{_text(record[c])}</td>" for c in columns)
+            data = (f"data-expert='{html.escape(record['expert'])}' data-prompt='{html.escape(record['prompt_id'])}' "
+                    f"data-passed='{passed}'")  # fmt: skip
+            lines.append(f"<tr class='caption-row' {data}>{cells}</tr>")
+        body.append(f"<tbody class='tile' data-tile='{html.escape(tile_id)}'>{''.join(lines)}</tbody>")
+    body.append("</table>")
+    return _page("Selected captions", body, FILTER_SCRIPT)
 
 
-def write_report(store: str | Path, out: str | Path, index: str | Path | None = None) -> tuple[Path, CaptionReport]:
+def write_report(
+    store: str | Path, out: str | Path, index: str | Path | None = None, n_tiles: int = CAPTION_TILES,
+    seed: int | None = None,
+) -> tuple[Path, CaptionReport]:  # fmt: skip
+    """Write ``report.html``, ``captions.html``, ``report.md`` and ``tau_sweep.csv`` into ``out``.
+
+    Args:
+        store: the caption store.
+        out: the report folder.
+        index: the tile index, for thumbnails and class recall / hallucination flags.
+        n_tiles: how many tiles ``captions.html`` shows.
+        seed: None shows the first ``n_tiles`` tiles by id, a seed a random sample of them.
+    """
     report = build_report(store, index)
     out = Path(out)
     atomic_write_text(out / "report.html", render_html(report))
+    atomic_write_text(out / "captions.html", render_captions_html(report, n_tiles, seed))
     atomic_write_text(out / "report.md", render_markdown(report))
     report.tau_sweep.to_csv(out / "tau_sweep.csv")
     return out / "report.html", report

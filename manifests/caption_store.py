@@ -28,7 +28,10 @@ from manifests.parquet_contract import checked_metadata
 
 # 2: per-row decoding (temperature, seed) and class provenance (split, protocol) next to class_source.
 # 3: ``usable``, the gate policy's verdict on the answer, which readers read instead of re-deriving it.
-CAPTION_STORE_SCHEMA_VERSION = 3
+# 4: the gate mode per row (``gate_mode``, ``gate_threshold``, ``gate_score``).
+CAPTION_STORE_SCHEMA_VERSION = 4
+# A percentile gate's derived thresholds, beside the fragments of a store directory.
+THRESHOLDS_FILE = "gate_thresholds.json"
 KEY_COLUMNS = ("tile_id", "expert", "prompt_id")
 ATTEMPT_KEY = (*KEY_COLUMNS, "attempt")
 Key = tuple[str, str, str]
@@ -55,6 +58,12 @@ CAPTION_STORE_SCHEMA = pa.schema(
         pa.field("raw_cosine", pa.float32()),
         pa.field("similarity", pa.float32()),
         pa.field("tau", pa.float32(), nullable=False),
+        # The gate that judged the attempt: its mode (absolute | percentile | contrastive), the threshold of the
+        # attempt's (expert, prompt) (tau, the derived percentile threshold, or the contrastive margin) and the number
+        # compared with it (the similarity, or the contrastive score; null where unscored).
+        pa.field("gate_mode", pa.string(), nullable=False),
+        pa.field("gate_threshold", pa.float32(), nullable=False),
+        pa.field("gate_score", pa.float32()),
         # The gate policy's results: an answer with a caption (no error, not empty: only these are scored), one that
         # passed the gate, and the attempt selected for its (tile, expert, prompt).
         pa.field("usable", pa.bool_(), nullable=False),
@@ -209,12 +218,71 @@ def selected_captions(store: str | Path) -> pd.DataFrame:
     return selected[columns].sort_values(list(KEY_COLUMNS)).reset_index(drop=True)
 
 
+def check_gate(frame: pd.DataFrame, store: str | Path) -> None:
+    """Refuse rows judged by different gates: more than one ``gate_mode``, or more than one ``gate_threshold`` for
+    one (expert, prompt) (their ``passed`` and ``selected`` would not compare).
+
+    Raises:
+        InputError: one line naming the modes, or the (expert, prompt) pairs with several thresholds.
+    """
+    if frame.empty:
+        return
+    modes = sorted(frame["gate_mode"].unique())
+    if len(modes) > 1:
+        raise InputError(
+            f"caption store {store}: mixes gate modes {', '.join(modes)}; caption into a new store per gate mode"
+        )
+    counts = frame.groupby(["expert", "prompt_id"])["gate_threshold"].nunique()
+    mixed = [f"{expert}/{prompt}" for (expert, prompt), count in counts.items() if count > 1]
+    if mixed:
+        raise InputError(
+            f"caption store {store}: gate mode {modes[0]} with several thresholds for {', '.join(mixed)}; "
+            "caption into a new store per threshold"
+        )
+
+
+def gate_modes(store: str | Path) -> set[str]:
+    """The gate modes that judged the store's rows (one column read; empty for no store)."""
+    modes: set[str] = set()
+    for path in _fragments(Path(store)):
+        _check_fragment(path)
+        modes.update(pq.read_table(path, columns=["gate_mode"]).column("gate_mode").unique().to_pylist())
+    return modes
+
+
+def read_gate_thresholds(store: str | Path) -> dict | None:
+    """A percentile gate's sidecar (``<store>/gate_thresholds.json``) as written, or None where there is none.
+
+    Raises:
+        InputError: an unreadable sidecar.
+    """
+    path = Path(store) / THRESHOLDS_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"gate thresholds {path}: unreadable ({exc})") from None
+
+
+def write_gate_thresholds(store: str | Path, content: dict) -> Path:
+    """Write a percentile gate's sidecar atomically into the store directory; returns its path."""
+    path = Path(store) / THRESHOLDS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(content, indent=2, sort_keys=True))
+    return path
+
+
 def compact(store: str | Path, *, select: RowRule) -> Path | None:
     """Merge the fragments of a store directory into one; returns the new fragment.
 
     Repeated attempts are dropped and ``selected`` is re-derived over all attempts of each key by ``select`` (the
     gate policy's ``GatePolicy.select``, given every column), so a key that was retried by a later run again has
-    exactly one selected row.
+    exactly one selected row. A store whose rows were judged by different gates is refused (:func:`check_gate`).
+
+    Raises:
+        InputError: the fragments mix gate modes, or thresholds of one mode for one (expert, prompt).
 
     The merged fragment is written before the old ones are removed, so a crash at any point loses nothing
     (it may leave rows twice, which the next compaction or any reader's key check resolves).
@@ -226,6 +294,7 @@ def compact(store: str | Path, *, select: RowRule) -> Path | None:
     # The listed fragments, each read on its own: a fragment a writer adds meanwhile is neither merged nor deleted.
     frame = pd.concat([read_store(path) for path in fragments], ignore_index=True)
     frame = frame.sort_values("created_at").drop_duplicates(list(ATTEMPT_KEY), keep="last").reset_index(drop=True)
+    check_gate(frame, store)
     frame = frame.assign(selected=select(frame))
     meta = store_meta(store)
     assert meta is not None

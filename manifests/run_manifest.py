@@ -20,6 +20,7 @@ from manifests.errors import InputError
 ClassSource = Literal["labels", "predictions", "none"]
 ClassProtocol = Literal["oracle", "predicted", "blind", "custom"]
 PromptId = Literal["p1", "p2", "p3"]
+GateMode = Literal["absolute", "percentile", "contrastive"]
 
 
 class _Strict(BaseModel):
@@ -306,12 +307,28 @@ class PromptConfig(_Strict):
         return source
 
 
+class GateConfig(_Strict):
+    """How the caption gate decides a pass (``caption_pipeline.policy.GatePolicy``).
+
+    ``absolute`` (the paper): similarity >= ``captions.tau``. ``percentile``: similarity >= the ``1 - keep_top``
+    quantile of the attempt-0 similarities of a calibration sample (the first ``calibration_tiles`` tiles of the run
+    by id), per (expert, prompt). ``contrastive``: similarity to the own tile minus the mean similarity to the other
+    tiles of the shard >= ``margin``.
+    """
+
+    mode: GateMode = "absolute"
+    keep_top: float = Field(default=0.3, gt=0.0, le=1.0, description="percentile: share of captions that pass")
+    calibration_tiles: int = Field(default=64, ge=1, description="percentile: tiles of the calibration sample")
+    margin: float = Field(default=0.02, ge=-1.0, le=1.0, description="contrastive: the score a caption must reach")
+
+
 class CaptionsConfig(_Strict):
     """Stage 1: experts, prompts, the CLIP gate and the caption store."""
 
     store: Path
     tau: float = Field(default=0.55, ge=0.0, le=1.0)
     max_attempts: int = Field(default=3, ge=1)
+    gate: GateConfig = Field(default_factory=GateConfig)
     shard_size: int = Field(default=256, ge=1)
     clip: ClipConfig = Field(default_factory=ClipConfig)
     prompts: PromptConfig = Field(default_factory=PromptConfig)

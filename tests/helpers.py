@@ -144,6 +144,9 @@ class ChatHandler(BaseHTTPRequestHandler):
             if prompt.startswith("status "):  # an OpenAI-style error that echoes the key it was sent
                 message = f"Incorrect API key provided: {self.headers.get('Authorization')}.\nSee the docs."
                 status, payload = int(prompt.split()[1]), {"error": {"message": message, "code": "invalid_api_key"}}
+            if prompt == "image limit":  # vLLM started without room for an image per prompt
+                message = "At most 0 image(s) may be provided in one request. You can set `--limit-mm-per-prompt`"
+                status, payload = 400, {"object": "error", "message": message, "type": "BadRequestError"}
             if prompt == "too long":  # vLLM: names the field, but only this request is at fault
                 message = "'max_tokens' or 'max_completion_tokens' is too large: 160. This model's maximum context"
                 status, payload = 400, {"object": "error", "message": message}
@@ -166,7 +169,8 @@ def row(tile: str, prompt: str = "p1", attempt: int = 0, similarity: float | Non
         "attempt": attempt, "prompt_text": "describe", "temperature": 0.0 if attempt == 0 else 0.7, "seed": attempt,
         "caption": None if similarity is None else f"caption {tile}",
         "n_tokens": 3, "n_chunks": 1, "clip_model": "tiny:random", "raw_cosine": 0.2, "similarity": similarity,
-        "tau": 0.55, "usable": similarity is not None, "passed": bool(similarity and similarity >= 0.55),
+        "tau": 0.55, "gate_mode": "absolute", "gate_threshold": 0.55, "gate_score": similarity,
+        "usable": similarity is not None, "passed": bool(similarity and similarity >= 0.55),
         "selected": True, "finish_reason": "stop",
         "latency_s": 0.1, "created_at": datetime.now(UTC), "run_id": "r", "manifest_sha256": None,
         "image_sha256": "x", "split": "train", "protocol": "custom", "class_source": "labels",

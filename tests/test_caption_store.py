@@ -74,7 +74,7 @@ def test_other_schema_version_is_refused(tmp_path):
     path = write_fragment(store, [row("t1")], META)
     table = pq.read_table(path)
     pq.write_table(table.replace_schema_metadata({**table.schema.metadata, b"schema_version": b"99"}), path)
-    with pytest.raises(InputError, match=r"schema_version '99', this toolkit reads 3"):
+    with pytest.raises(InputError, match=r"schema_version '99', this toolkit reads 4"):
         read_store(store)
 
 
@@ -83,7 +83,7 @@ def test_version_1_store_without_decoding_columns_is_refused(tmp_path):
     path = write_fragment(store, [row("t1")], META)
     table = pq.read_table(path).drop_columns(["temperature", "seed", "split", "protocol"])
     pq.write_table(table.replace_schema_metadata({**table.schema.metadata, b"schema_version": b"1"}), path)
-    with pytest.raises(InputError, match=r"schema_version '1', this toolkit reads 3; regenerate or convert") as info:
+    with pytest.raises(InputError, match=r"schema_version '1', this toolkit reads 4; regenerate or convert") as info:
         read_store(store)
     assert "\n" not in str(info.value)
     with pytest.raises(InputError, match=r"schema_version '1'"):
@@ -97,8 +97,18 @@ def test_version_2_store_without_usable_is_refused(tmp_path):
     table = pq.read_table(path).drop_columns(["usable"])
     pq.write_table(table.replace_schema_metadata({**table.schema.metadata, b"schema_version": b"2"}), path)
     for read in (read_store, selected_captions, lambda s: attempt_counts(s, done=POLICY.done)):
-        with pytest.raises(InputError, match=r"schema_version '2', this toolkit reads 3; regenerate or convert"):
+        with pytest.raises(InputError, match=r"schema_version '2', this toolkit reads 4; regenerate or convert"):
             read(store)
+
+
+def test_version_3_store_without_gate_columns_is_refused(tmp_path):
+    """A version 3 store has no gate mode per row: which gate judged its rows is unknown."""
+    store = tmp_path / "store"
+    path = write_fragment(store, [row("t1")], META)
+    table = pq.read_table(path).drop_columns(["gate_mode", "gate_threshold", "gate_score"])
+    pq.write_table(table.replace_schema_metadata({**table.schema.metadata, b"schema_version": b"3"}), path)
+    with pytest.raises(InputError, match=r"schema_version '3', this toolkit reads 4; regenerate or convert"):
+        read_store(store)
 
 
 def test_compaction_keeps_the_gate_columns_and_selects_with_the_policy(tmp_path):

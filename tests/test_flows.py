@@ -155,7 +155,7 @@ def test_report_numbers_match_the_store(threads_store, small_index, tmp_path):
     assert quality.loc["annotation", "hallucinated_per_caption"] == 0
     path = caption_report_flow(str(threads_store), str(tmp_path / "report"), str(small_index.root))
     page = path.read_text()
-    assert page.count("<img") == 2 and "Tau sweep" in page and "Worst selected captions" in page
+    assert page.count('<img class="plot"') == 2 and "Tau sweep" in page and "Worst selected captions" in page
     # The protocol and the class source of every split: annotation only runs on train (test has no class source).
     sources = report.class_information.set_index("split")["class_source"].to_dict()
     assert set(report.class_information["protocol"]) == {"custom"}

@@ -91,6 +91,7 @@ def test_the_rules():
         "similarity": [0.5, 0.7, 0.7, None, None, 0.4, 0.99],
         "usable": [True, True, True, False, False, True, False],
     })  # fmt: skip
+    frame["gate_score"] = frame["similarity"]  # what an absolute gate compares
     assert policy.select(frame).tolist() == [False, True, False, True, False, True, False]
     # done: a selected attempt with a usable caption; a caption that did not pass is done too
     frame = frame.assign(selected=policy.select(frame), passed=policy.passes(frame["similarity"], frame["usable"]))

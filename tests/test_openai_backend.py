@@ -216,6 +216,13 @@ def test_a_400_that_only_names_the_token_field_fails_that_request_alone(server, 
     assert results[1].caption == "caption for fine" and server.calls["too long"] == 1
 
 
+def test_a_400_that_a_server_option_fixes_names_the_option(server, monkeypatch, image):
+    [result] = expert(server, monkeypatch).generate([CaptionRequest("a", image, "image limit")])
+    assert result.caption is None and result.error.startswith("HTTP 400: At most 0 image(s)")
+    assert result.error.endswith("(fix: start `vllm serve` with --limit-mm-per-prompt '{\"image\": 1}' (one image per "
+                                 "prompt))")  # fmt: skip
+
+
 def _tile(path, color, size=(40, 30)):
     Image.new("RGB", size, color).save(path)
     return path

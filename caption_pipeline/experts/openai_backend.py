@@ -48,6 +48,21 @@ MAX_BACKOFF_S = 30.0
 # too large" for a long prompt, is a failure of that request only.
 _REFUSED_FIELD = re.compile(r"unsupported|not supported|unrecognized|unknown|extra (inputs|fields)|not permitted")
 MESSAGE_CHARS = 200
+# What `vllm serve` answers with a 400 when one of its options, not the request, is what must change.
+SERVER_HINTS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (
+        re.compile(r"at most \d+ image|maximum number of images|limit_mm_per_prompt|limit-mm-per-prompt", re.I),
+        "start `vllm serve` with --limit-mm-per-prompt '{\"image\": 1}' (one image per prompt)",
+    ),
+    (
+        re.compile(r"maximum context length|max_model_len|longer than the maximum model length", re.I),
+        "start `vllm serve` with a larger --max-model-len, or lower max_side / max_new_tokens of this expert",
+    ),
+    (
+        re.compile(r"not a multimodal model|does not support (image|multimodal|vision)", re.I),
+        "serve a vision-language model: this one takes no images",
+    ),
+)
 
 
 def retry_after_s(headers: Mapping[str, str], now: float | None = None) -> float | None:
@@ -89,6 +104,13 @@ def _finite(value: str | None) -> float | None:
     except ValueError:
         return None
     return number if math.isfinite(number) and number >= 0 else None
+
+
+def server_hint(status: int, text: str) -> str:
+    """For a 400 that a server option fixes, `` (fix: ...)`` naming the option; else nothing."""
+    if status != 400:
+        return ""
+    return next((f" (fix: {hint})" for pattern, hint in SERVER_HINTS if pattern.search(text)), "")
 
 
 def api_key(config: OpenAIExpertConfig) -> str | None:
@@ -258,7 +280,7 @@ class OpenAIExpert:
                                 self._succeeded = True
                                 return self._parse(await response.read(), started)
                             text = (await response.read()).decode("utf-8", errors="replace")
-                            error = f"HTTP {response.status}: {self._message(text)}"
+                            error = f"HTTP {response.status}: {self._message(text)}{server_hint(response.status, text)}"
                             self._check_available(response.status, text)
                             headers = response.headers
                             if response.status not in RETRY_STATUS:

@@ -1,0 +1,352 @@
+"""``flows run calibrate-gate``: how well the manifest's CLIP tells a caption's own tile from another tile.
+
+Before a night of captioning, a user needs to know whether the gate's ``tau`` means anything for this CLIP on these
+tiles. For a reproducible sample of tiles that already have usable selected captions in the store, every caption is
+scored against its own tile and against a shuffled other tile of the sample (a derangement: never its own tile).
+Per expert (and per prompt) this gives two distributions; their overlap says what the gate can do:
+
+- the ROC AUC own vs shuffled (0.5: CLIP cannot tell them apart; 1: every own pair scores above every shuffled one),
+- the tau that lets at most ``false_pass`` of the shuffled pairs through (a caption of another tile passing the gate),
+- the tau that best separates the two (maximum Youden J),
+- the pass rate each gate mode would give: ``absolute`` (own >= the manifest's tau), ``percentile`` (the top
+  ``keep_top`` share, by definition) and ``contrastive`` (own minus the mean over the sample's other tiles >= margin).
+
+This is a plain function, not a Prefect flow: it is one short, sequential computation on one machine (a few
+hundred CLIP text encodings) with nothing to shard, retry or resume, and its results are files on disk.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from caption_pipeline.scoring import normalized_similarity
+from flows.console import console
+from manifests.atomic import atomic_path, atomic_write_text
+from manifests.caption_store import selected_captions
+from manifests.errors import InputError
+from manifests.run_manifest import load_manifest
+from manifests.tile_index import read_tile_index
+
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+DEFAULT_KEEP_TOP = 0.3
+DEFAULT_MARGIN = 0.02
+
+
+class _TextEncoder(Protocol):
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, list[int], list[int]]: ...
+
+
+class Scorer(Protocol):
+    """What calibration needs of a CLIP scorer (``caption_pipeline.scoring.ClipScorer`` has it)."""
+
+    model_id: str
+    text_encoder: _TextEncoder
+
+    def image_embeddings(self, keys: list[str], paths: list[Path]) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """Summary of a set of eq. 2 similarities."""
+
+    n: int
+    mean: float
+    quantiles: dict[str, float]
+
+    @classmethod
+    def of(cls, values: np.ndarray) -> Distribution:
+        quantiles = {f"q{round(q * 100):02d}": float(np.quantile(values, q)) for q in QUANTILES}
+        return cls(len(values), float(values.mean()), quantiles)
+
+    def describe(self) -> str:
+        q = self.quantiles
+        return f"{self.mean:.3f} [{q['q05']:.3f} {q['q50']:.3f} {q['q95']:.3f}]"
+
+
+@dataclass(frozen=True)
+class GroupCalibration:
+    """The calibration of one expert (all its prompts) or one (expert, prompt).
+
+    Attributes:
+        own: similarities of the captions to their own tiles.
+        shuffled: similarities of the same captions to a deranged tile of the sample.
+        auc: ROC AUC own vs shuffled (the chance that an own pair scores above a shuffled one, ties count half).
+        tau_at_false_pass: the lowest tau at which at most ``false_pass`` of the shuffled pairs pass.
+        false_pass_at_suggested: the share of shuffled pairs that pass at that tau.
+        own_pass_at_suggested: the share of own pairs that pass at that tau.
+        youden_tau: the threshold (one of the observed similarities) of maximum TPR - FPR.
+        youden_j: that maximum.
+        false_pass_at_tau: the share of shuffled pairs that pass at the manifest's tau.
+        pass_rates: per gate mode (absolute, percentile, contrastive), the share of captions it would pass.
+    """
+
+    own: Distribution
+    shuffled: Distribution
+    auc: float
+    tau_at_false_pass: float
+    false_pass_at_suggested: float
+    own_pass_at_suggested: float
+    youden_tau: float
+    youden_j: float
+    false_pass_at_tau: float
+    pass_rates: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What ``calibrate_gate`` measured and where it wrote it (``calibration.json`` holds all but ``pairs``)."""
+
+    clip_model: str
+    tau: float
+    raw_cosine_tau: float
+    false_pass: float
+    keep_top: float
+    margin: float
+    sample_size: int
+    seed: int
+    store: str
+    experts: dict[str, GroupCalibration]
+    prompts: dict[str, dict[str, GroupCalibration]]
+    folder: Path
+    pairs: pd.DataFrame = field(repr=False, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        del data["pairs"]
+        data["folder"] = str(self.folder)
+        return data
+
+
+def roc_auc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """ROC AUC of ``positive`` over ``negative`` from average ranks (Mann-Whitney U; ties count half)."""
+    ranks = pd.Series(np.concatenate([positive, negative])).rank(method="average").to_numpy()
+    n_pos, n_neg = len(positive), len(negative)
+    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def tau_at_false_pass(negative: np.ndarray, false_pass: float) -> float:
+    """The (1 - false_pass) quantile of ``negative``, taken upwards: the lowest tau with ``mean(negative >= tau)``
+    at most ``false_pass`` (ties and small samples never let more through)."""
+    allowed = int(np.floor(false_pass * len(negative) + 1e-9))
+    ranked = np.sort(negative)[::-1]
+    return float(np.nextafter(ranked[allowed], np.inf))
+
+
+def youden(positive: np.ndarray, negative: np.ndarray) -> tuple[float, float]:
+    """(threshold, J) maximising TPR - FPR over the observed values (``>= threshold`` passes; lowest on ties)."""
+    thresholds = np.unique(np.concatenate([positive, negative]))
+    tpr = (positive[None, :] >= thresholds[:, None]).mean(axis=1)
+    fpr = (negative[None, :] >= thresholds[:, None]).mean(axis=1)
+    best = int(np.argmax(tpr - fpr))
+    return float(thresholds[best]), float(tpr[best] - fpr[best])
+
+
+def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A uniformly drawn permutation of ``range(n)`` without fixed points (n >= 2)."""
+    while True:
+        order = rng.permutation(n)
+        if not (order == np.arange(n)).any():
+            return order
+
+
+@torch.inference_mode()
+def cosine_matrix(scorer: Scorer, keys: list[str], paths: list[Path], captions: list[str], batch: int) -> np.ndarray:
+    """Raw cosines of every caption (rows) with every image (columns), as ``ClipScorer.score`` computes them."""
+    images = scorer.image_embeddings(keys, paths)
+    texts = [scorer.text_encoder.encode(captions[start : start + batch])[0] for start in range(0, len(captions), batch)]
+    return (torch.cat(texts).to(images.device) @ images.T).clamp(-1, 1).double().cpu().numpy()
+
+
+def _group(frame: pd.DataFrame, tau: float, false_pass: float, keep_top: float, margin: float) -> GroupCalibration:
+    own = frame.loc[frame["kind"] == "own", "similarity"].to_numpy()
+    shuffled = frame.loc[frame["kind"] == "shuffled", "similarity"].to_numpy()
+    contrast = frame.loc[frame["kind"] == "own", "contrast"].to_numpy()
+    suggested = tau_at_false_pass(shuffled, false_pass)
+    youden_tau, youden_j = youden(own, shuffled)
+    return GroupCalibration(
+        own=Distribution.of(own),
+        shuffled=Distribution.of(shuffled),
+        auc=roc_auc(own, shuffled),
+        tau_at_false_pass=suggested,
+        false_pass_at_suggested=float((shuffled >= suggested).mean()),
+        own_pass_at_suggested=float((own >= suggested).mean()),
+        youden_tau=youden_tau,
+        youden_j=youden_j,
+        false_pass_at_tau=float((shuffled >= tau).mean()),
+        pass_rates={
+            "absolute": float((own >= tau).mean()),
+            "percentile": keep_top,
+            "contrastive": float((contrast >= margin).mean()),
+        },
+    )
+
+
+def _gate_setting(captions: Any, name: str, default: float) -> float:
+    """A setting of ``captions.gate`` (a newer manifest section) or its default where the manifest has none."""
+    value = getattr(getattr(captions, "gate", None), name, None)
+    return default if value is None else float(value)
+
+
+def calibrate_gate(
+    manifest: str | Path,
+    sample: int = 64,
+    store: str | Path | None = None,
+    false_pass: float = 0.05,
+    seed: int = 0,
+    scorer: Scorer | None = None,
+) -> Calibration:
+    """Score a sample of captions against their own and against shuffled tiles; write ``<store>/calibration/``.
+
+    Args:
+        manifest: run manifest (path or packaged name); its ``captions.clip`` scores, its ``captions.tau`` is the
+            gate being judged.
+        sample: how many tiles to draw (fewer where the store has fewer tiles with usable selected captions).
+        store: the caption store (default: the manifest's).
+        false_pass: the share of shuffled pairs the suggested tau may let through.
+        seed: draws the sample and the derangement.
+        scorer: a CLIP scorer to use instead of the manifest's (tests).
+
+    Returns:
+        The calibration; ``similarities.csv``, ``calibration.json`` and ``distributions.png`` are in its ``folder``.
+
+    Raises:
+        InputError: a bad setting, an unknown manifest or one without captions, no tile index, no store, a store
+            without usable captions of the index's tiles.
+    """
+    if sample < 2:
+        raise InputError(f"--sample: need at least 2 tiles to shuffle captions between them (got {sample})")
+    if not 0 < false_pass < 1:
+        raise InputError(f"--false-pass: a share between 0 and 1, exclusive (got {false_pass})")
+    loaded = load_manifest(manifest)
+    if loaded.captions is None:
+        raise InputError(f"manifest {loaded.source}: has no captions section")
+    config = loaded.captions
+    index = read_tile_index(loaded.tiling.out)
+    store_path = Path(store or config.store)
+    hint = f"run `flows run generate-captions --manifest {manifest} --limit N` first"
+    if not store_path.exists() or (store_path.is_dir() and not any(store_path.glob("[!.]*.parquet"))):
+        raise InputError(f"caption store {store_path}: no captions yet ({hint})")
+    captions = selected_captions(store_path)
+    known = set(index.frame["tile_id"])
+    captions = captions[captions["usable"] & captions["tile_id"].isin(known)]
+    candidates = sorted(set(captions["tile_id"]))
+    if not candidates:
+        raise InputError(f"caption store {store_path}: no usable captions of the index's tiles ({hint})")
+    if len(candidates) < 2:
+        raise InputError(f"caption store {store_path}: usable captions of only 1 tile, need 2 to shuffle ({hint})")
+    rng = np.random.default_rng(seed)
+    tiles = sorted(rng.choice(candidates, size=min(sample, len(candidates)), replace=False).tolist())
+    partner = dict(zip(tiles, (tiles[i] for i in derangement(len(tiles), rng)), strict=True))
+    column = {tile: i for i, tile in enumerate(tiles)}
+    rows = index.frame.set_index("tile_id").loc[tiles]
+    keys = rows["image_sha256"].tolist()
+    paths = [index.path(path) for path in rows["image_path"]]
+    if scorer is None:
+        from caption_pipeline.scoring import ClipScorer
+
+        scorer = ClipScorer(config.clip)
+    keep_top = _gate_setting(config, "keep_top", DEFAULT_KEEP_TOP)
+    margin = _gate_setting(config, "margin", DEFAULT_MARGIN)
+
+    chosen = captions[captions["tile_id"].isin(column)].sort_values(["expert", "prompt_id", "tile_id"])
+    cosines = cosine_matrix(scorer, keys, paths, chosen["caption"].tolist(), config.clip.batch_size)
+    records = []
+    labels = zip(chosen["tile_id"], chosen["expert"], chosen["prompt_id"], strict=True)
+    for row, (tile, expert, prompt) in enumerate(labels):
+        similarities = normalized_similarity(cosines[row])
+        own, other = column[tile], column[partner[tile]]
+        contrast = similarities[own] - np.delete(similarities, own).mean()
+        for kind, col in (("own", own), ("shuffled", other)):
+            records.append({"expert": expert, "prompt_id": prompt, "tile_id": tile, "kind": kind,
+                            "image_tile_id": tiles[col], "similarity": float(similarities[col]),
+                            "raw_cosine": float(cosines[row, col]), "contrast": float(contrast)})  # fmt: skip
+    pairs = pd.DataFrame.from_records(records)
+
+    settings = (config.tau, false_pass, keep_top, margin)
+    experts = {expert: _group(group, *settings) for expert, group in pairs.groupby("expert", sort=True)}
+    prompts: dict[str, dict[str, GroupCalibration]] = {}
+    for (expert, prompt), group in pairs.groupby(["expert", "prompt_id"], sort=True):
+        prompts.setdefault(str(expert), {})[str(prompt)] = _group(group, *settings)
+    calibration = Calibration(
+        clip_model=scorer.model_id, tau=config.tau, raw_cosine_tau=2 * config.tau - 1, false_pass=false_pass,
+        keep_top=keep_top, margin=margin, sample_size=len(tiles), seed=seed, store=str(store_path),
+        experts=experts, prompts=prompts, folder=store_path / "calibration", pairs=pairs,
+    )  # fmt: skip
+    _write(calibration)
+    return calibration
+
+
+def _write(calibration: Calibration) -> None:
+    folder = calibration.folder
+    columns = ["expert", "prompt_id", "tile_id", "kind", "similarity", "raw_cosine", "image_tile_id"]
+    atomic_write_text(folder / "similarities.csv", calibration.pairs[columns].to_csv(index=False))
+    atomic_write_text(folder / "calibration.json", json.dumps(calibration.to_json(), indent=2) + "\n")
+    _plot(calibration, folder / "distributions.png")
+
+
+def _plot(calibration: Calibration, path: Path) -> None:
+    """Own vs shuffled histograms per expert, the manifest's tau and the suggested tau marked (Agg, no display)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    experts = list(calibration.experts)
+    figure = Figure(figsize=(5, 2.6 * len(experts)), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(len(experts), 1, squeeze=False)[:, 0]
+    pairs = calibration.pairs
+    for ax, expert in zip(axes, experts, strict=True):
+        group = pairs[pairs["expert"] == expert]
+        values = group["similarity"].to_numpy()
+        bins = np.linspace(values.min(), values.max() + 1e-6, 30)
+        for kind, color in (("own", "tab:blue"), ("shuffled", "tab:orange")):
+            ax.hist(group.loc[group["kind"] == kind, "similarity"], bins=bins, alpha=0.6, color=color, label=kind)
+        result = calibration.experts[expert]
+        ax.axvline(calibration.tau, color="black", linestyle="--", label=f"tau {calibration.tau:.3f}")
+        ax.axvline(result.tau_at_false_pass, color="tab:red", linestyle=":",
+                   label=f"tau @ {calibration.false_pass:.0%} false pass {result.tau_at_false_pass:.3f}")  # fmt: skip
+        ax.set_title(f"{expert}: AUC {result.auc:.3f}")
+        ax.set_xlabel("similarity (eq. 2)")
+        ax.legend(fontsize="small")
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=100)
+
+
+def print_calibration(calibration: Calibration, out: Console = console) -> None:
+    """The per-expert (and per-prompt) table, then what the numbers say about the manifest's tau."""
+    table = Table("expert", "prompt", "n", r"own mean \[q05 q50 q95]", r"shuffled mean \[q05 q50 q95]", "AUC",
+                  f"tau @ {calibration.false_pass:.0%} false pass", "Youden tau", "absolute", "percentile",
+                  "contrastive", title="gate calibration (similarity = cos/2 + 1/2)")  # fmt: skip
+    for expert, result in calibration.experts.items():
+        groups = [("all", result), *calibration.prompts[expert].items()]
+        for prompt, group in groups if len(groups) > 2 else groups[:1]:
+            rates = [f"{group.pass_rates[mode]:.1%}" for mode in ("absolute", "percentile", "contrastive")]
+            taus = [f"{group.auc:.3f}", f"{group.tau_at_false_pass:.3f}", f"{group.youden_tau:.3f}"]
+            table.add_row(
+                expert, prompt, str(group.own.n), group.own.describe(), group.shuffled.describe(), *taus, *rates
+            )
+    out.print(table)
+    out.print(
+        f"clip {calibration.clip_model}; {calibration.sample_size} tiles (seed {calibration.seed}); manifest tau "
+        f"{calibration.tau:.3f} (raw cosine {calibration.raw_cosine_tau:.3f}); pass rates: absolute at tau, "
+        f"percentile keep_top {calibration.keep_top:.2f}, contrastive margin {calibration.margin:.3f}",
+        markup=False, highlight=False,
+    )  # fmt: skip
+    for expert, result in calibration.experts.items():
+        out.print(
+            f"{expert}: own {result.own.describe()}, shuffled {result.shuffled.describe()}, AUC {result.auc:.3f}; "
+            f"at tau {calibration.tau:.3f} {result.pass_rates['absolute']:.1%} own and "
+            f"{result.false_pass_at_tau:.1%} shuffled pass; suggested tau {result.tau_at_false_pass:.3f} "
+            f"(raw cosine {2 * result.tau_at_false_pass - 1:.3f}) passes {result.own_pass_at_suggested:.1%} own, "
+            f"{result.false_pass_at_suggested:.1%} shuffled",
+            markup=False, highlight=False,
+        )  # fmt: skip
+    out.print(f"written: {calibration.folder}", markup=False, highlight=False)
