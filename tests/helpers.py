@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import sys
@@ -11,19 +12,25 @@ import threading
 import time
 import traceback
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
-from manifests.caption_store import StoreMeta
+from caption_pipeline.experts.base import CaptionRequest, CaptionResult
+from caption_pipeline.scoring import Score
+from manifests.caption_store import StoreMeta, write_fragment
 from manifests.class_predictions import write_class_predictions
-from manifests.run_manifest import DatasetConfig, TilingConfig, dataset_config
+from manifests.run_manifest import ClipConfig, DatasetConfig, TilingConfig, dataset_config
+from manifests.tile_index import TileIndex
+
+if TYPE_CHECKING:
+    from caption_pipeline.gate import TileTask
 
 SECRET = "sk-test-SECRET-4242"
 META = StoreMeta(class_names=["a", "b"], clip_model="tiny:random", tau=0.55)
@@ -204,3 +211,72 @@ def vaihingen_configs(
         dataset_config(name="vaihingen", root=root, **dataset),
         TilingConfig(size=size, stride=stride, out=out),
     )
+
+
+class CaptionScorer:
+    """Stands in for CLIP: a caption ``"sim X"`` has similarity X, so a test sets every score it needs exactly."""
+
+    model_id = "fake:similarity-in-text"
+
+    def __init__(self) -> None:
+        self.scored: list[str] = []
+
+    def score(self, keys: list[str], paths: list[Path], captions: list[str], pool: object = None) -> list[Score]:
+        self.scored += captions
+        return [Score(2 * float(text.split()[-1]) - 1, float(text.split()[-1]), 2, 1) for text in captions]
+
+
+@dataclasses.dataclass
+class AnsweringExpert:
+    """Answers ``answer(tile_id, prompt_id, attempt)``: a caption, or None for a failed request (an HTTP 503)."""
+
+    answer: Callable[[str, str, int], str | None]
+    name: str = "fake"
+    model: str = "fake"
+    backend: str = "openai"
+    reprompts: bool = True
+    needs_class_mask: bool = False
+    pipeline_chunk: int | None = None
+    asked: list[tuple[str, str, int]] = dataclasses.field(default_factory=list)
+
+    def generate(self, requests: list[CaptionRequest]) -> list[CaptionResult]:
+        results = []
+        for request in requests:
+            attempt = request.seed  # the gate seeds every attempt with its number
+            self.asked.append((request.tile_id, request.prompt_id, attempt))
+            caption = self.answer(request.tile_id, request.prompt_id, attempt)
+            failed = CaptionResult(None, None, None, 0.0, error="HTTP 503")
+            results.append(failed if caption is None else CaptionResult(caption, "stop", 3, 0.0))
+        return results
+
+
+def annotation_store(folder: Path, index: TileIndex, clip: ClipConfig) -> Path:
+    """A caption store of ``index`` written by the annotation expert from the labels of every split, one attempt per
+    key, every caption passing (tau 0): captions a test can train on, evaluate with or calibrate against."""
+    from caption_pipeline.experts import build_expert
+    from caption_pipeline.gate import GateSettings, RunInfo, caption_tiles, tile_tasks
+    from caption_pipeline.policy import GatePolicy
+    from caption_pipeline.scoring import ClipScorer
+    from manifests.run_manifest import AnnotationExpertConfig, PromptConfig
+
+    store = folder / "captions"
+    prompts = PromptConfig(class_source={"train": "labels", "test": "labels"}, allow_labels_on_eval=True)
+    annotation = build_expert(AnnotationExpertConfig(name="annotation", backend="annotation"))
+    rows = caption_tiles(
+        tile_tasks(index, index.frame, prompts), annotation, ClipScorer(clip),
+        GateSettings(GatePolicy(tau=0.0, max_attempts=1)), RunInfo("r"),
+    )  # fmt: skip
+    write_fragment(store, rows, StoreMeta(index.class_names, "tiny", 0.0))
+    return store
+
+
+def flat_tiles(folder: Path, n: int = 3) -> list[TileTask]:
+    """``n`` train tiles ``t0``... sharing one flat image, labelled all building: for stand-in scorers that read the
+    caption, not the pixels."""
+    from caption_pipeline.gate import TileTask
+    from caption_pipeline.prompts import TileClasses
+
+    image = folder / "tile.png"
+    Image.new("RGB", (8, 8), (90, 120, 60)).save(image)
+    classes = TileClasses("labels", {"building": 1.0})
+    return [TileTask(f"t{i}", "train", image, None, f"sha{i}", classes, "labels") for i in range(n)]

@@ -17,9 +17,6 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from caption_pipeline.experts import build_expert
-from caption_pipeline.gate import GateSettings, RunInfo, caption_tiles, tile_tasks
-from caption_pipeline.policy import GatePolicy
 from caption_pipeline.scoring import ClipScorer
 from flows.calibrate import (
     DEFAULT_KEEP_TOP,
@@ -32,7 +29,7 @@ from flows.calibrate import (
 )
 from flows.cli import app
 from manifests.caption_store import StoreMeta, read_store, write_fragment
-from manifests.run_manifest import AnnotationExpertConfig, PromptConfig
+from tests.helpers import annotation_store
 
 runner = CliRunner()
 
@@ -41,13 +38,7 @@ runner = CliRunner()
 def inputs(tmp_path_factory, small_index, clip_config) -> tuple[Path, Path]:
     """A manifest with a captions section over the small index, and a store the annotation expert wrote."""
     folder = tmp_path_factory.mktemp("calibrate")
-    store = folder / "captions"
-    prompts = PromptConfig(class_source={"train": "labels", "test": "labels"}, allow_labels_on_eval=True)
-    rows = caption_tiles(tile_tasks(small_index, small_index.frame, prompts),
-                         build_expert(AnnotationExpertConfig(name="annotation", backend="annotation")),
-                         ClipScorer(clip_config),
-                         GateSettings(GatePolicy(tau=0.0, max_attempts=1)), RunInfo("r"))  # fmt: skip
-    write_fragment(store, rows, StoreMeta(small_index.class_names, "tiny", 0.0))
+    store = annotation_store(folder, small_index, clip_config)
     manifest = folder / "run.yaml"
     manifest.write_text(
         f"name: tiny\ndataset: {{name: vaihingen, id: demo, root: {small_index.root.parent / 'raw'}, split: custom, "

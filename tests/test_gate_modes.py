@@ -4,16 +4,12 @@ shard). Each row records ``gate_mode``, ``gate_threshold`` and ``gate_score``.""
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from caption_pipeline.experts.base import CaptionResult
 from caption_pipeline.gate import GateSettings, RunInfo, TileTask, caption_tiles
 from caption_pipeline.policy import GatePolicy
 from caption_pipeline.prompts import TileClasses
@@ -23,40 +19,7 @@ from flows.generate_captions import generate_captions, shards
 from manifests.caption_store import THRESHOLDS_FILE, compact, read_store, write_fragment
 from manifests.errors import InputError
 from manifests.run_manifest import CaptionsConfig, GateConfig
-from tests.helpers import META, row
-
-
-class CaptionScorer:
-    """Stands in for CLIP: a caption ``"sim X"`` has similarity X."""
-
-    model_id = "fake:similarity-in-text"
-
-    def score(self, keys, paths, captions, pool=None) -> list[Score]:
-        return [Score(2 * float(text.split()[-1]) - 1, float(text.split()[-1]), 2, 1) for text in captions]
-
-
-@dataclasses.dataclass
-class AnsweringExpert:
-    """Answers ``answer(tile_id, prompt_id, attempt)``: a caption, or None for a failed request."""
-
-    answer: Callable[[str, str, int], str | None]
-    name: str = "fake"
-    model: str = "fake"
-    backend: str = "openai"
-    reprompts: bool = True
-    needs_class_mask: bool = False
-    pipeline_chunk: int | None = None
-
-    def generate(self, requests) -> list[CaptionResult]:
-        results = []
-        for request in requests:
-            caption = self.answer(request.tile_id, request.prompt_id, request.seed)  # seed = attempt
-            results.append(
-                CaptionResult(None, None, None, 0.0, error="HTTP 503")
-                if caption is None
-                else CaptionResult(caption, "stop", 3, 0.0)
-            )
-        return results
+from tests.helpers import META, AnsweringExpert, CaptionScorer, flat_tiles, row
 
 
 class TileScorer:
@@ -88,10 +51,7 @@ class TileScorer:
 
 @pytest.fixture
 def tiles(tmp_path) -> list[TileTask]:
-    image = tmp_path / "tile.png"
-    Image.new("RGB", (8, 8), (90, 120, 60)).save(image)
-    classes = TileClasses("labels", {"building": 1.0})
-    return [TileTask(f"t{i}", "train", image, None, f"sha{i}", classes, "labels") for i in range(3)]
+    return flat_tiles(tmp_path)
 
 
 def test_the_manifest_gate_and_the_policy_of_each_mode():

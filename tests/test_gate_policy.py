@@ -3,70 +3,23 @@ from there by resume, compaction and the report."""
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 
-from caption_pipeline.experts.base import CaptionResult
 from caption_pipeline.gate import GateSettings, RunInfo, TileTask, caption_tiles
 from caption_pipeline.policy import GatePolicy
-from caption_pipeline.prompts import TileClasses
-from caption_pipeline.scoring import Score
 from flows.report import build_report
 from manifests.caption_store import StoreMeta, attempt_counts, compact, read_store, selected_captions, write_fragment
 from manifests.run_manifest import CaptionsConfig
+from tests.helpers import AnsweringExpert, CaptionScorer, flat_tiles
 
 TAU = 0.6
 
 
-class CaptionScorer:
-    """Stands in for CLIP: a caption ``"sim X"`` has similarity X, so a test sets every score it needs exactly."""
-
-    model_id = "fake:similarity-in-text"
-
-    def __init__(self) -> None:
-        self.scored: list[str] = []
-
-    def score(self, keys: list[str], paths: list[Path], captions: list[str]) -> list[Score]:
-        self.scored += captions
-        return [Score(2 * float(text.split()[-1]) - 1, float(text.split()[-1]), 2, 1) for text in captions]
-
-
-@dataclasses.dataclass
-class AnsweringExpert:
-    """Answers ``answer(tile_id, prompt_id, attempt)``: a caption, or None for a failed request (an HTTP 503)."""
-
-    answer: Callable[[str, str, int], str | None]
-    name: str = "fake"
-    model: str = "fake"
-    backend: str = "openai"
-    reprompts: bool = True
-    needs_class_mask: bool = False
-    pipeline_chunk: int | None = None
-    asked: list[tuple[str, str, int]] = dataclasses.field(default_factory=list)
-
-    def generate(self, requests):
-        results = []
-        for request in requests:
-            attempt = request.seed  # the gate seeds every attempt with its number
-            self.asked.append((request.tile_id, request.prompt_id, attempt))
-            caption = self.answer(request.tile_id, request.prompt_id, attempt)
-            failed = CaptionResult(None, None, None, 0.0, error="HTTP 503")
-            results.append(failed if caption is None else CaptionResult(caption, "stop", 3, 0.0))
-        return results
-
-
 @pytest.fixture
 def tiles(tmp_path) -> list[TileTask]:
-    image = tmp_path / "tile.png"
-    Image.new("RGB", (8, 8), (90, 120, 60)).save(image)
-    classes = TileClasses("labels", {"building": 1.0})
-    return [TileTask(f"t{i}", "train", image, None, f"sha{i}", classes, "labels") for i in range(3)]
+    return flat_tiles(tmp_path)
 
 
 def gate(policy: GatePolicy, prompts: tuple[str, ...] = ("p1",)) -> GateSettings:

@@ -17,14 +17,9 @@ import torch
 from PIL import Image
 from rasterio.transform import from_origin
 
-from caption_pipeline.experts import build_expert
-from caption_pipeline.gate import GateSettings, RunInfo, caption_tiles, tile_tasks
-from caption_pipeline.policy import GatePolicy
-from caption_pipeline.scoring import ClipScorer
 from manifests.caption_store import StoreMeta, read_store, write_fragment
 from manifests.class_predictions import read_class_predictions
 from manifests.errors import InputError
-from manifests.run_manifest import AnnotationExpertConfig, PromptConfig
 from segmenter import train as train_module
 from segmenter.evaluate import evaluate
 from segmenter.inference import sliding_window_logits
@@ -33,6 +28,7 @@ from segmenter.options import TEXT_GUIDED_AUGMENTATION
 from segmenter.predict import predict, predict_index
 from segmenter.run_record import RunRecord
 from segmenter.train import TrainingError, TrainSettings, train
+from tests.helpers import annotation_store
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERTS = ["annotation", "qwen-tiny", "llava-tiny"]
@@ -42,13 +38,7 @@ EXPERTS = ["annotation", "qwen-tiny", "llava-tiny"]
 def run_inputs(tmp_path_factory, small_index, clip_config):
     """A manifest over the small demo index and a caption store written by the annotation expert."""
     folder = tmp_path_factory.mktemp("train")
-    store = folder / "captions"
-    prompts = PromptConfig(class_source={"train": "labels", "test": "labels"}, allow_labels_on_eval=True)
-    rows = caption_tiles(tile_tasks(small_index, small_index.frame, prompts),
-                         build_expert(AnnotationExpertConfig(name="annotation", backend="annotation")),
-                         ClipScorer(clip_config),
-                         GateSettings(GatePolicy(tau=0.0, max_attempts=1)), RunInfo("r"))  # fmt: skip
-    write_fragment(store, rows, StoreMeta(small_index.class_names, "tiny", 0.0))
+    store = annotation_store(folder, small_index, clip_config)
     manifest = folder / "run.yaml"
     manifest.write_text(
         f"name: tiny\ndataset: {{name: vaihingen, id: demo, root: {small_index.root.parent / 'raw'}, split: custom, "
