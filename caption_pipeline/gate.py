@@ -4,11 +4,13 @@ contrastive margin against the other tiles of the shard)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from caption_pipeline.experts.base import CaptionRequest, CaptionResult, Expert, load_image
@@ -306,8 +308,9 @@ def caption_tiles(
             f"contrastive gate: a shard of {len(shard)} tile(s) has no other tile to contrast a caption with "
             "(caption at least two distinct tiles per shard)"
         )
-    for pid in settings.prompt_ids:  # a percentile gate without its threshold stops before the first request
-        policy.threshold(expert.name, pid)
+    if pending:  # a percentile gate without its threshold stops before the first request
+        for pid in settings.prompt_ids:
+            policy.threshold(expert.name, pid)
     rows: list[dict] = []
     for round_ in range(policy.rounds(expert.reprompts)):
         if not pending:
@@ -358,6 +361,22 @@ def caption_tiles(
     return rows
 
 
+def calibration_ids(tile_ids: Sequence[str], size: int) -> list[str]:
+    """A percentile gate's calibration sample: ``size`` of ``tile_ids`` evenly spaced over their sorted order (all of
+    them where there are no more), so the sample spans the run's scenes and splits rather than its first tiles, and
+    the same ids give the same sample.
+
+    Args:
+        tile_ids: the tiles the expert can caption in the run.
+        size: ``captions.gate.calibration_tiles``.
+    """
+    ordered = sorted(tile_ids)
+    if len(ordered) <= size:
+        return ordered
+    positions = np.linspace(0, len(ordered) - 1, size).round().astype(int)
+    return [ordered[position] for position in dict.fromkeys(positions.tolist())]
+
+
 def calibrate_thresholds(
     tiles: list[TileTask], expert: Expert, scorer: ClipScorer, settings: GateSettings, run: RunInfo
 ) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], int]]:
@@ -380,7 +399,9 @@ def calibrate_thresholds(
         if not values:
             raise InputError(
                 f"percentile gate: expert '{expert.name}' gave no usable caption for prompt {pid} on the "
-                f"{len(tiles)} calibration tile(s); nothing to derive its threshold from"
+                f"{len(tiles)} calibration tile(s), nothing to derive its threshold from: raise "
+                "captions.gate.calibration_tiles, or leave the expert out (--experts) if it cannot caption these "
+                "tiles' splits"
             )
         thresholds[(expert.name, pid)] = settings.policy.percentile_threshold(values)
         sizes[(expert.name, pid)] = len(values)

@@ -71,6 +71,21 @@ class GatePolicy:
         """This policy with a percentile gate's derived thresholds per (expert, prompt id)."""
         return replace(self, thresholds=dict(thresholds))
 
+    def describe(self, shown: int = 6) -> str:
+        """One line: the gate mode and its threshold(s), as a run summary shows it.
+
+        Args:
+            shown: how many derived thresholds of a percentile gate are listed before the rest is counted.
+        """
+        if self.mode == "absolute":
+            return f"gate: absolute, tau {self.tau:g}"
+        if self.mode == "contrastive":
+            return f"gate: contrastive, margin {self.margin:g} against the other tiles of each shard"
+        pairs = [f"{expert}/{pid} {value:.3f}" for (expert, pid), value in sorted(self.thresholds.items())]
+        listed = ", ".join(pairs[:shown]) or "none derived"
+        more = f", ... ({len(pairs) - shown} more)" if len(pairs) > shown else ""
+        return f"gate: percentile keep_top {self.keep_top:g}, thresholds per expert/prompt: {listed}{more}"
+
     @property
     def contrastive(self) -> bool:
         """Whether the gate scores a caption against the other tiles of its shard too."""

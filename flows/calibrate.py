@@ -7,9 +7,18 @@ Per expert (and per prompt) this gives two distributions; their overlap says wha
 
 - the ROC AUC own vs shuffled (0.5: CLIP cannot tell them apart; 1: every own pair scores above every shuffled one),
 - the tau that lets at most ``false_pass`` of the shuffled pairs through (a caption of another tile passing the gate),
-- the tau that best separates the two (maximum Youden J),
+- the tau that best separates the two (maximum Youden J; a measure of separation, not the tau to set: the
+  false-pass tau bounds how many captions of other tiles pass, which is what the gate is for),
 - the pass rate each gate mode would give: ``absolute`` (own >= the manifest's tau), ``percentile`` (the top
-  ``keep_top`` share, by definition) and ``contrastive`` (own minus the mean over the sample's other tiles >= margin).
+  ``keep_top`` share, by definition) and ``contrastive`` (own minus the mean over the sample's other tiles >= margin),
+- what to set per gate mode: ``captions.tau`` (the false-pass tau), ``captions.gate.keep_top`` (the share of own
+  captions at or above it) and ``captions.gate.margin`` (the false-pass quantile of the shuffled captions' own minus
+  others: a caption scored against another tile, minus its mean over the rest of the sample).
+
+Where the AUC is below ``AUC_FLOOR`` CLIP cannot tell an expert's captions from shuffled ones: no threshold will
+filter by fit, and the output says so instead of recommending one. The contrastive numbers compare against random
+tiles of the sample, while a run compares against the other tiles of the same shard (neighbours, often alike): they
+are an estimate, and a run's contrastive scores tend to be lower.
 
 This is a plain function, not a Prefect flow: it is one short, sequential computation on one machine (a few
 hundred CLIP text encodings) with nothing to shard, retry or resume, and its results are files on disk.
@@ -18,7 +27,7 @@ hundred CLIP text encodings) with nothing to shard, retry or resume, and its res
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -39,6 +48,10 @@ from manifests.tile_index import read_tile_index
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 DEFAULT_KEEP_TOP = 0.3
 DEFAULT_MARGIN = 0.02
+# Below this own-vs-shuffled AUC an expert's captions barely fit their own tile better than another one: any threshold
+# mostly filters at random, so no threshold is recommended (a warning says what to check instead).
+AUC_FLOOR = 0.6
+PREVIOUS_FILE = "calibration.prev.json"
 
 
 class _TextEncoder(Protocol):
@@ -87,6 +100,10 @@ class GroupCalibration:
         youden_j: that maximum.
         false_pass_at_tau: the share of shuffled pairs that pass at the manifest's tau.
         pass_rates: per gate mode (absolute, percentile, contrastive), the share of captions it would pass.
+        margin_at_false_pass: the lowest contrastive margin at which at most ``false_pass`` of the shuffled captions
+            pass (their own-minus-others, a caption scored against another tile minus its mean over the rest).
+        own_pass_at_margin: the share of own captions whose own-minus-others reaches that margin.
+        low_auc: the AUC is below ``AUC_FLOOR``: no threshold will filter by fit.
     """
 
     own: Distribution
@@ -99,6 +116,9 @@ class GroupCalibration:
     youden_j: float
     false_pass_at_tau: float
     pass_rates: dict[str, float]
+    margin_at_false_pass: float = float("nan")
+    own_pass_at_margin: float = float("nan")
+    low_auc: bool = False
 
 
 @dataclass(frozen=True)
@@ -118,12 +138,50 @@ class Calibration:
     prompts: dict[str, dict[str, GroupCalibration]]
     folder: Path
     pairs: pd.DataFrame = field(repr=False, compare=False)
+    auc_floor: float = AUC_FLOOR
+    replaced: bool = False
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        del data["pairs"]
+        del data["pairs"], data["replaced"]
         data["folder"] = str(self.folder)
+        data["contrastive_note"] = CONTRASTIVE_NOTE
+        for expert, values in data["experts"].items():
+            values["suggestions"] = suggestions(self.experts[expert], self.false_pass)
+            if self.experts[expert].low_auc:
+                values["warning"] = low_auc_warning(expert, self.experts[expert].auc)
         return data
+
+
+CONTRASTIVE_NOTE = (
+    "contrastive here compares a caption against random tiles of the sample; a run compares it against the other "
+    "tiles of its shard (neighbours, often alike), so the margin and pass rate are an estimate (a run's own-minus-"
+    "others tends to be lower)"
+)
+
+
+def low_auc_warning(expert: str, auc: float) -> str:
+    """The line printed (and stored) for an expert whose AUC is below ``AUC_FLOOR``."""
+    return (
+        f"{expert}: CLIP cannot tell this expert's captions from shuffled ones (AUC {auc:.2f} < {AUC_FLOOR}): no "
+        "threshold will filter by fit; check the CLIP weights (captions.clip), or rely on the captions without a "
+        "fit filter (the gate then only drops unusable answers), or caption a larger sample"
+    )
+
+
+def suggestions(group: GroupCalibration, false_pass: float) -> dict[str, str]:
+    """What to set per gate mode for at most ``false_pass`` of shuffled captions passing (empty when the AUC is below
+    ``AUC_FLOOR``: no setting filters by fit then)."""
+    if group.low_auc:
+        return {}
+    return {
+        "absolute": f"captions.tau: {group.tau_at_false_pass:.3f} (false-pass {group.false_pass_at_suggested:.1%}; "
+        f"passes {group.own_pass_at_suggested:.1%} of own captions)",
+        "percentile": f"captions.gate.keep_top: {group.own_pass_at_suggested:.2f} (share of own captions above "
+        f"{group.tau_at_false_pass:.3f} ≈ {group.own_pass_at_suggested:.1%})",
+        "contrastive": f"captions.gate.margin: {group.margin_at_false_pass:.3f} (the own-minus-others value at "
+        f"false-pass {false_pass:.0%}; passes {group.own_pass_at_margin:.1%} of own captions, an estimate)",
+    }
 
 
 def roc_auc(positive: np.ndarray, negative: np.ndarray) -> float:
@@ -170,12 +228,15 @@ def _group(frame: pd.DataFrame, tau: float, false_pass: float, keep_top: float, 
     own = frame.loc[frame["kind"] == "own", "similarity"].to_numpy()
     shuffled = frame.loc[frame["kind"] == "shuffled", "similarity"].to_numpy()
     contrast = frame.loc[frame["kind"] == "own", "contrast"].to_numpy()
+    shuffled_contrast = frame.loc[frame["kind"] == "shuffled", "contrast"].to_numpy()
     suggested = tau_at_false_pass(shuffled, false_pass)
+    suggested_margin = tau_at_false_pass(shuffled_contrast, false_pass)
     youden_tau, youden_j = youden(own, shuffled)
+    auc = roc_auc(own, shuffled)
     return GroupCalibration(
         own=Distribution.of(own),
         shuffled=Distribution.of(shuffled),
-        auc=roc_auc(own, shuffled),
+        auc=auc,
         tau_at_false_pass=suggested,
         false_pass_at_suggested=float((shuffled >= suggested).mean()),
         own_pass_at_suggested=float((own >= suggested).mean()),
@@ -187,6 +248,9 @@ def _group(frame: pd.DataFrame, tau: float, false_pass: float, keep_top: float, 
             "percentile": keep_top,
             "contrastive": float((contrast >= margin).mean()),
         },
+        margin_at_false_pass=suggested_margin,
+        own_pass_at_margin=float((contrast >= suggested_margin).mean()),
+        low_auc=bool(auc < AUC_FLOOR),
     )
 
 
@@ -264,8 +328,9 @@ def calibrate_gate(
     for row, (tile, expert, prompt) in enumerate(labels):
         similarities = normalized_similarity(cosines[row])
         own, other = column[tile], column[partner[tile]]
-        contrast = similarities[own] - np.delete(similarities, own).mean()
         for kind, col in (("own", own), ("shuffled", other)):
+            # Own minus the mean over the rest of the sample, with the image it is scored against as "own".
+            contrast = similarities[col] - np.delete(similarities, col).mean()
             records.append({"expert": expert, "prompt_id": prompt, "tile_id": tile, "kind": kind,
                             "image_tile_id": tiles[col], "similarity": float(similarities[col]),
                             "raw_cosine": float(cosines[row, col]), "contrast": float(contrast)})  # fmt: skip
@@ -281,16 +346,26 @@ def calibrate_gate(
         keep_top=keep_top, margin=margin, sample_size=len(tiles), seed=seed, store=str(store_path),
         experts=experts, prompts=prompts, folder=store_path / "calibration", pairs=pairs,
     )  # fmt: skip
-    _write(calibration)
-    return calibration
+    replaced = _write(calibration)
+    return replace(calibration, replaced=replaced)
 
 
-def _write(calibration: Calibration) -> None:
+def _write(calibration: Calibration) -> bool:
+    """Write the calibration's files; a previous ``calibration.json`` is kept as ``calibration.prev.json``.
+
+    Returns:
+        Whether a previous calibration was replaced.
+    """
     folder = calibration.folder
+    previous = folder / "calibration.json"
+    replaced = previous.is_file()
+    if replaced:
+        previous.replace(folder / PREVIOUS_FILE)
     columns = ["expert", "prompt_id", "tile_id", "kind", "similarity", "raw_cosine", "image_tile_id"]
     atomic_write_text(folder / "similarities.csv", calibration.pairs[columns].to_csv(index=False))
     atomic_write_text(folder / "calibration.json", json.dumps(calibration.to_json(), indent=2) + "\n")
     _plot(calibration, folder / "distributions.png")
+    return replaced
 
 
 def _plot(calibration: Calibration, path: Path) -> None:
@@ -321,7 +396,7 @@ def _plot(calibration: Calibration, path: Path) -> None:
 
 
 def print_calibration(calibration: Calibration, out: Console = console) -> None:
-    """The per-expert (and per-prompt) table, then what the numbers say about the manifest's tau."""
+    """The per-expert (and per-prompt) table, then per expert what the numbers say and what to set per gate mode."""
     table = Table("expert", "prompt", "n", r"own mean \[q05 q50 q95]", r"shuffled mean \[q05 q50 q95]", "AUC",
                   f"tau @ {calibration.false_pass:.0%} false pass", "Youden tau", "absolute", "percentile",
                   "contrastive", title="gate calibration (similarity = cos/2 + 1/2)")  # fmt: skip
@@ -334,19 +409,30 @@ def print_calibration(calibration: Calibration, out: Console = console) -> None:
                 expert, prompt, str(group.own.n), group.own.describe(), group.shuffled.describe(), *taus, *rates
             )
     out.print(table)
-    out.print(
+    say = lambda text: out.print(text, markup=False, highlight=False)  # noqa: E731
+    say(
         f"clip {calibration.clip_model}; {calibration.sample_size} tiles (seed {calibration.seed}); manifest tau "
         f"{calibration.tau:.3f} (raw cosine {calibration.raw_cosine_tau:.3f}); pass rates: absolute at tau, "
-        f"percentile keep_top {calibration.keep_top:.2f}, contrastive margin {calibration.margin:.3f}",
-        markup=False, highlight=False,
-    )  # fmt: skip
+        f"percentile keep_top {calibration.keep_top:.2f}, contrastive margin {calibration.margin:.3f}"
+    )
+    say(
+        f"set the false-pass tau (at most {calibration.false_pass:.0%} of captions of other tiles pass); the Youden "
+        "tau only measures how well own and shuffled separate, it bounds no false-pass share"
+    )
     for expert, result in calibration.experts.items():
-        out.print(
+        say(
             f"{expert}: own {result.own.describe()}, shuffled {result.shuffled.describe()}, AUC {result.auc:.3f}; "
             f"at tau {calibration.tau:.3f} {result.pass_rates['absolute']:.1%} own and "
-            f"{result.false_pass_at_tau:.1%} shuffled pass; suggested tau {result.tau_at_false_pass:.3f} "
+            f"{result.false_pass_at_tau:.1%} shuffled pass; false-pass tau {result.tau_at_false_pass:.3f} "
             f"(raw cosine {2 * result.tau_at_false_pass - 1:.3f}) passes {result.own_pass_at_suggested:.1%} own, "
-            f"{result.false_pass_at_suggested:.1%} shuffled",
-            markup=False, highlight=False,
-        )  # fmt: skip
-    out.print(f"written: {calibration.folder}", markup=False, highlight=False)
+            f"{result.false_pass_at_suggested:.1%} shuffled"
+        )
+        if result.low_auc:
+            say(f"warning: {low_auc_warning(expert, result.auc)}")
+            continue
+        for mode, text in suggestions(result, calibration.false_pass).items():
+            say(f"  {mode}: set {text}")
+    say(f"note: {CONTRASTIVE_NOTE}")
+    if calibration.replaced:
+        say(f"the previous calibration.json was replaced (kept as {calibration.folder / PREVIOUS_FILE})")
+    say(f"written: {calibration.folder}")

@@ -43,13 +43,20 @@ def generate_captions(
 def caption_report(
     store: Annotated[Path, typer.Option(help="caption store (file or fragment folder)")],
     out: Annotated[Path, typer.Option(help="folder for report.html and its data")],
-    index: Annotated[Path | None, typer.Option(help="tile index, for class recall and hallucinations")] = None,
+    index: Annotated[
+        Path | None, typer.Option(help="tile index, for thumbnails, class recall and hallucinations")
+    ] = None,
+    sample: Annotated[int, typer.Option(help="tiles shown in captions.html", min=1)] = 200,
+    seed: Annotated[
+        int | None, typer.Option(help="draw the captions.html tiles at random (default: the first by tile id)")
+    ] = None,
 ) -> None:
     """Pass rates, recovery, similarity histograms, tau sweep, class recall, hallucinations, worst captions."""
     from flows.report import caption_report_flow
 
-    path = caption_report_flow(str(store), str(out), str(index) if index else None)
-    console.print(f"report: {path}")
+    path = caption_report_flow(str(store), str(out), str(index) if index else None, sample, seed)
+    console.print(f"report: {path}", markup=False, highlight=False)
+    console.print(f"captions: {path.parent / 'captions.html'}", markup=False, highlight=False)
 
 
 @run_app.command("calibrate-gate")

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 if TYPE_CHECKING:
     from flows.generate_captions import CaptionRunSummary, ShardProgress
@@ -24,8 +24,12 @@ def with_progress(run: Callable[[ShardProgress], T]) -> T:
 
 
 def print_summary(summary: CaptionRunSummary, out: Console = console) -> None:
-    """The per-expert pass-rate table, the protocol with the class source per split, and the run's totals."""
-    table = Table("expert", "prompt", "keys", "pass rate", "first try", "recovered", "not passed", "errored",
+    """The per-expert pass-rate table, the protocol with the class source per split, the gate (mode and
+    threshold(s)), and the run's totals."""
+    # An expert's name is what a user passes to --experts: it is never cut (the other columns wrap instead).
+    widest = max([len("expert"), *(len(name) for name in summary.table["expert"])])
+    expert = Column("expert", no_wrap=True, min_width=widest)
+    table = Table(expert, "prompt", "keys", "pass rate", "first try", "recovered", "not passed", "errored",
                   title="captions")  # fmt: skip
     for row in summary.table.itertuples(index=False):
         table.add_row(row.expert, row.prompt_id, str(row.keys), f"{row.pass_rate:.1%}", f"{row.first_try:.1%}",
@@ -34,6 +38,8 @@ def print_summary(summary: CaptionRunSummary, out: Console = console) -> None:
     for expert, (keys, error) in summary.errors.items():
         out.print(f"{expert}: {keys} key(s) got no caption; most common error: {error}", markup=False, highlight=False)
     out.print(summary.class_information())
+    if summary.gate:
+        out.print(summary.gate, markup=False, highlight=False)
     out.print(
         f"{summary.tiles} tiles, {summary.new_rows} new attempts, {summary.skipped_keys} keys already done, "
         f"{summary.seconds:.1f} s; store: {summary.store}"

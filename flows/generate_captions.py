@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, TypeVar
 
+import numpy as np
 import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -30,6 +31,7 @@ from caption_pipeline.gate import (
     GateSettings,
     RunInfo,
     calibrate_thresholds,
+    calibration_ids,
     caption_tiles,
     class_sources,
     load_predictions,
@@ -44,6 +46,7 @@ from manifests.caption_store import (
     attempt_counts,
     compact,
     gate_modes,
+    gate_thresholds,
     read_gate_thresholds,
     read_store,
     scorers,
@@ -254,8 +257,17 @@ def derive_thresholds(
     manifest: RunManifest, store: str, experts: list[str], tile_ids: list[str], run_id: str
 ) -> dict[tuple[str, str], float]:
     """A percentile gate's thresholds for ``experts``: those in the store's sidecar are reused as stored; the
-    missing (expert, prompt) pairs are derived from attempt 0 on the calibration sample (the first
-    ``calibration_tiles`` of ``tile_ids``) and added to the sidecar, which the shard tasks then read."""
+    missing (expert, prompt) pairs are derived from attempt 0 on each expert's calibration sample and added to the
+    sidecar, which the shard tasks then read.
+
+    The sample is ``calibration_tiles`` of the run's tiles ``tile_ids``, evenly spaced over their sorted ids
+    (:func:`calibration_ids`), drawn from the tiles the expert can caption: an expert that describes the class mask
+    (``needs_class_mask``) only from splits whose class source is not ``none``. An expert that can caption none of
+    the run's tiles needs no threshold for this run and gets none. The sidecar records each expert's sample.
+
+    Raises:
+        InputError: an expert without a usable caption for a prompt on its sample (one line, with what to do).
+    """
     captions = manifest.captions
     content = read_gate_thresholds(store) or {}
     thresholds = stored_thresholds(store)
@@ -263,33 +275,75 @@ def derive_thresholds(
     if not missing:
         return thresholds
     index = read_tile_index(manifest.tiling.out)
-    sample_ids = content.get("tiles") or tile_ids[: captions.gate.calibration_tiles]
-    frame = index.frame[index.frame["tile_id"].isin(set(sample_ids))].sort_values("tile_id")
-    sample = tile_tasks(index, frame, captions.prompts)
+    frame = index.frame[index.frame["tile_id"].isin(set(tile_ids))]
+    sources = class_sources(frame, captions.prompts)
+    with_mask = frame[frame["split"].map(sources) != "none"]
+    samples = content.get("tiles") or {}
+    if isinstance(samples, list):  # a sidecar of one sample for every expert
+        samples = {expert: samples for expert in content.get("thresholds", {})}
     scorer = _scorer(manifest)
     policy = GatePolicy.from_captions(captions)
     sizes = content.get("captions", {})
     for name in missing:
         config = next(expert for expert in captions.experts if expert.name == name)
+        expert = _expert(config)
         try:
+            eligible = with_mask if expert.needs_class_mask else frame
+            sample_ids = calibration_ids(list(eligible["tile_id"]), captions.gate.calibration_tiles)
+            if not sample_ids:  # it captions nothing in this run: no threshold needed yet
+                continue
+            chosen = frame[frame["tile_id"].isin(set(sample_ids))].sort_values("tile_id")
             derived, counts = calibrate_thresholds(
-                sample, _expert(config), scorer, _settings(policy, captions, config), RunInfo(f"{run_id}-calibration")
-            )
+                tile_tasks(index, chosen, captions.prompts), expert, scorer, _settings(policy, captions, config),
+                RunInfo(f"{run_id}-calibration"),
+            )  # fmt: skip
         finally:
             if config.backend == "vllm":  # engines run one at a time, each with most of the GPU
                 release_expert(config)
         thresholds.update(derived)
-        for (expert, pid), count in counts.items():
-            sizes.setdefault(expert, {})[pid] = count
+        samples[name] = sample_ids
+        for (expert_name, pid), count in counts.items():
+            sizes.setdefault(expert_name, {})[pid] = count
     by_expert: dict[str, dict[str, float]] = {}
-    for (expert, pid), value in thresholds.items():
-        by_expert.setdefault(expert, {})[pid] = value
+    for (expert_name, pid), value in thresholds.items():
+        by_expert.setdefault(expert_name, {})[pid] = value
     write_gate_thresholds(store, {
         "gate_mode": "percentile", "keep_top": captions.gate.keep_top,
         "calibration_tiles": captions.gate.calibration_tiles, "clip_model": scorer.model_id,
-        "tiles": list(frame["tile_id"]), "thresholds": by_expert, "captions": sizes,
+        "tiles": samples, "thresholds": by_expert, "captions": sizes,
     })  # fmt: skip
     return thresholds
+
+
+def check_gate_thresholds(store: str | Path, captions: CaptionsConfig, experts: list[str]) -> None:
+    """Refuse to add to a store whose rows of ``experts`` were gated at another threshold than the manifest's
+    (mode absolute: ``captions.tau``; contrastive: ``captions.gate.margin``): a resume would write rows that
+    ``compact`` then refuses to merge, and on a complete store the new value would pass silently. A percentile gate
+    is checked against its sidecar instead (:func:`check_thresholds`).
+
+    Raises:
+        InputError: one line naming the store, the recorded and the manifest's value, and what to do.
+    """
+    mode = captions.gate.mode
+    if mode == "percentile":
+        return
+    if mode == "absolute":
+        setting, wanted = "captions.tau", captions.tau
+    else:
+        setting, wanted = "captions.gate.margin", captions.gate.margin
+    recorded: dict[float, list[str]] = {}
+    for (expert, pid), gates in sorted(gate_thresholds(store).items()):
+        if expert not in experts or pid not in captions.prompts.ids:
+            continue
+        for row_mode, threshold in gates:
+            if row_mode == mode and float(np.float32(threshold)) != float(np.float32(wanted)):
+                recorded.setdefault(round(threshold, 6), []).append(f"{expert}/{pid}")
+    if recorded:
+        values = ", ".join(f"{value:g} ({', '.join(pairs)})" for value, pairs in sorted(recorded.items()))
+        raise InputError(
+            f"caption store {store}: gated in mode {mode} at {setting} {values}, this manifest sets {setting} "
+            f"{wanted:g}; caption into a new store, or set {setting} back to the recorded value"
+        )
 
 
 @dataclass(frozen=True)
@@ -301,6 +355,7 @@ class CaptionRunSummary:
         class_sources: the class source of every split the run captioned (labels | predictions | none).
         unavailable: why an expert could not answer at all (the run stopped), or None.
         errors: per expert, the keys that got no caption and the error most of their attempts recorded.
+        gate: one line, the gate mode and its threshold(s) (``GatePolicy.describe``).
     """
 
     store: Path
@@ -313,6 +368,7 @@ class CaptionRunSummary:
     class_sources: dict[str, str] = field(default_factory=dict)
     unavailable: str | None = None
     errors: dict[str, tuple[int, str]] = field(default_factory=dict)
+    gate: str = ""
 
     def class_information(self) -> str:
         """One line: the protocol and the class source per split."""
@@ -398,9 +454,12 @@ def generate_captions_flow(
     total = len(experts) * len(tile_shards)
     logger.info("%d tiles, %d experts, %d shard tasks (run %s)", len(tile_ids), len(experts), total, run_id)
     logger.info("protocol %s, class source per split: %s", prompts.protocol, sources)
-    if gate.mode == "percentile":  # before any shard: every shard task gates with the same thresholds
-        thresholds = derive_thresholds(manifest, store, experts, tile_ids, run_id)
-        logger.info("percentile gate thresholds (keep_top %s): %s", gate.keep_top, thresholds)
+    # A percentile gate's thresholds were derived before the flow started (generate_captions): every shard task
+    # gates with the same ones.
+    policy = GatePolicy.from_captions(
+        manifest.captions, stored_thresholds(store) if gate.mode == "percentile" else None
+    )
+    logger.info("%s", policy.describe())
 
     def submit(expert_name: str) -> list:
         shard_task = caption_shard.with_options(tags=[GPU_TAG] if configs[expert_name].gpu else [])
@@ -422,12 +481,12 @@ def generate_captions_flow(
     results += _collect(alongside, total, results)
     for name in {result.expert for result in results if result.unavailable}:
         release_expert(configs[name])  # its refusal is remembered: a later run in this process starts afresh
-    compact(store, select=GatePolicy.from_captions(manifest.captions).select)
+    compact(store, select=policy.select)
     rows = expert_rows(Path(store), experts)
     return CaptionRunSummary(
         Path(store), len(tile_ids), sum(r.rows for r in results), sum(r.skipped for r in results),
         time.perf_counter() - started, summarize(rows), prompts.protocol, sources,
-        next((r.unavailable for r in results if r.unavailable), None), common_errors(rows),
+        next((r.unavailable for r in results if r.unavailable), None), common_errors(rows), policy.describe(),
     )  # fmt: skip
 
 
@@ -488,7 +547,9 @@ def generate_captions(
 
     Raises:
         InputError: a manifest without captions, an unknown expert name, no tile index yet, ground truth on an
-            evaluation split without an opt-in, or predicted tile classes missing for a split that reads them.
+            evaluation split without an opt-in, predicted tile classes missing for a split that reads them, a store
+            gated in another mode or at another threshold, a contrastive gate with shards of one tile, or a
+            percentile gate that cannot derive a threshold from its calibration sample.
     """
     manifest = load_manifest(manifest_path)
     if manifest.captions is None:
@@ -507,11 +568,19 @@ def generate_captions(
     weights = clip_weights(manifest.captions.clip)
     weights.check()
     check_scorer(store_path, weights.model_id)
-    check_gate_mode(store_path, manifest.captions.gate.mode)
-    if manifest.captions.gate.mode == "percentile":
+    gate = manifest.captions.gate
+    check_gate_mode(store_path, gate.mode)
+    check_gate_thresholds(store_path, manifest.captions, chosen)
+    if gate.mode == "percentile":
         check_thresholds(store_path, manifest.captions, weights.model_id)
-    if manifest.captions.gate.mode == "contrastive" and len(tiles) == 1:
+    if gate.mode == "contrastive" and len(tiles) == 1:
         raise InputError("captions.gate.mode contrastive: one tile has no other tile to contrast a caption with")
+    size = shard_size or manifest.captions.shard_size
+    if gate.mode == "contrastive" and size < 2 and len(tiles) > 1:
+        raise InputError(
+            f"captions.gate.mode contrastive: a shard size of {size} leaves a caption no other tile of its shard to "
+            "contrast with; raise --shard-size (or captions.shard_size) to 2 at least"
+        )
     for config in manifest.captions.experts:
         if config.name in chosen and config.backend == "openai":
             api_key(config)
@@ -519,6 +588,9 @@ def generate_captions(
     token = _ON_SHARD.set(on_shard)
     try:
         with frozen_heap(), ModelCache.of_process().hold():
+            if gate.mode == "percentile":  # before the flow: a sample without a usable caption is one line
+                run_ids = sorted(tiles["tile_id"])
+                derive_thresholds(manifest, store_path, chosen, run_ids, uuid.uuid4().hex[:12])
             summary = configured(str(manifest.source), store_path, chosen, limit, shard_size)
     finally:
         _ON_SHARD.reset(token)

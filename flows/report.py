@@ -4,6 +4,10 @@ Writes ``report.html`` (numbers, plots and captions next to thumbnails of their 
 and prompt, keys the gate rejected and re-prompting recovered, tiles the experts disagree on) and ``captions.html``
 (every selected caption of a sample of tiles, filterable by expert, prompt and verdict). Both are single files: the
 thumbnails are embedded as downscaled JPEG data URLs, the filter is inline JavaScript, nothing is fetched.
+
+The store records the gate every attempt was judged by (``gate_mode``, ``gate_threshold``, ``gate_score``): the
+header names the mode and its threshold(s), captions are ordered (worst, best) by ``gate_score`` (the similarity for
+rows without one), and the tau sweep, an absolute-mode quantity, is labelled as such for other modes.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from caption_pipeline.policy import GatePolicy
+from flows.calibrate import AUC_FLOOR, low_auc_warning
 from flows.generate_captions import summarize
 from manifests.atomic import atomic_write_text
 from manifests.caption_store import KEY_COLUMNS, read_store, store_meta
@@ -227,17 +232,27 @@ def selected_rows(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _extra_columns(frame: pd.DataFrame) -> list[str]:
-    return ["gate_score"] if "gate_score" in frame.columns else []
+    return [column for column in ("gate_score", "gate_threshold") if column in frame.columns]
+
+
+def gate_order(frame: pd.DataFrame) -> pd.Series:
+    """The number the gate judged each row by: its ``gate_score``, or its similarity where it has none (older stores,
+    a contrastive attempt without other tiles)."""
+    if "gate_score" not in frame.columns:
+        return frame["similarity"].astype("float64")
+    return frame["gate_score"].astype("float64").fillna(frame["similarity"].astype("float64"))
 
 
 def worst_and_best(selected: pd.DataFrame, n: int = EXAMPLES) -> pd.DataFrame:
     """Per expert and prompt, the ``n`` scored selected captions with the lowest and the ``n`` with the highest
-    similarity (column ``which``: worst | best; a key is shown once even when a pair has fewer than 2n keys)."""
+    ``gate_score`` (the similarity for rows without one; column ``which``: worst | best; a key is shown once even
+    when a pair has fewer than 2n keys)."""
     columns = ["which", *CAPTION_COLUMNS, *_extra_columns(selected)]
     scored = selected[selected["similarity"].notna()]
+    scored = scored.assign(_order=gate_order(scored))
     parts = []
     for _, group in scored.groupby(["expert", "prompt_id"], sort=True):
-        ordered = group.sort_values(["similarity", "tile_id"], kind="stable")
+        ordered = group.sort_values(["_order", "tile_id"], kind="stable")
         worst = ordered.head(n)
         best = ordered.drop(worst.index).tail(n).iloc[::-1]
         parts += [worst.assign(which="worst"), best.assign(which="best")]
@@ -303,11 +318,47 @@ def gate_table(frame: pd.DataFrame) -> pd.DataFrame | None:
     return table.reset_index()
 
 
+def gate_modes(gate: pd.DataFrame | None) -> list[str]:
+    """The gate modes a store's attempts were judged by (empty for a store that records none: absolute, tau)."""
+    return [] if gate is None else sorted(map(str, gate["gate_mode"].dropna().unique()))
+
+
+def gate_summary(gate: pd.DataFrame | None, tau: float) -> str:
+    """The store's gate in words: per mode, what is compared with which threshold(s)."""
+    if gate is None:
+        return f"gate mode absolute (the store records no gate mode): similarity >= tau = {tau:g}"
+    parts = []
+    for mode in gate_modes(gate):
+        values = sorted(float(t) for t in gate.loc[gate["gate_mode"] == mode, "gate_threshold"].dropna().unique())
+        if not values:
+            shown = "?"
+        elif len(values) == 1:
+            shown = f"{values[0]:.3f}"
+        else:
+            shown = f"{values[0]:.3f}-{values[-1]:.3f}"
+        if mode == "absolute":
+            parts.append(f"gate mode absolute: similarity >= tau = {shown}")
+        elif mode == "percentile":
+            parts.append(f"gate mode percentile: similarity >= a threshold per expert and prompt ({shown}; see the "
+                         "gate table)")  # fmt: skip
+        elif mode == "contrastive":
+            parts.append(f"gate mode contrastive: own similarity minus the mean similarity to the shard's other "
+                         f"tiles >= margin = {shown}")  # fmt: skip
+        else:
+            parts.append(f"gate mode {mode}: gate_score >= {shown}")
+    return "; ".join(parts)
+
+
+def _absolute(report: CaptionReport) -> bool:
+    """Whether every attempt of the store was judged in absolute mode (or the store records no mode)."""
+    return set(gate_modes(report.gate)) <= {"absolute"}
+
+
 def _calibration_fields(values: dict) -> dict[str, object]:
     """The scalar fields of one expert's calibration, plus the means of its own / shuffled distributions and its
     pass rates per gate mode (one level of nesting, prefixed)."""
     scalar = str | int | float | bool
-    fields = {k: v for k, v in values.items() if k != "expert" and isinstance(v, scalar)}
+    fields = {k: v for k, v in values.items() if k not in ("expert", "warning") and isinstance(v, scalar)}
     for name in ("own", "shuffled"):
         if isinstance(values.get(name), dict) and isinstance(values[name].get("mean"), int | float):
             fields[f"{name}_mean"] = values[name]["mean"]
@@ -361,7 +412,13 @@ def build_report(store: str | Path, index: str | Path | None = None) -> CaptionR
         over_77_tokens=("n_chunks", lambda c: int((c > 1).sum())),
         truncated_by_max_tokens=("finish_reason", lambda f: int((f == "length").sum())),
     ).reset_index()  # fmt: skip
-    worst = selected.nsmallest(10, "similarity")[["tile_id", "expert", "prompt_id", "similarity", "caption"]]
+    worst_columns = ["tile_id", "expert", "prompt_id", "similarity", *_extra_columns(selected), "caption"]
+    scored_selected = selected[selected["similarity"].notna()]
+    worst = (
+        scored_selected.assign(_order=gate_order(scored_selected))
+        .sort_values(["_order", "tile_id"], kind="stable")
+        .head(10)[worst_columns]
+    )
     unique_selected = selected_rows(frame)
     recovered, recovered_total = recovered_keys(frame)
     calibration, calibration_note = read_calibration(store)
@@ -397,28 +454,48 @@ def _plots(report: CaptionReport) -> list[tuple[str, str]]:
     figure, axis = plt.subplots(figsize=(6, 3.5))
     for expert, values in report.similarities.items():
         axis.hist(values, bins=40, range=(0, 1), alpha=0.5, label=expert)
-    axis.axvline(report.tau, color="black", linestyle="--", label=f"tau = {report.tau:g}")
+    absolute = _absolute(report)
+    if absolute:
+        axis.axvline(report.tau, color="black", linestyle="--", label=f"tau = {report.tau:g}")
     axis.set(xlabel="similarity (cos/2 + 1/2)", ylabel="attempts", title="CLIP similarity per expert")
     axis.legend()
     histogram = _png(figure)
     figure, axis = plt.subplots(figsize=(6, 3.5))
     for expert in report.tau_sweep.columns:
         axis.plot(report.tau_sweep.index, report.tau_sweep[expert], label=expert)
-    axis.axvline(report.tau, color="black", linestyle="--", label=f"manifest tau = {report.tau:g}")
-    axis.set(xlabel="tau", ylabel="pass rate (best attempt)", title="tau sweep", ylim=(0, 1.02))
+    if absolute:
+        axis.axvline(report.tau, color="black", linestyle="--", label=f"manifest tau = {report.tau:g}")
+    title = "tau sweep" if absolute else "what absolute mode at tau t would pass"
+    axis.set(xlabel="tau", ylabel="pass rate (best attempt)", title=title, ylim=(0, 1.02))
     axis.legend()
-    return [("Similarity histograms", histogram), ("Tau sweep", _png(figure))]
+    sweep = "Tau sweep" if absolute else SWEEP_OTHER_MODE
+    return [("Similarity histograms", histogram), (sweep, _png(figure))]
+
+
+SWEEP_OTHER_MODE = "Tau sweep: what absolute mode at tau t would pass (not this store's gate)"
+
+
+def calibration_warnings(table: pd.DataFrame | None) -> list[str]:
+    """A warning per expert of a calibration whose AUC is below ``AUC_FLOOR`` (its ``low_auc`` flag, or its AUC)."""
+    if table is None or "auc" not in table.columns:
+        return []
+    flags = table["low_auc"] if "low_auc" in table.columns else pd.Series(False, index=table.index)
+    low = flags.fillna(False).astype(bool) | (pd.to_numeric(table["auc"], errors="coerce") < AUC_FLOOR)
+    return [low_auc_warning(str(e), float(a)) for e, a in zip(table["expert"], table["auc"], strict=True)
+            if low[table["expert"] == e].any()]  # fmt: skip
 
 
 def render_markdown(report: CaptionReport) -> str:
     """The report's tables as Markdown (the Prefect artifact and ``report.md``)."""
-    parts = ["# Caption quality", "", f"tau = {report.tau:g}", "", report.summary.to_markdown(index=False)]
+    parts = ["# Caption quality", "", gate_summary(report.gate, report.tau), ""]
+    parts += [report.summary.to_markdown(index=False)]
     parts += ["", "## Class information in prompts", "", protocol_line(report.class_information), ""]
     parts += [report.class_information.to_markdown(index=False)]
     if report.gate is not None:
         parts += ["", "## Gate", "", report.gate.to_markdown(index=False)]
     if report.calibration is not None:
         parts += ["", "## Own vs shuffled captions (calibration)", "", report.calibration.to_markdown(index=False)]
+        parts += [f"\n**warning**: {warning}" for warning in calibration_warnings(report.calibration)]
     if report.class_quality is not None:
         parts += ["", "## Class recall and hallucinated classes", "", report.class_quality.to_markdown(index=False)]
     parts += ["", "## Caption length", "", report.lengths.to_markdown(index=False)]
@@ -480,6 +557,7 @@ STYLE = (
     "body{font-family:sans-serif;max-width:72em;margin:auto}table{border-collapse:collapse}"
     "td,th{padding:2px 8px;vertical-align:top;border-bottom:1px solid #ddd}img.thumb{display:block}"
     ".caption{max-width:36em}.miss{color:#a60}.halluc{color:#c00}.ok{color:#080}.note{color:#555}"
+    ".warn{color:#c00;font-weight:bold}tr.tile-head td{background:#f4f4f4;border-top:2px solid #999}"
 )
 
 
@@ -501,12 +579,7 @@ def render_html(report: CaptionReport) -> str:
     if report.class_quality is not None:
         sections.append(("Class recall and hallucinated classes", report.class_quality))
     sections += [("Caption length and truncation", report.lengths), ("Worst selected captions", report.worst)]
-    gate = ""
-    if report.gate is not None:
-        modes = ", ".join(sorted(map(str, report.gate["gate_mode"].unique())))
-        thresholds = ", ".join(f"{t:.3f}" for t in sorted(report.gate["gate_threshold"].unique()))
-        gate = f"; gate mode {html.escape(modes)}, threshold {thresholds}"
-    body = [f"<h1>Caption quality report</h1><p>tau = {report.tau:g}{gate}</p>"]
+    body = [f"<h1>Caption quality report</h1><p class='gate'>{html.escape(gate_summary(report.gate, report.tau))}</p>"]
     if report.index is None:
         body.append("<p class='note'>No tile index given (<code>--index</code>): the captions below are shown "
                     "without thumbnails and without class flags.</p>")  # fmt: skip
@@ -515,6 +588,7 @@ def render_html(report: CaptionReport) -> str:
         body.append(f"<h2>Own vs shuffled captions (calibration)</h2><p class='note'>CLIP similarity of each "
                     f"expert's captions with their own tile against shuffled tiles: AUC of the separation and the "
                     f"suggested threshold.</p>{table}")  # fmt: skip
+        body += [f"<p class='warn'>warning: {html.escape(w)}</p>" for w in calibration_warnings(report.calibration)]
     elif report.calibration_note:
         body.append(f"<h2>Own vs shuffled captions (calibration)</h2><p class='note'>"
                     f"{html.escape(report.calibration_note)}</p>")  # fmt: skip
@@ -542,6 +616,9 @@ def render_html(report: CaptionReport) -> str:
     return _page("Caption quality", body)
 
 
+# Each tile is one ``tbody.tile``: a ``tr.tile-head`` (its thumbnail and id, never filtered itself) and one
+# ``tr.caption-row`` per caption. The filter hides caption rows, and a tile (head included) only when it hides every
+# caption row of the tile, so a shown caption always has its tile's thumbnail above it.
 FILTER_SCRIPT = """
 function applyFilter() {
   var expert = document.getElementById('filter-expert').value;
@@ -584,8 +661,10 @@ def _select(name: str, label: str, values: Iterable[str]) -> str:
 
 
 def render_captions_html(report: CaptionReport, n_tiles: int = CAPTION_TILES, seed: int | None = None) -> str:
-    """``captions.html``: every selected caption of a sample of tiles, one table body per tile (its thumbnail
-    beside its captions), filterable by expert, prompt and passed with inline JavaScript."""
+    """``captions.html``: every selected caption of a sample of tiles, filterable by expert, prompt and passed with
+    inline JavaScript. One table body per tile: a head row with its thumbnail and id, then a row per caption (its
+    similarity, and the gate score and threshold it was judged by); the filter hides caption rows, and the head row
+    only with the last caption row of its tile."""
     selected = report.selected
     tiles = sample_tiles(selected["tile_id"], n_tiles, seed) if not selected.empty else []
     rows = selected[selected["tile_id"].isin(tiles)]
@@ -601,21 +680,21 @@ def render_captions_html(report: CaptionReport, n_tiles: int = CAPTION_TILES, se
         + _select("passed", "passed", ["true", "false"])
         + "<span id='shown'></span> captions shown</p>"
     )
-    columns = ["tile_id", "expert", "prompt_id", "similarity", "passed", "caption"]
-    head = (["tile"] if thumbs else []) + columns
-    body.append("<table class='captions'><thead><tr>" + "".join(f"<th>{c}</th>" for c in head) + "</tr></thead>")
+    body.append(f"<p class='note'>{html.escape(gate_summary(report.gate, report.tau))}</p>")
+    columns = ["expert", "prompt_id", "similarity", *_extra_columns(rows), "passed", "caption"]
+    body.append("<table class='captions'><thead><tr>" + "".join(f"<th>{c}</th>" for c in columns) + "</tr></thead>")
     for tile_id, group in rows.groupby("tile_id", sort=True):
-        lines = []
-        for number, record in enumerate(group.to_dict("records")):
+        image = _img(thumbs(tile_id), tile_id) if thumbs is not None else ""
+        lines = [f"<tr class='tile-head'><td colspan='{len(columns)}'>{image}"
+                 f"<span class='tile-id'>{html.escape(tile_id)}</span></td></tr>"]  # fmt: skip
+        for record in group.to_dict("records"):
             passed = "true" if record["passed"] else "false"
-            cells = ""
-            if thumbs is not None and number == 0:
-                cells = f"<td rowspan='{len(group)}'>{_img(thumbs(tile_id), tile_id)}</td>"
-            cells += "".join(f"<td class='{c}'>{_text(record[c])}</td>" for c in columns)
+            cells = "".join(f"<td class='{c}'>{_text(record[c])}</td>" for c in columns)
             data = (f"data-expert='{html.escape(record['expert'])}' data-prompt='{html.escape(record['prompt_id'])}' "
                     f"data-passed='{passed}'")  # fmt: skip
             lines.append(f"<tr class='caption-row' {data}>{cells}</tr>")
-        body.append(f"<tbody class='tile' data-tile='{html.escape(tile_id)}'>{''.join(lines)}</tbody>")
+        body.append(f"<tbody class='tile' data-tile='{html.escape(tile_id)}' data-captions='{len(group)}'>"
+                    f"{''.join(lines)}</tbody>")  # fmt: skip
     body.append("</table>")
     return _page("Selected captions", body, FILTER_SCRIPT)
 
@@ -643,9 +722,22 @@ def write_report(
 
 
 @flow(name="caption-report")
-def caption_report_flow(store: str, out: str, index: str | None = None) -> Path:
-    """Write the HTML report and publish it as Prefect Markdown and table artifacts."""
-    path, report = write_report(store, out, index)
+def caption_report_flow(
+    store: str, out: str, index: str | None = None, n_tiles: int = CAPTION_TILES, seed: int | None = None
+) -> Path:
+    """Write the HTML report and publish it as Prefect Markdown and table artifacts.
+
+    Args:
+        store: the caption store.
+        out: the report folder.
+        index: the tile index, for thumbnails, class recall and hallucinations.
+        n_tiles: how many tiles ``captions.html`` shows.
+        seed: None shows the first ``n_tiles`` tiles by id, a seed a random sample of them.
+
+    Returns:
+        The path of ``report.html`` (``captions.html`` is beside it).
+    """
+    path, report = write_report(store, out, index, n_tiles, seed)
     create_markdown_artifact(render_markdown(report), key="caption-report", description="caption quality")
     create_table_artifact(report.summary.to_dict("records"), key="caption-pass-rates")
     return path

@@ -16,6 +16,7 @@ import json
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from numbers import Real
 from pathlib import Path
 
 import pandas as pd
@@ -218,27 +219,53 @@ def selected_captions(store: str | Path) -> pd.DataFrame:
     return selected[columns].sort_values(list(KEY_COLUMNS)).reset_index(drop=True)
 
 
+def _runs_by(frame: pd.DataFrame, column: str) -> str:
+    """Which runs wrote each value of ``column`` in ``frame``: ``value (run a, b)``, comma-separated."""
+    parts = []
+    for value, group in frame.groupby(column):
+        shown = f"{value:.6g}" if isinstance(value, Real) else str(value)
+        parts.append(f"{shown} (run {', '.join(sorted(group['run_id'].unique()))})")
+    return ", ".join(parts)
+
+
 def check_gate(frame: pd.DataFrame, store: str | Path) -> None:
     """Refuse rows judged by different gates: more than one ``gate_mode``, or more than one ``gate_threshold`` for
-    one (expert, prompt) (their ``passed`` and ``selected`` would not compare).
+    one (expert, prompt) (their ``passed`` and ``selected`` would not compare). The message names the runs
+    (``run_id``) that wrote each mode or threshold, so a user can remove the rows of the runs that do not belong.
 
     Raises:
-        InputError: one line naming the modes, or the (expert, prompt) pairs with several thresholds.
+        InputError: one line naming the modes, or the (expert, prompt) pairs with several thresholds, and their runs.
     """
     if frame.empty:
         return
     modes = sorted(frame["gate_mode"].unique())
     if len(modes) > 1:
         raise InputError(
-            f"caption store {store}: mixes gate modes {', '.join(modes)}; caption into a new store per gate mode"
+            f"caption store {store}: mixes gate modes {_runs_by(frame, 'gate_mode')}; caption into a new store per "
+            "gate mode (or remove the rows of the runs that do not belong)"
         )
-    counts = frame.groupby(["expert", "prompt_id"])["gate_threshold"].nunique()
-    mixed = [f"{expert}/{prompt}" for (expert, prompt), count in counts.items() if count > 1]
+    mixed = []
+    for (expert, prompt), group in frame.groupby(["expert", "prompt_id"]):
+        if group["gate_threshold"].nunique() > 1:
+            mixed.append(f"{expert}/{prompt}: {_runs_by(group, 'gate_threshold')}")
     if mixed:
         raise InputError(
-            f"caption store {store}: gate mode {modes[0]} with several thresholds for {', '.join(mixed)}; "
-            "caption into a new store per threshold"
+            f"caption store {store}: gate mode {modes[0]} with several thresholds, {'; '.join(mixed)}; "
+            "caption into a new store per threshold (or remove the rows of the runs that do not belong)"
         )
+
+
+def gate_thresholds(store: str | Path) -> dict[tuple[str, str], set[tuple[str, float]]]:
+    """The (gate mode, gate threshold) pairs that judged the store's rows, per (expert, prompt id) (four columns
+    read; empty for no store)."""
+    found: dict[tuple[str, str], set[tuple[str, float]]] = {}
+    columns = ["expert", "prompt_id", "gate_mode", "gate_threshold"]
+    for path in _fragments(Path(store)):
+        _check_fragment(path)
+        table = pq.read_table(path, columns=columns).to_pandas().drop_duplicates()
+        for expert, prompt, mode, threshold in table.itertuples(index=False):
+            found.setdefault((expert, prompt), set()).add((mode, float(threshold)))
+    return found
 
 
 def gate_modes(store: str | Path) -> set[str]:

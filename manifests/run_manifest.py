@@ -311,15 +311,31 @@ class GateConfig(_Strict):
     """How the caption gate decides a pass (``caption_pipeline.policy.GatePolicy``).
 
     ``absolute`` (the paper): similarity >= ``captions.tau``. ``percentile``: similarity >= the ``1 - keep_top``
-    quantile of the attempt-0 similarities of a calibration sample (the first ``calibration_tiles`` tiles of the run
-    by id), per (expert, prompt). ``contrastive``: similarity to the own tile minus the mean similarity to the other
-    tiles of the shard >= ``margin``.
+    quantile of the attempt-0 similarities of a calibration sample (``calibration_tiles`` tiles evenly spaced over
+    the run's tile ids, of those the expert can caption), per (expert, prompt). ``contrastive``: similarity to the own
+    tile minus the mean similarity to the other tiles of the shard >= ``margin``. A setting of another mode than
+    ``mode`` is refused (it would be ignored).
     """
 
     mode: GateMode = "absolute"
     keep_top: float = Field(default=0.3, gt=0.0, le=1.0, description="percentile: share of captions that pass")
     calibration_tiles: int = Field(default=64, ge=1, description="percentile: tiles of the calibration sample")
     margin: float = Field(default=0.02, ge=-1.0, le=1.0, description="contrastive: the score a caption must reach")
+
+    # The mode each setting belongs to: a setting of another mode would be ignored, so it is refused.
+    _SETTING_MODES: ClassVar[dict[str, str]] = {
+        "keep_top": "percentile", "calibration_tiles": "percentile", "margin": "contrastive"
+    }  # fmt: skip
+
+    @model_validator(mode="after")
+    def _settings_of_the_mode(self) -> GateConfig:
+        for name in sorted(self.model_fields_set):
+            owner = self._SETTING_MODES.get(name)
+            if owner is not None and owner != self.mode:
+                raise ValueError(
+                    f"{name} is a setting of mode {owner}, not {self.mode} (remove it, or set mode {owner})"
+                )
+        return self
 
 
 class CaptionsConfig(_Strict):

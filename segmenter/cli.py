@@ -170,7 +170,7 @@ def train(
 def evaluate(
     run: Annotated[Path, typer.Option(help="run folder written by `segmenter train`")],
     split: Annotated[str, typer.Option(help="split to evaluate")] = "test",
-    gt: Annotated[GroundTruth, typer.Option(help="ground truth: eroded (the ISPRS protocol) or full")] = (
+    gt: Annotated[GroundTruth, typer.Option(help="ground truth: eroded (no boundaries, ISPRS) or full")] = (
         GroundTruth.eroded
     ),
     window: Annotated[int | None, typer.Option(help="sliding window (default: the tile size)")] = None,
@@ -181,7 +181,7 @@ def evaluate(
         MissingCaptions, typer.Option(help="a store lacking some of the run's experts or having others: stop, or mask")
     ] = MissingCaptions.error,
 ) -> None:
-    """Sliding-window inference over whole sources; OA, per-class IoU/F1, mIoU/mF1 (5 classes and all)."""
+    """Sliding-window inference over whole sources: OA, per-class IoU/F1, mIoU/mF1 (main classes, and all)."""
     from segmenter.evaluate import evaluate as run_evaluation
 
     _check_overlap(overlap)

@@ -15,15 +15,18 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from rich.console import Console
 from typer.testing import CliRunner
 
 from caption_pipeline.scoring import ClipScorer
 from flows.calibrate import (
+    AUC_FLOOR,
     DEFAULT_KEEP_TOP,
     DEFAULT_MARGIN,
     _gate_setting,
     calibrate_gate,
     derangement,
+    print_calibration,
     roc_auc,
     tau_at_false_pass,
 )
@@ -211,7 +214,13 @@ def test_cli_prints_both_distributions_the_auc_and_the_suggested_tau(inputs):
     line = next(line for line in result.output.splitlines() if line.startswith("annotation: own"))
     assert f"own {own['mean']:.3f} [{own['quantiles']['q05']:.3f}" in line
     assert f"shuffled {shuffled['mean']:.3f} [{shuffled['quantiles']['q05']:.3f}" in line
-    assert f"AUC {group['auc']:.3f}" in line and f"suggested tau {group['tau_at_false_pass']:.3f}" in line
+    assert f"AUC {group['auc']:.3f}" in line and f"false-pass tau {group['tau_at_false_pass']:.3f}" in line
+    assert "Youden tau only measures" in result.output and "random tiles of the sample" in result.output
+    if not group["low_auc"]:
+        assert f"absolute: set captions.tau: {group['tau_at_false_pass']:.3f} (false-pass" in result.output
+        assert f"captions.gate.margin: {group['margin_at_false_pass']:.3f}" in result.output
+    else:
+        assert "CLIP cannot tell this expert's captions from shuffled ones" in result.output
     assert "raw cosine 0.100" in result.output and "6 tiles (seed 0)" in result.output
 
 
@@ -235,3 +244,68 @@ def test_cli_exits_2_with_one_line_on_bad_input(inputs, tmp_path, case):
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     if case in ("empty store", "no usable captions"):
         assert f"flows run generate-captions --manifest {manifest} --limit N" in lines[0]
+
+
+class BlindScorer(FakeScorer):
+    """Every caption embeds the same: own and shuffled pairs score alike (AUC 0.5)."""
+
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, list[int], list[int]]:
+        rows = torch.zeros(len(texts), self.dim)
+        rows[:, -1] = 1.0
+        return rows, [1] * len(texts), [1] * len(texts)
+
+
+def _named_store(inputs, folder: Path) -> tuple[Path, dict[str, str]]:
+    manifest, store = inputs
+    frame = read_store(store)
+    write_fragment(folder, frame.assign(caption=frame["tile_id"] + "|" + frame["prompt_id"]),
+                   StoreMeta(["a"], "tiny", 0.0))  # fmt: skip
+    tiles = index_frame(manifest)
+    return folder, dict(zip(tiles["tile_id"], tiles["image_sha256"], strict=True))
+
+
+def test_suggestions_per_gate_mode_and_the_contrastive_margin(inputs, tmp_path):
+    manifest, _ = inputs
+    store, shas = _named_store(inputs, tmp_path / "named")
+    result = calibrate_gate(manifest, sample=64, store=store, scorer=FakeScorer(shas), false_pass=0.05)
+    group = result.experts["annotation"]
+    # A shuffled caption scores 0.5 with the tile it is scored against, 0.9 with its own tile and 0.5 with the rest:
+    # its own-minus-others is 0.5 - (0.9 + 0.5 * (n - 2)) / (n - 1); an own caption's is 0.9 - 0.5.
+    n = result.sample_size
+    shuffled = 0.5 - (0.9 + 0.5 * (n - 2)) / (n - 1)
+    pairs = result.pairs
+    np.testing.assert_allclose(pairs.loc[pairs["kind"] == "shuffled", "contrast"], shuffled, atol=1e-6)
+    np.testing.assert_allclose(pairs.loc[pairs["kind"] == "own", "contrast"], 0.4, atol=1e-6)
+    # Every shuffled caption scores the same: the false-pass margin is just above it, and lets none through.
+    highest = pairs.loc[pairs["kind"] == "shuffled", "contrast"].max()
+    assert group.margin_at_false_pass == pytest.approx(shuffled, abs=1e-6) and group.margin_at_false_pass > highest
+    assert group.own_pass_at_margin == 1.0 and not group.low_auc
+    written = json.loads((store / "calibration" / "calibration.json").read_text())
+    tips = written["experts"]["annotation"]["suggestions"]
+    assert tips["absolute"].startswith(f"captions.tau: {group.tau_at_false_pass:.3f} (false-pass 0.0%")
+    assert tips["percentile"].startswith("captions.gate.keep_top: 1.00 (share of own captions above")
+    assert tips["contrastive"].startswith(f"captions.gate.margin: {group.margin_at_false_pass:.3f}")
+    assert "warning" not in written["experts"]["annotation"] and written["auc_floor"] == AUC_FLOOR
+    assert "random tiles of the sample" in written["contrastive_note"]
+    assert not (store / "calibration" / "calibration.prev.json").exists() and not result.replaced
+
+
+def test_low_auc_warns_instead_of_recommending_and_keeps_the_previous_calibration(inputs, tmp_path):
+    manifest, _ = inputs
+    store, shas = _named_store(inputs, tmp_path / "named")
+    first = calibrate_gate(manifest, sample=64, store=store, scorer=FakeScorer(shas))
+    before = (store / "calibration" / "calibration.json").read_text()
+    result = calibrate_gate(manifest, sample=64, store=store, scorer=BlindScorer(shas))
+    group = result.experts["annotation"]
+    assert group.auc == 0.5 < AUC_FLOOR and group.low_auc and not first.experts["annotation"].low_auc
+    assert result.replaced and (store / "calibration" / "calibration.prev.json").read_text() == before
+    written = json.loads((store / "calibration" / "calibration.json").read_text())["experts"]["annotation"]
+    assert written["low_auc"] is True and written["suggestions"] == {}
+    assert "CLIP cannot tell this expert's captions from shuffled ones (AUC 0.50" in written["warning"]
+    out = Console(record=True, width=300)
+    print_calibration(result, out)
+    text = out.export_text()
+    warning = next(line for line in text.splitlines() if line.startswith("warning: annotation"))
+    assert "no threshold will filter by fit; check the CLIP weights" in warning
+    assert "set captions.tau" not in text and "set captions.gate" not in text
+    assert "calibration.prev.json" in text and "replaced" in text

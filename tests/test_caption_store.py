@@ -204,3 +204,13 @@ def test_attempt_counts_for_a_subset_of_tiles(tmp_path):
     assert done == {("t3", "e", "p1")}
     assert counts == {("t2", "e", "p1"): 1, ("t3", "e", "p1"): 2}
     assert attempt_counts(tmp_path / "empty", ["t1"], done=POLICY.done) == (set(), {})
+
+
+def test_store_files_get_the_mode_of_any_new_file_not_a_private_one(tmp_path):
+    """A store on a shared path must be readable by the group the umask allows (mkstemp alone makes 0600)."""
+    import os
+
+    path = write_fragment(tmp_path / "store", [row("t0")], META)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask

@@ -391,3 +391,20 @@ def test_model_cache_builds_once_and_closes_what_it_drops():
     c, text = cache.get("c", Model), cache.get("text", lambda: "no close method")
     cache.clear()
     assert c.closed == 1 and cache.keys() == [] and text == "no close method"
+
+
+def test_the_run_summary_never_cuts_an_expert_name_in_80_columns():
+    import io
+
+    import pandas as pd
+    from rich.console import Console
+
+    from flows.console import print_summary
+    from flows.generate_captions import CaptionRunSummary
+
+    names = ["llava-1.5-7b-hf-vllm", "qwen2.5-vl-3b-instruct-serve"]
+    table = pd.DataFrame([{"expert": name, "prompt_id": "p1", "keys": 256, "pass_rate": 0.9, "first_try": 0.8,
+                           "recovered": 20, "not_passed": 3, "errored": 0} for name in names])  # fmt: skip
+    out = io.StringIO()
+    print_summary(CaptionRunSummary(Path("s"), 256, 512, 0, 1.0, table), Console(file=out, width=80))
+    assert all(name in out.getvalue() for name in names), out.getvalue()

@@ -4,21 +4,32 @@ shard). Each row records ``gate_mode``, ``gate_threshold`` and ``gate_score``.""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+from rich.console import Console
 
-from caption_pipeline.gate import GateSettings, RunInfo, TileTask, caption_tiles
+from caption_pipeline.gate import (
+    GateSettings,
+    RunInfo,
+    TileTask,
+    calibrate_thresholds,
+    calibration_ids,
+    caption_tiles,
+)
 from caption_pipeline.policy import GatePolicy
 from caption_pipeline.prompts import TileClasses
 from caption_pipeline.scoring import ClipScorer, Score
 from flows import generate_captions as flow_module
-from flows.generate_captions import generate_captions, shards
+from flows.console import print_summary
+from flows.generate_captions import CaptionRunSummary, check_gate_thresholds, generate_captions, shards, summarize
 from manifests.caption_store import THRESHOLDS_FILE, compact, read_store, write_fragment
 from manifests.errors import InputError
-from manifests.run_manifest import CaptionsConfig, GateConfig
+from manifests.run_manifest import CaptionsConfig, GateConfig, load_manifest
 from tests.helpers import META, AnsweringExpert, CaptionScorer, flat_tiles, row
 
 
@@ -56,7 +67,8 @@ def tiles(tmp_path) -> list[TileTask]:
 
 def test_the_manifest_gate_and_the_policy_of_each_mode():
     captions = CaptionsConfig(store="s", tau=0.6, experts=[])
-    assert captions.gate == GateConfig(mode="absolute", keep_top=0.3, calibration_tiles=64, margin=0.02)
+    gate = captions.gate
+    assert (gate.mode, gate.keep_top, gate.calibration_tiles, gate.margin) == ("absolute", 0.3, 64, 0.02)
     with pytest.raises(ValueError, match="mode"):
         GateConfig(mode="relative")
     with pytest.raises(ValueError, match="extra"):
@@ -144,19 +156,94 @@ def test_compact_refuses_a_store_mixing_modes_or_thresholds(tmp_path):
     store = tmp_path / "mixed"
     write_fragment(store, [row("t1")], META)
     write_fragment(store, [row("t2", gate_mode="contrastive", gate_threshold=0.02, gate_score=0.1)], META)
-    with pytest.raises(InputError, match=r"mixes gate modes absolute, contrastive") as info:
+    with pytest.raises(InputError, match=r"mixes gate modes absolute \(run r\), contrastive \(run r\)") as info:
         compact(store, select=GatePolicy().select)
     assert "\n" not in str(info.value)
     store = tmp_path / "thresholds"
     write_fragment(store, [row("t1", gate_mode="percentile", gate_threshold=0.5)], META)
     write_fragment(store, [row("t2", gate_mode="percentile", gate_threshold=0.6)], META)
-    with pytest.raises(InputError, match=r"gate mode percentile with several thresholds for e/p1"):
+    write_fragment(store, [row("t3", gate_mode="percentile", gate_threshold=0.6, run_id="late")], META)
+    with pytest.raises(InputError, match=r"gate mode percentile with several thresholds, e/p1: ") as info:
         compact(store, select=GatePolicy().select)
+    # The runs behind each threshold are named, so the user knows whose rows to remove.
+    assert "0.5 (run r)" in str(info.value) and "0.6 (run late, r)" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_settings_of_another_gate_mode_are_refused(gated_manifest):
+    for mode, setting, owner in [("absolute", "keep_top: 0.5", "percentile"), ("contrastive", "calibration_tiles: 8",
+                                 "percentile"), ("percentile", "margin: 0.05", "contrastive"),
+                                 ("absolute", "margin: 0.05", "contrastive")]:  # fmt: skip
+        with pytest.raises(ValueError, match=f"is a setting of mode {owner}, not {mode}"):
+            GateConfig.model_validate({"mode": mode, **dict([setting.split(": ")])})
+    with pytest.raises(InputError) as info:
+        load_manifest(gated_manifest("{mode: percentile, margin: 0.05}"))
+    assert "captions.gate: margin is a setting of mode contrastive, not percentile" in str(info.value)
+    assert "\n" not in str(info.value)
+    assert load_manifest(gated_manifest("{mode: percentile, keep_top: 0.5}")).captions.gate.keep_top == 0.5
+
+
+def test_a_store_gated_at_another_threshold_is_refused(tmp_path):
+    store = tmp_path / "store"
+    write_fragment(store, [row("t1"), row("t2", prompt="p2")], META)  # absolute, tau 0.55
+    captions = CaptionsConfig(store=store, tau=0.6, experts=[])
+    with pytest.raises(InputError) as info:
+        check_gate_thresholds(store, captions, ["e"])
+    message = str(info.value)
+    assert message == (
+        f"caption store {store}: gated in mode absolute at captions.tau 0.55 (e/p1, e/p2), this manifest sets "
+        "captions.tau 0.6; caption into a new store, or set captions.tau back to the recorded value"
+    )
+    check_gate_thresholds(store, captions.model_copy(update={"tau": 0.55}), ["e"])  # the recorded tau: accepted
+    check_gate_thresholds(store, captions, ["other"])  # another expert's rows are not this run's concern
+    contrastive = tmp_path / "contrastive"
+    write_fragment(contrastive, [row("t1", gate_mode="contrastive", gate_threshold=0.02)], META)
+    margin = captions.model_copy(update={"gate": GateConfig(mode="contrastive", margin=0.05)})
+    with pytest.raises(
+        InputError,
+        match=r"at captions.gate.margin 0.02 \(e/p1\), this manifest sets captions.gate."
+        r"margin 0.05; caption into a new store, or set captions.gate.margin back",
+    ):
+        check_gate_thresholds(contrastive, margin, ["e"])
+    check_gate_thresholds(contrastive, captions.model_copy(update={"gate": GateConfig(mode="contrastive")}), ["e"])
+
+
+def test_calibration_sample_spreads_over_the_run_and_is_reproducible():
+    ids = [f"t{n:02d}" for n in range(12)]
+    assert calibration_ids(ids, 4) == ["t00", "t04", "t07", "t11"]
+    assert calibration_ids(list(reversed(ids)), 4) == calibration_ids(ids, 4)  # sorted ids: the same sample
+    assert calibration_ids(ids[:3], 4) == ids[:3] and calibration_ids([], 4) == []
+    assert calibration_ids(ids, 1) == ["t00"] and len(calibration_ids(ids, 11)) == 11
+
+
+def test_calibration_without_a_usable_caption_says_what_to_do_in_one_line(tiles):
+    expert = AnsweringExpert(lambda tile, pid, attempt: None)  # never a usable caption
+    settings = GateSettings(GatePolicy(mode="percentile"), prompt_ids=("p1",))
+    with pytest.raises(InputError) as info:
+        calibrate_thresholds(tiles, expert, CaptionScorer(), settings, RunInfo("r"))
+    message = str(info.value)
+    assert "\n" not in message and "raise captions.gate.calibration_tiles" in message and "--experts" in message
+
+
+def test_gate_description_and_the_summary_show_the_gate():
+    assert GatePolicy(tau=0.55).describe() == "gate: absolute, tau 0.55"
+    contrastive = GatePolicy(mode="contrastive", margin=0.02).describe()
+    assert contrastive == "gate: contrastive, margin 0.02 against the other tiles of each shard"
+    thresholds = {(f"e{n}", "p1"): 0.6621 + n / 100 for n in range(8)}
+    percentile = GatePolicy(mode="percentile", keep_top=0.3, thresholds=thresholds).describe()
+    assert percentile.startswith(
+        "gate: percentile keep_top 0.3, thresholds per expert/prompt: e0/p1 0.662, e1/p1 0.672"
+    )
+    assert percentile.endswith("e5/p1 0.712, ... (2 more)")
+    summary = CaptionRunSummary(Path("s"), 1, 0, 0, 0.1, summarize(pd.DataFrame()), gate="gate: absolute, tau 0.55")
+    out = io.StringIO()
+    print_summary(summary, Console(file=out, width=200))
+    assert "gate: absolute, tau 0.55" in out.getvalue().splitlines()
 
 
 @pytest.fixture
 def gated_manifest(tmp_path, small_index, clip_config):
-    def write(gate: str, name: str = "run.yaml") -> Path:
+    def write(gate: str, name: str = "run.yaml", test_source: str = "labels") -> Path:
         path = tmp_path / name
         path.write_text(
             f"""
@@ -172,7 +259,7 @@ captions:
   gate: {gate}
   clip: {{model: demo-tiny-clip, pretrained: null, config: {clip_config.config}, checkpoint: {clip_config.checkpoint},
           device: cpu}}
-  prompts: {{class_source: {{train: labels, test: labels}}, allow_labels_on_eval: true}}
+  prompts: {{class_source: {{train: labels, test: {test_source}}}, allow_labels_on_eval: true}}
   experts:
     - {{name: annotation, backend: annotation}}
 """
@@ -189,8 +276,12 @@ def test_percentile_derives_thresholds_records_them_and_a_resume_reuses_them(
     store = tmp_path / "store"
     generate_captions(manifest, store=store, limit=6)
     sidecar = json.loads((store / THRESHOLDS_FILE).read_text())
-    calibration = sorted(small_index.frame["tile_id"])[:4]
-    assert sidecar["tiles"] == calibration and sidecar["keep_top"] == 0.5 and sidecar["calibration_tiles"] == 4
+    calibration = calibration_ids(sorted(small_index.frame["tile_id"])[:6], 4)  # spread over the run's 6 tiles
+    assert (
+        sidecar["tiles"] == {"annotation": calibration}
+        and sidecar["keep_top"] == 0.5
+        and sidecar["calibration_tiles"] == 4
+    )
     frame = read_store(store)
     assert set(frame["gate_mode"]) == {"percentile"} and frame["tile_id"].nunique() == 6
     for pid, group in frame.groupby("prompt_id"):
@@ -234,3 +325,55 @@ def test_contrastive_flow_scores_every_usable_caption(prefect_api, gated_manifes
     assert len(usable) == 5 * 3 and usable["gate_score"].notna().all()
     assert (frame["passed"] == (frame["usable"] & (frame["gate_score"] >= 0.0))).all()
     assert (usable["gate_score"] < usable["similarity"]).any()  # a score, not the similarity
+
+
+def test_contrastive_refuses_shards_of_one_tile_and_another_margin_up_front(gated_manifest, tmp_path, monkeypatch):
+    def no_flow(**options):
+        def run(*args):
+            raise AssertionError("the flow started")
+
+        return run
+
+    monkeypatch.setattr(flow_module.generate_captions_flow, "with_options", no_flow)
+    manifest = gated_manifest("{mode: contrastive}")
+    with pytest.raises(InputError, match=r"a shard size of 1 .* raise --shard-size") as info:
+        generate_captions(manifest, store=tmp_path / "new", shard_size=1)
+    assert "\n" not in str(info.value) and not (tmp_path / "new").exists()
+    store = tmp_path / "store"  # the manifest's store: a run gated at margin 0.0 wrote it
+    write_fragment(store, [row("t1", expert="annotation", gate_mode="contrastive", gate_threshold=0.0,
+                               clip_model=flow_module.clip_weights(load_manifest(manifest).captions.clip).model_id)],
+                   META)  # fmt: skip
+    before = sorted(store.iterdir())
+    with pytest.raises(InputError, match=r"gated in mode contrastive at captions.gate.margin 0 \(annotation/p1\)"):
+        generate_captions(manifest)
+    assert sorted(store.iterdir()) == before
+
+
+def test_percentile_samples_only_tiles_the_expert_can_caption_and_fails_before_the_flow(
+    gated_manifest, small_index, tmp_path, monkeypatch
+):
+    manifest = gated_manifest("{mode: percentile, calibration_tiles: 3}", test_source="none")
+    loaded = load_manifest(manifest)
+    tile_ids = sorted(small_index.frame["tile_id"])
+    store = tmp_path / "sampled"
+    thresholds = flow_module.derive_thresholds(loaded, str(store), ["annotation"], tile_ids, "r")
+    sidecar = json.loads((store / THRESHOLDS_FILE).read_text())
+    train = sorted(small_index.frame.loc[small_index.frame["split"] == "train", "tile_id"])
+    assert sidecar["tiles"] == {"annotation": calibration_ids(train, 3)}  # no test tile: its class source is none
+    assert set(thresholds) == {("annotation", pid) for pid in ("p1", "p2", "p3")}
+    tests = sorted(small_index.frame.loc[small_index.frame["split"] == "test", "tile_id"])
+    assert flow_module.derive_thresholds(loaded, str(tmp_path / "none"), ["annotation"], tests, "r") == {}
+
+    def no_caption(tiles, expert, *args):
+        raise InputError(f"percentile gate: expert '{expert.name}' gave no usable caption (stand-in)")
+
+    def no_flow(**options):
+        def run(*args):
+            raise AssertionError("the flow started")
+
+        return run
+
+    monkeypatch.setattr(flow_module, "calibrate_thresholds", no_caption)
+    monkeypatch.setattr(flow_module.generate_captions_flow, "with_options", no_flow)
+    with pytest.raises(InputError, match="gave no usable caption"):
+        generate_captions(manifest, store=tmp_path / "failing")

@@ -6,22 +6,33 @@ import base64
 import io
 import json
 import re
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
+import typer
 from PIL import Image
+from typer.testing import CliRunner
 
+from flows.calibrate import AUC_FLOOR
+from flows.cli import app
 from flows.report import (
     CAPTION_TILES,
     EXAMPLES,
     MAX_DISAGREEMENTS,
     MAX_RECOVERED,
+    SWEEP_OTHER_MODE,
     THUMB_MAX_BYTES,
     THUMB_PX,
     build_report,
+    gate_summary,
     gate_table,
+    render_captions_html,
+    render_html,
+    render_markdown,
     sample_tiles,
+    worst_and_best,
     write_report,
 )
 from manifests.caption_store import StoreMeta, write_fragment
@@ -178,7 +189,7 @@ def test_gate_columns_and_calibration_are_shown_when_present(report_store, small
         page = path.read_text()
         assert "Own vs shuffled captions" in page and "0.910" in page
         if report.gate is not None:
-            assert "gate mode absolute, threshold 0.550" in page
+            assert "gate mode absolute: similarity &gt;= tau = 0.550" in page
         (report_store / "calibration" / "calibration.json").write_text("{not json")
         assert "could not be read" in build_report(report_store).calibration_note
         (report_store / "calibration" / "calibration.json").write_text("[1, 2]")
@@ -233,3 +244,149 @@ def test_report_size_is_bounded(report_store, small_index, tmp_path_factory):
     assert CAPTION_TILES * thumb < 2 * MB  # the thumbnails alone, whatever the images
     print(f"demo-sized report.html {report_size / MB:.2f} MB, captions.html {captions_size / MB:.2f} MB")
     assert report_size + captions_size < 5 * MB
+
+
+class TileBlocks(HTMLParser):
+    """The table bodies of captions.html: per ``tbody.tile`` its rows, each with its class, data attributes, whether
+    it holds a thumbnail and any rowspan."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tiles: list[dict] = []
+        self.row: dict | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = dict(attrs)
+        if tag == "tbody" and values.get("class") == "tile":
+            self.tiles.append({"tile": values["data-tile"], "captions": int(values["data-captions"]), "rows": []})
+        elif tag == "tr" and self.tiles:
+            self.row = {"class": values.get("class"), "data": values, "img": None, "rowspan": False}
+            self.tiles[-1]["rows"].append(self.row)
+        elif tag == "td" and self.row is not None and "rowspan" in values:
+            self.row["rowspan"] = True
+        elif tag == "img" and self.row is not None:
+            self.row["img"] = values.get("alt")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "tr":
+            self.row = None
+
+
+def visible_tiles(blocks: TileBlocks, expert: str = "", prompt: str = "", passed: str = "") -> dict[str, tuple]:
+    """What FILTER_SCRIPT shows for a filter: per shown tile, whether its head row (with the thumbnail) is shown and
+    which caption rows are (the script's rule: a caption row by its data attributes, the tile while any is shown)."""
+    shown = {}
+    for tile in blocks.tiles:
+        rows = [row for row in tile["rows"] if row["class"] == "caption-row"]
+        ok = [(expert in ("", row["data"]["data-expert"])) and (prompt in ("", row["data"]["data-prompt"]))
+              and (passed in ("", row["data"]["data-passed"])) for row in rows]  # fmt: skip
+        if any(ok):
+            shown[tile["tile"]] = (tile["rows"][0], [row for row, keep in zip(rows, ok, strict=True) if keep])
+    return shown
+
+
+def test_captions_page_filter_never_hides_a_shown_captions_thumbnail(report_store, small_index, tmp_path):
+    write_report(report_store, tmp_path / "out", small_index.root, n_tiles=5)
+    page = (tmp_path / "out" / "captions.html").read_text()
+    blocks = TileBlocks()
+    blocks.feed(page)
+    assert len(blocks.tiles) == 5
+    for tile in blocks.tiles:
+        head, *rows = tile["rows"]
+        # The thumbnail and the tile id sit in a head row of their own, which carries no filter attributes.
+        assert head["class"] == "tile-head" and head["img"] == tile["tile"] and "data-expert" not in head["data"]
+        assert len(rows) == tile["captions"] == 4 and all(row["class"] == "caption-row" for row in rows)
+        assert not any(row["img"] or row["rowspan"] for row in rows) and not head["rowspan"]
+    # The script filters only caption rows and hides a tile's body (its head row with it) when none is left.
+    assert "querySelectorAll('tr.caption-row')" in page and "body.style.display = visible ? '' : 'none'" in page
+    assert "tile-head" not in page.split("<script>")[1]
+    # Hiding any tile's first caption row (here: the annotation expert, which sorts first) keeps its thumbnail.
+    for filters in ({"expert": "scripted"}, {"prompt": "p2"}, {"passed": "false"}, {"expert": "annotation"}, {}):
+        for tile, (head, rows) in visible_tiles(blocks, **filters).items():
+            assert head["class"] == "tile-head" and head["img"] == tile and rows
+    first = {tile["tile"]: tile["rows"][1]["data"]["data-expert"] for tile in blocks.tiles}
+    assert set(first.values()) == {"annotation"} and set(visible_tiles(blocks, expert="scripted")) == set(first)
+    # Next to the similarity: the gate score and the threshold the caption was judged by.
+    assert "<th>similarity</th><th>gate_score</th><th>gate_threshold</th><th>passed</th>" in page
+    assert "<td class='gate_threshold'>0.550</td>" in page
+
+
+def test_reports_show_the_gate_mode_and_order_by_gate_score(report_store, small_index, tmp_path):
+    report = build_report(report_store)
+    assert "gate mode absolute: similarity >= tau = 0.550" in render_markdown(report)
+    assert "Tau sweep" in render_html(report) and SWEEP_OTHER_MODE not in render_html(report)
+    selected = report.selected
+    # Contrastive: the gate score orders, against the similarity; rows without one fall back to their similarity.
+    score = 1.0 - selected["similarity"]
+    contrastive = selected.assign(gate_mode="contrastive", gate_threshold=0.02, gate_score=score)
+    contrastive.loc[contrastive.index[0], "gate_score"] = np.nan
+    examples = worst_and_best(contrastive)
+    for (expert, prompt), group in examples.groupby(["expert", "prompt_id"]):
+        pool = contrastive[(contrastive["expert"] == expert) & (contrastive["prompt_id"] == prompt)]
+        order = pool["gate_score"].fillna(pool["similarity"])
+        worst = group[group["which"] == "worst"]
+        assert sorted(worst["tile_id"]) == sorted(pool.loc[order.nsmallest(EXAMPLES).index, "tile_id"])
+    report.gate = gate_table(contrastive)
+    report.selected = contrastive
+    summary = gate_summary(report.gate, report.tau)
+    assert summary == "gate mode contrastive: own similarity minus the mean similarity to the shard's other tiles " \
+        ">= margin = 0.020"  # fmt: skip
+    markdown, page = render_markdown(report), render_html(report)
+    assert summary in markdown and "tau = " not in markdown and "tau = 0.55" not in page
+    assert SWEEP_OTHER_MODE in page and "<h2>Tau sweep</h2>" not in page
+    captions = render_captions_html(report)
+    assert "gate mode contrastive" in captions and "<td class='gate_threshold'>0.020</td>" in captions
+    thresholds = np.where(selected["prompt_id"] == "p1", 0.61, 0.64)
+    percentile = gate_table(selected.assign(gate_mode="percentile", gate_threshold=thresholds))
+    assert "gate mode percentile: similarity >= a threshold per expert and prompt (0.610-0.640" in gate_summary(
+        percentile, 0.55
+    )
+    legacy = gate_summary(None, 0.55)
+    assert legacy == "gate mode absolute (the store records no gate mode): similarity >= tau = 0.55"
+
+
+def test_low_auc_calibration_is_flagged_in_the_report(report_store, tmp_path):
+    (report_store / "calibration").mkdir()
+    try:
+        calibration = {"experts": {"annotation": {"auc": 0.49, "low_auc": True, "tau_at_false_pass": 0.7},
+                                   "scripted": {"auc": 0.93, "low_auc": False, "tau_at_false_pass": 0.6}}}  # fmt: skip
+        (report_store / "calibration" / "calibration.json").write_text(json.dumps(calibration))
+        report = build_report(report_store)
+        warning = "annotation: CLIP cannot tell this expert's captions from shuffled ones (AUC 0.49"
+        assert warning in render_markdown(report) and html_escape(warning) in render_html(report)
+        assert "scripted: CLIP cannot tell" not in render_html(report) and AUC_FLOOR > 0.49
+    finally:
+        for file in (report_store / "calibration").iterdir():
+            file.unlink()
+        (report_store / "calibration").rmdir()
+
+
+def html_escape(text: str) -> str:
+    import html
+
+    return html.escape(text)
+
+
+def test_cli_prints_both_pages_and_passes_sample_and_seed(report_store, small_index, tmp_path, monkeypatch):
+    import flows.report as module
+
+    calls = []
+
+    def flow(store, out, index, n_tiles, seed):  # the Prefect flow, without an API server
+        calls.append((n_tiles, seed))
+        return module.write_report(store, out, index, n_tiles, seed)[0]
+
+    monkeypatch.setattr(module, "caption_report_flow", flow)
+    out = tmp_path / "out"
+    args = ["run", "caption-report", "--store", str(report_store), "--out", str(out), "--index", str(small_index.root)]
+    result = CliRunner().invoke(app, [*args, "--sample", "3", "--seed", "2"])
+    assert result.exit_code == 0, result.output
+    assert calls == [(3, 2)]
+    lines = result.output.splitlines()
+    assert f"report: {out / 'report.html'}" in lines and f"captions: {out / 'captions.html'}" in lines
+    assert len(IMG.findall((out / "captions.html").read_text())) == 3
+    assert "a random sample, seed 2" in (out / "captions.html").read_text()
+    command = typer.main.get_command(app).commands["run"].commands["caption-report"]  # type: ignore[attr-defined]
+    helps = {param.name: param.help for param in command.params}
+    assert helps["index"] == "tile index, for thumbnails, class recall and hallucinations"
+    assert helps["sample"] == "tiles shown in captions.html" and "random" in helps["seed"]
