@@ -144,7 +144,8 @@ def main() -> None:
     from caption_pipeline.policy import GatePolicy
     from caption_pipeline.scoring import ClipScorer
     from caption_pipeline.tiny_models import build_tiny_clip
-    from flows.generate_captions import ModelCache, frozen_heap, generate_captions
+    from flows.generate_captions import frozen_heap, generate_captions
+    from flows.model_cache import ModelCache
     from manifests.run_manifest import load_manifest
     from manifests.tile_index import read_tile_index
     from segmenter.demo_scenes import write_demo_dataset

@@ -20,7 +20,7 @@ from caption_pipeline.scoring import ClipScorer
 from manifests.caption_store import KEY_COLUMNS
 from manifests.class_predictions import ClassPredictions, read_class_predictions
 from manifests.errors import InputError
-from manifests.run_manifest import PromptConfig
+from manifests.run_manifest import CaptionsConfig, ExpertConfig, PromptConfig
 from manifests.tile_index import TileIndex
 
 Key = tuple[str, str, str]
@@ -58,6 +58,14 @@ class GateSettings:
     overrides: dict[str, str] = field(default_factory=dict)
     temperature: float = 0.0
     reprompt_temperature: float = 0.7
+
+    @classmethod
+    def for_expert(cls, policy: GatePolicy, captions: CaptionsConfig, config: ExpertConfig) -> GateSettings:
+        """The gate of one expert of a manifest: the run's policy and prompts, the expert's overrides and decoding."""
+        return cls(
+            policy, tuple(captions.prompts.ids), dict(config.prompts),
+            temperature=config.temperature, reprompt_temperature=config.reprompt_temperature,
+        )  # fmt: skip
 
     def decoding(self, attempt: int) -> tuple[float, int]:
         """(temperature, seed) of an attempt: the expert's temperature first, then sampling with seed = attempt, so

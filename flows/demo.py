@@ -10,7 +10,8 @@ from rich.console import Console
 from caption_pipeline.scoring import clip_weights
 from caption_pipeline.tiny_models import build_tiny_clip, build_tiny_llava, build_tiny_qwen2_vl
 from flows.console import print_summary, with_progress
-from flows.generate_captions import check_scorer, generate_captions
+from flows.gate_store import check_scorer
+from flows.generate_captions import generate_captions
 from flows.report import caption_report_flow
 from manifests.errors import InputError
 from manifests.run_manifest import load_manifest

@@ -8,7 +8,6 @@ at any point and started again ends with the same store as an uninterrupted one.
 from __future__ import annotations
 
 import gc
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -16,45 +15,44 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, TypeVar
+from typing import TypeVar
 
-import numpy as np
 import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
-from caption_pipeline.experts import Expert, build_expert
 from caption_pipeline.experts.base import ExpertUnavailable
 from caption_pipeline.experts.openai_backend import api_key
 from caption_pipeline.gate import (
     GateSettings,
     RunInfo,
-    calibrate_thresholds,
-    calibration_ids,
     caption_tiles,
     class_sources,
     load_predictions,
     tile_tasks,
 )
 from caption_pipeline.policy import GatePolicy
-from caption_pipeline.scoring import ClipScorer, clip_weights
+from caption_pipeline.scoring import clip_weights
+from flows import model_cache
+from flows.gate_store import (
+    check_gate_mode,
+    check_gate_thresholds,
+    check_scorer,
+    check_thresholds,
+    derive_thresholds,
+    stored_thresholds,
+)
 from manifests.caption_store import (
     KEY_COLUMNS,
-    THRESHOLDS_FILE,
     StoreMeta,
     attempt_counts,
     compact,
-    gate_modes,
-    gate_thresholds,
-    read_gate_thresholds,
     read_store,
-    scorers,
     write_fragment,
-    write_gate_thresholds,
 )
 from manifests.errors import InputError
-from manifests.run_manifest import CaptionsConfig, ExpertConfig, RunManifest, load_manifest
+from manifests.run_manifest import load_manifest
 from manifests.tile_index import read_tile_index
 
 GPU_TAG = "gpu"
@@ -66,103 +64,6 @@ ShardProgress = Callable[[int, int, str], None]
 # A synchronous flow runs in its caller's thread, and Prefect copies the context into the threads it starts, as it
 # does for its own run contexts (which are context variables too).
 _ON_SHARD: ContextVar[ShardProgress | None] = ContextVar("on_shard", default=None)
-
-
-class ModelCache:
-    """Experts and CLIP scorers built once per configuration and shared by the shard tasks of one process.
-
-    Loading a captioning model or a CLIP network takes seconds to minutes, so the shard tasks that run in a process
-    share one instance of each: :meth:`get` builds on first use, under a lock, and later calls return the same object.
-    What the cache drops it closes first (a vLLM engine frees its GPU memory, an HTTP expert its session).
-
-    Lifetime. Prefect runs tasks in threads of the flow's process (``ThreadPoolTaskRunner``, a local Dask cluster
-    without processes) or in Dask worker processes, and a task can reach no object of the caller but through its
-    process: so there is one cache per process, :meth:`of_process`, created on first use. In the process that calls
-    :func:`generate_captions`, each run holds the cache (:meth:`hold`) and the last holder to leave empties it, so
-    no model outlives the run that loaded it, and a later run starts afresh (an expert that refused a key is built
-    again). A caller that wants the models kept across several runs (a benchmark timing warm runs) holds the cache
-    around them. In a remote Dask worker no run holds the cache: its models live as long as the worker process.
-    """
-
-    _process: ClassVar[ModelCache | None] = None
-    _process_lock: ClassVar[threading.Lock] = threading.Lock()
-
-    def __init__(self) -> None:
-        self._items: dict[str, object] = {}
-        self._lock = threading.Lock()
-        self._holders = 0
-
-    @classmethod
-    def of_process(cls) -> ModelCache:
-        """This process's cache, created on first use."""
-        with cls._process_lock:
-            if cls._process is None:
-                cls._process = cls()
-            return cls._process
-
-    def get(self, key: str, build: Callable[[], T]) -> T:
-        """The object cached under ``key``, built by ``build()`` the first time (one build however many callers)."""
-        with self._lock:
-            if key not in self._items:
-                self._items[key] = build()
-            return self._items[key]  # type: ignore[return-value]
-
-    def release(self, key: str) -> None:
-        """Drop the object under ``key`` (if any), closing it."""
-        with self._lock:
-            item = self._items.pop(key, None)
-        _close(item)
-
-    def clear(self) -> None:
-        """Drop and close every cached object."""
-        with self._lock:
-            items, self._items = list(self._items.values()), {}
-        for item in items:
-            _close(item)
-
-    def keys(self) -> list[str]:
-        """The keys cached now."""
-        with self._lock:
-            return list(self._items)
-
-    @contextmanager
-    def hold(self) -> Iterator[ModelCache]:
-        """Keep the cached objects while the block runs; the last holder to leave clears the cache."""
-        with self._lock:
-            self._holders += 1
-        try:
-            yield self
-        finally:
-            with self._lock:
-                self._holders -= 1
-                last = self._holders == 0
-            if last:
-                self.clear()
-
-
-def _close(item: object) -> None:
-    close = getattr(item, "close", None)
-    if close is not None:
-        close()
-
-
-def _expert_key(config: ExpertConfig) -> str:
-    """The cache key of an expert: its whole configuration."""
-    return f"expert:{config.model_dump_json()}"
-
-
-def _expert(config: ExpertConfig) -> Expert:
-    return ModelCache.of_process().get(_expert_key(config), lambda: build_expert(config))
-
-
-def release_expert(config: ExpertConfig) -> None:
-    """Drop this process's instance of an expert, closing it first (a vLLM engine frees its GPU memory)."""
-    ModelCache.of_process().release(_expert_key(config))
-
-
-def _scorer(manifest: RunManifest) -> ClipScorer:
-    config = manifest.captions.clip
-    return ModelCache.of_process().get(f"clip:{config.model_dump_json()}", lambda: ClipScorer(config))
 
 
 @dataclass(frozen=True)
@@ -190,27 +91,19 @@ def caption_shard(
     )
     done, counts = attempt_counts(store, tile_ids, done=policy.done)
     config = next(expert for expert in captions.experts if expert.name == expert_name)
-    settings = _settings(policy, captions, config)
+    settings = GateSettings.for_expert(policy, captions, config)
     keys = {(tile_id, expert_name, pid) for tile_id in tile_ids for pid in settings.prompt_ids}
     skip = done & keys
-    scorer = _scorer(manifest)
+    scorer = model_cache.scorer(manifest)
     try:
         rows = caption_tiles(
-            tile_tasks(index, frame, captions.prompts), _expert(config), scorer, settings,
+            tile_tasks(index, frame, captions.prompts), model_cache.expert(config), scorer, settings,
             RunInfo(run_id, manifest_sha256), skip=skip, previous_attempts=counts,
         )  # fmt: skip
     except ExpertUnavailable as exc:  # a bad key, an unknown model, an engine that cannot start: stop, not retry
         return ShardResult(expert_name, len(frame), 0, len(skip), unavailable=str(exc))
     write_fragment(store, rows, StoreMeta(index.class_names, scorer.model_id, captions.tau))
     return ShardResult(expert_name, len(frame), len(rows), len(skip))
-
-
-def _settings(policy: GatePolicy, captions: CaptionsConfig, config: ExpertConfig) -> GateSettings:
-    """The gate of one expert of the manifest."""
-    return GateSettings(
-        policy, tuple(captions.prompts.ids), dict(config.prompts),
-        temperature=config.temperature, reprompt_temperature=config.reprompt_temperature,
-    )  # fmt: skip
 
 
 def shards(tile_ids: list[str], size: int, min_size: int = 1) -> list[list[str]]:
@@ -220,130 +113,6 @@ def shards(tile_ids: list[str], size: int, min_size: int = 1) -> list[list[str]]
     if len(parts) > 1 and len(parts[-1]) < min_size:
         parts[-2:] = [parts[-2] + parts[-1]]
     return parts
-
-
-def stored_thresholds(store: str | Path) -> dict[tuple[str, str], float]:
-    """A percentile gate's thresholds per (expert, prompt id) from the store's sidecar (none where it has none)."""
-    content = read_gate_thresholds(store) or {}
-    return {
-        (expert, pid): float(value)
-        for expert, prompts in content.get("thresholds", {}).items()
-        for pid, value in prompts.items()
-    }
-
-
-def check_thresholds(store: str | Path, captions: CaptionsConfig, model_id: str) -> None:
-    """Refuse to resume a percentile gate whose stored thresholds were derived otherwise (another ``keep_top``,
-    calibration sample size or CLIP network): they are reused, never re-derived silently.
-
-    Raises:
-        InputError: the sidecar disagrees with the manifest.
-    """
-    content = read_gate_thresholds(store)
-    if content is None:
-        return
-    wanted = {"keep_top": captions.gate.keep_top, "calibration_tiles": captions.gate.calibration_tiles,
-              "clip_model": model_id}  # fmt: skip
-    differ = [f"{key} {content.get(key)!r} (manifest: {value!r})" for key, value in wanted.items()
-              if content.get(key) != value]  # fmt: skip
-    if differ:
-        raise InputError(
-            f"gate thresholds {Path(store) / THRESHOLDS_FILE}: derived with {', '.join(differ)}; they are reused, "
-            "not re-derived: caption into a new store, or delete the file together with the store's rows"
-        )
-
-
-def derive_thresholds(
-    manifest: RunManifest, store: str, experts: list[str], tile_ids: list[str], run_id: str
-) -> dict[tuple[str, str], float]:
-    """A percentile gate's thresholds for ``experts``: those in the store's sidecar are reused as stored; the
-    missing (expert, prompt) pairs are derived from attempt 0 on each expert's calibration sample and added to the
-    sidecar, which the shard tasks then read.
-
-    The sample is ``calibration_tiles`` of the run's tiles ``tile_ids``, evenly spaced over their sorted ids
-    (:func:`calibration_ids`), drawn from the tiles the expert can caption: an expert that describes the class mask
-    (``needs_class_mask``) only from splits whose class source is not ``none``. An expert that can caption none of
-    the run's tiles needs no threshold for this run and gets none. The sidecar records each expert's sample.
-
-    Raises:
-        InputError: an expert without a usable caption for a prompt on its sample (one line, with what to do).
-    """
-    captions = manifest.captions
-    content = read_gate_thresholds(store) or {}
-    thresholds = stored_thresholds(store)
-    missing = [name for name in experts if any((name, pid) not in thresholds for pid in captions.prompts.ids)]
-    if not missing:
-        return thresholds
-    index = read_tile_index(manifest.tiling.out)
-    frame = index.frame[index.frame["tile_id"].isin(set(tile_ids))]
-    sources = class_sources(frame, captions.prompts)
-    with_mask = frame[frame["split"].map(sources) != "none"]
-    samples = content.get("tiles") or {}
-    if isinstance(samples, list):  # a sidecar of one sample for every expert
-        samples = {expert: samples for expert in content.get("thresholds", {})}
-    scorer = _scorer(manifest)
-    policy = GatePolicy.from_captions(captions)
-    sizes = content.get("captions", {})
-    for name in missing:
-        config = next(expert for expert in captions.experts if expert.name == name)
-        expert = _expert(config)
-        try:
-            eligible = with_mask if expert.needs_class_mask else frame
-            sample_ids = calibration_ids(list(eligible["tile_id"]), captions.gate.calibration_tiles)
-            if not sample_ids:  # it captions nothing in this run: no threshold needed yet
-                continue
-            chosen = frame[frame["tile_id"].isin(set(sample_ids))].sort_values("tile_id")
-            derived, counts = calibrate_thresholds(
-                tile_tasks(index, chosen, captions.prompts), expert, scorer, _settings(policy, captions, config),
-                RunInfo(f"{run_id}-calibration"),
-            )  # fmt: skip
-        finally:
-            if config.backend == "vllm":  # engines run one at a time, each with most of the GPU
-                release_expert(config)
-        thresholds.update(derived)
-        samples[name] = sample_ids
-        for (expert_name, pid), count in counts.items():
-            sizes.setdefault(expert_name, {})[pid] = count
-    by_expert: dict[str, dict[str, float]] = {}
-    for (expert_name, pid), value in thresholds.items():
-        by_expert.setdefault(expert_name, {})[pid] = value
-    write_gate_thresholds(store, {
-        "gate_mode": "percentile", "keep_top": captions.gate.keep_top,
-        "calibration_tiles": captions.gate.calibration_tiles, "clip_model": scorer.model_id,
-        "tiles": samples, "thresholds": by_expert, "captions": sizes,
-    })  # fmt: skip
-    return thresholds
-
-
-def check_gate_thresholds(store: str | Path, captions: CaptionsConfig, experts: list[str]) -> None:
-    """Refuse to add to a store whose rows of ``experts`` were gated at another threshold than the manifest's
-    (mode absolute: ``captions.tau``; contrastive: ``captions.gate.margin``): a resume would write rows that
-    ``compact`` then refuses to merge, and on a complete store the new value would pass silently. A percentile gate
-    is checked against its sidecar instead (:func:`check_thresholds`).
-
-    Raises:
-        InputError: one line naming the store, the recorded and the manifest's value, and what to do.
-    """
-    mode = captions.gate.mode
-    if mode == "percentile":
-        return
-    if mode == "absolute":
-        setting, wanted = "captions.tau", captions.tau
-    else:
-        setting, wanted = "captions.gate.margin", captions.gate.margin
-    recorded: dict[float, list[str]] = {}
-    for (expert, pid), gates in sorted(gate_thresholds(store).items()):
-        if expert not in experts or pid not in captions.prompts.ids:
-            continue
-        for row_mode, threshold in gates:
-            if row_mode == mode and float(np.float32(threshold)) != float(np.float32(wanted)):
-                recorded.setdefault(round(threshold, 6), []).append(f"{expert}/{pid}")
-    if recorded:
-        values = ", ".join(f"{value:g} ({', '.join(pairs)})" for value, pairs in sorted(recorded.items()))
-        raise InputError(
-            f"caption store {store}: gated in mode {mode} at {setting} {values}, this manifest sets {setting} "
-            f"{wanted:g}; caption into a new store, or set {setting} back to the recorded value"
-        )
 
 
 @dataclass(frozen=True)
@@ -475,12 +244,13 @@ def generate_captions_flow(
         try:
             results += _collect(submit(name), total, results)
         finally:
-            release_expert(configs[name])
+            model_cache.release_expert(configs[name])
         if any(result.unavailable for result in results):
             break
     results += _collect(alongside, total, results)
     for name in {result.expert for result in results if result.unavailable}:
-        release_expert(configs[name])  # its refusal is remembered: a later run in this process starts afresh
+        # its refusal is remembered: a later run in this process starts afresh
+        model_cache.release_expert(configs[name])
     compact(store, select=policy.select)
     rows = expert_rows(Path(store), experts)
     return CaptionRunSummary(
@@ -587,7 +357,7 @@ def generate_captions(
     configured = generate_captions_flow.with_options(task_runner=_task_runner(runner, address))
     token = _ON_SHARD.set(on_shard)
     try:
-        with frozen_heap(), ModelCache.of_process().hold():
+        with frozen_heap(), model_cache.ModelCache.of_process().hold():
             if gate.mode == "percentile":  # before the flow: a sample without a usable caption is one line
                 run_ids = sorted(tiles["tile_id"])
                 derive_thresholds(manifest, store_path, chosen, run_ids, uuid.uuid4().hex[:12])
@@ -597,32 +367,3 @@ def generate_captions(
     if summary.unavailable:
         raise ExpertUnavailable(f"{summary.unavailable} (run stopped; the attempts written so far are kept)")
     return summary
-
-
-def check_scorer(store: str | Path, model_id: str) -> None:
-    """Refuse to add to a store scored by another CLIP network: its done keys would be kept as if scored alike.
-
-    Raises:
-        InputError: the store holds rows of another scorer (another model, weights or activation).
-    """
-    others = sorted(scorers(store) - {model_id})
-    if others:
-        raise InputError(
-            f"caption store {store}: scored by CLIP {', '.join(others)}, this manifest scores with {model_id} "
-            "(another model, weights or activation: the activation follows the weights since QuickGELU came in); "
-            "caption into a new store"
-        )
-
-
-def check_gate_mode(store: str | Path, mode: str) -> None:
-    """Refuse to add to a store judged by another gate mode: its done keys would count as passed alike.
-
-    Raises:
-        InputError: the store holds rows of another gate mode.
-    """
-    others = sorted(gate_modes(store) - {mode})
-    if others:
-        raise InputError(
-            f"caption store {store}: gated in mode {', '.join(others)}, this manifest gates in mode {mode}; "
-            "caption into a new store"
-        )

@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from flows import generate_captions as flow_module
-from flows.generate_captions import ModelCache, frozen_heap, generate_captions
+from flows import model_cache
+from flows.generate_captions import frozen_heap, generate_captions
+from flows.model_cache import ModelCache
 from flows.report import build_report, caption_report_flow, mentioned_classes
 from manifests.caption_store import ATTEMPT_KEY, read_store, selected_captions
 from manifests.tile_index import ClassVocabulary
@@ -86,8 +88,8 @@ def test_flow_store_rows_and_a_second_run_calls_no_expert(threads_store, manifes
         built.append(CountingExpert(real_build_expert(config)))
         return built[-1]
 
-    real_build_expert = flow_module.build_expert
-    monkeypatch.setattr(flow_module, "build_expert", counted)
+    real_build_expert = model_cache.build_expert
+    monkeypatch.setattr(model_cache, "build_expert", counted)
     summary = generate_captions(manifest_path, store=threads_store)
     calls = [expert.calls for expert in built]
     assert calls == [0, 0] and summary.new_rows == 0 and summary.skipped_keys == 60
@@ -274,7 +276,7 @@ def test_vllm_experts_run_one_after_another_and_each_engine_is_released(
                                                  "    - {name: qwen, backend: vllm, model: m2}\n")  # fmt: skip
 
     events: list[tuple[str, str]] = []
-    monkeypatch.setattr(flow_module, "build_expert", lambda config: ScriptedEngineExpert(config.name, events))
+    monkeypatch.setattr(model_cache, "build_expert", lambda config: ScriptedEngineExpert(config.name, events))
     summary = generate_captions(manifest)
     assert events.count(("llava", "close")) == 1 and events.count(("qwen", "close")) == 1  # each closed once
     released = events.index(("llava", "close"))

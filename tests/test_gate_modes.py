@@ -24,9 +24,11 @@ from caption_pipeline.gate import (
 from caption_pipeline.policy import GatePolicy
 from caption_pipeline.prompts import TileClasses
 from caption_pipeline.scoring import ClipScorer, Score
+from flows import gate_store
 from flows import generate_captions as flow_module
 from flows.console import print_summary
-from flows.generate_captions import CaptionRunSummary, check_gate_thresholds, generate_captions, shards, summarize
+from flows.gate_store import check_gate_thresholds
+from flows.generate_captions import CaptionRunSummary, generate_captions, shards, summarize
 from manifests.caption_store import THRESHOLDS_FILE, compact, read_store, write_fragment
 from manifests.errors import InputError
 from manifests.run_manifest import CaptionsConfig, GateConfig, load_manifest
@@ -298,7 +300,7 @@ def test_percentile_derives_thresholds_records_them_and_a_resume_reuses_them(
     def no_calibration(*args, **kwargs):
         raise AssertionError("a resumed run re-derived the thresholds")
 
-    monkeypatch.setattr(flow_module, "calibrate_thresholds", no_calibration)
+    monkeypatch.setattr(gate_store, "calibrate_thresholds", no_calibration)
     summary = generate_captions(manifest, store=store)
     assert summary.tiles == 12 and summary.skipped_keys == 6 * 3
     assert (store / THRESHOLDS_FILE).read_text() == before
@@ -356,13 +358,13 @@ def test_percentile_samples_only_tiles_the_expert_can_caption_and_fails_before_t
     loaded = load_manifest(manifest)
     tile_ids = sorted(small_index.frame["tile_id"])
     store = tmp_path / "sampled"
-    thresholds = flow_module.derive_thresholds(loaded, str(store), ["annotation"], tile_ids, "r")
+    thresholds = gate_store.derive_thresholds(loaded, str(store), ["annotation"], tile_ids, "r")
     sidecar = json.loads((store / THRESHOLDS_FILE).read_text())
     train = sorted(small_index.frame.loc[small_index.frame["split"] == "train", "tile_id"])
     assert sidecar["tiles"] == {"annotation": calibration_ids(train, 3)}  # no test tile: its class source is none
     assert set(thresholds) == {("annotation", pid) for pid in ("p1", "p2", "p3")}
     tests = sorted(small_index.frame.loc[small_index.frame["split"] == "test", "tile_id"])
-    assert flow_module.derive_thresholds(loaded, str(tmp_path / "none"), ["annotation"], tests, "r") == {}
+    assert gate_store.derive_thresholds(loaded, str(tmp_path / "none"), ["annotation"], tests, "r") == {}
 
     def no_caption(tiles, expert, *args):
         raise InputError(f"percentile gate: expert '{expert.name}' gave no usable caption (stand-in)")
@@ -373,7 +375,7 @@ def test_percentile_samples_only_tiles_the_expert_can_caption_and_fails_before_t
 
         return run
 
-    monkeypatch.setattr(flow_module, "calibrate_thresholds", no_caption)
+    monkeypatch.setattr(gate_store, "calibrate_thresholds", no_caption)
     monkeypatch.setattr(flow_module.generate_captions_flow, "with_options", no_flow)
     with pytest.raises(InputError, match="gave no usable caption"):
         generate_captions(manifest, store=tmp_path / "failing")
