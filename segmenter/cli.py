@@ -19,7 +19,7 @@ from rich.table import Table
 from manifests.devices import DEVICE_HELP
 from manifests.errors import InputError, exit_on_input_error
 from manifests.run_manifest import DATASET_SETTINGS, TilingConfig, dataset_config, load_manifest
-from segmenter.options import Augmentation, GroundTruth, MissingCaptions, TrainSettings
+from segmenter.options import Augmentation, GroundTruth, MissingCaptions, Scale, TrainSettings
 
 app = typer.Typer(
     help="Stage 2 of MPerS: tiles, the caption-guided segmenter, its training and evaluation.",
@@ -215,6 +215,9 @@ def predict(
     missing_captions: Annotated[
         MissingCaptions, typer.Option(help="a store lacking some of the run's experts or having others: stop, or mask")
     ] = MissingCaptions.error,
+    scale: Annotated[
+        Scale, typer.Option(help="images that are not 8-bit: none (refuse), minmax or percentile (2-98) per band")
+    ] = Scale.none,
 ) -> None:
     """Class-index GeoTIFFs + colour PNGs of images (--images, --out), or the predicted class fractions of every
     tile of an index (--index, --predictions) for prompts whose class source is `predictions`."""
@@ -231,7 +234,7 @@ def predict(
         return
     if not images or out is None:
         raise InputError("predict: give --images with --out, or --index with --predictions")
-    for path in run_prediction(run, images, out, captions, window, overlap, device, missing_captions):
+    for path in run_prediction(run, images, out, captions, window, overlap, device, missing_captions, scale):
         console.print(f"wrote {path}")
 
 

@@ -37,6 +37,16 @@ class MissingCaptions(StrEnum):
     error = "error"
 
 
+class Scale(StrEnum):
+    """How ``predict`` brings an image that is not 8-bit to the 0-255 the model was trained on: ``none`` refuses it
+    (the default: ``prepare`` refuses such sources too), ``minmax`` stretches each band's range, ``percentile`` each
+    band's 2nd to 98th percentile (clipped)."""
+
+    none = "none"
+    minmax = "minmax"
+    percentile = "percentile"
+
+
 class GroundTruth(StrEnum):
     """Which labels evaluation compares with: ``eroded`` (the ISPRS protocol, boundaries ignored) or ``full``."""
 

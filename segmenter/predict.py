@@ -20,8 +20,8 @@ from manifests.errors import InputError
 from manifests.tile_index import make_tile_id, read_tile_index
 from segmenter.datasets.labels import encode_rgb_mask
 from segmenter.inference import CaptionWindows, TrainedRun, open_run, sliding_window_logits
-from segmenter.options import MissingCaptions, parse_choice
-from segmenter.raster_io import array_sha256, read_crop, write_crop
+from segmenter.options import MissingCaptions, Scale, parse_choice
+from segmenter.raster_io import array_sha256, read_crop, to_uint8, write_crop
 from segmenter.text.features import ExpertTextFeatures
 from segmenter.tiling import tile_grid
 
@@ -73,8 +73,10 @@ def predict(
     overlap: float | None = None,
     device: str = "auto",
     missing_captions: str = MissingCaptions.error,
+    scale: str = Scale.none,
 ) -> list[Path]:
-    """Predict every image; returns the GeoTIFFs written.
+    """Predict every image; returns the GeoTIFFs written. An image that is not 8-bit is refused unless ``scale``
+    (``minmax`` or ``percentile``) says how to stretch it (:func:`segmenter.raster_io.to_uint8`).
 
     A text-guided model's windows are the tile grid; each reads the captions of the store's tile with the same pixels
     (or, failing that, of tile ``<dataset>/<image stem>/<y>_<x>``), recorded in ``<stem>_captions.csv``; without a
@@ -82,6 +84,7 @@ def predict(
     ``auto`` (the GPU when there is one) or a torch device name.
     """
     missing_captions = parse_choice(MissingCaptions, missing_captions, "--missing-captions")
+    scale = parse_choice(Scale, scale, "--scale")
     trained = open_run(run, device)
     window = trained.window(window)
     stride = trained.stride(window, overlap)
@@ -99,7 +102,7 @@ def predict(
                 profile = {"crs": source.crs, "transform": source.transform}
         except rasterio.errors.RasterioIOError as exc:
             raise InputError(f"{path}: not a readable raster ({exc})") from None
-        image = np.moveaxis(pixels, 0, -1)
+        image = to_uint8(np.moveaxis(pixels, 0, -1), scale, path)
         lookup = None
         if text is not None:
             tiles = _captioned_windows(image, trained, by_pixels, set(text.features), prefix, path.stem)

@@ -10,6 +10,7 @@ import tifffile
 from PIL import Image
 
 from manifests.atomic import atomic_path
+from manifests.errors import InputError
 
 
 def crop_suffix(array: np.ndarray) -> str:
@@ -41,3 +42,25 @@ def array_sha256(array: np.ndarray) -> str:
     digest = hashlib.sha256(f"{array.shape}{array.dtype}".encode())
     digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
+
+
+def to_uint8(image: np.ndarray, scale: str, path: Path) -> np.ndarray:
+    """``image`` in 8 bits as the model was trained on: as it is when it already is; otherwise stretched per band by
+    ``scale`` (``minmax``: each band's range; ``percentile``: its 2nd to 98th percentile, clipped).
+
+    Raises:
+        InputError: an image that is not 8-bit with ``scale`` ``none`` (the default), naming the file and the options.
+    """
+    if image.dtype == np.uint8:
+        return image
+    if scale == "none":
+        raise InputError(
+            f"{path}: {image.dtype} pixels, the model was trained on 8-bit ones (prepare refuses such sources too): "
+            "convert the image, or pass --scale minmax or --scale percentile to stretch each band to 0-255"
+        )
+    pixels = image.astype(np.float64)
+    low, high = (0.0, 100.0) if scale == "minmax" else (2.0, 98.0)
+    bottom = np.nanpercentile(pixels, low, axis=(0, 1), keepdims=True)
+    top = np.nanpercentile(pixels, high, axis=(0, 1), keepdims=True)
+    stretched = (pixels - bottom) / np.where(top > bottom, top - bottom, 1.0)
+    return np.round(np.clip(np.nan_to_num(stretched), 0.0, 1.0) * 255).astype(np.uint8)

@@ -2,7 +2,8 @@
 
 The sample order and the augmentation of every step are derived from (seed, step), so ``--resume`` from a
 checkpoint continues exactly where the run stopped. Checkpoints are folders ``checkpoints/step_NNNNNN`` with
-``config.json`` + ``model.safetensors`` + ``optimizer.pt`` (loaded with ``weights_only=True``) + ``state.json``;
+``config.json`` + ``model.safetensors`` + ``checksums.json`` (its SHA-256, checked on load) + ``optimizer.pt``
+(loaded with ``weights_only=True``) + ``state.json``;
 ``checkpoints/latest`` names the newest complete one; ``run.json`` is the run record
 (:class:`segmenter.run_record.RunRecord`). Under ``torchrun`` each process trains on its share of every global
 batch (DDP; gloo on CPU, NCCL on GPU) and rank 0 writes.

@@ -61,3 +61,11 @@ def test_folder_dataset_with_manifest_palette(tmp_path):
     assert frame.loc["folder/train/a/0000_0000", "class_fractions"].tolist() == [0.5, 0.5]
     unlabelled = frame.loc["folder/val/unlabelled/0000_0000"]
     assert pd.isna(unlabelled["label_path"]) and unlabelled["class_fractions"] is None
+
+
+def test_syndrone_coarse_classes_follow_the_official_mapping():
+    """Facts of the official release's coarse mapping, written here independently of the reader's tables."""
+    from segmenter.datasets.syndrone import COARSE_PALETTE, FINE_TO_COARSE
+
+    assert FINE_TO_COARSE["guard_rail"] == "obstacle"  # every guard-rail pixel was labelled construction before
+    assert COARSE_PALETTE[COARSE_CLASSES.index("obstacle")] == (153, 153, 153)

@@ -148,3 +148,36 @@ def test_dmte_without_any_expert_gives_zero_text():
 def test_mean_normalisation_bounds_the_channel_weights():
     weights = mean_normalize(torch.randn(3, 64) * 10)
     assert weights.abs().max() <= 1 and torch.allclose(weights.mean(-1), torch.zeros(3), atol=1e-6)
+
+
+def test_a_checkpoint_is_loaded_only_as_it_was_saved(tmp_path):
+    """Corrupted, replaced, unrecorded or non-finite weights are refused with one line, never evaluated."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from manifests.atomic import sha256_file
+    from manifests.errors import InputError
+
+    folder = build_model("test_tiny_notext").save(tmp_path / "ckpt")
+    weights = folder / "model.safetensors"
+    MPerSSegmenter.load(folder)  # as saved: accepted
+
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one flipped byte in the last tensor
+    weights.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"model.safetensors: SHA-256 .* differs from the .* recorded"):
+        MPerSSegmenter.load(folder)
+
+    nan = build_model("test_tiny_notext").save(tmp_path / "nan") / "model.safetensors"
+    state = load_file(str(nan))
+    name = next(name for name, value in state.items() if value.is_floating_point())
+    state[name][..., 0] = float("nan")
+    save_file(state, str(nan))  # weights save() would never write, with a record that matches them
+    (nan.parent / "checksums.json").write_text(json.dumps({"model.safetensors": sha256_file(nan)}))
+    with pytest.raises(InputError, match=rf"non-finite weights \(NaN or inf\) in 1 tensor\(s\), e.g. {name}"):
+        MPerSSegmenter.load(tmp_path / "nan")
+
+    (tmp_path / "nan" / "checksums.json").unlink()
+    with pytest.raises(InputError, match=r"no checksums.json beside it"):
+        MPerSSegmenter.load(tmp_path / "nan")

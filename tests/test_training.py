@@ -375,3 +375,50 @@ def test_evaluate_reports_what_an_independent_computation_of_its_predictions_giv
     main = [i for i in present if metrics.class_names[i] in metrics.main_classes]
     assert "clutter" not in metrics.main_classes  # the ISPRS rule, from the tile index's class vocabulary
     assert metrics.miou == pytest.approx(np.mean([iou[present.index(i)] for i in main]))
+
+
+def test_a_corrupted_checkpoint_is_refused_and_the_earlier_report_kept(run_inputs, tmp_path):
+    manifest, _ = run_inputs
+    run = tmp_path / "run"
+    checkpoint = train(manifest, run, settings(preset="test_tiny_notext", steps=2, checkpoint_every=2))
+    evaluate(run, split="test", window=64, overlap=0.0)
+    report = run / "eval_test_eroded" / "metrics.json"
+    before = report.read_bytes()
+    weights = checkpoint / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one flipped byte
+    weights.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"model.safetensors: SHA-256 .* differs"):
+        evaluate(run, split="test", window=64, overlap=0.0)
+    with pytest.raises(InputError, match=r"model.safetensors: SHA-256 .* differs"):
+        predict_index(run, load_manifest_tiles(manifest), tmp_path / "p.parquet", ["test"])
+    assert report.read_bytes() == before and not (tmp_path / "p.parquet").exists()
+
+
+def load_manifest_tiles(manifest: Path) -> Path:
+    from manifests.run_manifest import load_manifest
+
+    return load_manifest(manifest).tiling.out
+
+
+def test_predict_refuses_pixels_that_are_not_8_bit_unless_told_how_to_stretch_them(run_inputs, tmp_path):
+    manifest, _ = run_inputs
+    run = tmp_path / "run"
+    train(manifest, run, settings(preset="test_tiny_notext", steps=1, checkpoint_every=1))
+    pixels = np.random.default_rng(1).integers(1000, 5000, size=(3, 64, 64), dtype=np.uint16)
+    deep = tmp_path / "deep.tif"
+    with rasterio.open(deep, "w", driver="GTiff", height=64, width=64, count=3, dtype="uint16") as sink:
+        sink.write(pixels)
+    with pytest.raises(InputError, match=r"deep.tif: uint16 pixels, the model was trained on 8-bit .* --scale minmax"):
+        predict(run, [deep], tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    # minmax: the class map equals that of the image stretched by hand, band by band, to 0-255
+    low, high = pixels.min(axis=(1, 2), keepdims=True), pixels.max(axis=(1, 2), keepdims=True)
+    by_hand = np.round((pixels - low) / (high - low) * 255).astype(np.uint8)
+    eight = tmp_path / "eight.tif"
+    with rasterio.open(eight, "w", driver="GTiff", height=64, width=64, count=3, dtype="uint8") as sink:
+        sink.write(by_hand)
+    [stretched] = predict(run, [deep], tmp_path / "minmax", scale="minmax")
+    [reference] = predict(run, [eight], tmp_path / "reference")
+    with rasterio.open(stretched) as a, rasterio.open(reference) as b:
+        np.testing.assert_array_equal(a.read(1), b.read(1))

@@ -35,7 +35,7 @@ COARSE_PALETTE: tuple[RGB, ...] = (
     (220, 20, 60),
     (0, 0, 142),
     (70, 70, 70),
-    (250, 170, 30),
+    (153, 153, 153),  # obstacle: the official coarse colour
     (45, 60, 150),
 )
 # Fine class -> coarse class; sky is seen only at the frame edges of oblique views and is ignored.
@@ -46,9 +46,9 @@ FINE_TO_COARSE = {
     "car": "vehicle", "truck": "vehicle", "bus": "vehicle", "train": "vehicle", "motorcycle": "vehicle",
     "bicycle": "vehicle",
     "building": "construction", "wall": "construction", "fence": "construction", "bridge": "construction",
-    "guard_rail": "construction",
+    # the official coarse mapping puts guard rails with the obstacles, not with the constructions
     "pole": "obstacle", "traffic_sign": "obstacle", "traffic_light": "obstacle", "static": "obstacle",
-    "dynamic": "obstacle", "other": "obstacle",
+    "dynamic": "obstacle", "other": "obstacle", "guard_rail": "obstacle",
     "water": "water",
 }  # fmt: skip
 

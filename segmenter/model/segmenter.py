@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from manifests.atomic import atomic_path, atomic_write_text
+from manifests.atomic import atomic_path, atomic_write_text, sha256_file
+from manifests.errors import InputError
 from segmenter.model.adapter import build_adapter
 from segmenter.model.backbone import DinoV3Backbone
 from segmenter.model.config import SegmenterConfig
@@ -22,6 +23,26 @@ from segmenter.model.lqga import LanguageQueryGate
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+CHECKSUMS_FILE = "checksums.json"
+
+
+def verify_checksum(path: Path) -> None:
+    """Check a weights file against the SHA-256 its checkpoint recorded when it was saved.
+
+    Raises:
+        InputError: no record (a checkpoint of an older version, or one copied without it), or another digest.
+    """
+    record = path.parent / CHECKSUMS_FILE
+    if not path.is_file():
+        raise InputError(f"{path}: weights file not found")
+    if not record.is_file():
+        raise InputError(f"{path}: no {CHECKSUMS_FILE} beside it, so its integrity cannot be checked (a checkpoint "
+                         "of an older version, or copied without it): train again")  # fmt: skip
+    expected = json.loads(record.read_text()).get(path.name)
+    found = sha256_file(path)
+    if found != expected:
+        raise InputError(f"{path}: SHA-256 {found[:12]}... differs from the {expected and expected[:12]}... recorded "
+                         "when it was saved: the file is corrupted or was replaced")  # fmt: skip
 
 
 @dataclass
@@ -91,19 +112,33 @@ class MPerSSegmenter(nn.Module):
         return state
 
     def save(self, folder: str | Path) -> Path:
-        """``config.json`` + ``model.safetensors`` (no pickle), both written atomically."""
+        """``config.json`` + ``model.safetensors`` (no pickle) + ``checksums.json`` (the weights' SHA-256), each
+        written atomically."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.trainable_state_dict().items()}
         with atomic_path(folder / WEIGHTS_FILE) as tmp:
             save_file(state, str(tmp))
+            digest = sha256_file(tmp)
+        atomic_write_text(folder / CHECKSUMS_FILE, json.dumps({WEIGHTS_FILE: digest}, indent=2))
         atomic_write_text(folder / CONFIG_FILE, self.config.model_dump_json(indent=2))
         return folder
 
     def load_weights(self, folder: str | Path) -> None:
-        """Load the weights of a checkpoint folder into this model (the ViT from its own source if reloadable)."""
+        """Load the weights of a checkpoint folder into this model (the ViT from its own source if reloadable).
+
+        Raises:
+            InputError: weights whose SHA-256 differs from the one recorded when they were saved (a corrupted or
+                replaced file), a checkpoint without the record, or weights with NaN or infinite values.
+        """
         path = Path(folder) / WEIGHTS_FILE
+        verify_checksum(path)
         state = load_file(str(path), device=str(next(self.parameters()).device))
+        broken = [
+            key for key, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()
+        ]
+        if broken:
+            raise InputError(f"{path}: non-finite weights (NaN or inf) in {len(broken)} tensor(s), e.g. {broken[0]}")
         missing, unexpected = self.load_state_dict(state, strict=False)
         if self.backbone_is_reloadable:
             missing = [key for key in missing if not key.startswith("backbone.vit.")]
