@@ -27,12 +27,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+Channel = Annotated[int, Field(ge=0, le=255)]
+
+
 class ClassSpec(_Strict):
     """One class of a generic folder dataset: its name, the RGB colour that codes it in the masks, and how
     captions and metrics treat it."""
 
     name: str
-    color: tuple[int, int, int]
+    color: tuple[Channel, Channel, Channel]
     words: list[str] = Field(default_factory=list, description="more words a caption names this class by")
     plural: str | None = Field(default=None, description="plural noun: the class is counted as objects")
     in_mean: bool = Field(default=True, description="whether the headline mIoU/mF1 average over this class")
@@ -88,6 +91,15 @@ class FolderConfig(_DatasetSettings):
     classes: list[ClassSpec] = Field(min_length=1, description="[{name, color}, ...]: the colours of the masks")
     images_dir: str = "images"
     masks_dir: str = "masks"
+
+    @model_validator(mode="after")
+    def _classes_are_distinct(self) -> FolderConfig:
+        names, colors = [spec.name for spec in self.classes], [spec.color for spec in self.classes]
+        for what, values in (("name", names), ("color", colors)):
+            repeated = sorted({str(value) for value in values if values.count(value) > 1})
+            if repeated:
+                raise ValueError(f"classes: {what} {', '.join(repeated)} given to more than one class")
+        return self
 
 
 DatasetConfig = Annotated[VaihingenConfig | PotsdamConfig | SynDroneConfig | FolderConfig, Field(discriminator="name")]
@@ -414,6 +426,8 @@ def _describe_error(error: dict[str, Any]) -> str:
         return f"{key}: {error['msg'].removeprefix('Value error, ')}"
     given = error.get("input")
     shown = repr(given) if not isinstance(given, dict) else "a mapping"
+    if len(shown) > SHOWN_CHARS:  # a rejected value is named, never printed whole
+        shown = f"{shown[:SHOWN_CHARS]}... ({len(shown)} characters)"
     return f"key '{key}': {error['msg'].lower()} (got {shown})"
 
 
@@ -432,6 +446,68 @@ def resolve_manifest_path(name_or_path: str | Path) -> Path:
     )
 
 
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_ALIASES = 64  # enough to share settings between entries; an alias bomb needs more
+MAX_DEPTH = 32
+SHOWN_CHARS = 200
+
+
+class _ManifestLoader(yaml.SafeLoader):
+    """Safe YAML with budgets: aliases and nesting depth are counted (an alias bomb expands to gigabytes in the
+    validator), and a key given twice in one mapping is an error instead of the last one silently winning."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._aliases = 0
+        self._depth = 0
+
+    def compose_node(self, parent, index):  # type: ignore[no-untyped-def]
+        if self.check_event(yaml.events.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_ALIASES:
+                mark = self.peek_event().start_mark
+                raise yaml.composer.ComposerError(None, None, f"more than {MAX_ALIASES} aliases", mark)
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels", mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):  # type: ignore[no-untyped-def]
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _parse_yaml(path: Path) -> tuple[str, Any]:
+    """The text of a manifest file and its YAML document, parsed within the loader's budgets.
+
+    Raises:
+        InputError: a file too large, not UTF-8, not valid YAML, or over a budget (one line, with the line number).
+    """
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise InputError(f"manifest {path}: over {MAX_MANIFEST_BYTES >> 20} MiB; a manifest is a short YAML file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"manifest {path}: not UTF-8 text (byte {exc.start})") from None
+    try:
+        return text, yaml.load(text, Loader=_ManifestLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None)
+        reason = f": {problem}" if problem and ("alias" in problem or "nested" in problem or "twice" in problem) else ""
+        raise InputError(f"manifest {path}: not valid YAML{where}{reason}") from None
+
+
 def load_manifest(name_or_path: str | Path) -> RunManifest:
     """Parse and validate a run manifest.
 
@@ -439,13 +515,7 @@ def load_manifest(name_or_path: str | Path) -> RunManifest:
         InputError: one line naming the file and the offending key and what was expected.
     """
     path = resolve_manifest_path(name_or_path)
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise InputError(f"manifest {path}: not valid YAML{where}") from None
+    text, data = _parse_yaml(path)
     if not isinstance(data, dict):
         raise InputError(f"manifest {path}: expected a mapping of keys at the top level")
     try:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.padding import Padding
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -77,7 +78,10 @@ def prepare(
             settings = dataset_config(name=dataset.value, root=root, split=split)
         except ValueError as exc:
             raise InputError(f"--dataset {dataset}: {str(exc).splitlines()[-1].strip()}") from None
-        tiling = TilingConfig(size=size, stride=stride, out=out)
+        try:
+            tiling = TilingConfig(size=size, stride=stride, out=out)
+        except ValidationError as exc:
+            raise InputError(_option_error(exc)) from None
     with progress("prepare") as on_progress:
         result = prepare_tiles(settings, tiling, on_progress)
     if result.up_to_date:
@@ -154,9 +158,12 @@ def train(
     if preset not in list_presets():
         raise InputError(f"--preset: unknown preset '{preset}' (see `segmenter models`)")
     chosen = [name.strip() for name in experts.split(",") if name.strip()] if experts else None
-    settings = TrainSettings(preset=preset, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                             checkpoint_every=checkpoint_every, missing_captions=missing_captions, experts=chosen,
-                             augmentation=augmentation)  # fmt: skip
+    try:
+        settings = TrainSettings(preset=preset, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                                 checkpoint_every=checkpoint_every, missing_captions=missing_captions, experts=chosen,
+                                 augmentation=augmentation)  # fmt: skip
+    except ValidationError as exc:
+        raise InputError(_option_error(exc)) from None
     try:
         checkpoint = run_training(manifest, out, settings, captions=captions, resume=resume, progress=True)
     except TrainingError as exc:
@@ -185,14 +192,27 @@ def evaluate(
     from segmenter.evaluate import evaluate as run_evaluation
 
     _check_overlap(overlap)
+    _check_window(window)
     with progress("evaluate") as on_source:
         metrics = run_evaluation(run, split, gt, window, overlap, device, on_source, captions, missing_captions)
     print(metrics.markdown(f"{run} ({split}, {gt} GT)"))
 
 
+def _option_error(exc: ValidationError) -> str:
+    """The first invalid value of a settings model built from options, as one line naming its option."""
+    error = exc.errors()[0]
+    option = "--" + str(error["loc"][0]).replace("_", "-")
+    return f"{option}: {error['msg'].lower()} (got {error['input']!r})"
+
+
 def _check_overlap(overlap: float | None) -> None:
-    if overlap is not None and not 0 <= overlap < 1:
+    if overlap is not None and not 0 <= overlap < 1:  # NaN fails too
         raise InputError(f"--overlap: expected a value in [0, 1), got {overlap}")
+
+
+def _check_window(window: int | None) -> None:
+    if window is not None and window < 16:
+        raise InputError(f"--window: expected a window of 16 px or more, got {window}")
 
 
 @app.command()
@@ -225,6 +245,7 @@ def predict(
     from segmenter.predict import predict_index
 
     _check_overlap(overlap)
+    _check_window(window)
     if index is not None or predictions is not None:
         if index is None or predictions is None or images or out:
             raise InputError("predict: give --index with --predictions, or --images with --out")

@@ -8,9 +8,9 @@ so the CLI stays quick to start.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from manifests.errors import InputError
 
@@ -65,16 +65,16 @@ class TrainSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     preset: str = "mpers_vitl16"
-    steps: int = 20000
-    batch_size: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 1e-2
-    milestones: list[float] = [0.7, 0.9]
-    gamma: float = 0.1
-    seed: int = 0
-    checkpoint_every: int = 1000
-    log_every: int = 10
-    keep_checkpoints: int = 2
+    steps: int = Field(default=20000, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    lr: float = Field(default=1e-3, gt=0, allow_inf_nan=False)
+    weight_decay: float = Field(default=1e-2, ge=0, allow_inf_nan=False)
+    milestones: list[Annotated[float, Field(gt=0, lt=1)]] = [0.7, 0.9]
+    gamma: float = Field(default=0.1, gt=0, allow_inf_nan=False)
+    seed: int = Field(default=0, ge=0)
+    checkpoint_every: int = Field(default=1000, ge=1)
+    log_every: int = Field(default=10, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
     missing_captions: MissingCaptions = MissingCaptions.mask
     passed_only: bool = True
     amp: bool = True

@@ -75,6 +75,14 @@ def test_prepare_from_manifest_warns_about_stray_colours(tmp_path):
         (["evaluate", "--run", "r", "--device", "gpu"], "--device: 'gpu' is not a device"),
         (["predict", "--run", "r", "--images", "a.tif", "--out", "o", "--device", "cuda:x"], "--device: 'cuda:x'"),
         ([*TRAIN, "--preset", "nope"], "--preset: unknown preset 'nope'"),
+        ([*TRAIN, "--batch-size", "0"], "--batch-size: input should be greater than or equal to 1 (got 0)"),
+        ([*TRAIN, "--steps", "-5"], "--steps: input should be greater than or equal to 1 (got -5)"),
+        ([*TRAIN, "--lr", "nan"], "--lr: input should be a finite number (got nan)"),
+        ([*TRAIN, "--lr", "0"], "--lr: input should be greater than 0 (got 0.0)"),
+        (["prepare", "--dataset", "vaihingen", "--root", ".", "--out", "x", "--size", "0"], "--size: input should be"),
+        (["evaluate", "--run", "r", "--window", "-5"], "--window: expected a window of 16 px or more, got -5"),
+        (["evaluate", "--run", "r", "--overlap", "nan"], "--overlap: expected a value in [0, 1), got nan"),
+        (["predict", "--run", "r", "--images", "a.tif", "--out", "o", "--window", "0"], "--window: expected a window"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, args, message, monkeypatch):

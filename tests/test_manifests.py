@@ -165,3 +165,49 @@ def test_only_oracle_or_an_explicit_opt_in_puts_labels_on_evaluation_splits():
         leaky.source_for("test")
     assert leaky.model_copy(update={"allow_labels_on_eval": True}).source_for("test") == "labels"
     assert PromptConfig(protocol="oracle").source_for("test") == "labels"  # oracle is itself the opt-in
+
+
+BOMB = (
+    'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n'
+    "b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\nd: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]\n"
+    "e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]\nf: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]\ng: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]\n"
+    "h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]\ni: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]\nname: *i\n"
+)
+FOLDER = "name: x\ntiling: {out: t}\ndataset: {name: folder, root: r, classes: [%s]}\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (BOMB, r"not valid YAML at line \d+: more than 64 aliases$"),
+        ("a: " + "[" * 40 + "]" * 40 + "\n", r"not valid YAML at line 1: nested deeper than 32 levels$"),
+        (BASE + "name: again\n", r"not valid YAML at line \d+: key 'name' given twice$"),
+        (
+            FOLDER % "{name: water, color: [300, 0, 0]}",
+            r"key 'dataset.classes.0.color.0': input should be less than or",
+        ),
+        (
+            FOLDER % "{name: water, color: [0, 0, 255]}, {name: water, color: [0, 255, 0]}",
+            r"dataset: classes: name water given to more than one class$",
+        ),
+        (
+            FOLDER % "{name: water, color: [0, 0, 255]}, {name: lake, color: [0, 0, 255]}",
+            r"dataset: classes: color \(0, 0, 255\) given to more than one class$",
+        ),
+        (BASE + "captions: {store: s, tau: '" + "x" * 5000 + "', experts: []}\n", r"\.\.\. \(5002 characters\)\)$"),
+    ],
+)
+def test_hostile_or_contradictory_yaml_is_refused_in_one_short_line(tmp_path, text, message):
+    with pytest.raises(InputError, match=message) as info:
+        load_manifest(_write(tmp_path, text))
+    assert "\n" not in str(info.value) and len(str(info.value)) < 500
+
+
+def test_a_manifest_that_is_not_utf8_or_too_large_is_one_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(BASE.encode() + b"# caf\xe9\n")
+    with pytest.raises(InputError, match=r"not UTF-8 text \(byte \d+\)$"):
+        load_manifest(path)
+    path.write_bytes(b"#" * (2 << 20))
+    with pytest.raises(InputError, match=r"over 1 MiB"):
+        load_manifest(path)
