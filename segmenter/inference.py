@@ -93,6 +93,8 @@ def open_run(run: str | Path, device: str = "auto") -> TrainedRun:
     paths = RunPaths(Path(run))
     if paths.latest is None:
         raise InputError(f"--run: {run} holds no finished checkpoint (checkpoints/latest)")
+    if paths.named != paths.latest:
+        print(f"note: checkpoint {paths.named} is incomplete; using {paths.latest.name}, the newest complete one")
     record = RunRecord.read(paths.root)
     manifest = load_manifest(record.manifest)
     if manifest.sha256 != record.manifest_sha256:

@@ -48,6 +48,16 @@ class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss); the message names the step and batch."""
 
 
+# A checkpoint is complete when its folder exists under its final name with every one of these files: it is written
+# in a hidden temporary folder and renamed only then (see _save_checkpoint).
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "checksums.json", "optimizer.pt", "state.json")
+
+
+def is_complete(folder: Path) -> bool:
+    """Whether a checkpoint folder holds every file a checkpoint has."""
+    return folder.is_dir() and all((folder / name).is_file() for name in CHECKPOINT_FILES)
+
+
 @dataclass
 class RunPaths:
     root: Path
@@ -57,9 +67,38 @@ class RunPaths:
         return self.root / "checkpoints"
 
     @property
-    def latest(self) -> Path | None:
+    def named(self) -> Path | None:
+        """The checkpoint ``checkpoints/latest`` names (None when it names none), complete or not."""
         pointer = self.checkpoints / "latest"
-        return self.checkpoints / pointer.read_text().strip() if pointer.is_file() else None
+        name = pointer.read_text().strip() if pointer.is_file() else ""
+        return self.checkpoints / name if name else None
+
+    @property
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint: the one ``latest`` names, or where that one is incomplete (a copy cut
+        short, a file lost) the newest complete ``step_*`` folder."""
+        named = self.named
+        if named is not None and is_complete(named):
+            return named
+        complete = [folder for folder in sorted(self.checkpoints.glob("step_*")) if is_complete(folder)]
+        return complete[-1] if complete else None
+
+    def set_aside_incomplete(self) -> list[str]:
+        """Move incomplete ``step_*`` folders into ``checkpoints/incomplete/`` (kept, never deleted) and point
+        ``latest`` at the newest complete checkpoint; returns one line per folder moved, for the user."""
+        notes = []
+        for folder in sorted(self.checkpoints.glob("step_*")):
+            if not is_complete(folder):
+                aside = self.checkpoints / "incomplete" / folder.name
+                aside.parent.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(aside, ignore_errors=True)
+                folder.rename(aside)
+                missing = [name for name in CHECKPOINT_FILES if not (aside / name).is_file()]
+                notes.append(f"checkpoint {folder.name} is incomplete (no {', '.join(missing)}): moved to {aside}")
+        latest = self.latest
+        if notes and latest is not None:
+            atomic_write_text(self.checkpoints / "latest", latest.name)
+        return notes
 
 
 @dataclass
@@ -125,6 +164,9 @@ def _run_folder(out: str | Path, resume: bool) -> tuple[RunPaths, RunRecord | No
     paths = RunPaths(Path(out))
     if paths.latest is not None and not resume:
         raise InputError(f"--out: {paths.root} already holds a run; pass --resume to continue it or pick a new folder")
+    if resume:
+        for note in paths.set_aside_incomplete():
+            print(f"{note}; resuming from {paths.latest.name if paths.latest else 'the start'}")
     recorded = RunRecord.read(paths.root) if resume and (paths.root / RUN_RECORD_FILE).is_file() else None
     return paths, recorded
 
@@ -264,14 +306,19 @@ def _run_record(
 
 
 def _save_checkpoint(paths: RunPaths, model: MPerSSegmenter, optimizer, scheduler, step: int, keep: int) -> Path:
+    """Write a checkpoint into a hidden folder, rename it to ``step_NNNNNN`` when complete, then point ``latest``
+    at it: a run killed at any moment leaves complete checkpoints only under their final names."""
     folder = paths.checkpoints / f"step_{step:06d}"
-    shutil.rmtree(folder, ignore_errors=True)
-    model.save(folder)
-    with atomic_path(folder / "optimizer.pt") as tmp:
+    staging = paths.checkpoints / f".{folder.name}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save(staging)
+    with atomic_path(staging / "optimizer.pt") as tmp:
         torch.save(optimizer.state_dict(), tmp)
     schedule = scheduler.state_dict()
     schedule["milestones"] = sorted(schedule["milestones"].items())  # a Counter of int keys: JSON would make them str
-    atomic_write_text(folder / "state.json", json.dumps({"step": step, "scheduler": schedule}))
+    atomic_write_text(staging / "state.json", json.dumps({"step": step, "scheduler": schedule}))
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
     atomic_write_text(paths.checkpoints / "latest", folder.name)
     for old in sorted(paths.checkpoints.glob("step_*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

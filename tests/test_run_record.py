@@ -13,6 +13,7 @@ from manifests.errors import InputError
 from segmenter.evaluate import evaluate
 from segmenter.options import Augmentation, TrainSettings
 from segmenter.run_record import RunRecord, prompt_class_sources, selected_captions_sha256
+from segmenter.train import CHECKPOINT_FILES
 
 
 def record(**changes) -> RunRecord:
@@ -26,8 +27,12 @@ def record(**changes) -> RunRecord:
 
 
 def finished_run(folder: Path, data: dict) -> Path:
-    """A run folder with a checkpoint pointer and the given run.json (no weights: the record is read first)."""
-    (folder / "checkpoints").mkdir(parents=True)
+    """A run folder with a checkpoint whose files are placeholders (the record is read before any of them), its
+    pointer, and the given run.json."""
+    checkpoint = folder / "checkpoints" / "step_000001"
+    checkpoint.mkdir(parents=True)
+    for name in CHECKPOINT_FILES:
+        (checkpoint / name).write_bytes(b"")
     (folder / "checkpoints" / "latest").write_text("step_000001")
     (folder / "run.json").write_text(json.dumps(data))
     return folder

@@ -27,7 +27,7 @@ from segmenter.model import MPerSSegmenter, build_model
 from segmenter.options import TEXT_GUIDED_AUGMENTATION
 from segmenter.predict import predict, predict_index
 from segmenter.run_record import RunRecord
-from segmenter.train import TrainingError, TrainSettings, train
+from segmenter.train import RunPaths, TrainingError, TrainSettings, train
 from tests.helpers import annotation_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -422,3 +422,21 @@ def test_predict_refuses_pixels_that_are_not_8_bit_unless_told_how_to_stretch_th
     [reference] = predict(run, [eight], tmp_path / "reference")
     with rasterio.open(stretched) as a, rasterio.open(reference) as b:
         np.testing.assert_array_equal(a.read(1), b.read(1))
+
+
+def test_resume_falls_back_to_the_newest_complete_checkpoint_and_keeps_the_broken_one(run_inputs, tmp_path, capsys):
+    manifest, _ = run_inputs
+    plain = settings(preset="test_tiny_notext", steps=4, checkpoint_every=2, keep_checkpoints=3)
+    whole = train(manifest, tmp_path / "whole", plain)
+    cut = train(manifest, tmp_path / "cut", plain)
+    (cut / "optimizer.pt").unlink()  # the newest checkpoint lost a file (a copy cut short)
+    assert RunPaths(tmp_path / "cut").latest.name == "step_000002"
+    resumed = train(manifest, tmp_path / "cut", plain, resume=True)
+    out = capsys.readouterr().out
+    assert (
+        "checkpoint step_000004 is incomplete (no optimizer.pt): moved to" in out and "resuming from step_000002" in out
+    )
+    assert (tmp_path / "cut" / "checkpoints" / "incomplete" / "step_000004" / "model.safetensors").is_file()
+    a, b = MPerSSegmenter.load(whole).state_dict(), MPerSSegmenter.load(resumed).state_dict()
+    assert all(torch.equal(a[name], b[name]) for name in a)  # the steps redone from step 2 give the same weights
+    assert not list((tmp_path / "cut" / "checkpoints").glob(".step_*"))  # no staging folder left
