@@ -19,7 +19,6 @@ from caption_pipeline.policy import GatePolicy
 from flows import model_cache
 from manifests.caption_store import (
     THRESHOLDS_FILE,
-    gate_modes,
     gate_thresholds,
     read_gate_thresholds,
     scorers,
@@ -123,16 +122,26 @@ def derive_thresholds(
     return thresholds
 
 
-def check_gate_thresholds(store: str | Path, captions: CaptionsConfig, experts: list[str]) -> None:
-    """Refuse to add to a store whose rows of ``experts`` were gated at another threshold than the manifest's
-    (mode absolute: ``captions.tau``; contrastive: ``captions.gate.margin``): a resume would write rows that
-    ``compact`` then refuses to merge, and on a complete store the new value would pass silently. A percentile gate
-    is checked against its sidecar instead (:func:`check_thresholds`).
+def check_gate(store: str | Path, captions: CaptionsConfig, experts: list[str]) -> None:
+    """Refuse to add to a store judged by another gate, read from the store's gate columns once.
+
+    - Rows of another gate mode: their done keys would count as passed alike.
+    - Rows of ``experts`` gated at another threshold than the manifest's (mode absolute: ``captions.tau``;
+      contrastive: ``captions.gate.margin``): a resume would write rows that ``compact`` then refuses to merge, and
+      on a complete store the new value would pass silently. A percentile gate is checked against its sidecar
+      instead (:func:`check_thresholds`).
 
     Raises:
-        InputError: one line naming the store, the recorded and the manifest's value, and what to do.
+        InputError: one line naming the store, the recorded and the manifest's mode or value, and what to do.
     """
     mode = captions.gate.mode
+    gated = gate_thresholds(store)
+    others = sorted({row_mode for gates in gated.values() for row_mode, _ in gates} - {mode})
+    if others:
+        raise InputError(
+            f"caption store {store}: gated in mode {', '.join(others)}, this manifest gates in mode {mode}; "
+            "caption into a new store"
+        )
     if mode == "percentile":
         return
     if mode == "absolute":
@@ -140,11 +149,11 @@ def check_gate_thresholds(store: str | Path, captions: CaptionsConfig, experts: 
     else:
         setting, wanted = "captions.gate.margin", captions.gate.margin
     recorded: dict[float, list[str]] = {}
-    for (expert, pid), gates in sorted(gate_thresholds(store).items()):
+    for (expert, pid), gates in sorted(gated.items()):
         if expert not in experts or pid not in captions.prompts.ids:
             continue
-        for row_mode, threshold in gates:
-            if row_mode == mode and float(np.float32(threshold)) != float(np.float32(wanted)):
+        for _, threshold in gates:
+            if float(np.float32(threshold)) != float(np.float32(wanted)):
                 recorded.setdefault(round(threshold, 6), []).append(f"{expert}/{pid}")
     if recorded:
         values = ", ".join(f"{value:g} ({', '.join(pairs)})" for value, pairs in sorted(recorded.items()))
@@ -165,19 +174,5 @@ def check_scorer(store: str | Path, model_id: str) -> None:
         raise InputError(
             f"caption store {store}: scored by CLIP {', '.join(others)}, this manifest scores with {model_id} "
             "(another model, weights or activation: the activation follows the weights since QuickGELU came in); "
-            "caption into a new store"
-        )
-
-
-def check_gate_mode(store: str | Path, mode: str) -> None:
-    """Refuse to add to a store judged by another gate mode: its done keys would count as passed alike.
-
-    Raises:
-        InputError: the store holds rows of another gate mode.
-    """
-    others = sorted(gate_modes(store) - {mode})
-    if others:
-        raise InputError(
-            f"caption store {store}: gated in mode {', '.join(others)}, this manifest gates in mode {mode}; "
             "caption into a new store"
         )

@@ -36,8 +36,7 @@ from caption_pipeline.policy import GatePolicy
 from caption_pipeline.scoring import clip_weights
 from flows import model_cache
 from flows.gate_store import (
-    check_gate_mode,
-    check_gate_thresholds,
+    check_gate,
     check_scorer,
     check_thresholds,
     derive_thresholds,
@@ -339,8 +338,7 @@ def generate_captions(
     weights.check()
     check_scorer(store_path, weights.model_id)
     gate = manifest.captions.gate
-    check_gate_mode(store_path, gate.mode)
-    check_gate_thresholds(store_path, manifest.captions, chosen)
+    check_gate(store_path, manifest.captions, chosen)
     if gate.mode == "percentile":
         check_thresholds(store_path, manifest.captions, weights.model_id)
     if gate.mode == "contrastive" and len(tiles) == 1:

@@ -268,15 +268,6 @@ def gate_thresholds(store: str | Path) -> dict[tuple[str, str], set[tuple[str, f
     return found
 
 
-def gate_modes(store: str | Path) -> set[str]:
-    """The gate modes that judged the store's rows (one column read; empty for no store)."""
-    modes: set[str] = set()
-    for path in _fragments(Path(store)):
-        _check_fragment(path)
-        modes.update(pq.read_table(path, columns=["gate_mode"]).column("gate_mode").unique().to_pylist())
-    return modes
-
-
 def read_gate_thresholds(store: str | Path) -> dict | None:
     """A percentile gate's sidecar (``<store>/gate_thresholds.json``) as written, or None where there is none.
 

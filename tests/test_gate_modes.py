@@ -27,7 +27,7 @@ from caption_pipeline.scoring import ClipScorer, Score
 from flows import gate_store
 from flows import generate_captions as flow_module
 from flows.console import print_summary
-from flows.gate_store import check_gate_thresholds
+from flows.gate_store import check_gate
 from flows.generate_captions import CaptionRunSummary, generate_captions, shards, summarize
 from manifests.caption_store import THRESHOLDS_FILE, compact, read_store, write_fragment
 from manifests.errors import InputError
@@ -190,14 +190,14 @@ def test_a_store_gated_at_another_threshold_is_refused(tmp_path):
     write_fragment(store, [row("t1"), row("t2", prompt="p2")], META)  # absolute, tau 0.55
     captions = CaptionsConfig(store=store, tau=0.6, experts=[])
     with pytest.raises(InputError) as info:
-        check_gate_thresholds(store, captions, ["e"])
+        check_gate(store, captions, ["e"])
     message = str(info.value)
     assert message == (
         f"caption store {store}: gated in mode absolute at captions.tau 0.55 (e/p1, e/p2), this manifest sets "
         "captions.tau 0.6; caption into a new store, or set captions.tau back to the recorded value"
     )
-    check_gate_thresholds(store, captions.model_copy(update={"tau": 0.55}), ["e"])  # the recorded tau: accepted
-    check_gate_thresholds(store, captions, ["other"])  # another expert's rows are not this run's concern
+    check_gate(store, captions.model_copy(update={"tau": 0.55}), ["e"])  # the recorded tau: accepted
+    check_gate(store, captions, ["other"])  # another expert's rows are not this run's concern
     contrastive = tmp_path / "contrastive"
     write_fragment(contrastive, [row("t1", gate_mode="contrastive", gate_threshold=0.02)], META)
     margin = captions.model_copy(update={"gate": GateConfig(mode="contrastive", margin=0.05)})
@@ -206,8 +206,8 @@ def test_a_store_gated_at_another_threshold_is_refused(tmp_path):
         match=r"at captions.gate.margin 0.02 \(e/p1\), this manifest sets captions.gate."
         r"margin 0.05; caption into a new store, or set captions.gate.margin back",
     ):
-        check_gate_thresholds(contrastive, margin, ["e"])
-    check_gate_thresholds(contrastive, captions.model_copy(update={"gate": GateConfig(mode="contrastive")}), ["e"])
+        check_gate(contrastive, margin, ["e"])
+    check_gate(contrastive, captions.model_copy(update={"gate": GateConfig(mode="contrastive")}), ["e"])
 
 
 def test_calibration_sample_spreads_over_the_run_and_is_reproducible():
