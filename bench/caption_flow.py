@@ -11,10 +11,15 @@ reply to the end: compaction, summary, Prefect's flow teardown). Target: the flo
 
 The long flow runs twice, with the absolute gate (the paper's tau) and with the contrastive gate (each caption also
 scored against every tile of its shard: one more matrix product per chunk), so their ratios to ideal compare.
+
+Endpoints: one expert served by ENDPOINTS servers (a process each) of ENDPOINT_LATENCY_S, IN_FLIGHT slots each, runs
+the same tiles through the flow as the same expert with only the first of them; it prints the throughput ratio
+(target >= ENDPOINT_TARGET). ``--endpoints-only`` runs this part alone.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import multiprocessing
 import os
@@ -42,6 +47,9 @@ IDEAL = IN_FLIGHT / LATENCY_S
 AREAS, SCENE, TILE = 12, 1024, 64  # 12 x 256 tiles x 3 prompts = 9216 captions
 SHORT_TILES = 768  # 2304 captions
 TARGET = 0.9
+# A latency at which the 4-endpoint run (ideal 4 x 16 / 0.2 = 320 captions/s, the 1-endpoint bench's ideal) is bound
+# by the servers, not by this machine's CPUs.
+ENDPOINTS, ENDPOINT_LATENCY_S, ENDPOINT_TILES, ENDPOINT_TARGET = 4, 0.2, 768, 3.5
 
 RESPONSE = json.dumps({"choices": [{"message": {"content": "roofs, trees and a road"}, "finish_reason": "stop"}]})
 REPLY = (
@@ -53,9 +61,9 @@ FIRST_ARRIVAL, LAST_REPLY, REPLIES = range(3)
 class Clock:
     """First request arrival, last reply and replies, in memory shared with the bench process."""
 
-    def __init__(self, shared) -> None:
+    def __init__(self, shared, lock) -> None:
         self.shared = shared
-        self.lock = threading.Lock()
+        self.lock = lock  # one lock for every server process that writes the clock
 
     def arrived(self) -> None:
         with self.lock:
@@ -86,29 +94,40 @@ def _read_request(conn: socket.socket, buffer: bytearray) -> bool:
     return True
 
 
-def _connection(conn: socket.socket, clock: Clock) -> None:
-    """A keep-alive connection: every request is answered LATENCY_S after it arrived."""
+def _connection(conn: socket.socket, clock: Clock, latency_s: float) -> None:
+    """A keep-alive connection: every request is answered ``latency_s`` after it arrived."""
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     buffer = bytearray()
     with conn:
         while _read_request(conn, buffer):
             arrived = time.perf_counter()
             clock.arrived()
-            time.sleep(max(0.0, arrived + LATENCY_S - time.perf_counter()))
+            time.sleep(max(0.0, arrived + latency_s - time.perf_counter()))
             conn.sendall(REPLY)
             clock.replied()
 
 
-def serve(port_queue, shared) -> None:
+def serve(port_queue, shared, lock, latency_s: float = LATENCY_S) -> None:
     """The fixed-latency expert: a thread per connection in its own process. Threads sleeping to a deadline hold
     the latency closer to LATENCY_S than an asyncio server, whose timers round up to the next millisecond and whose
     replies to a burst of requests go out one after another."""
-    clock = Clock(shared)
+    clock = Clock(shared, lock)
     with socket.create_server(("127.0.0.1", 0)) as listener:
         port_queue.put(listener.getsockname()[1])
         while True:
             conn, _ = listener.accept()
-            threading.Thread(target=_connection, args=(conn, clock), daemon=True).start()
+            threading.Thread(target=_connection, args=(conn, clock, latency_s), daemon=True).start()
+
+
+def start_servers(count: int, clock, lock, latency_s: float) -> tuple[list[multiprocessing.Process], list[int]]:
+    """``count`` fixed-latency servers, a process each (as separate machines would be), and their ports."""
+    queue: multiprocessing.Queue = multiprocessing.Queue()
+    servers = [
+        multiprocessing.Process(target=serve, args=(queue, clock, lock, latency_s), daemon=True) for _ in range(count)
+    ]
+    for server in servers:
+        server.start()
+    return servers, [queue.get(timeout=30) for _ in servers]
 
 
 @dataclass(frozen=True)
@@ -137,6 +156,9 @@ def timed(name: str, clock, run) -> Timing:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--endpoints-only", action="store_true", help="only the 1- vs 4-endpoint comparison")
+    endpoints_only = parser.parse_args().endpoints_only
     from tabulate import tabulate
 
     from caption_pipeline.experts import build_expert
@@ -151,11 +173,10 @@ def main() -> None:
     from segmenter.demo_scenes import write_demo_dataset
     from segmenter.prepare import prepare_tiles
 
-    clock = multiprocessing.Array("d", 3, lock=False)  # written by the server only while a run is timed
-    queue: multiprocessing.Queue = multiprocessing.Queue()
-    server = multiprocessing.Process(target=serve, args=(queue, clock), daemon=True)
-    server.start()
-    port = queue.get(timeout=30)
+    clock = multiprocessing.Array("d", 3, lock=False)  # written by the servers only while a run is timed
+    lock = multiprocessing.Lock()
+    (server,), (port,) = start_servers(1, clock, lock, LATENCY_S)
+    endpoint_servers, endpoint_ports = start_servers(ENDPOINTS, clock, lock, ENDPOINT_LATENCY_S)
     work = Path(tempfile.mkdtemp(prefix="bench-captions-"))
     areas = write_demo_dataset(work / "raw", n_areas=AREAS, size=SCENE)
     _, checkpoint = build_tiny_clip(work / "clip")
@@ -174,6 +195,14 @@ captions:
     - {{name: fixed, backend: openai, model: fixed, base_url: "http://127.0.0.1:{port}/v1",
         concurrency: {IN_FLIGHT}, max_side: 64}}
 """)
+    endpoint_paths = {}  # the same run with one, then every slow endpoint
+    for count in (1, ENDPOINTS):
+        urls = ", ".join(f"http://127.0.0.1:{port}/v1" for port in endpoint_ports[:count])
+        endpoint_paths[count] = work / f"endpoints-{count}.yaml"
+        endpoint_paths[count].write_text(
+            manifest_path.read_text().replace(f'base_url: "http://127.0.0.1:{port}/v1"', f"base_url: [{urls}]")
+        )
+        assert len(load_manifest(endpoint_paths[count]).captions.experts[0].endpoints) == count
     contrastive_path = work / "contrastive.yaml"  # the same run under the contrastive gate
     contrastive_path.write_text(
         manifest_path.read_text().replace("  max_attempts: 1\n", "  max_attempts: 1\n  gate: {mode: contrastive}\n")
@@ -197,21 +226,57 @@ captions:
             with frozen_heap():  # as the flow does, so that the two differ by Prefect and the store only
                 return len(caption_tiles(tasks[:n_tiles], expert, scorer, settings, RunInfo("loop")))
 
+        for count in (1, ENDPOINTS):  # its own warm-up: each configuration is another expert
+            generate_captions(endpoint_paths[count], store=work / f"warm-{count}", limit=8)
+        endpoint_timings = []
+        for count in (1, ENDPOINTS):  # the expert alone (plain loop), then the flow, with 1 and with 4 endpoints
+            alone = build_expert(load_manifest(endpoint_paths[count]).captions.experts[0])
+            caption_tiles(tasks[:8], alone, scorer, settings, RunInfo("warm"))
+
+            def loop_run(alone=alone) -> int:
+                with frozen_heap():
+                    return len(caption_tiles(tasks[:ENDPOINT_TILES], alone, scorer, settings, RunInfo("loop")))
+
+            endpoint_timings.append((timed(f"loop, {count} endpoint(s)", clock, loop_run), count))
+            alone.close()
+        for count in (1, ENDPOINTS):
+
+            def run(path: Path = endpoint_paths[count], store: Path = work / f"endpoints-{count}") -> int:
+                return generate_captions(path, store=store, limit=ENDPOINT_TILES).new_rows
+
+            endpoint_timings.append((timed(f"flow, {count} endpoint(s)", clock, run), count))
         timings = []
-        for label, n_tiles in (("short", SHORT_TILES), ("long", len(tasks))):
+        for label, n_tiles in () if endpoints_only else (("short", SHORT_TILES), ("long", len(tasks))):
             loop = timed(f"loop, {label}", clock, lambda n=n_tiles: plain_loop(n))
             flow = timed(
                 f"flow, {label}", clock,
                 lambda n=n_tiles, label=label: generate_captions(manifest_path, store=work / label, limit=n).new_rows,
             )  # fmt: skip
             timings += [(loop, loop), (flow, loop)]
-        contrastive = timed(
-            "flow, long, contrastive", clock,
-            lambda: generate_captions(contrastive_path, store=work / "contrastive").new_rows,
-        )  # fmt: skip
-        timings.append((contrastive, loop))
-    server.terminate()
+        if not endpoints_only:
+            contrastive = timed(
+                "flow, long, contrastive", clock,
+                lambda: generate_captions(contrastive_path, store=work / "contrastive").new_rows,
+            )  # fmt: skip
+            timings.append((contrastive, loop))
+    for process in (server, *endpoint_servers):
+        process.terminate()
     shutil.rmtree(work, ignore_errors=True)
+
+    rows = [
+        [t.name, t.captions, t.seconds, t.rate, t.rate / (count * IN_FLIGHT / ENDPOINT_LATENCY_S), t.head_s, t.tail_s,
+         t.captions / t.busy_s / (count * IN_FLIGHT / ENDPOINT_LATENCY_S)]
+        for t, count in endpoint_timings
+    ]  # fmt: skip
+    print(f"endpoints: latency {ENDPOINT_LATENCY_S * 1000:.0f} ms, {IN_FLIGHT} in flight per endpoint")
+    headers = ["run", "captions", "s", "captions/s", "of ideal", "head s", "tail s", "busy of ideal"]
+    print(tabulate(rows, headers=headers, floatfmt=("", "", ".2f", ".1f", ".3f", ".2f", ".2f", ".3f")))
+    for what, (one, _), (many, _) in (("loop", *endpoint_timings[:2]), ("flow", *endpoint_timings[2:])):
+        ratio = many.rate / one.rate
+        verdict = "met" if ratio >= ENDPOINT_TARGET else "NOT met"
+        print(f"target: {what}, {ENDPOINTS} endpoints >= {ENDPOINT_TARGET}x the rate of 1: {ratio:.2f}x, {verdict}")
+    if endpoints_only:
+        return
 
     rows = [
         [t.name, t.captions, t.seconds, t.rate, t.rate / IDEAL, t.rate / loop.rate, t.head_s, t.tail_s,

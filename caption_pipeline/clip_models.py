@@ -16,9 +16,13 @@ Two rules live here and nowhere else:
 
 from __future__ import annotations
 
+import atexit
 import functools
 import hashlib
 import json
+import os
+import pickle
+import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -28,6 +32,10 @@ from typing import Any
 import open_clip
 import torch
 import torch.nn.functional as F
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import is_offline_mode, try_to_load_from_cache
+from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+from safetensors import SafetensorError
 from torch import nn
 
 from manifests.errors import InputError
@@ -66,6 +74,41 @@ class ClipWeights:
         return open_clip.get_pretrained_cfg(self.model, self.pretrained) if self.pretrained else {}
 
     @property
+    def hub_files(self) -> tuple[str, list[str]] | None:
+        """The hub repo of the tag's weights and the files open_clip would read from it (a safetensors one first),
+        or None for a local checkpoint or a tag without a hub entry."""
+        entry = self.tag_config.get("hf_hub") if self.checkpoint is None else None
+        if not entry:
+            return None
+        repo, filename = os.path.split(entry)
+        filename = filename or HF_WEIGHTS_NAME
+        safe = HF_SAFE_WEIGHTS_NAME if filename == HF_WEIGHTS_NAME else filename.rsplit(".", 1)[0] + ".safetensors"
+        return repo, list(dict.fromkeys([safe, filename]))
+
+    def missing_weights(self, why: str) -> InputError:
+        """One line: which weights were looked for, where, and how to provide them."""
+        repo = self.hub_files[0] if self.hub_files else self.tag_config.get("url", "?")
+        return InputError(
+            f"CLIP {self.model} (pretrained {self.pretrained}): weights not found: hub id {repo} is not in the Hugging "
+            f"Face cache {hub_constants.HF_HUB_CACHE} ({why}); on a connected machine run `hf download {repo}` and "
+            "copy the cache here (or point HF_HOME / HF_HUB_CACHE at a copy), or give a local weights file "
+            "(captions.clip.checkpoint in a manifest, text_checkpoint for a segmenter text encoder)"
+        )
+
+    def require_cached(self) -> None:
+        """Offline, refuse a tag whose weights the Hugging Face cache lacks (online, they are downloaded).
+
+        Raises:
+            InputError: see :meth:`missing_weights`.
+        """
+        hub = self.hub_files
+        if hub is None or not is_offline_mode():
+            return
+        repo, files = hub
+        if not any(isinstance(try_to_load_from_cache(repo, file), str) for file in files):
+            raise self.missing_weights("offline: HF_HUB_OFFLINE is set")
+
+    @property
     def uses_quick_gelu(self) -> bool:
         """Whether these weights were trained with QuickGELU (see the module docstring for the rule)."""
         if self.quick_gelu is not None:
@@ -97,7 +140,8 @@ class ClipWeights:
 
         Raises:
             InputError: a tag open_clip does not know for this model, an origin such as ``remoteclip`` without its
-                checkpoint, no weights at all, a missing checkpoint, or ``quick_gelu`` against the tag's activation.
+                checkpoint, no weights at all, a missing checkpoint, ``quick_gelu`` against the tag's activation, or
+                (offline) a tag whose weights are not in the Hugging Face cache.
         """
         if self.checkpoint is not None:
             if not self.checkpoint.is_file():
@@ -120,6 +164,7 @@ class ClipWeights:
             )
         if not self.uses_quick_gelu and self.model.endswith(QUICKGELU_SUFFIX):
             raise InputError(f"CLIP {self.model}: quick_gelu false contradicts the '{QUICKGELU_SUFFIX}' model name")
+        self.require_cached()
 
 
 @functools.lru_cache(maxsize=64)
@@ -148,9 +193,17 @@ def register_config(path: Path) -> None:
     open_clip.add_model_config(path)
 
 
+@functools.cache
+def _private_config_folder() -> Path:
+    # one folder per process, owned by its user: a shared fixed path is another user's file, or a race
+    folder = Path(tempfile.mkdtemp(prefix="mpers-open-clip-configs-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 def register_tiny_config(name: str, folder: Path | None = None) -> Path:
     """Write the tiny test config as ``<name>.json`` and register it; returns the file."""
-    folder = folder or Path(tempfile.gettempdir()) / "mpers-open-clip-configs"
+    folder = folder or _private_config_folder()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.json"
     path.write_text(json.dumps(TINY_CLIP_CONFIG))
@@ -176,6 +229,11 @@ def create_clip(
     if load_weights:
         weights.check()
         pretrained = str(weights.checkpoint) if weights.checkpoint else weights.pretrained
+        if weights.checkpoint is None:
+            try:  # fetched (or found in the cache) here, where a failure can say what to do
+                open_clip.download_pretrained(weights.tag_config)
+            except OSError as exc:  # open_clip turns every hub failure into FileNotFoundError; a URL's is URLError
+                raise weights.missing_weights(f"download failed: {_first_line(exc)}") from None
     else:
         pretrained = None
     quick = weights.uses_quick_gelu
@@ -187,9 +245,14 @@ def create_clip(
             )
         except UserWarning as exc:
             raise InputError(f"CLIP {weights.model} ({weights.pretrained}): {exc}") from None
-        except RuntimeError as exc:
-            raise InputError(f"CLIP {weights.model} ({pretrained}): cannot load: {str(exc).splitlines()[0]}") from None
+        except (RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as exc:  # a truncated or foreign file
+            reason = _first_line(exc) or type(exc).__name__
+            raise InputError(f"CLIP {weights.model} ({pretrained}): cannot load: {reason}") from None
     return model.eval(), (preprocess if transforms else None)
+
+
+def _first_line(exc: BaseException) -> str:
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
 
 
 def network_activation(model: nn.Module) -> str:

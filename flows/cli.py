@@ -21,8 +21,13 @@ def generate_captions(
     manifest: Annotated[str, typer.Option(help="run manifest (path or packaged name)")],
     limit: Annotated[int | None, typer.Option(help="caption only the first N tiles (by tile id)")] = None,
     experts: Annotated[str | None, typer.Option(help="comma-separated expert names (default: all)")] = None,
-    runner: Annotated[str, typer.Option(help="threads | dask")] = "threads",
-    address: Annotated[str | None, typer.Option(help="Dask scheduler address (default: a LocalCluster)")] = None,
+    runner: Annotated[
+        str, typer.Option(help="threads (of this process) | dask (worker processes; a cluster with --address)")
+    ] = "threads",
+    address: Annotated[
+        str | None,
+        typer.Option(help="Dask scheduler, tcp://host:8786 (with --runner dask; default: local worker processes)"),
+    ] = None,
     store: Annotated[Path | None, typer.Option(help="caption store (default: the manifest's)")] = None,
     shard_size: Annotated[int | None, typer.Option(help="tiles per task (default: the manifest's)")] = None,
 ) -> None:

@@ -37,6 +37,10 @@ def print_summary(summary: CaptionRunSummary, out: Console = console) -> None:
     out.print(table)
     for expert, (keys, error) in summary.errors.items():
         out.print(f"{expert}: {keys} key(s) got no caption; most common error: {error}", markup=False, highlight=False)
+    for expert, counts in summary.endpoints.items():
+        if len(counts) > 1:  # one server's failures already show as errors; several are told apart here
+            lines = "".join(f"\n  {stats.describe()}" for stats in counts)
+            out.print(f"{expert} endpoints:{lines}", markup=False, highlight=False)
     out.print(summary.class_information())
     if summary.gate:
         out.print(summary.gate, markup=False, highlight=False)

@@ -8,6 +8,9 @@ at any point and started again ends with the same store as an uninterrupted one.
 from __future__ import annotations
 
 import gc
+import hashlib
+import os
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,12 +21,13 @@ from pathlib import Path
 from typing import TypeVar
 
 import pandas as pd
+import pyarrow as pa
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
 from caption_pipeline.experts.base import ExpertUnavailable
-from caption_pipeline.experts.openai_backend import api_key
+from caption_pipeline.experts.openai_backend import EndpointStats, api_key
 from caption_pipeline.gate import (
     GateSettings,
     RunInfo,
@@ -43,6 +47,7 @@ from flows.gate_store import (
     stored_thresholds,
 )
 from manifests.caption_store import (
+    CAPTION_STORE_SCHEMA,
     KEY_COLUMNS,
     StoreMeta,
     attempt_counts,
@@ -74,13 +79,23 @@ class ShardResult:
     rows: int
     skipped: int
     unavailable: str | None = None
+    # (the expert instance, its endpoints' counts when the task started, and when it ended): see endpoint_counts
+    endpoints: tuple[str, tuple[EndpointStats, ...], tuple[EndpointStats, ...]] | None = None
 
 
 @task(name="caption-shard", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def caption_shard(
     manifest_path: str, expert_name: str, tile_ids: list[str], store: str, run_id: str, manifest_sha256: str
 ) -> ShardResult:
-    """Caption one shard of tiles with one expert and write one atomic store fragment."""
+    """Caption one shard of tiles with one expert and write one atomic store fragment.
+
+    A shard may run more than once: a Prefect retry, or Dask running it again on another worker when the one running
+    it died (or was only presumed dead and still runs). Every execution writes the same fragment name
+    (:func:`shard_fragment_name`), so the last rename replaces the earlier ones instead of adding a second copy of the
+    shard's attempts, and what the fragment holds is always every attempt of the shard's keys in this run:
+    the attempts an earlier execution already wrote there are carried into the new fragment, and only the keys still
+    not done are asked again, their attempt numbers continuing where the store's stop.
+    """
     manifest = load_manifest(manifest_path)
     captions = manifest.captions
     index = read_tile_index(manifest.tiling.out)
@@ -88,21 +103,48 @@ def caption_shard(
     policy = GatePolicy.from_captions(
         captions, stored_thresholds(store) if captions.gate.mode == "percentile" else None
     )
+    name = shard_fragment_name(run_id, expert_name, tile_ids)
+    # The store first, then this shard's own fragment: a fragment seen by the first read is seen by the second (or a
+    # later version of it, which covers at least the same keys), so nothing skipped below is left out of the rewrite.
     done, counts = attempt_counts(store, tile_ids, done=policy.done)
+    own = _fragment_path(store, name)
+    kept = read_store(own) if own.is_file() else None
     config = next(expert for expert in captions.experts if expert.name == expert_name)
     settings = GateSettings.for_expert(policy, captions, config)
     keys = {(tile_id, expert_name, pid) for tile_id in tile_ids for pid in settings.prompt_ids}
     skip = done & keys
     scorer = model_cache.scorer(manifest)
+    expert = model_cache.expert(config)
+    started = _endpoint_snapshot(expert)
     try:
         rows = caption_tiles(
-            tile_tasks(index, frame, captions.prompts), model_cache.expert(config), scorer, settings,
+            tile_tasks(index, frame, captions.prompts), expert, scorer, settings,
             RunInfo(run_id, manifest_sha256), skip=skip, previous_attempts=counts,
         )  # fmt: skip
     except ExpertUnavailable as exc:  # a bad key, an unknown model, an engine that cannot start: stop, not retry
-        return ShardResult(expert_name, len(frame), 0, len(skip), unavailable=str(exc))
-    write_fragment(store, rows, StoreMeta(index.class_names, scorer.model_id, captions.tau))
-    return ShardResult(expert_name, len(frame), len(rows), len(skip))
+        endpoints = (_instance(expert), started, _endpoint_snapshot(expert))
+        return ShardResult(expert_name, len(frame), 0, len(skip), unavailable=str(exc), endpoints=endpoints)
+    if rows:  # nothing new: the fragment (if any) already holds every attempt of this shard
+        content = rows if kept is None else pd.concat([kept, _rows_frame(rows)], ignore_index=True)
+        write_fragment(store, content, StoreMeta(index.class_names, scorer.model_id, captions.tau), name=name)
+    endpoints = (_instance(expert), started, _endpoint_snapshot(expert))
+    return ShardResult(expert_name, len(frame), len(rows), len(skip), endpoints=endpoints)
+
+
+def shard_fragment_name(run_id: str, expert_name: str, tile_ids: list[str]) -> str:
+    """The fragment name of one shard task of one run: the same for every execution of that task."""
+    digest = hashlib.sha256("\n".join([expert_name, *tile_ids]).encode()).hexdigest()[:20]
+    return f"{run_id}-{digest}"
+
+
+def _fragment_path(store: str, name: str) -> Path:
+    # write_fragment's naming (the store contract's ``part-*.parquet``)
+    return Path(store) / f"part-{name}.parquet"
+
+
+def _rows_frame(rows: list[dict]) -> pd.DataFrame:
+    """New attempt rows with the dtypes ``read_store`` gives, so they concatenate with rows read back."""
+    return pa.Table.from_pylist(rows, schema=CAPTION_STORE_SCHEMA).to_pandas()
 
 
 def shards(tile_ids: list[str], size: int, min_size: int = 1) -> list[list[str]]:
@@ -124,6 +166,7 @@ class CaptionRunSummary:
         unavailable: why an expert could not answer at all (the run stopped), or None.
         errors: per expert, the keys that got no caption and the error most of their attempts recorded.
         gate: one line, the gate mode and its threshold(s) (``GatePolicy.describe``).
+        endpoints: per expert served over HTTP, what each of its endpoints did in this run (``endpoint_counts``).
     """
 
     store: Path
@@ -137,6 +180,7 @@ class CaptionRunSummary:
     unavailable: str | None = None
     errors: dict[str, tuple[int, str]] = field(default_factory=dict)
     gate: str = ""
+    endpoints: dict[str, list[EndpointStats]] = field(default_factory=dict)
 
     def class_information(self) -> str:
         """One line: the protocol and the class source per split."""
@@ -173,6 +217,47 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
                                 "errored"]]  # fmt: skip
 
 
+def _endpoint_snapshot(expert: object) -> tuple[EndpointStats, ...]:
+    """The counts of an expert's endpoints so far (none for an expert without endpoints)."""
+    stats = getattr(expert, "endpoint_stats", None)
+    return tuple(stats()) if stats is not None else ()
+
+
+def _instance(expert: object) -> str:
+    # One expert object per process and configuration (model_cache), in processes that may live on several machines.
+    return f"{socket.gethostname()}:{os.getpid()}:{id(expert)}"
+
+
+def endpoint_counts(results: list[ShardResult]) -> dict[str, list[EndpointStats]]:
+    """Per expert with endpoints, what each endpoint did in this run: attempts, failed attempts, outages.
+
+    An expert object counts from when it was built and serves every shard task of its process, whose tasks overlap;
+    so what it did in this run is its count at the last task's end minus its count at the first task's start (the
+    counts only grow), summed over the processes (Dask workers) that ran the expert's tasks.
+    """
+    spans: dict[tuple[str, str], tuple[list[EndpointStats], list[EndpointStats]]] = {}
+    for result in results:
+        if result.endpoints is None or not result.endpoints[2]:
+            continue
+        instance, started, ended = result.endpoints
+        first, last = spans.get((result.expert, instance), (list(started), list(ended)))
+        spans[(result.expert, instance)] = (
+            [_bound(min, a, b) for a, b in zip(first, started, strict=True)],
+            [_bound(max, a, b) for a, b in zip(last, ended, strict=True)],
+        )
+    totals: dict[str, list[EndpointStats]] = {}
+    for (expert, _), (first, last) in spans.items():
+        run = [end - start for start, end in zip(first, last, strict=True)]
+        totals[expert] = [a + b for a, b in zip(totals[expert], run, strict=True)] if expert in totals else run
+    return totals
+
+
+def _bound(pick: Callable[[int, int], int], a: EndpointStats, b: EndpointStats) -> EndpointStats:
+    return EndpointStats(
+        a.url, pick(a.requests, b.requests), pick(a.failures, b.failures), pick(a.taken_out, b.taken_out)
+    )
+
+
 def common_errors(frame: pd.DataFrame) -> dict[str, tuple[int, str]]:
     """Per expert with keys that never got a caption (store rows): how many, and the error most of their attempts
     recorded (what a user must see when a run "succeeds" with nothing but failures)."""
@@ -187,19 +272,35 @@ def common_errors(frame: pd.DataFrame) -> dict[str, tuple[int, str]]:
 
 
 def _task_runner(runner: str, address: str | None):
+    """The Prefect task runner of ``--runner``: threads of this process, or Dask.
+
+    ``dask`` without an address starts a LocalCluster of worker processes on this machine (one single-threaded
+    worker per CPU); with an address it connects to a running scheduler, whose workers are separate processes that
+    may live on other machines (see the README's "Captioning on a Dask cluster").
+    """
+    if runner not in ("threads", "dask"):
+        raise InputError(f"--runner: unknown runner '{runner}' (expected threads or dask)")
+    if address and runner != "dask":
+        raise InputError(f"--address: only --runner dask connects to a scheduler (got --runner {runner})")
     if runner == "threads":
         from prefect.task_runners import ThreadPoolTaskRunner
 
         return ThreadPoolTaskRunner(max_workers=4)
-    if runner == "dask":
-        try:
-            from prefect_dask import DaskTaskRunner
-        except ImportError:
-            raise InputError("--runner dask needs the dask extra: pip install 'mpers-toolkit[dask]'") from None
-        if address:
-            return DaskTaskRunner(address=address)
-        return DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": False})
-    raise InputError(f"--runner: unknown runner '{runner}' (expected threads or dask)")
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        raise InputError("--runner dask needs the dask extra: pip install 'mpers-toolkit[dask]'") from None
+    if address:
+        return DaskTaskRunner(address=address)
+    return DaskTaskRunner(cluster_kwargs=local_cluster_kwargs())
+
+
+def local_cluster_kwargs() -> dict:
+    """The LocalCluster of ``--runner dask`` without ``--address``: worker processes, as on a cluster, so a shard
+    task meets the same pickling and per-process model loading locally as it will there; one thread per worker
+    (an expert runs its own concurrency), one worker per CPU this process may use, listening on loopback only."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return {"n_workers": max(1, cpus), "threads_per_worker": 1, "processes": True, "host": "127.0.0.1"}
 
 
 @flow(name="generate-captions", log_prints=True)
@@ -252,10 +353,14 @@ def generate_captions_flow(
         model_cache.release_expert(configs[name])
     compact(store, select=policy.select)
     rows = expert_rows(Path(store), experts)
+    endpoints = endpoint_counts(results)
+    for name, counts in endpoints.items():
+        logger.info("%s endpoints: %s", name, "; ".join(stats.describe() for stats in counts))
     return CaptionRunSummary(
         Path(store), len(tile_ids), sum(r.rows for r in results), sum(r.skipped for r in results),
         time.perf_counter() - started, summarize(rows), prompts.protocol, sources,
         next((r.unavailable for r in results if r.unavailable), None), common_errors(rows), policy.describe(),
+        endpoints,
     )  # fmt: skip
 
 
@@ -352,6 +457,10 @@ def generate_captions(
     for config in manifest.captions.experts:
         if config.name in chosen and config.backend == "openai":
             api_key(config)
+        if config.name in chosen and config.backend == "transformers":
+            from caption_pipeline.experts.transformers_backend import check_weights
+
+            check_weights(config)  # a missing folder, or a hub id not cached offline
     configured = generate_captions_flow.with_options(task_runner=_task_runner(runner, address))
     token = _ON_SHARD.set(on_shard)
     try:

@@ -8,12 +8,14 @@ against the working directory, so the packaged manifests expect their data under
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Hashable
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from manifests.errors import InputError
 
@@ -82,6 +84,11 @@ class SynDroneConfig(_DatasetSettings):
 
     name: Literal["syndrone"]
     coarse: bool = True
+    splits: Path | None = Field(
+        default=None, description="folder or splits.zip with train.txt/test.txt (default: root, then its parent)"
+    )
+    towns: list[str | int] | None = Field(default=None, description="a subset of towns (01 ... 07, 10HD); default all")
+    heights: list[str | int] | None = Field(default=None, description="a subset of heights (20, 50, 80); default all")
 
 
 class FolderConfig(_DatasetSettings):
@@ -189,7 +196,10 @@ class OpenAIExpertConfig(_ModelExpertSettings):
 
     backend: Literal["openai"]
     model: str
-    base_url: str
+    base_url: str | list[str] = Field(
+        description="server URL, or a list of URLs serving the same model: each request goes to the one with the "
+        "fewest in flight, and `concurrency` is per URL"
+    )
     api_key_env: str | None = Field(default=None, description="name of the env var that holds the API key")
     concurrency: int = Field(default=8, ge=1)
     timeout_s: float = Field(default=120.0, gt=0)
@@ -198,6 +208,26 @@ class OpenAIExpertConfig(_ModelExpertSettings):
         default="max_tokens",
         description="request field that carries max_new_tokens: o-series and newer GPT models reject max_tokens",
     )
+
+    @field_validator("base_url", mode="before")
+    @classmethod
+    def _http_urls(cls, value: Any) -> Any:
+        # Before pydantic's own check, so that a wrong value gives one sentence, not one per member of the union.
+        urls = [value] if isinstance(value, str) else value
+        if not isinstance(urls, list) or not urls or not all(isinstance(url, str) for url in urls):
+            raise ValueError("expected a URL or a non-empty list of URLs (http://host:port/v1)")
+        for url in urls:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError(f"{url[:SHOWN_CHARS]!r} is not an http(s) URL (expected http://host:port/v1)")
+        if len(set(urls)) < len(urls):
+            raise ValueError("a URL is given twice")
+        return value
+
+    @property
+    def endpoints(self) -> list[str]:
+        """The server URLs, one or several."""
+        return [self.base_url] if isinstance(self.base_url, str) else list(self.base_url)
 
 
 class VLLMExpertConfig(_ModelExpertSettings):
@@ -431,6 +461,11 @@ def _describe_error(error: dict[str, Any]) -> str:
     return f"key '{key}': {error['msg'].lower()} (got {shown})"
 
 
+def _printable(text: str) -> str:
+    """``text`` with every non-printable character (a newline in a key) escaped as Python writes it."""
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
 def resolve_manifest_path(name_or_path: str | Path) -> Path:
     """A manifest file from a path or a packaged manifest name."""
     candidate = Path(name_or_path)
@@ -480,6 +515,8 @@ class _ManifestLoader(yaml.SafeLoader):
         seen: set = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):  # a list or mapping as a key: SafeLoader's own error says so below
+                continue
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice", key_node.start_mark)
             seen.add(key)
@@ -521,7 +558,8 @@ def load_manifest(name_or_path: str | Path) -> RunManifest:
     try:
         manifest = RunManifest.model_validate(data)
     except ValidationError as exc:
-        problems = list(dict.fromkeys(_describe_error(error) for error in exc.errors()))
+        # a key may hold a newline or a control character: escaped, so the message stays one line
+        problems = list(dict.fromkeys(_printable(_describe_error(error)) for error in exc.errors()))
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise InputError(f"manifest {path}: {'; '.join(problems[:3])}{more}") from None
     return manifest.model_copy(update={"source": path, "sha256": hashlib.sha256(text.encode()).hexdigest()})

@@ -32,6 +32,8 @@ console = Console(stderr=True, soft_wrap=True)
 # The datasets `prepare` can read from flags alone: the manifest's dataset names, less `folder`, whose classes only a
 # manifest can give.
 Dataset = StrEnum("Dataset", {name: name for name in DATASET_SETTINGS if name != "folder"})
+BATCH_HELP = "windows per forward (default: 8 on a GPU, 4 on the CPU)"
+TEXT_CACHE_HELP = "text-feature cache folder (default: beside the caption store when writable, else the run folder)"
 OVERLAP_HELP = "window overlap in [0, 1) (default: the captioned tile grid for text-guided models, 0.25 otherwise)"
 
 
@@ -89,12 +91,14 @@ def prepare(
         for line in result.warnings:  # repeated from the run that wrote the index: nothing silent on a re-run
             console.print(f"warning: {line}", markup=False, highlight=False)
         return
-    table = Table("source", "split", "tiles", "boundary px", "stray px", "check", title="prepared sources")
+    columns = ("source", "split", "tiles", "boundary px", "stray px", "ignored px", "check")
+    table = Table(*columns, title="prepared sources")
     for report in result.sources:
         checks = [text for found, text in ((report.image_is_label_map, "image is a label map?"),
-                                           (bool(report.overlays), "label is an overlay?")) if found]  # fmt: skip
+                                           (bool(report.overlays), "label is an overlay?"),
+                                           (not report.labelled, "no label")) if found]  # fmt: skip
         table.add_row(report.source_id, report.split, str(report.tiles), str(report.boundary_pixels),
-                      str(report.stray_pixels), "; ".join(checks) or "ok")  # fmt: skip
+                      str(report.stray_pixels), str(report.excluded_pixels), "; ".join(checks) or "ok")  # fmt: skip
     console.print(table)
     for line in result.warnings:
         console.print(f"warning: {line}", markup=False, highlight=False)
@@ -147,25 +151,39 @@ def train(
         ),
     ] = _train_default("augmentation"),
     seed: Annotated[int, typer.Option(help="random seed")] = _train_default("seed"),
+    workers: Annotated[
+        int | None, typer.Option(help="loader processes per process (default: GPU min(4, CPUs - 1), CPU 0)")
+    ] = _train_default("workers"),
+    backbone_file: Annotated[
+        Path | None, typer.Option(help="local DINOv3 weights (.pth/.safetensors) instead of the preset's hub id")
+    ] = None,
+    text_checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="local text-encoder weights: a CLIP .pt, a (BLIP-2) FLAN-T5 folder, the dino.txt .pth"),
+    ] = None,
     resume: Annotated[bool, typer.Option(help="continue the run in --out from its newest checkpoint")] = False,
+    text_cache: Annotated[Path | None, typer.Option(help=TEXT_CACHE_HELP)] = None,
 ) -> None:
     """Train a preset (cross-entropy, AdamW, multi-step LR) on the GPU when there is one; run under `torchrun` for
     DDP."""
     from segmenter.model import list_presets
-    from segmenter.train import TrainingError
+    from segmenter.train import TrainingError, text_cache_place
     from segmenter.train import train as run_training
 
     if preset not in list_presets():
         raise InputError(f"--preset: unknown preset '{preset}' (see `segmenter models`)")
     chosen = [name.strip() for name in experts.split(",") if name.strip()] if experts else None
+    local = {"backbone_file": backbone_file, "text_checkpoint": text_checkpoint}
     try:
         settings = TrainSettings(preset=preset, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                                  checkpoint_every=checkpoint_every, missing_captions=missing_captions, experts=chosen,
-                                 augmentation=augmentation)  # fmt: skip
+                                 augmentation=augmentation, workers=workers,
+                                 **{key: str(path.resolve()) for key, path in local.items() if path})  # fmt: skip
     except ValidationError as exc:
         raise InputError(_option_error(exc)) from None
     try:
-        checkpoint = run_training(manifest, out, settings, captions=captions, resume=resume, progress=True)
+        with text_cache_place(text_cache, out):
+            checkpoint = run_training(manifest, out, settings, captions=captions, resume=resume, progress=True)
     except TrainingError as exc:
         console.print(f"error: {exc}")
         raise SystemExit(1) from None
@@ -187,14 +205,21 @@ def evaluate(
     missing_captions: Annotated[
         MissingCaptions, typer.Option(help="a store lacking some of the run's experts or having others: stop, or mask")
     ] = MissingCaptions.error,
+    batch_size: Annotated[int | None, typer.Option(help=BATCH_HELP)] = None,
+    text_cache: Annotated[Path | None, typer.Option(help=TEXT_CACHE_HELP)] = None,
 ) -> None:
     """Sliding-window inference over whole sources: OA, per-class IoU/F1, mIoU/mF1 (main classes, and all)."""
     from segmenter.evaluate import evaluate as run_evaluation
+    from segmenter.inference import check_batch_size
+    from segmenter.train import text_cache_place
 
     _check_overlap(overlap)
     _check_window(window)
-    with progress("evaluate") as on_source:
-        metrics = run_evaluation(run, split, gt, window, overlap, device, on_source, captions, missing_captions)
+    check_batch_size(batch_size)
+    with progress("evaluate") as on_source, text_cache_place(text_cache, run):
+        metrics = run_evaluation(
+            run, split, gt, window, overlap, device, on_source, captions, missing_captions, batch_size
+        )
     print(metrics.markdown(f"{run} ({split}, {gt} GT)"))
 
 
@@ -238,33 +263,44 @@ def predict(
     scale: Annotated[
         Scale, typer.Option(help="images that are not 8-bit: none (refuse), minmax or percentile (2-98) per band")
     ] = Scale.none,
+    batch_size: Annotated[int | None, typer.Option(help=BATCH_HELP)] = None,
+    text_cache: Annotated[Path | None, typer.Option(help=TEXT_CACHE_HELP)] = None,
 ) -> None:
     """Class-index GeoTIFFs + colour PNGs of images (--images, --out), or the predicted class fractions of every
     tile of an index (--index, --predictions) for prompts whose class source is `predictions`."""
+    from segmenter.inference import check_batch_size
     from segmenter.predict import predict as run_prediction
     from segmenter.predict import predict_index
+    from segmenter.train import text_cache_place
 
     _check_overlap(overlap)
     _check_window(window)
+    check_batch_size(batch_size)
     if index is not None or predictions is not None:
         if index is None or predictions is None or images or out:
             raise InputError("predict: give --index with --predictions, or --images with --out")
         with progress("predict") as on_tile:
-            path = predict_index(run, index, predictions, split, device, on_tile)
+            path = predict_index(run, index, predictions, split, device, on_tile, batch_size)
         console.print(f"wrote {path}")
         return
     if not images or out is None:
         raise InputError("predict: give --images with --out, or --index with --predictions")
-    for path in run_prediction(run, images, out, captions, window, overlap, device, missing_captions, scale):
+    with text_cache_place(text_cache, run):
+        written = run_prediction(run, images, out, captions, window, overlap, device, missing_captions, scale,
+                                 batch_size)  # fmt: skip
+    for path in written:
         console.print(f"wrote {path}")
 
 
-PRESET_FIELDS = ("preset", "backbone", "adapter", "text", "lqga_stages", "decoder", "note")
-PRESET_LABELS = {field: "LQGA stages" if field == "lqga_stages" else field for field in PRESET_FIELDS}
+PRESET_FIELDS = ("preset", "backbone", "adapter", "text", "lqga_stages", "decoder", "paper_row", "paper_miou", "note")
+PRESET_LABELS = {field: field for field in PRESET_FIELDS} | {
+    "lqga_stages": "LQGA stages", "paper_row": "paper row", "paper_miou": "paper mIoU",
+}  # fmt: skip
 
 
 def preset_rows() -> list[dict[str, str]]:
-    """One row per model preset: its name, the parts it is built of, and the first line of its docstring."""
+    """One row per model preset: its name, the parts it is built of, the paper's row it reproduces with the
+    Vaihingen mIoU reported there, and the first line of its docstring."""
     from segmenter.model import list_presets, preset_config
     from segmenter.model import presets as registry
 
@@ -272,6 +308,7 @@ def preset_rows() -> list[dict[str, str]]:
     for name in list_presets():
         config = preset_config(name)
         doc = (getattr(registry, name).__doc__ or "").strip()
+        reference = registry.paper_row(name)
         rows.append({
             "preset": name,
             "backbone": config.backbone,
@@ -279,6 +316,8 @@ def preset_rows() -> list[dict[str, str]]:
             "text": config.text_encoder,
             "lqga_stages": ",".join(map(str, config.lqga_stages)) if config.uses_text else "-",
             "decoder": config.decoder,
+            "paper_row": f"{reference.table}: {reference.row}" if reference else "-",
+            "paper_miou": f"{reference.miou:.2f}" if reference and reference.miou is not None else "-",
             "note": doc.splitlines()[0] if doc else "",
         })  # fmt: skip
     return rows

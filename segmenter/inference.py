@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,10 +18,12 @@ from manifests.run_manifest import RunManifest, load_manifest
 from manifests.tile_index import TileIndex, read_tile_index
 from segmenter.model import MPerSSegmenter
 from segmenter.options import MissingCaptions
+from segmenter.raster_io import three_bands
 from segmenter.run_record import RunRecord, selected_captions_sha256
 from segmenter.text.features import ExpertTextFeatures, check_store_experts
 from segmenter.tiling import tile_grid
 from segmenter.train import RunPaths, load_text_features
+from segmenter.windowed_read import ArrayWindows, WindowReader
 
 TextLookup = Callable[[int, int, int, int], tuple[torch.Tensor, torch.Tensor] | None]
 
@@ -100,6 +102,8 @@ def open_run(run: str | Path, device: str = "auto") -> TrainedRun:
     if manifest.sha256 != record.manifest_sha256:
         print(f"note: manifest {record.manifest} changed since run {run} was trained")
     model = MPerSSegmenter.load(paths.latest).to(resolved).eval()
+    if resolved.type == "cuda":  # convolutions run faster on NHWC tensors there; the windows are sent so too
+        model = model.to(memory_format=torch.channels_last)
     if model.config.uses_text and record.experts != list(model.config.experts):
         raise InputError(
             f"--run: {run} records experts {record.experts} but its checkpoint reads {model.config.experts}"
@@ -107,47 +111,166 @@ def open_run(run: str | Path, device: str = "auto") -> TrainedRun:
     return TrainedRun(model, record, manifest, read_tile_index(manifest.tiling.out), resolved)
 
 
+Image = np.ndarray | WindowReader
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Windows per forward when none is asked for: 8 on a GPU (the paper's batch), 4 on the CPU, where larger batches
+    gain nothing more (bench/inference.py)."""
+    return 8 if device.type == "cuda" else 4
+
+
+def check_batch_size(batch_size: int | None) -> None:
+    """Refuse a batch size below one window per forward (None: the device's default).
+
+    Raises:
+        InputError: naming ``--batch-size``.
+    """
+    if batch_size is not None and batch_size < 1:
+        raise InputError(f"--batch-size: expected 1 or more windows per forward, got {batch_size}")
+
+
+def _autocast_dtype(device: torch.device, dtype: torch.dtype | None) -> torch.dtype | None:
+    """The autocast dtype: as asked, else bf16 on a GPU and none (float32) elsewhere."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else None
+    return None if dtype == torch.float32 else dtype
+
+
+def _window_pixels(reader: WindowReader, y: int, x: int, h: int, w: int) -> torch.Tensor:
+    """``(3, h, w)`` float pixels in [0, 1] of a window; a grey image repeats its band (:func:`three_bands`)."""
+    crop = three_bands(reader.read(y, x, h, w))[..., :3]
+    return torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float().div(255)
+
+
+def _window_logits(
+    model: MPerSSegmenter,
+    reader: WindowReader,
+    windows: list[tuple[int, int, int, int]],
+    text_for: TextLookup | None,
+    device: torch.device,
+    batch_size: int,
+    dtype: torch.dtype | None,
+) -> Iterator[tuple[tuple[int, int, int, int], torch.Tensor]]:
+    """``(window, (K, h, w) float32 logits on the device)`` of every window, in order, ``batch_size`` per forward.
+
+    Windows are padded to a multiple of 32 (reflect) and the padding is cropped from their logits. Each window of a
+    batch gets its own text features and present flags.
+    """
+    amp = _autocast_dtype(device, dtype)
+    channels_last = device.type == "cuda"
+    experts = len(model.config.experts)
+    for start in range(0, len(windows), batch_size):
+        chunk = windows[start : start + batch_size]
+        _, _, h, w = chunk[0]  # every window of a grid has the same size
+        crops = torch.stack([_window_pixels(reader, *window) for window in chunk])
+        pad_h, pad_w = (-h) % 32, (-w) % 32
+        if pad_h or pad_w:
+            mode = "reflect" if min(h, w) > max(pad_h, pad_w) else "replicate"
+            crops = F.pad(crops, (0, pad_w, 0, pad_h), mode=mode)
+        crops = crops.to(device, non_blocking=True)
+        if channels_last:
+            crops = crops.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+            if model.config.uses_text:
+                found = [text_for(*window) if text_for else None for window in chunk]
+                empty = (torch.zeros(experts, model.config.text_feature_dim), torch.zeros(experts, dtype=torch.bool))
+                found = [item if item is not None else empty for item in found]
+                text = torch.stack([item[0] for item in found]).to(device)
+                present = torch.stack([item[1] for item in found]).to(device)
+                logits = model(crops, text, present).logits
+            else:
+                logits = model(crops).logits
+        logits = logits[:, :, :h, :w].float()
+        yield from zip(chunk, logits, strict=True)
+
+
+def _setup(
+    model: MPerSSegmenter,
+    image: Image,
+    window: int,
+    overlap: float,
+    device: str | torch.device | None,
+    stride: int | None,
+    batch_size: int | None,
+) -> tuple[WindowReader, list[tuple[int, int, int, int]], torch.device, int]:
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    reader = ArrayWindows(image) if isinstance(image, np.ndarray) else image
+    stride = stride or max(1, round(window * (1 - overlap)))
+    check_batch_size(batch_size)
+    batch_size = batch_size or default_batch_size(device)
+    return reader, tile_grid(reader.height, reader.width, window, stride), device, batch_size
+
+
 @torch.no_grad()
 def sliding_window_logits(
     model: MPerSSegmenter,
-    image: np.ndarray,
+    image: Image,
     window: int,
     overlap: float = 0.25,
     text_for: TextLookup | None = None,
     device: str | torch.device | None = None,
     stride: int | None = None,
+    batch_size: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """``(K, H, W)`` class logits of an ``H x W x C`` uint8 image, averaged where windows overlap.
+    """``(K, H, W)`` class logits of an ``H x W x C`` uint8 image (an array or a :class:`WindowReader`), averaged
+    where windows overlap, summed into one preallocated float32 array on the device.
 
-    Windows are padded to a multiple of 32 (reflect) and the padding is cropped from their logits.
     ``text_for(y, x, h, w)`` gives the text features of a window, or None for masked experts. ``stride``, when
     given, replaces the stride derived from ``overlap``. ``device`` defaults to the model's: windows go where
-    the weights are.
+    the weights are. ``batch_size`` windows are forwarded at once (default: :func:`default_batch_size`); ``dtype``
+    is the autocast dtype (default: bf16 on a GPU, float32 elsewhere).
     """
-    if device is None:
-        device = next(model.parameters()).device
-    height, width = image.shape[:2]
-    stride = stride or max(1, round(window * (1 - overlap)))
-    pixels = torch.from_numpy(np.ascontiguousarray(image[..., :3])).permute(2, 0, 1).float().div(255)
-    total = torch.zeros(model.config.num_classes, height, width)
-    counts = torch.zeros(1, height, width)
-    for y, x, h, w in tile_grid(height, width, window, stride):
-        crop = pixels[:, y : y + h, x : x + w][None]
-        pad_h, pad_w = (-h) % 32, (-w) % 32
-        if pad_h or pad_w:
-            crop = F.pad(crop, (0, pad_w, 0, pad_h), mode="reflect" if min(h, w) > max(pad_h, pad_w) else "replicate")
-        crop = crop.to(device)
-        if model.config.uses_text:
-            found = text_for(y, x, h, w) if text_for else None
-            if found is None:
-                experts = len(model.config.experts)
-                found = (torch.zeros(experts, model.config.text_dim), torch.zeros(experts, dtype=torch.bool))
-            logits = model(crop, found[0][None].to(device), found[1][None].to(device)).logits
-        else:
-            logits = model(crop).logits
-        total[:, y : y + h, x : x + w] += logits[0, :, :h, :w].float().cpu()
+    reader, windows, device, batch_size = _setup(model, image, window, overlap, device, stride, batch_size)
+    total = torch.zeros(model.config.num_classes, reader.height, reader.width, device=device)
+    counts = torch.zeros(1, reader.height, reader.width, device=device)
+    for (y, x, h, w), logits in _window_logits(model, reader, windows, text_for, device, batch_size, dtype):
+        total[:, y : y + h, x : x + w] += logits
         counts[:, y : y + h, x : x + w] += 1
-    return total / counts
+    return (total / counts).cpu()
+
+
+@torch.no_grad()
+def sliding_window_classes(
+    model: MPerSSegmenter,
+    image: Image,
+    window: int,
+    overlap: float = 0.25,
+    text_for: TextLookup | None = None,
+    device: str | torch.device | None = None,
+    stride: int | None = None,
+    batch_size: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> np.ndarray:
+    """``(H, W)`` uint8 class map: ``sliding_window_logits(...).argmax(0)`` without ever holding the whole logits.
+
+    Windows come row by row, so once a row of windows starting at ``y`` arrives every pixel above ``y`` is final:
+    logits are summed into a band one window high that is argmaxed and shifted up as the rows advance
+    (``K x window x W`` floats instead of ``K x H x W``). Arguments as :func:`sliding_window_logits`.
+    """
+    reader, windows, device, batch_size = _setup(model, image, window, overlap, device, stride, batch_size)
+    rows = windows[0][2]
+    classes = np.zeros((reader.height, reader.width), np.uint8)
+    total = torch.zeros(model.config.num_classes, rows, reader.width, device=device)
+    counts = torch.zeros(1, rows, reader.width, device=device)
+    top = 0  # the source row of the band's first row
+
+    def flush(until: int) -> None:
+        done = min(until - top, rows)
+        classes[top : top + done] = (total[:, :done] / counts[:, :done]).argmax(0).cpu().numpy()
+        for band in (total, counts):
+            band[:, : rows - done] = band[:, done:].clone()
+            band[:, rows - done :] = 0
+
+    for (y, x, h, w), logits in _window_logits(model, reader, windows, text_for, device, batch_size, dtype):
+        if y > top:
+            flush(y)
+            top = y
+        total[:, y - top : y - top + h, x : x + w] += logits
+        counts[:, y - top : y - top + h, x : x + w] += 1
+    flush(reader.height)
+    return classes
 
 
 @dataclass
@@ -179,3 +302,31 @@ class CaptionWindows:
         if best is None:
             return None
         return self.text.lookup(best)
+
+
+@torch.no_grad()
+def tile_classes(
+    model: MPerSSegmenter, tiles: list[np.ndarray], device: str | torch.device, batch_size: int | None = None
+) -> list[np.ndarray]:
+    """``(h, w)`` uint8 class maps of whole tiles (one window each, no text), ``batch_size`` tiles per forward.
+
+    Consecutive tiles of one size are laid side by side in a strip whose windows are the tiles, so they share the
+    batching of :func:`sliding_window_logits`; each map equals ``sliding_window_logits(model, tile, max(h, w),
+    0.0).argmax(0)``.
+    """
+    check_batch_size(batch_size)
+    device = torch.device(device)
+    batch_size = batch_size or default_batch_size(device)
+    classes: list[np.ndarray] = []
+    start = 0
+    while start < len(tiles):
+        shape, end = tiles[start].shape, start
+        while end < len(tiles) and end - start < batch_size and tiles[end].shape == shape:
+            end += 1
+        height, width = shape[:2]
+        strip = ArrayWindows(np.concatenate(tiles[start:end], axis=1))
+        windows = [(0, i * width, height, width) for i in range(end - start)]
+        for _, logits in _window_logits(model, strip, windows, None, device, batch_size, None):
+            classes.append(logits.argmax(0).cpu().numpy().astype(np.uint8))
+        start = end
+    return classes

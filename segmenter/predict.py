@@ -19,27 +19,56 @@ from manifests.class_predictions import write_class_predictions
 from manifests.errors import InputError
 from manifests.tile_index import make_tile_id, read_tile_index
 from segmenter.datasets.labels import encode_rgb_mask
-from segmenter.inference import CaptionWindows, TrainedRun, open_run, sliding_window_logits
+from segmenter.inference import (
+    CaptionWindows,
+    TrainedRun,
+    check_batch_size,
+    default_batch_size,
+    open_run,
+    sliding_window_classes,
+    tile_classes,
+)
 from segmenter.options import MissingCaptions, Scale, parse_choice
-from segmenter.raster_io import array_sha256, read_crop, to_uint8, write_crop
+from segmenter.raster_io import array_sha256, read_crop, three_bands, write_crop
 from segmenter.text.features import ExpertTextFeatures
 from segmenter.tiling import tile_grid
+from segmenter.windowed_read import WindowReader, open_image_windows
 
 SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 
 
 def image_files(inputs: list[Path]) -> list[Path]:
-    files: list[Path] = []
+    """The image files of ``--images`` (files, and the images directly in folders), each once.
+
+    Outputs are named by the image's stem (``<stem>.tif``, ``<stem>_color.png``, ``<stem>_captions.csv``), so two
+    images with one stem (``a.tif`` and ``a.png``, or ``a.tif`` in two folders) are refused before anything runs:
+    the second would overwrite the first's outputs. Stems are compared ignoring case, as on macOS and Windows.
+
+    Raises:
+        InputError: a path that does not exist, no image at all, or two images with the same stem.
+    """
+    files: dict[Path, Path] = {}  # resolved -> as given: a file named twice (or in a folder also named) runs once
     for item in inputs:
         if item.is_dir():
-            files += sorted(p for p in item.iterdir() if p.suffix.lower() in SUFFIXES)
+            found = sorted(p for p in item.iterdir() if p.suffix.lower() in SUFFIXES)
         elif item.is_file():
-            files.append(item)
+            found = [item]
         else:
             raise InputError(f"--images: {item} not found")
+        for path in found:
+            files.setdefault(path.resolve(), path)
     if not files:
         raise InputError("--images: no image files found")
-    return files
+    by_stem: dict[str, Path] = {}
+    for path in files.values():
+        other = by_stem.setdefault(path.stem.casefold(), path)
+        if other is not path:
+            raise InputError(
+                f"--images: {other} and {path} have the same stem, so their outputs ({path.stem}.tif, "
+                f"{path.stem}_color.png) would overwrite each other; rename one or predict them into separate --out "
+                "folders"
+            )
+    return list(files.values())
 
 
 def _captioned_tiles_by_pixels(text: ExpertTextFeatures) -> dict[str, str]:
@@ -49,14 +78,14 @@ def _captioned_tiles_by_pixels(text: ExpertTextFeatures) -> dict[str, str]:
 
 
 def _captioned_windows(
-    image: np.ndarray, trained: TrainedRun, by_pixels: dict[str, str], named: set[str], prefix: str, stem: str
+    image: WindowReader, trained: TrainedRun, by_pixels: dict[str, str], named: set[str], prefix: str, stem: str
 ) -> pd.DataFrame:
     """The windows of the tile grid whose captions a store holds. A window is matched to a captioned tile by its
     pixels (the ``image_sha256`` that ``prepare`` recorded), whatever the file or tile is called; failing that, by
     the tile id ``<dataset>/<image stem>/<y>_<x>``."""
     found = []
-    for y, x, h, w in tile_grid(image.shape[0], image.shape[1], trained.tile_size, trained.tile_stride):
-        tile_id = by_pixels.get(array_sha256(image[y : y + h, x : x + w]))
+    for y, x, h, w in tile_grid(image.height, image.width, trained.tile_size, trained.tile_stride):
+        tile_id = by_pixels.get(array_sha256(three_bands(image.read(y, x, h, w))))  # as prepare cut the tiles
         if tile_id is None and make_tile_id(prefix, stem, y, x) in named:
             tile_id = make_tile_id(prefix, stem, y, x)
         if tile_id is not None:
@@ -74,6 +103,7 @@ def predict(
     device: str = "auto",
     missing_captions: str = MissingCaptions.error,
     scale: str = Scale.none,
+    batch_size: int | None = None,
 ) -> list[Path]:
     """Predict every image; returns the GeoTIFFs written. An image that is not 8-bit is refused unless ``scale``
     (``minmax`` or ``percentile``) says how to stretch it (:func:`segmenter.raster_io.to_uint8`).
@@ -81,11 +111,14 @@ def predict(
     A text-guided model's windows are the tile grid; each reads the captions of the store's tile with the same pixels
     (or, failing that, of tile ``<dataset>/<image stem>/<y>_<x>``), recorded in ``<stem>_captions.csv``; without a
     store, or for windows no captioned tile matches, every expert is masked, and that is printed. ``device``:
-    ``auto`` (the GPU when there is one) or a torch device name.
+    ``auto`` (the GPU when there is one) or a torch device name; ``batch_size``: windows per forward (default: 8 on a
+    GPU, 4 on the CPU). 8-bit GeoTIFFs are read by windows (:func:`segmenter.windowed_read.open_image_windows`).
     """
+    check_batch_size(batch_size)
     missing_captions = parse_choice(MissingCaptions, missing_captions, "--missing-captions")
     scale = parse_choice(Scale, scale, "--scale")
     trained = open_run(run, device)
+    files = image_files(inputs)  # refused before anything is written
     window = trained.window(window)
     stride = trained.stride(window, overlap)
     guided = trained.model.config.uses_text
@@ -95,22 +128,15 @@ def predict(
     prefix = trained.manifest.dataset.tile_prefix
     by_pixels = _captioned_tiles_by_pixels(text) if text is not None else {}
     written = []
-    for path in image_files(inputs):
-        try:
-            with rasterio.open(path) as source:
-                pixels = source.read()
-                profile = {"crs": source.crs, "transform": source.transform}
-        except rasterio.errors.RasterioIOError as exc:
-            raise InputError(f"{path}: not a readable raster ({exc})") from None
-        image = to_uint8(np.moveaxis(pixels, 0, -1), scale, path)
-        lookup = None
-        if text is not None:
-            tiles = _captioned_windows(image, trained, by_pixels, set(text.features), prefix, path.stem)
-            lookup = CaptionWindows(path.stem, tiles, text)
-        if image.shape[-1] < 3:
-            image = np.repeat(image[..., :1], 3, axis=-1)
-        logits = sliding_window_logits(trained.model, image, window, 0.0, lookup, trained.device, stride=stride)
-        classes = logits.argmax(0).numpy().astype(np.uint8)
+    for path in files:
+        with open_image_windows(path, scale) as (image, profile):
+            lookup = None
+            if text is not None:
+                tiles = _captioned_windows(image, trained, by_pixels, set(text.features), prefix, path.stem)
+                lookup = CaptionWindows(path.stem, tiles, text)
+            classes = sliding_window_classes(
+                trained.model, image, window, 0.0, lookup, trained.device, stride=stride, batch_size=batch_size
+            )
         if lookup is not None:
             used = pd.DataFrame(lookup.used)
             with atomic_path(out / f"{path.stem}_captions.csv") as tmp:
@@ -142,14 +168,17 @@ def predict_index(
     splits: list[str] | None = None,
     device: str = "auto",
     on_tile=None,
+    batch_size: int | None = None,
 ) -> Path:
     """Predicted class fractions and class masks of every tile of an index (or of ``splits``), written as the
-    predicted-tile-classes contract to ``predictions``, with the masks in ``<stem>_masks/`` beside it.
+    predicted-tile-classes contract to ``predictions``, with the masks in ``<stem>_masks/`` beside it. Each tile is
+    one window; ``batch_size`` tiles go through the model at once (default: 8 on a GPU, 4 on the CPU).
 
     Raises:
         InputError: a text-guided run (its captions would have to exist before the predictions they feed), an
             index made for other classes, an unknown split.
     """
+    check_batch_size(batch_size)
     trained = open_run(run, device)
     model = trained.model
     if model.config.uses_text:
@@ -175,18 +204,19 @@ def predict_index(
     run_id = Path(run).resolve().name
     rows = []
     num_classes = len(index.class_names)
-    for done, row in enumerate(frame.itertuples(index=False)):
-        image = np.array(read_crop(index.path(row.image_path)))
-        if image.ndim == 2:
-            image = np.repeat(image[..., None], 3, axis=-1)
-        logits = sliding_window_logits(model, image, max(image.shape[:2]), 0.0, None, trained.device)
-        classes = logits.argmax(0).numpy()
-        classes = classes.astype(np.uint8)
-        relative = f"{mask_dir}/{row.tile_id}.png"
-        write_crop(predictions.parent / relative, classes)
-        fractions = np.bincount(classes.ravel(), minlength=num_classes)[:num_classes] / classes.size
-        rows.append({"tile_id": row.tile_id, "class_fractions": fractions.astype(np.float32).tolist(),
-                     "mask_path": relative, "run_id": run_id, "model": model.config.name})  # fmt: skip
-        if on_tile:
-            on_tile(done + 1, len(frame), row.tile_id)
+    tiles = list(frame.itertuples(index=False))
+    chunk = batch_size or default_batch_size(trained.device)
+    for start in range(0, len(tiles), chunk):
+        group = tiles[start : start + chunk]
+        images = [three_bands(np.array(read_crop(index.path(row.image_path)))) for row in group]
+        for done, (row, classes) in enumerate(
+            zip(group, tile_classes(model, images, trained.device, chunk), strict=True), start + 1
+        ):
+            relative = f"{mask_dir}/{row.tile_id}.png"
+            write_crop(predictions.parent / relative, classes)
+            fractions = np.bincount(classes.ravel(), minlength=num_classes)[:num_classes] / classes.size
+            rows.append({"tile_id": row.tile_id, "class_fractions": fractions.astype(np.float32).tolist(),
+                         "mask_path": relative, "run_id": run_id, "model": model.config.name})  # fmt: skip
+            if on_tile:
+                on_tile(done, len(frame), row.tile_id)
     return write_class_predictions(predictions, rows, index.class_names, index.ignore_index)

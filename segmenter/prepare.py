@@ -3,6 +3,11 @@
 Crops go into ``<out>/crops-<fingerprint>/`` and ``index.parquet`` is written last, atomically, so an
 interrupted or failed run leaves the previous index and its crops untouched. The fingerprint hashes
 the source files and the settings: re-running on unchanged input is a no-op.
+
+Input policy: a single-band image is expanded to three equal bands (the dataset's ``read_image``); a source
+smaller than the tile is cut into one crop padded to the tile size, with black pixels in the image and the ignore
+index in its labels, the row's ``width``/``height`` giving the real extent and a warning naming the sources; an image
+without a label is kept (captioning, prediction), and ``train`` refuses it.
 """
 
 from __future__ import annotations
@@ -27,9 +32,9 @@ from manifests.tile_index import (
     write_tile_index,
 )
 from segmenter.datasets import SegmentationDataset, Source, build_dataset
-from segmenter.datasets.files import SourceFile
+from segmenter.datasets.files import SourceFile, check_utf8_name
 from segmenter.datasets.labels import RGB, DecodeStats, class_fractions, decode_rgb_mask
-from segmenter.raster_io import array_sha256, crop_suffix, write_crop
+from segmenter.raster_io import array_sha256, crop_suffix, pad_to, write_crop
 from segmenter.tiling import tile_grid
 
 ProgressCallback = Callable[[int, int, str], None]
@@ -68,6 +73,10 @@ class SourceReport:
         tiles: crops cut from it.
         boundary_pixels: eroded-boundary (black) pixels of its eval label.
         stray_pixels: label pixels outside the palette, set to the ignore index (label and eval label together).
+        excluded_pixels: label pixels of classes the dataset ignores by design (SynDrone's sky in the coarse
+            classes), set to the ignore index and not counted as stray (label and eval label together).
+        height: the source's height in pixels.
+        width: the source's width in pixels.
         image_file: the file read as its image.
         image_label_colours: when every pixel of the image is a palette colour (or the black boundary), how many
             distinct colours it has: the "image" is then a label map. 0 for a photo.
@@ -82,6 +91,10 @@ class SourceReport:
     image_file: str = ""
     image_label_colours: int = 0
     overlays: tuple[LabelOverlay, ...] = ()
+    excluded_pixels: int = 0
+    height: int = 0
+    width: int = 0
+    labelled: bool = True
 
     @property
     def image_is_label_map(self) -> bool:
@@ -194,6 +207,7 @@ def _cut_source(
     dataset: SegmentationDataset, source: Source, tiling: TilingConfig, crop_dir: Path, prefix: str
 ) -> tuple[list[dict], SourceReport]:
     image = dataset.read_image(source)
+    size = tiling.size
     label, label_stats = _read_label(dataset, source, "label", image.shape)
     if source.eval_label == source.label:
         eval_label, eval_stats = label, DecodeStats()
@@ -208,14 +222,15 @@ def _cut_source(
         window = (slice(y, y + h), slice(x, x + w))
         image_crop = image[window]
         relative = {"image_path": f"images/{source.source_id}/{name}{suffix}"}
-        write_crop(crop_dir / relative["image_path"], image_crop)
+        # A source smaller than the tile: crops keep one size for batching, the padding is black and ignored.
+        write_crop(crop_dir / relative["image_path"], pad_to(image_crop, size, size, 0))
         fractions = None
         for column, folder, mask in (("label_path", "labels", label), ("eval_label_path", "eval_labels", eval_label)):
             if mask is None:
                 relative[column] = None
                 continue
             relative[column] = f"{folder}/{source.source_id}/{name}.png"
-            write_crop(crop_dir / relative[column], mask[window])
+            write_crop(crop_dir / relative[column], pad_to(mask[window], size, size, dataset.ignore_index))
         if label is not None:
             fractions = class_fractions(label[window], len(dataset.classes), dataset.ignore_index)
         rows.append(
@@ -246,8 +261,36 @@ def _cut_source(
             *_overlay(source.label, label_stats, image.shape),
             *_overlay(source.eval_label if eval_label is not label else None, eval_stats, image.shape),
         ),
+        excluded_pixels=stats.excluded,
+        height=image.shape[0],
+        width=image.shape[1],
+        labelled=label is not None,
     )
     return rows, report
+
+
+def _padded(reports: list[SourceReport], size: int) -> list[str]:
+    """One line naming the sources smaller than the tile, whose crops were padded (empty when there are none)."""
+    small = [f"{r.source_id} ({r.height} x {r.width} px)" for r in reports if r.height < size or r.width < size]
+    if not small:
+        return []
+    shown = ", ".join(small[:5]) + (f" and {len(small) - 5} more" if len(small) > 5 else "")
+    return [
+        f"{len(small)} source(s) smaller than the {size} px tile: {shown}; their crops were padded to {size} x {size} "
+        "px with black pixels and the ignore index in the labels (width/height in the index give the real extent)"
+    ]
+
+
+def _unlabelled(reports: list[SourceReport]) -> list[str]:
+    """One line naming the sources without a label (empty when every source has one)."""
+    bare = [report.source_id for report in reports if not report.labelled]
+    if not bare:
+        return []
+    shown = ", ".join(bare[:5]) + (f" and {len(bare) - 5} more" if len(bare) > 5 else "")
+    return [
+        f"{len(bare)} of {len(reports)} source(s) have no label: {shown}; their tiles serve captioning and "
+        "prediction only (training refuses them): check the mask names if they should have one"
+    ]
 
 
 def prepare_tiles(
@@ -259,9 +302,18 @@ def prepare_tiles(
         InputError: missing root or files, an unknown split, a corrupt raster, mismatched sizes.
     """
     dataset = build_dataset(dataset_config)
+    if dataset.ignore_index < len(dataset.classes):
+        raise InputError(
+            f"dataset.ignore_index: {dataset.ignore_index} is also the index of class "
+            f"'{dataset.classes[dataset.ignore_index]}' (expected {len(dataset.classes)} or more; default 255)"
+        )
     sources = dataset.sources()
     if not sources:
         raise InputError(f"dataset.root: no sources found under {dataset_config.root}")
+    for source in sources:
+        for file in (source.image, source.label, source.eval_label):
+            if file is not None:
+                check_utf8_name(file.path)
     out = Path(tiling.out)
     fingerprint = _fingerprint(dataset, tiling, sources)
     crop_dir = out / f"crops-{fingerprint[:12]}"
@@ -279,7 +331,12 @@ def prepare_tiles(
             source_rows, report = _cut_source(dataset, source, tiling, crop_dir, dataset_config.tile_prefix)
             rows += source_rows
             reports.append(report)
-        warnings = dataset.notices + [line for report in reports for line in report.warnings]
+        warnings = (
+            dataset.notices
+            + [line for report in reports for line in report.warnings]
+            + _padded(reports, tiling.size)
+            + _unlabelled(reports)
+        )
         index_path = write_tile_index(
             out,
             rows,

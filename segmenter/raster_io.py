@@ -37,6 +37,27 @@ def read_crop(path: Path) -> np.ndarray:
     return tifffile.imread(path)
 
 
+def three_bands(image: np.ndarray) -> np.ndarray:
+    """``image`` with at least three bands, the one rule for single-band sources in prepare, evaluate and predict.
+
+    A grey image (``H x W``, one band, or grey + alpha) has its grey band repeated three times, since the backbone
+    reads three bands; an image with three or more bands is returned as it is (the model reads its first three).
+    """
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.shape[-1] >= 3:
+        return image
+    return np.repeat(image[..., :1], 3, axis=-1)
+
+
+def pad_to(array: np.ndarray, height: int, width: int, value: int) -> np.ndarray:
+    """``array`` padded at the bottom and right to ``height x width`` with ``value`` (as it is when large enough)."""
+    extra = ((0, max(0, height - array.shape[0])), (0, max(0, width - array.shape[1])))
+    if not any(after for _, after in extra):
+        return array
+    return np.pad(array, extra + ((0, 0),) * (array.ndim - 2), constant_values=value)
+
+
 def array_sha256(array: np.ndarray) -> str:
     """Content hash of pixels (shape and dtype included), independent of the file encoding."""
     digest = hashlib.sha256(f"{array.shape}{array.dtype}".encode())

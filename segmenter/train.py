@@ -2,7 +2,8 @@
 
 The sample order and the augmentation of every step are derived from (seed, step), so ``--resume`` from a
 checkpoint continues exactly where the run stopped. Checkpoints are folders ``checkpoints/step_NNNNNN`` with
-``config.json`` + ``model.safetensors`` + ``checksums.json`` (its SHA-256, checked on load) + ``optimizer.pt``
+``config.json`` + ``model.safetensors`` + ``checksums.json`` (SHA-256 of the weights, the optimizer and the state,
+checked on load and on ``--resume``) + ``optimizer.pt``
 (loaded with ``weights_only=True``) + ``state.json``;
 ``checkpoints/latest`` names the newest complete one; ``run.json`` is the run record
 (:class:`segmenter.run_record.RunRecord`). Under ``torchrun`` each process trains on its share of every global
@@ -15,15 +16,17 @@ import csv
 import json
 import math
 import os
+import pickle
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
@@ -35,12 +38,15 @@ from manifests.devices import resolve_device
 from manifests.errors import InputError
 from manifests.run_manifest import RunManifest, load_manifest
 from manifests.tile_index import TileIndex, read_tile_index
-from segmenter.data import TileSamples
+from segmenter.data import PlannedBatches, TileSamples, training_loader
+from segmenter.data import sample_plan as sample_plan  # re-exported for callers
 from segmenter.model import MPerSSegmenter, SegmenterConfig, SegmenterOutput, build_model, preset_config
+from segmenter.model.segmenter import record_checksums, verify_checksum
 from segmenter.options import TEXT_GUIDED_AUGMENTATION as TEXT_GUIDED_AUGMENTATION  # re-exported for callers
 from segmenter.options import Augmentation, MissingCaptions, TrainSettings
 from segmenter.run_record import RUN_RECORD_FILE, RunRecord, prompt_class_sources, selected_captions_sha256
 from segmenter.text import ExpertTextFeatures, TextEncoder, TextFeatureCache, expert_text_features
+from segmenter.text.encoder import text_feature_width
 from segmenter.text.features import run_experts
 
 
@@ -121,15 +127,61 @@ def _distributed() -> tuple[int, int]:
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
-def sample_plan(step: int, batch: int, n: int, seed: int, rank: int, world: int) -> tuple[list[int], list[int]]:
-    """Positions and augmentation seeds of this rank's share of the global batch of ``step``."""
-    positions, seeds = [], []
-    for j in range(rank * batch, (rank + 1) * batch):
-        counter = step * batch * world + j
-        epoch, offset = divmod(counter, n)
-        positions.append(int(np.random.default_rng([seed, epoch]).permutation(n)[offset]))
-        seeds.append(seed * 1_000_003 + counter)
-    return positions, seeds
+# Where the text-feature cache goes: (``--text-cache`` or None, the run folder or None), set by the command.
+_TEXT_CACHE_PLACE: ContextVar[tuple[Path | None, Path | None]] = ContextVar("text_cache_place", default=(None, None))
+_TEXT_CACHE_SHOWN: set[Path] = set()
+
+
+@contextmanager
+def text_cache_place(given: str | Path | None = None, run_folder: str | Path | None = None) -> Iterator[None]:
+    """Within the block, :func:`text_cache_folder` uses ``given`` (``--text-cache``) and falls back to
+    ``run_folder``; a None keeps what an outer block set."""
+    outer_given, outer_run = _TEXT_CACHE_PLACE.get()
+    token = _TEXT_CACHE_PLACE.set((
+        Path(given) if given is not None else outer_given, Path(run_folder) if run_folder is not None else outer_run
+    ))  # fmt: skip
+    try:
+        yield
+    finally:
+        _TEXT_CACHE_PLACE.reset(token)
+
+
+def _writable(folder: Path) -> bool:
+    """Whether files can be created in ``folder``, or in its nearest existing parent where it does not exist yet."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def text_cache_folder(captions: str | Path) -> Path:
+    """The text-feature cache of a caption store: ``--text-cache`` when given, else ``text_cache/`` beside the store
+    when that can be written (a shared, read-only store cannot), else ``text_cache/`` in the run folder. The place
+    is printed once per process.
+
+    Raises:
+        InputError: ``--text-cache`` is a file or cannot be written; the store's folder is read-only and neither
+            ``--text-cache`` nor a run folder was set.
+    """
+    given, run_folder = _TEXT_CACHE_PLACE.get()
+    beside = Path(captions).parent / "text_cache"
+    if given is not None:
+        if given.exists() and not given.is_dir():
+            raise InputError(f"--text-cache: {given} is a file (expected a folder for the text-feature cache)")
+        if not _writable(given):
+            raise InputError(f"--text-cache: {given} is not writable (expected a folder the cache can be written in)")
+        folder, why = given, "--text-cache"
+    elif _writable(beside):
+        folder, why = beside, "beside the caption store"
+    elif run_folder is not None:
+        folder, why = run_folder / "text_cache", f"in the run folder: {beside.parent} is not writable"
+    else:
+        raise InputError(
+            f"--captions: {beside.parent} is not writable for the text-feature cache; pass --text-cache DIR"
+        )
+    if folder not in _TEXT_CACHE_SHOWN:
+        _TEXT_CACHE_SHOWN.add(folder)
+        print(f"text-feature cache: {folder} ({why})")
+    return folder
 
 
 def load_text_features(
@@ -141,9 +193,12 @@ def load_text_features(
     direction_variants: bool = False,
 ) -> ExpertTextFeatures:
     """The text features of ``config.experts`` from a caption store's selected rows (read once by the caller),
-    through the on-disk cache beside the store."""
+    through the on-disk cache (:func:`text_cache_folder`)."""
     encoder = TextEncoder(config.text_encoder, config.text_checkpoint, device=device)
-    cache = TextFeatureCache(Path(captions).parent / "text_cache", encoder)
+    if encoder.dim != config.text_feature_dim:
+        raise InputError(f"text_checkpoint: {encoder.encoder_id} gives {encoder.dim}-d features but model "
+                         f"{config.name} was built for {config.text_feature_dim}-d ones")  # fmt: skip
+    cache = TextFeatureCache(text_cache_folder(captions), encoder)
     return expert_text_features(selected, list(config.experts), cache, passed_only, direction_variants)
 
 
@@ -179,10 +234,15 @@ def _model_config(
     Raises:
         InputError: a text-guided preset without a store, ``--experts`` for a text-free one, experts the store lacks.
     """
-    config = preset_config(settings.preset, num_classes=num_classes)
+    local = {"backbone_file": settings.backbone_file, "text_checkpoint": settings.text_checkpoint}
+    for option, path in local.items():
+        if path is not None and not Path(path).exists():
+            raise InputError(f"--{option.replace('_', '-')}: {path} not found")
+    config = preset_config(settings.preset, num_classes=num_classes, **{k: v for k, v in local.items() if v})
     if not config.uses_text:
-        if settings.experts:
-            raise InputError(f"--experts: preset {config.name} reads no captions")
+        if settings.experts or settings.text_checkpoint:
+            option = "--experts" if settings.experts else "--text-checkpoint"
+            raise InputError(f"{option}: preset {config.name} reads no captions")
         return config, None, ""
     if captions is None:
         raise InputError(f"--captions: preset {config.name} reads captions; give a caption store")
@@ -191,7 +251,11 @@ def _model_config(
     kept = recorded.experts if recorded is not None else None
     experts = run_experts(captions, selected, kept or settings.experts)
     chosen_by = "the run record" if kept else "--experts" if settings.experts else "the caption store"
-    return config.model_copy(update={"experts": experts}), selected, chosen_by
+    update: dict[str, Any] = {"experts": experts}
+    width = text_feature_width(config.text_encoder, config.text_checkpoint)
+    if width is not None and width != config.text_dim:
+        update["text_input_dim"] = width  # a learned map takes the encoder's features to text_dim
+    return config.model_copy(update=update), selected, chosen_by
 
 
 def _train_samples(index: TileIndex, text: ExpertTextFeatures | None, augmentation: Augmentation) -> TileSamples:
@@ -267,13 +331,33 @@ def _restore(
     scheduler: torch.optim.lr_scheduler.MultiStepLR,
     device: torch.device,
 ) -> int:
-    """Load a checkpoint's weights, optimizer and schedule; returns the step it was written at."""
+    """Load a checkpoint's weights, optimizer and schedule; returns the step it was written at.
+
+    Raises:
+        InputError: a file that differs from the SHA-256 recorded when it was saved, or that cannot be read
+            (truncated, damaged, of another model), named in one line.
+    """
     model.load_weights(checkpoint)
-    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True, map_location=device))
-    state = json.loads((checkpoint / "state.json").read_text())
-    state["scheduler"]["milestones"] = Counter({int(k): v for k, v in state["scheduler"]["milestones"]})
-    scheduler.load_state_dict(state["scheduler"])
-    return state["step"]
+    hint = "move the checkpoint out of checkpoints/ to resume from the one before, or train again"
+    for name in ("optimizer.pt", "state.json"):
+        verify_checksum(checkpoint / name, required=False)  # checkpoints of earlier versions recorded the weights only
+    try:
+        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True, map_location=device))
+    except (RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as exc:
+        raise InputError(f"{checkpoint / 'optimizer.pt'}: cannot resume from it ({_first_line(exc)}); {hint}") from None
+    try:
+        state = json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))
+        state["scheduler"]["milestones"] = Counter({int(k): v for k, v in state["scheduler"]["milestones"]})
+        scheduler.load_state_dict(state["scheduler"])
+        return int(state["step"])
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{checkpoint / 'state.json'}: cannot resume from it ({_first_line(exc)}); {hint}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def _run_record(
@@ -317,6 +401,7 @@ def _save_checkpoint(paths: RunPaths, model: MPerSSegmenter, optimizer, schedule
     schedule = scheduler.state_dict()
     schedule["milestones"] = sorted(schedule["milestones"].items())  # a Counter of int keys: JSON would make them str
     atomic_write_text(staging / "state.json", json.dumps({"step": step, "scheduler": schedule}))
+    record_checksums(staging, ["optimizer.pt", "state.json"])  # checked on --resume, like the weights
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)
     atomic_write_text(paths.checkpoints / "latest", folder.name)
@@ -378,7 +463,8 @@ def train(
     run = load_manifest(manifest)
     index = read_tile_index(run.tiling.out)
     paths, recorded = _run_folder(out, resume)
-    setup = _setup(index, settings, captions, recorded, device, rank)
+    with text_cache_place(run_folder=paths.root):
+        setup = _setup(index, settings, captions, recorded, device, rank)
     model, samples, guided = setup.model, setup.samples, setup.text is not None
     optimizer, scheduler = _optimizer(model, settings)
     step = _restore(paths.latest, model, optimizer, scheduler, device) if resume and paths.latest else 0
@@ -397,23 +483,24 @@ def train(
         writer = SummaryWriter(str(paths.root / "tensorboard"), purge_step=step)
     bar = _progress(progress and rank == 0, settings.steps, step)
     last_good = paths.latest
+    # The batches of the remaining steps, decoded ahead by worker processes, pinned for an asynchronous copy on CUDA.
+    plan = PlannedBatches(step, settings.steps, settings.batch_size, len(samples), settings.seed, rank, world)
+    workers = settings.loader_workers(cuda, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if rank == 0:
+        print(f"data loader: {workers} worker process(es) per training process, prefetch {settings.prefetch}")
+    batches = iter(training_loader(samples, plan, workers, settings.prefetch, pin_memory=cuda))
     started, seen = time.perf_counter(), 0
     try:
         while step < settings.steps:
-            positions, seeds = sample_plan(step, settings.batch_size, len(samples), settings.seed, rank, world)
-            batch = samples.batch(positions, seeds)
-            images = batch["image"].to(device)
+            batch = next(batches)
+            images = batch["image"].to(device, non_blocking=cuda)
             if cuda:
                 images = images.contiguous(memory_format=torch.channels_last)
+            labels = batch["label"].to(device, non_blocking=cuda)
+            text = [batch[key].to(device, non_blocking=cuda) for key in ("text", "present")] if guided else []
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                output = (
-                    network(images, batch["text"].to(device), batch["present"].to(device))
-                    if guided
-                    else network(images)
-                )
-                loss = F.cross_entropy(
-                    output.logits.float(), batch["label"].to(device), ignore_index=index.ignore_index
-                )
+                output = network(images, *text)
+                loss = F.cross_entropy(output.logits.float(), labels, ignore_index=index.ignore_index)
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"step {step}: loss is {loss.item()} on batch {batch['tile_id']}; "
@@ -424,7 +511,7 @@ def train(
             optimizer.step()
             scheduler.step()
             step += 1
-            seen += len(positions) * world
+            seen += len(batch["tile_id"]) * world
             if rank == 0 and (step % settings.log_every == 0 or step == settings.steps):
                 rate = seen / (time.perf_counter() - started)
                 row = {"step": step, "loss": round(loss.item(), 6), "lr": scheduler.get_last_lr()[0],
@@ -437,6 +524,8 @@ def train(
                 if world > 1:
                     dist.barrier()
     finally:
+        # Dropping the iterator stops its workers now, not when a traceback that holds this frame is freed.
+        del batches
         bar(None, None, None)
         if writer is not None:
             writer.close()

@@ -280,3 +280,56 @@ def flat_tiles(folder: Path, n: int = 3) -> list[TileTask]:
     Image.new("RGB", (8, 8), (90, 120, 60)).save(image)
     classes = TileClasses("labels", {"building": 1.0})
     return [TileTask(f"t{i}", "train", image, None, f"sha{i}", classes, "labels") for i in range(n)]
+
+
+class EndpointHandler(ChatHandler):
+    """ChatHandler behind an extra delay, or answering every request with the server's ``status`` when not 200."""
+
+    server: EndpointServer
+
+    def do_POST(self):
+        server = self.server
+        with server.lock:
+            server.received += 1
+            status = server.status
+        time.sleep(server.delay_s)
+        if status == 200:
+            super().do_POST()
+            return
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self._reply(status, {"error": "unwell"})
+
+
+class EndpointServer(ChatServer):
+    """One of several servers of an expert: a ChatServer that answers ``delay_s`` later, or with ``status``."""
+
+    def __init__(self, delay_s: float = 0.0, status: int = 200):
+        super().__init__()
+        self.RequestHandlerClass = EndpointHandler
+        self.delay_s = delay_s
+        self.status = status
+        self.received = 0  # every request, whatever it was answered
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_port}/v1"
+
+
+def closed_port_url() -> str:
+    """The URL of a loopback port nothing listens on (bound, then released): connections to it are refused."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def demo_manifest(folder: Path, index: TileIndex) -> Path:
+    """A run manifest over the small demo index (areas 1 and 3 train, 7 test, 64 px tiles) in ``folder``."""
+    manifest = folder / "run.yaml"
+    manifest.write_text(
+        f"name: tiny\ndataset: {{name: vaihingen, id: demo, root: {index.root.parent / 'raw'}, split: custom, "
+        f"custom_splits: {{train: ['1', '3'], test: ['7']}}}}\ntiling: {{size: 64, out: {index.root}}}\n"
+    )
+    return manifest

@@ -1,7 +1,8 @@
 import numpy as np
+import pytest
 
 from segmenter.datasets.isprs import ISPRS_PALETTE
-from segmenter.datasets.labels import class_fractions, decode_rgb_mask, encode_rgb_mask
+from segmenter.datasets.labels import class_fractions, decode_index_mask, decode_rgb_mask, encode_rgb_mask
 
 
 def test_every_isprs_colour_decodes_to_its_class():
@@ -32,3 +33,26 @@ def test_class_fractions_sum_to_one_over_labelled_pixels():
     assert np.isclose(sum(fractions), 1.0)
     assert fractions == [2 / 6, 1 / 6, 0.0, 0.0, 0.0, 3 / 6]
     assert class_fractions(np.full((2, 2), 255, np.uint8), 6, 255) == [0.0] * 6
+
+
+def test_wide_pixels_are_refused_not_aliased_to_palette_colours():
+    # (0, 65535, 255) packs to 0xFFFFFF, white: it would decode as impervious surface if accepted.
+    mask = np.array([[[0, 65535, 255]]], dtype=np.uint16)
+    with pytest.raises(ValueError, match="expected an 8-bit RGB mask, got uint16 pixels"):
+        decode_rgb_mask(mask, ISPRS_PALETTE, 255)
+
+
+def test_a_black_class_is_a_class_not_a_boundary():
+    classes, stats = decode_rgb_mask(np.zeros((1, 2, 3), np.uint8), ((0, 0, 0), (9, 9, 9)), 255)
+    assert classes.tolist() == [[0, 0]] and (stats.boundary, stats.stray) == (0, 0)
+
+
+def test_index_masks_count_excluded_classes_apart_from_unknown_ids():
+    lookup = np.full(256, 255, np.uint8)
+    lookup[[1, 2]] = [0, 1]
+    mask = np.array([[1, 2, 13, 13, 0, 300, -4]], dtype=np.int32)  # 13 excluded by design; 0, 300, -4 unknown
+    classes, stats = decode_index_mask(mask, lookup, 255, excluded_ids=(13,))
+    assert classes.tolist() == [[0, 1, 255, 255, 255, 255, 255]]
+    assert (stats.stray, stats.excluded) == (3, 2)
+    with pytest.raises(ValueError, match="integer class ids"):
+        decode_index_mask(mask.astype(np.float32), lookup, 255)

@@ -181,3 +181,54 @@ def test_a_checkpoint_is_loaded_only_as_it_was_saved(tmp_path):
     (tmp_path / "nan" / "checksums.json").unlink()
     with pytest.raises(InputError, match=r"no checksums.json beside it"):
         MPerSSegmenter.load(tmp_path / "nan")
+
+
+def _gate_by_hand(gate, features: torch.Tensor, text: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """One LQGA level written out: w = xi(softmax(q K^T / sqrt(d)) V), F' = w F + F, Z = Conv1x1([F', f])."""
+    batch, dim, height, width = features.shape
+    heads, head_dim = gate.heads, dim // gate.heads
+    q = (text @ gate.query.weight.T + gate.query.bias).view(batch, heads, 1, head_dim)
+    keys = torch.einsum("oc,bchw->bohw", gate.key.weight[:, :, 0, 0], features) + gate.key.bias.view(1, -1, 1, 1)
+    values = torch.einsum("oc,bchw->bohw", gate.value.weight[:, :, 0, 0], features)
+    values = values + gate.value.bias.view(1, -1, 1, 1)
+    k = keys.reshape(batch, heads, head_dim, height * width)
+    v = values.reshape(batch, heads, head_dim, height * width)
+    attention = torch.softmax((q @ k) / head_dim**0.5, dim=-1)
+    a = (attention @ v.transpose(-1, -2)).reshape(batch, dim)
+    w = (a - a.mean(-1, keepdim=True)) / (a.max(-1, keepdim=True).values - a.min(-1, keepdim=True).values + 1e-6)
+    gated = w[:, :, None, None] * features + features
+    stacked = torch.cat([gated, context], dim=1)
+    fuse = gate.fuse.weight[:, :, 0, 0]
+    return torch.einsum("oc,bchw->bohw", fuse, stacked) + gate.fuse.bias.view(1, -1, 1, 1)
+
+
+def test_lqga_stages_are_chained_deepest_first():
+    """Stage 3 + Stage 4 (Table 4): stage 4 gates its own feature; stage 3 concatenates stage 4's Z, upsampled."""
+    from segmenter.model.lqga import ChainedLanguageQueryGates
+
+    torch.manual_seed(0)
+    chain = ChainedLanguageQueryGates([3, 4], dim=8, text_dim=6, heads=2)
+    pyramid = [torch.randn(2, 8, 16 // 2**i, 16 // 2**i) for i in range(4)]
+    text = torch.randn(2, 6)
+    out = chain(pyramid, text)
+    z4 = _gate_by_hand(chain["4"], pyramid[3], text, pyramid[3])
+    up = torch.nn.functional.interpolate(z4, size=pyramid[2].shape[-2:], mode="bilinear", align_corners=False)
+    z3 = _gate_by_hand(chain["3"], pyramid[2], text, up)
+    torch.testing.assert_close(out[3], z4)
+    torch.testing.assert_close(out[2], z3)
+    assert out[0] is pyramid[0] and out[1] is pyramid[1]
+    # unchained (each level concatenating its own feature), stage 3 would differ
+    assert not torch.allclose(out[2], _gate_by_hand(chain["3"], pyramid[2], text, pyramid[2]), atol=1e-4)
+
+
+def test_single_stage_lqga_is_the_unchained_gate():
+    """A single stage stays exactly what it was before chaining: Z = Conv1x1([F', F])."""
+    from segmenter.model.lqga import ChainedLanguageQueryGates
+
+    torch.manual_seed(0)
+    chain = ChainedLanguageQueryGates([4], dim=8, text_dim=6, heads=2)
+    pyramid = [torch.randn(1, 8, 8 // 2**i, 8 // 2**i) for i in range(4)]
+    text = torch.randn(1, 6)
+    assert torch.equal(chain(pyramid, text)[3], chain["4"](pyramid[3], text))
+    torch.testing.assert_close(chain(pyramid, text)[3], _gate_by_hand(chain["4"], pyramid[3], text, pyramid[3]))
+    assert [key.split(".")[0] for key in chain.state_dict()] == ["4"] * len(chain.state_dict())

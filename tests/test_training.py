@@ -28,7 +28,7 @@ from segmenter.options import TEXT_GUIDED_AUGMENTATION
 from segmenter.predict import predict, predict_index
 from segmenter.run_record import RunRecord
 from segmenter.train import RunPaths, TrainingError, TrainSettings, train
-from tests.helpers import annotation_store
+from tests.helpers import annotation_store, demo_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERTS = ["annotation", "qwen-tiny", "llava-tiny"]
@@ -39,12 +39,7 @@ def run_inputs(tmp_path_factory, small_index, clip_config):
     """A manifest over the small demo index and a caption store written by the annotation expert."""
     folder = tmp_path_factory.mktemp("train")
     store = annotation_store(folder, small_index, clip_config)
-    manifest = folder / "run.yaml"
-    manifest.write_text(
-        f"name: tiny\ndataset: {{name: vaihingen, id: demo, root: {small_index.root.parent / 'raw'}, split: custom, "
-        f"custom_splits: {{train: ['1', '3'], test: ['7']}}}}\ntiling: {{size: 64, out: {small_index.root}}}\n"
-    )
-    return manifest, store
+    return demo_manifest(folder, small_index), store
 
 
 def settings(**changes) -> TrainSettings:
@@ -106,8 +101,9 @@ def test_resume_after_a_stop_gives_the_uninterrupted_weights(run_inputs, tmp_pat
     assert read == [tmp_path / "b"] and "experts (from the run record): ['annotation']" in capsys.readouterr().out
     monkeypatch.setattr(RunRecord, "read", original_read)
     assert resumed.name == uninterrupted.name == "step_000006"
-    for name, tensor in weights(uninterrupted).items():
-        torch.testing.assert_close(weights(resumed)[name], tensor, msg=name)
+    expected, got = weights(uninterrupted), weights(resumed)  # each read loads a model: once, not per tensor
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, msg=name)
     assert RunRecord.read(tmp_path / "b") == record  # rewritten on resume, the same facts
 
 
@@ -440,3 +436,57 @@ def test_resume_falls_back_to_the_newest_complete_checkpoint_and_keeps_the_broke
     a, b = MPerSSegmenter.load(whole).state_dict(), MPerSSegmenter.load(resumed).state_dict()
     assert all(torch.equal(a[name], b[name]) for name in a)  # the steps redone from step 2 give the same weights
     assert not list((tmp_path / "cut" / "checkpoints").glob(".step_*"))  # no staging folder left
+
+
+def test_loader_batches_are_those_of_the_plan_whatever_the_workers(small_index):
+    """Worker processes decode the batches of (seed, step) in step order; a plan resumed at step k starts there."""
+    import multiprocessing
+    import pickle
+
+    from segmenter.data import PlannedBatches, TileSamples, sample_plan, training_loader
+
+    samples = TileSamples(small_index, "train", None, augmentation="d4")
+    n, seed = len(samples), 7
+    for step in (0, 5):  # the plan of runs started before the loader existed, so that their --resume stays exact
+        positions, seeds = sample_plan(step, 3, n, seed, rank=1, world=2)
+        counters = [step * 6 + j for j in range(3, 6)]
+        order = [np.random.default_rng([seed, c // n]).permutation(n)[c % n] for c in counters]
+        assert positions == order and seeds == [seed * 1_000_003 + c for c in counters]
+    plan = PlannedBatches(3, 6, 3, n, seed)
+    assert len(plan) == 3
+    # auto: no worker on the CPU (the model's threads use every core), one CPU left to each process on a GPU
+    assert settings().loader_workers(cuda=False) == 0 and settings(workers=3).loader_workers(cuda=False) == 3
+    assert settings().loader_workers(cuda=True, processes=10_000) == 0
+    before = set(multiprocessing.active_children())
+    loaded = list(training_loader(pickle.loads(pickle.dumps(samples)), plan, 2, 1, pin_memory=False))
+    assert set(multiprocessing.active_children()) == before  # the workers are gone once the plan is read
+    for step, batch in zip(range(3, 6), loaded, strict=True):
+        expected = samples.batch(*sample_plan(step, 3, n, seed, 0, 1))
+        assert batch["tile_id"] == expected["tile_id"]
+        torch.testing.assert_close(batch["image"], expected["image"], rtol=0, atol=0)
+        torch.testing.assert_close(batch["label"], expected["label"], rtol=0, atol=0)
+
+
+def test_resume_with_loader_workers_gives_the_weights_of_a_run_without(run_inputs, tmp_path, monkeypatch):
+    import multiprocessing
+
+    manifest, store = run_inputs
+    short = {"steps": 4, "checkpoint_every": 2}
+    uninterrupted = train(manifest, tmp_path / "a", settings(**short, workers=0), captions=store)
+    original = train_module._save_checkpoint
+
+    def stop_after_first(*args, **kwargs):
+        folder = original(*args, **kwargs)
+        raise KeyboardInterrupt(f"stopped after {folder.name}")
+
+    before = set(multiprocessing.active_children())
+    monkeypatch.setattr(train_module, "_save_checkpoint", stop_after_first)
+    with pytest.raises(KeyboardInterrupt, match="step_000002"):
+        train(manifest, tmp_path / "b", settings(**short, workers=2), captions=store)
+    assert set(multiprocessing.active_children()) == before  # a stopped run leaves no loader worker behind
+    monkeypatch.setattr(train_module, "_save_checkpoint", original)
+    resumed = train(manifest, tmp_path / "b", settings(**short, workers=2), captions=store, resume=True)
+    assert resumed.name == uninterrupted.name == "step_000004"
+    expected, got = weights(uninterrupted), weights(resumed)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=0, msg=name)

@@ -6,6 +6,13 @@ jitter on 429, 5xx, connection errors and timeouts (or after the wait the server
 request can change (a rejected key, an unknown model or URL, a refused request field) before the expert has
 answered anything stops the run with :class:`ExpertUnavailable` instead of failing every request one by one.
 The API key comes from the environment variable named by ``api_key_env`` and is sent only as a header.
+
+An expert may have several endpoints (``base_url`` a list of servers of the same model), each with ``concurrency``
+slots. Each attempt goes to the endpoint with the fewest requests in flight, ties in turn. An endpoint that refuses a
+connection, or fails ``FAILURE_STREAK`` attempts in a row (timeouts, 5xx, broken connections), is taken out for a
+back-off that doubles with each outage in a row (capped); a failed attempt is retried at once on another endpoint
+that is in. When the back-off ends one probe request goes there, and its success brings back all its slots. When
+every endpoint is out, requests go to them anyway, paced by their own retry delays, as with a single endpoint.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import contextlib
 import email.utils
 import json
 import math
@@ -22,6 +30,7 @@ import re
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import aiohttp
 
@@ -43,6 +52,10 @@ UNAVAILABLE_STATUS = {
     404: "no such model or endpoint: check model and base_url (OpenAI-compatible servers usually end it in /v1)",
 }
 MAX_BACKOFF_S = 30.0
+# An endpoint is taken out after this many failed attempts in a row (at once for a refused connection) ...
+FAILURE_STREAK = 3
+# ... for this long, doubled with each outage in a row up to MAX_BACKOFF_S.
+ENDPOINT_BACKOFF_S = 1.0
 # How a 400 says that a request field is not accepted (OpenAI: "Unsupported parameter: 'max_tokens' ...", pydantic
 # servers: "Extra inputs are not permitted"). A 400 that merely names the field, such as vLLM's "'max_tokens' ... is
 # too large" for a long prompt, is a failure of that request only.
@@ -127,18 +140,166 @@ def api_key(config: OpenAIExpertConfig) -> str | None:
     return key
 
 
+@dataclass(frozen=True)
+class EndpointStats:
+    """What one endpoint of an expert did: attempts sent, attempts without an answer of 200, and outages."""
+
+    url: str
+    requests: int = 0
+    failures: int = 0
+    taken_out: int = 0
+
+    def __sub__(self, other: EndpointStats) -> EndpointStats:
+        return EndpointStats(
+            self.url, self.requests - other.requests, self.failures - other.failures, self.taken_out - other.taken_out
+        )
+
+    def __add__(self, other: EndpointStats) -> EndpointStats:
+        return EndpointStats(
+            self.url, self.requests + other.requests, self.failures + other.failures, self.taken_out + other.taken_out
+        )
+
+    def describe(self) -> str:
+        """One phrase: the URL and its counts."""
+        return f"{self.url}: {self.requests} requests, {self.failures} failed, taken out {self.taken_out}x"
+
+
+class Endpoint:
+    """One server of an expert: its URL, its requests in flight and its health. Touched only in the event loop."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.in_flight = 0
+        self.requests = 0
+        self.failures = 0
+        self.taken_out = 0
+        self.streak = 0  # failed attempts in a row
+        self.outages = 0  # outages in a row (no success in between): the back-off's exponent
+        self.down_until = 0.0  # time.monotonic() at which the back-off ends
+        self.probing = False  # back from an outage without a success yet
+
+    def is_in(self, now: float) -> bool:
+        return now >= self.down_until
+
+    def stats(self) -> EndpointStats:
+        return EndpointStats(self.base_url, self.requests, self.failures, self.taken_out)
+
+
+class EndpointPool:
+    """The endpoints of an expert: which one the next attempt goes to, and which are out for a back-off.
+
+    Not thread-safe: used only inside the expert's event loop, where no two callers interleave between awaits.
+    """
+
+    def __init__(self, urls: Sequence[str], concurrency: int, backoff_s: float = ENDPOINT_BACKOFF_S) -> None:
+        self.endpoints = [Endpoint(url) for url in urls]
+        self.concurrency = concurrency
+        self.backoff_s = backoff_s
+        self._turn = 0  # where the round-robin among equally loaded endpoints starts next
+        self._changed: asyncio.Event | None = None
+
+    def pick(self, avoid: Endpoint | None = None, now: float | None = None) -> Endpoint | None:
+        """The endpoint for the next attempt, its slot taken; None while every eligible endpoint is full.
+
+        Eligible are the endpoints that are in (all of them while none is), except ``avoid`` (the endpoint the
+        request just failed on) where another is eligible. Fewest in flight wins; ties go round-robin.
+        """
+        now = time.monotonic() if now is None else now
+        live = [endpoint for endpoint in self.endpoints if endpoint.is_in(now)] or self.endpoints
+        if avoid is not None and len(live) > 1:
+            live = [endpoint for endpoint in live if endpoint is not avoid]
+        free = [endpoint for endpoint in live if endpoint.in_flight < self._slots(endpoint, now)]
+        if not free:
+            return None
+        count = len(self.endpoints)
+        order = {id(endpoint): (number - self._turn) % count for number, endpoint in enumerate(self.endpoints)}
+        chosen = min(free, key=lambda endpoint: (endpoint.in_flight, order[id(endpoint)]))
+        self._turn = (self.endpoints.index(chosen) + 1) % count
+        chosen.in_flight += 1
+        chosen.requests += 1
+        return chosen
+
+    def _slots(self, endpoint: Endpoint, now: float) -> int:
+        # A probe: one request to an endpoint back from an outage, while another could take the rest. A lone endpoint
+        # keeps all its slots, as the expert behaved before endpoints backed off.
+        if endpoint.probing and endpoint.is_in(now) and len(self.endpoints) > 1:
+            return 1
+        return self.concurrency
+
+    async def acquire(self, avoid: Endpoint | None = None) -> Endpoint:
+        """An endpoint with its slot taken, waiting for a slot to free or a back-off to end where none is free."""
+        while True:
+            endpoint = self.pick(avoid)
+            if endpoint is not None:
+                return endpoint
+            now = time.monotonic()
+            ends = [endpoint.down_until - now for endpoint in self.endpoints if not endpoint.is_in(now)]
+            if self._changed is None:
+                self._changed = asyncio.Event()
+            changed = self._changed
+            with contextlib.suppress(TimeoutError):  # a back-off ended: look again
+                await asyncio.wait_for(changed.wait(), min(ends) if ends else None)
+
+    def release(self, endpoint: Endpoint, ok: bool, health: str | None = None) -> None:
+        """Give the slot back, with the outcome of the attempt.
+
+        Args:
+            ok: the server answered 200.
+            health: for a failure, whether it says the endpoint is unwell: ``"down"`` (a refused connection: out at
+                once), ``"failing"`` (a timeout, a 5xx, a broken connection: out after FAILURE_STREAK in a row) or
+                None (an answer about this request only, such as a 400 or 429).
+        """
+        endpoint.in_flight -= 1
+        if ok:
+            endpoint.streak = endpoint.outages = 0
+            endpoint.probing = False
+        else:
+            endpoint.failures += 1
+            if health is not None:
+                endpoint.streak += 1
+                now = time.monotonic()
+                if endpoint.is_in(now) and (health == "down" or endpoint.probing or endpoint.streak >= FAILURE_STREAK):
+                    self._take_out(endpoint, now)
+        if self._changed is not None:  # wake every waiter: one new Event per change, so no wake-up is lost
+            self._changed.set()
+            self._changed = None
+
+    def _take_out(self, endpoint: Endpoint, now: float) -> None:
+        endpoint.down_until = now + min(self.backoff_s * 2**endpoint.outages, MAX_BACKOFF_S)
+        endpoint.outages += 1
+        endpoint.taken_out += 1
+        endpoint.streak = 0
+        endpoint.probing = True
+
+    def has_other_in(self, endpoint: Endpoint) -> bool:
+        """Whether an endpoint other than ``endpoint`` is in (a failed attempt is then retried at once)."""
+        now = time.monotonic()
+        return any(other is not endpoint and other.is_in(now) for other in self.endpoints)
+
+
 class OpenAIExpert:
     """An expert served over the OpenAI chat-completions protocol."""
 
     backend = "openai"
     reprompts = True
     needs_class_mask = False
-    pipeline_chunk: int | None  # 4 * concurrency, set per instance
+    pipeline_chunk: int | None  # 4 * the slots of all endpoints, set per instance
 
-    def __init__(self, config: OpenAIExpertConfig, backoff_s: float = 0.5) -> None:
+    def __init__(
+        self, config: OpenAIExpertConfig, backoff_s: float = 0.5, endpoint_backoff_s: float = ENDPOINT_BACKOFF_S
+    ) -> None:
+        """
+        Args:
+            config: the expert's manifest entry.
+            backoff_s: the first retry delay of a request (doubled per retry, with jitter).
+            endpoint_backoff_s: how long an unwell endpoint is first taken out (doubled per outage in a row).
+        """
         self.config = config
+        self.pool = EndpointPool(config.endpoints, config.concurrency, endpoint_backoff_s)
+        self.slots = config.concurrency * len(self.pool.endpoints)
         # The caption gate may hand this expert two chunks at once and score one while the other is served.
-        self.pipeline_chunk = 4 * config.concurrency
+        self.pipeline_chunk = 4 * self.slots
         self.name = config.name
         self.model = config.model
         self.backoff_s = backoff_s
@@ -163,8 +324,15 @@ class OpenAIExpert:
 
     @property
     def url(self) -> str:
-        assert self.config.base_url is not None
-        return self.config.base_url.rstrip("/") + "/chat/completions"
+        """The chat-completions URL of the first endpoint."""
+        return self.pool.endpoints[0].url
+
+    def endpoint_stats(self) -> list[EndpointStats]:
+        """Per endpoint, in the manifest's order: attempts sent, failed, times taken out, since the expert was built.
+
+        Read from any thread: each count is one int, so a snapshot may straddle an attempt but never tears a count.
+        """
+        return [endpoint.stats() for endpoint in self.pool.endpoints]
 
     def generate(self, requests: list[CaptionRequest]) -> list[CaptionResult]:
         """Captions for ``requests``, in order; a request that fails after its retries gives a failed result.
@@ -226,11 +394,14 @@ class OpenAIExpert:
     def _client(self) -> tuple[aiohttp.ClientSession, asyncio.Semaphore]:
         """The HTTP session and the in-flight bound, made on first use inside the expert's event loop."""
         if self._session is None or self._limit is None:
-            self._limit = asyncio.Semaphore(self.config.concurrency)
+            # A request holds its place from its first attempt to its last, retry delays included (as with one
+            # endpoint: a failing server is not sent more requests than it has slots); each attempt also holds a slot
+            # of the endpoint it goes to (EndpointPool), which bounds what each server sees to `concurrency`.
+            self._limit = asyncio.Semaphore(self.slots)
             self._session = aiohttp.ClientSession(
                 headers=self._headers,
                 timeout=aiohttp.ClientTimeout(total=self.config.timeout_s),
-                connector=aiohttp.TCPConnector(limit=self.config.concurrency),
+                connector=aiohttp.TCPConnector(limit=self.slots),
             )
         return self._session, self._limit
 
@@ -267,37 +438,48 @@ class OpenAIExpert:
         started = time.perf_counter()
         session, limit = self._client()
         error = "no attempt made"
+        failed_on: Endpoint | None = None
         async with limit:
-            self.in_flight += 1
-            self.max_in_flight = max(self.max_in_flight, self.in_flight)
-            try:
-                for retry in range(self.config.max_retries + 1):
-                    self._raise_if_unavailable()
-                    headers = None
-                    try:
-                        async with session.post(self.url, data=body) as response:
-                            if response.status == 200:
-                                self._succeeded = True
-                                return self._parse(await response.read(), started)
-                            text = (await response.read()).decode("utf-8", errors="replace")
-                            error = f"HTTP {response.status}: {self._message(text)}{server_hint(response.status, text)}"
-                            self._check_available(response.status, text)
-                            headers = response.headers
-                            if response.status not in RETRY_STATUS:
-                                break
-                    # aiohttp raises asyncio.TimeoutError: the builtin since Python 3.11, the minimum the package
-                    # declares (on 3.10 it was another class, which this clause would miss).
-                    except TimeoutError:
-                        error = f"timed out after {self.config.timeout_s:g} s ({self.url})"
-                    except aiohttp.ClientError as exc:
-                        error = f"{type(exc).__name__} ({self.url}): {exc}"
-                    if retry < self.config.max_retries:
-                        await asyncio.sleep(self._delay(retry, headers))
-            finally:
-                self.in_flight -= 1
+            for retry in range(self.config.max_retries + 1):
+                self._raise_if_unavailable()
+                endpoint = await self.pool.acquire(avoid=failed_on)
+                self.in_flight += 1
+                self.max_in_flight = max(self.max_in_flight, self.in_flight)
+                headers, ok, health, final = None, False, None, False
+                try:
+                    async with session.post(endpoint.url, data=body) as response:
+                        if response.status == 200:
+                            ok = self._succeeded = True
+                            return self._parse(await response.read(), started)
+                        text = (await response.read()).decode("utf-8", errors="replace")
+                        error = f"HTTP {response.status}: {self._message(text)}{server_hint(response.status, text)}"
+                        self._check_available(response.status, text, endpoint.url)
+                        headers = response.headers
+                        health = "failing" if response.status >= 500 else None
+                        final = response.status not in RETRY_STATUS
+                # aiohttp raises asyncio.TimeoutError: the builtin since Python 3.11, the minimum the package
+                # declares (on 3.10 it was another class, which this clause would miss).
+                except TimeoutError:
+                    error = f"timed out after {self.config.timeout_s:g} s ({endpoint.url})"
+                    health = "failing"
+                except aiohttp.ClientConnectorError as exc:  # refused, unreachable, unknown host
+                    error = f"{type(exc).__name__} ({endpoint.url}): {exc}"
+                    health = "down"
+                except aiohttp.ClientError as exc:
+                    error = f"{type(exc).__name__} ({endpoint.url}): {exc}"
+                    health = "failing"
+                finally:
+                    self.in_flight -= 1
+                    self.pool.release(endpoint, ok, health)
+                if final:
+                    break
+                failed_on = endpoint
+                # Another endpoint that is in takes the retry at once; a lone or failing server gets its delay.
+                if retry < self.config.max_retries and not self.pool.has_other_in(endpoint):
+                    await asyncio.sleep(self._delay(retry, headers))
         return CaptionResult(None, None, None, time.perf_counter() - started, error=error)
 
-    def _check_available(self, status: int, text: str) -> None:
+    def _check_available(self, status: int, text: str, url: str) -> None:
         """Stop the expert on an answer that means none of its requests can succeed.
 
         Only before the first success: once a request has gone through, the key, model and fields are evidently
@@ -309,7 +491,7 @@ class OpenAIExpert:
         if self._succeeded:
             return
         field = self.config.token_limit_field
-        where = f"expert {self.name}: {self.url} answered HTTP {status} before any success ({self._message(text)})"
+        where = f"expert {self.name}: {url} answered HTTP {status} before any success ({self._message(text)})"
         if status in UNAVAILABLE_STATUS:
             hint = UNAVAILABLE_STATUS[status]
             if status in (401, 403):

@@ -5,12 +5,59 @@ from __future__ import annotations
 import threading
 import time
 from itertools import groupby
+from pathlib import Path
 
 import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import is_offline_mode, try_to_load_from_cache
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
-from caption_pipeline.experts.base import CaptionRequest, CaptionResult, load_image
+from caption_pipeline.experts.base import CaptionRequest, CaptionResult, ExpertUnavailable, load_image
 from manifests.devices import resolve_device
 from manifests.run_manifest import TransformersExpertConfig
+
+
+def local_folder(config: TransformersExpertConfig) -> Path | None:
+    """The folder an expert's ``model`` names, or None for a hub id.
+
+    Raises:
+        ExpertUnavailable: a path (it cannot be a hub id) that is not an existing folder.
+    """
+    path = Path(config.model).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        validate_repo_id(config.model)
+    except HFValidationError:
+        why = "is a file, not a folder" if path.exists() else "not found"
+        raise ExpertUnavailable(
+            f"expert {config.name}: model folder {path} {why} (a transformers expert's model is a folder saved with "
+            "save_pretrained, or a hub id such as Qwen/Qwen2.5-VL-3B-Instruct)"
+        ) from None
+    return None
+
+
+def missing_hub_model(config: TransformersExpertConfig, why: str) -> ExpertUnavailable:
+    """One line: which weights were looked for, where, and how to provide them."""
+    return ExpertUnavailable(
+        f"expert {config.name}: model {config.model} not found: hub id {config.model} is not in the Hugging Face "
+        f"cache {hub_constants.HF_HUB_CACHE} ({why}); on a connected machine run `hf download {config.model}` and "
+        "copy the cache here (or point HF_HOME / HF_HUB_CACHE at a copy), or set the expert's model to a local "
+        "folder saved with save_pretrained"
+    )
+
+
+def check_weights(config: TransformersExpertConfig) -> None:
+    """Refuse, before anything loads, weights that cannot be found: a missing folder, or (offline) a hub id the
+    cache lacks. Online, a hub id is left to ``from_pretrained``, which downloads it.
+
+    Raises:
+        ExpertUnavailable: see :func:`local_folder` and :func:`missing_hub_model`.
+    """
+    is_hub_id = local_folder(config) is None
+    if is_hub_id and is_offline_mode() and not isinstance(try_to_load_from_cache(config.model, "config.json"), str):
+        raise missing_hub_model(config, "offline: HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set")
 
 
 class TransformersExpert:
@@ -38,9 +85,17 @@ class TransformersExpert:
         dtype = getattr(torch, config.dtype) if config.dtype != "auto" else (
             torch.bfloat16 if self.device.type == "cuda" else torch.float32
         )  # fmt: skip
-        self.processor = AutoProcessor.from_pretrained(config.model)
+        check_weights(config)
+        try:
+            self.processor = AutoProcessor.from_pretrained(config.model)
+            network = AutoModelForImageTextToText.from_pretrained(config.model, dtype=dtype)
+        except (OSError, ValueError) as exc:  # transformers' EnvironmentError for missing files; unknown model types
+            reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            if local_folder(config) is None and isinstance(exc, OSError):
+                raise missing_hub_model(config, f"download failed: {reason}") from None
+            raise ExpertUnavailable(f"expert {config.name}: cannot load model {config.model}: {reason}") from None
         self.processor.tokenizer.padding_side = "left"  # decoder-only batches pad on the left
-        self.network = AutoModelForImageTextToText.from_pretrained(config.model, dtype=dtype).to(self.device).eval()
+        self.network = network.to(self.device).eval()
         # torch's RNG is global: shard tasks share this expert across threads, so seeding and sampling happen
         # under one lock, or a concurrent sampled batch would draw from the same stream and break reproducibility.
         self._sampling_lock = threading.Lock()

@@ -13,6 +13,7 @@ from manifests.run_manifest import DatasetConfig
 from manifests.tile_index import ClassVocabulary
 from segmenter.datasets.files import SourceFile
 from segmenter.datasets.labels import RGB, DecodeStats, decode_rgb_mask
+from segmenter.raster_io import three_bands
 
 
 @dataclass(frozen=True)
@@ -84,16 +85,7 @@ class SegmentationDataset(ABC):
         else:
             known = ", ".join([*self.splits, "custom"])
             raise InputError(f"dataset.split: unknown split '{scheme}' for {self.name} (expected one of: {known})")
-        seen: dict[str, str] = {}
-        for split, ids in members.items():
-            for source_id in ids:
-                if source_id in seen:
-                    raise InputError(
-                        f"dataset.custom_splits: source '{source_id}' is listed in both '{seen[source_id]}' and "
-                        f"'{split}'; a source belongs to one split"
-                    )
-                seen[source_id] = split
-        return members
+        return check_disjoint(members)
 
     @abstractmethod
     def sources(self) -> list[Source]:
@@ -104,14 +96,40 @@ class SegmentationDataset(ABC):
         """
 
     def read_image(self, source: Source) -> np.ndarray:
-        image = source.image.read_array()
-        if image.ndim == 2:
-            image = image[..., None]
-        return image
+        """The pixels of a source's image, bands last; a single-band image has its band repeated three times
+        (:func:`segmenter.raster_io.three_bands`, the rule ``predict`` follows too)."""
+        return three_bands(source.image.read_array())
 
     def read_label(self, file: SourceFile) -> tuple[np.ndarray, DecodeStats]:
-        """Class indices of a mask file (RGB-coded by default)."""
+        """Class indices of a mask file (RGB-coded by default).
+
+        Raises:
+            InputError: a mask that is not RGB-coded 8-bit colours.
+        """
         mask = file.read_array()
         if mask.ndim != 3 or mask.shape[-1] < 3:
             raise InputError(f"{file}: expected an RGB-coded label, got shape {mask.shape}")
-        return decode_rgb_mask(mask, self.colors, self.ignore_index)
+        try:
+            return decode_rgb_mask(mask, self.colors, self.ignore_index)
+        except ValueError as exc:
+            raise InputError(f"{file}: {exc}") from None
+
+
+def check_disjoint(members: dict[str, list[str]]) -> dict[str, list[str]]:
+    """``members`` (split -> source ids) as given, once no source is listed twice.
+
+    Raises:
+        InputError: a source listed twice, in one split or in two.
+    """
+    seen: dict[str, str] = {}
+    for split, ids in members.items():
+        for source_id in ids:
+            if source_id in seen:
+                where = (
+                    f"twice in '{split}'" if seen[source_id] == split else f"in both '{seen[source_id]}' and '{split}'"
+                )
+                raise InputError(
+                    f"dataset.custom_splits: source '{source_id}' is listed {where}; a source belongs to one split"
+                )
+            seen[source_id] = split
+    return members

@@ -9,7 +9,10 @@ under the same name, so a lookup by name would sooner or later read a label map 
 from __future__ import annotations
 
 import io
+import os
+import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -19,6 +22,18 @@ from PIL import Image, UnidentifiedImageError
 
 from manifests.atomic import sha256_bytes
 from manifests.errors import InputError
+
+# What decoders raise on a damaged or truncated file (PIL: OSError for a truncated stream).
+_DECODE_ERRORS = (
+    tifffile.TiffFileError,
+    UnidentifiedImageError,
+    ValueError,
+    OSError,
+    EOFError,
+    zlib.error,
+    struct.error,
+    IndexError,
+)
 
 # Finder metadata that macOS adds to archives: resource forks (``._name``) and the ``__MACOSX`` tree.
 _SKIPPED_PARTS = ("__MACOSX",)
@@ -37,7 +52,7 @@ class SourceFile:
         return Path(self.member).name if self.member else self.path.name
 
     def __str__(self) -> str:
-        return f"{self.path}!{self.member}" if self.member else str(self.path)
+        return f"{printable(self.path)}!{self.member}" if self.member else printable(self.path)
 
     def read_bytes(self) -> bytes:
         """The raw bytes of the file.
@@ -47,8 +62,12 @@ class SourceFile:
         """
         if self.member is None:
             return self.path.read_bytes()
-        with zipfile.ZipFile(self.path) as archive:
-            return archive.read(self.member)
+        try:
+            with zipfile.ZipFile(self.path) as archive:
+                return archive.read(self.member)
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+            # A bad CRC, a broken deflate stream, a member cut short: the archive is damaged, say which member.
+            raise InputError(f"{self}: cannot be read from the archive ({type(exc).__name__}: {exc})") from None
 
     def sha256(self) -> str:
         """SHA-256 of the file's bytes (hex)."""
@@ -70,7 +89,8 @@ class SourceFile:
             else:
                 with Image.open(io.BytesIO(data)) as image:
                     array = np.asarray(image)
-        except (tifffile.TiffFileError, UnidentifiedImageError, ValueError, OSError) as exc:
+        except _DECODE_ERRORS as exc:
+            # A tiled, compressed TIFF cut short fails inside its codec (zlib), not in tifffile's own checks.
             raise InputError(f"{self}: not a readable raster ({type(exc).__name__}: {exc})") from None
         if array.ndim not in (2, 3) or array.size == 0:
             raise InputError(f"{self}: not a readable raster (decoded to shape {array.shape})")
@@ -147,6 +167,8 @@ class Archive:
                     members = [info.filename for info in archive.infolist() if not info.is_dir()]
             except zipfile.BadZipFile:
                 raise InputError(f"{zip_path}: not a readable ZIP archive") from None
+            except UnicodeDecodeError:
+                raise InputError(f"{zip_path}: a member name is flagged UTF-8 but is not valid UTF-8") from None
             for member in sorted(members):
                 if not _skipped(member):
                     file = SourceFile(zip_path, member)
@@ -192,6 +214,23 @@ class Archive:
     def names(self) -> list[str]:
         """Base names of the files in the archive (side files such as ``.tfw`` included)."""
         return list(self._files)
+
+
+def printable(path: Path | str) -> str:
+    """``path`` as text that can always be printed: bytes of a file name that are not UTF-8 shown as ``\\xNN``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def check_utf8_name(path: Path) -> None:
+    """Refuse a file whose name is not UTF-8 (tile ids and the index store paths as UTF-8 text).
+
+    Raises:
+        InputError: naming the file, its undecodable bytes shown as ``\\xNN``.
+    """
+    try:
+        os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{printable(path)}: the file name is not valid UTF-8; rename the file") from None
 
 
 def _skipped(relative: str) -> bool:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from manifests.errors import InputError
 from manifests.run_manifest import DatasetConfig
 from manifests.tile_index import ClassVocabulary
 from segmenter.datasets.base import SegmentationDataset, Source
-from segmenter.datasets.files import SourceFile
+from segmenter.datasets.files import SourceFile, check_utf8_name
 from segmenter.datasets.labels import RGB
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
@@ -16,7 +18,8 @@ class ImageMaskFolder(SegmentationDataset):
     """``<root>/<split>/<images_dir>/<stem>.*`` with masks ``<root>/<split>/<masks_dir>/<stem>.*``.
 
     Each split is a sub-folder; ``split: custom`` picks stems explicitly. Images without a mask are kept
-    with an empty label (captions for them then cannot come from labels).
+    with an empty label, for captioning and prediction: captions for them cannot come from labels, and ``train``
+    refuses a train split that has them.
     """
 
     name = "folder"
@@ -50,26 +53,44 @@ class ImageMaskFolder(SegmentationDataset):
         splits = sorted(path.name for path in self.config.root.iterdir() if (path / self.config.images_dir).is_dir())
         if not splits:
             raise InputError(f"dataset.root: no <split>/{self.config.images_dir}/ folders under {self.config.root}")
-        return {split: self._stems(split) for split in splits}
+        return {split: sorted(self._files(self.config.root / split / self.config.images_dir)) for split in splits}
 
-    def _stems(self, split: str) -> list[str]:
-        folder = self.config.root / split / self.config.images_dir
-        return sorted(path.stem for path in folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
+    @staticmethod
+    def _files(folder: Path) -> dict[str, Path]:
+        """Stem -> raster file of ``folder`` (any case of the suffix).
 
-    def _find(self, folder, stem: str):
-        for suffix in IMAGE_SUFFIXES:
-            if (folder / f"{stem}{suffix}").is_file():
-                return folder / f"{stem}{suffix}"
-        return None
+        Raises:
+            InputError: two rasters with one stem (``s1.png`` beside ``s1.jpg``: which one is meant is not guessed),
+                or a file name that is not UTF-8.
+        """
+        found: dict[str, Path] = {}
+        if not folder.is_dir():
+            return found
+        for path in sorted(folder.iterdir()):
+            if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+                continue
+            check_utf8_name(path)
+            if path.stem in found:
+                raise InputError(
+                    f"{folder}: {found[path.stem].name} and {path.name} share the stem '{path.stem}' (expected one "
+                    "file per image; remove or rename one)"
+                )
+            found[path.stem] = path
+        return found
 
     def sources(self) -> list[Source]:
+        """Every image of every split, with its mask when ``<masks_dir>/`` has one (else no label).
+
+        Raises:
+            InputError: a listed image that is missing, two files with one stem, a file name that is not UTF-8.
+        """
         found = []
         for split, stems in self.split_members().items():
+            images = self._files(self.config.root / split / self.config.images_dir)
+            masks = self._files(self.config.root / split / self.config.masks_dir)
             for stem in stems:
-                image = self._find(self.config.root / split / self.config.images_dir, stem)
-                if image is None:
+                if stem not in images:
                     raise InputError(f"{self.config.root / split / self.config.images_dir}: image {stem} not found")
-                mask = self._find(self.config.root / split / self.config.masks_dir, stem)
-                label = SourceFile(mask) if mask else None
-                found.append(Source(f"{split}/{stem}", split, SourceFile(image), label, label))
+                label = SourceFile(masks[stem]) if stem in masks else None
+                found.append(Source(f"{split}/{stem}", split, SourceFile(images[stem]), label, label))
         return found

@@ -1,14 +1,24 @@
-"""SynDrone: synthetic drone views rendered in CARLA (8 towns, heights 20/50/80 m, 28 classes)."""
+"""SynDrone: synthetic drone views rendered in CARLA (8 towns, heights 20/50/80 m, 28 classes).
+
+Read as released (https://github.com/LTTM/Syndrone, its ``analyses`` and ``synth2real`` branches for the reader):
+one ``Town{t}_Opt_120_color.zip`` per town holding ``Town{t}_Opt_120/ClearNoon/height{h}m/{rgb,semantic,camera}/``
+(``{frame:05d}.jpg`` photos, ``.png`` single-band CARLA ids, ``.json`` poses) and ``ClearNoon/bboxes/``, read in
+place or extracted; the split files ``train.txt`` and ``test.txt`` (one frame number a line) ship apart, as
+``splits.zip``, and the official reader takes their folder as a path of its own. The depth and LiDAR zips are not read.
+"""
 
 from __future__ import annotations
 
+import re
+import zipfile
+from pathlib import Path, PurePosixPath
 from typing import ClassVar
 
 import numpy as np
 
 from manifests.errors import InputError
 from manifests.run_manifest import DatasetConfig
-from segmenter.datasets.base import SegmentationDataset, Source
+from segmenter.datasets.base import SegmentationDataset, Source, check_disjoint
 from segmenter.datasets.files import SourceFile
 from segmenter.datasets.labels import RGB, DecodeStats, decode_index_mask
 
@@ -54,13 +64,117 @@ FINE_TO_COARSE = {
 
 TOWNS = ("01", "02", "03", "04", "05", "06", "07", "10HD")
 HEIGHTS = ("20", "50", "80")
+SPLIT_FILES = {"train": "train.txt", "test": "test.txt"}
+SPLITS_ARCHIVE = "splits"
+
+
+def town_folder(town: str) -> str:
+    """The folder of one town in the release: ``Town01_Opt_120``."""
+    return f"Town{town}_Opt_120"
+
+
+def town_zip(town: str) -> str:
+    """The release's archive of one town's photos, labels, poses and boxes: ``Town01_Opt_120_color.zip``."""
+    return f"{town_folder(town)}_color.zip"
+
+
+def _pairs(pairs: list[tuple[str, str]]) -> str:
+    """``Town02 (20, 50, 80 m), Town04 (50 m)``: town/height pairs grouped by town, in words."""
+    by_town: dict[str, list[str]] = {}
+    for town, height in pairs:
+        by_town.setdefault(town, []).append(height)
+    return ", ".join(f"Town{town} ({', '.join(heights)} m)" for town, heights in by_town.items())
+
+
+def _choice(values: list[str | int] | None, known: tuple[str, ...], key: str, width: int) -> tuple[str, ...] | None:
+    """The manifest's towns or heights as the release names them (``1`` -> ``01``), or None when not given.
+
+    Raises:
+        InputError: a value the release does not have.
+    """
+    if values is None:
+        return None
+    chosen = []
+    for value in values:
+        text = str(value).strip()
+        name = text.zfill(width) if text.isdigit() else text
+        if name not in known:
+            raise InputError(f"dataset.{key}: unknown value '{text}' (expected some of {', '.join(known)})")
+        chosen.append(name)
+    return tuple(dict.fromkeys(chosen))
+
+
+class _Town:
+    """The files of one town: its extracted folder ``<root>/Town{t}_Opt_120/`` or its archive ``..._color.zip``.
+
+    A member of the archive is known by its path below ``ClearNoon/`` (``height20m/rgb/00000.jpg``), whatever
+    folders lead to it, so an archive packed with or without the town folder reads the same.
+    """
+
+    def __init__(self, root: Path, town: str, scenario: str) -> None:
+        self.folder = root / town_folder(town) / scenario
+        self.zip = root / town_zip(town)
+        self.scenario = scenario
+        self.members: dict[str, str] = {}  # path below the scenario folder -> member
+        self.notice = None
+        if self.folder.is_dir():
+            self.location = str(self.folder)
+            if self.zip.is_file():
+                self.notice = f"{self.folder}: read this folder; the archive {self.zip.name} beside it is not read"
+        elif self.zip.is_file():
+            self.location = str(self.zip)
+            self._index_zip()
+        else:
+            self.location = ""
+
+    def _index_zip(self) -> None:
+        pattern = re.compile(rf"(?:^|/){re.escape(self.scenario)}/(height\d+m/.+)$")
+        try:
+            with zipfile.ZipFile(self.zip) as archive:
+                names = [info.filename for info in archive.infolist() if not info.is_dir()]
+        except zipfile.BadZipFile:
+            raise InputError(f"{self.zip}: not a readable ZIP archive") from None
+        except UnicodeDecodeError:
+            raise InputError(f"{self.zip}: a member name is flagged UTF-8 but is not valid UTF-8") from None
+        for name in names:
+            match = pattern.search(name)
+            if match is None or "__MACOSX" in name or PurePosixPath(name).name.startswith("._"):
+                continue
+            below = match.group(1)
+            if below in self.members:
+                raise InputError(
+                    f"{self.zip}: {self.members[below]} and {name} are both the file {below} (expected one; re-pack "
+                    "the archive)"
+                )
+            self.members[below] = name
+
+    @property
+    def exists(self) -> bool:
+        return bool(self.location)
+
+    def has_height(self, height: str) -> bool:
+        """Whether the town has frames at ``height`` metres."""
+        if self.folder.is_dir():
+            return (self.folder / f"height{height}m").is_dir()
+        prefix = f"height{height}m/"
+        return any(below.startswith(prefix) for below in self.members)
+
+    def file(self, below: str) -> SourceFile | None:
+        """The file at ``below`` (a path under the scenario folder), or None when the town has none there."""
+        if self.folder.is_dir():
+            path = self.folder / below
+            return SourceFile(path) if path.is_file() else None
+        member = self.members.get(below)
+        return SourceFile(self.zip, member) if member else None
 
 
 class SynDrone(SegmentationDataset):
-    """SynDrone frames under ``Town{t}_Opt_120/ClearNoon/height{h}m/{rgb,semantic}/{frame}.{jpg,png}``.
+    """SynDrone frames of ``Town{t}_Opt_120/ClearNoon/height{h}m/{rgb,semantic}/{frame}.{jpg,png}``, read from the
+    release's per-town ``Town{t}_Opt_120_color.zip`` or from their extracted folders.
 
-    Splits list frame numbers (``train.txt`` / ``test.txt`` of the release under the root for ``mpers``);
-    every listed frame is taken from every town and height found.
+    Splits list frame numbers (``train.txt`` / ``test.txt`` of the release's ``splits.zip`` for ``mpers`` and
+    ``official``); every listed frame is taken from every selected town and height. All 8 towns x 3 heights must be
+    there unless ``towns`` / ``heights`` in the manifest select a subset.
     """
 
     name = "syndrone"
@@ -80,12 +194,20 @@ class SynDrone(SegmentationDataset):
         "bus": "buses", "bicycle": "bicycles", "motorcycle": "motorcycles", "pole": "poles",
     }  # fmt: skip
     scenario: ClassVar[str] = "ClearNoon"
-    split_files: ClassVar[dict[str, str]] = {"train": "train.txt", "test": "test.txt"}
+    split_files: ClassVar[dict[str, str]] = SPLIT_FILES
 
     def __init__(self, config: DatasetConfig) -> None:
         super().__init__(config)
         self.coarse = config.coarse
         self._lookup = self._build_lookup()
+        # Known classes the coarse mapping leaves out (sky): ignored by design, counted apart from unknown ids.
+        self._excluded_ids = tuple(
+            carla_id
+            for name, carla_id in zip(FINE_CLASSES, CARLA_IDS, strict=True)
+            if self.coarse and name not in FINE_TO_COARSE
+        )
+        self.towns = _choice(config.towns, TOWNS, "towns", 2)
+        self.heights = _choice(config.heights, HEIGHTS, "heights", 2)
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -107,43 +229,160 @@ class SynDrone(SegmentationDataset):
         return lookup
 
     def split_members(self) -> dict[str, list[str]]:
-        if self.config.split not in ("mpers", "official"):
-            return super().split_members()
-        members = {}
-        for split, file_name in self.split_files.items():
-            path = self.config.root / file_name
-            if not path.is_file():
-                raise InputError(f"dataset.root: split file {path} not found (one frame number a line)")
-            members[split] = [f"{int(line):05d}" for line in path.read_text().split()]
-        return members
+        """Frame numbers (five digits, as the files are named) of each split.
 
-    def sources(self) -> list[Source]:
-        folders = [
-            (town, height, self.config.root / f"Town{town}_Opt_120" / self.scenario / f"height{height}m")
-            for town in TOWNS
-            for height in HEIGHTS
-        ]
-        folders = [item for item in folders if item[2].is_dir()]
-        if not folders:
-            raise InputError(
-                f"dataset.root: no Town*_Opt_120/{self.scenario}/height*m folders under {self.config.root}"
+        Raises:
+            InputError: split files not found (the message says where they were looked for), a line or a custom id
+                that is not a frame number, a frame listed twice.
+        """
+        if self.config.split not in ("mpers", "official"):
+            members = super().split_members()
+            return check_disjoint(
+                {split: [_frame(item, "dataset.custom_splits") for item in ids] for split, ids in members.items()}
             )
+        files = self._split_files()
+        return check_disjoint(
+            {split: [_frame(token, str(file)) for token in _text(file).split()] for split, file in files.items()}
+        )
+
+    def _split_locations(self) -> list[tuple[str, dict[str, SourceFile]]]:
+        """Where the split files may be, in order: each place in words with the split files found there."""
+        places = [self.config.splits] if self.config.splits is not None else [self.config.root, self.config.root.parent]
         found = []
-        for split, frames in self.split_members().items():
-            for town, height, folder in folders:
-                for frame in frames:
-                    image = folder / "rgb" / f"{frame}.jpg"
-                    label = folder / "semantic" / f"{frame}.png"
-                    if not image.is_file():
-                        image = image.with_suffix(".png")
-                    for path in (image, label):
-                        if not path.is_file():
-                            raise InputError(f"{path}: file not found (frame {frame} of split {split})")
-                    label_file = SourceFile(label)
-                    found.append(
-                        Source(f"town{town}_h{height}_{frame}", split, SourceFile(image), label_file, label_file)
-                    )
+        for place in places:
+            candidates = [place] if place.suffix == ".zip" else [place, place / SPLITS_ARCHIVE, place / "splits.zip"]
+            for candidate in candidates:
+                found.append((str(candidate), _split_files_in(candidate, self.split_files)))
         return found
 
+    def _split_files(self) -> dict[str, SourceFile]:
+        locations = self._split_locations()
+        for where, files in locations:
+            if files:
+                missing = [name for split, name in self.split_files.items() if split not in files]
+                if missing:
+                    raise InputError(f"dataset.splits: {where} has {', '.join(f.name for f in files.values())} but "
+                                     f"not {', '.join(missing)} (one frame number a line)")  # fmt: skip
+                return files
+        names = " and ".join(self.split_files.values())
+        raise InputError(
+            f"dataset.splits: split files {names} not found; looked in {'; '.join(where for where, _ in locations)} "
+            "(the release ships them as splits.zip: put it beside the town zips, or set dataset.splits to its path)"
+        )
+
+    def _towns(self) -> dict[str, _Town]:
+        """The selected towns with their heights, all present.
+
+        Raises:
+            InputError: no town at all (with the expected layout), or selected town/height pairs missing.
+        """
+        towns = {town: _Town(self.config.root, town, self.scenario) for town in self.towns or TOWNS}
+        self.notices = sorted(town.notice for town in towns.values() if town.notice)
+        if not any(town.exists for town in towns.values()):
+            raise InputError(
+                f"dataset.root: no SynDrone town under {self.config.root} (expected the release's per-town "
+                f"{town_zip('01')}, ... or their extracted folders {town_folder('01')}/{self.scenario}/height20m/"
+                "{rgb,semantic}/)"
+            )
+        missing = [
+            (town, height)
+            for town, found in towns.items()
+            for height in self.heights or HEIGHTS
+            if not found.has_height(height)
+        ]
+        if missing:
+            if self.towns or self.heights:
+                raise InputError(
+                    f"dataset.root: town/height pairs selected by dataset.towns/heights are missing under "
+                    f"{self.config.root}: {_pairs(missing)}"
+                )
+            raise InputError(
+                f"dataset.root: SynDrone town/height pairs missing under {self.config.root}: {_pairs(missing)} "
+                f"(add their {town_zip('NN')}, or select what you have with dataset.towns and dataset.heights)"
+            )
+        return towns
+
+    def sources(self) -> list[Source]:
+        """Every listed frame of every selected town and height.
+
+        Raises:
+            InputError: missing towns or heights, split files not found, a frame's photo or label missing.
+        """
+        towns = self._towns()
+        members = self.split_members()
+        found = []
+        for split, frames in members.items():
+            for town_name, town in towns.items():
+                for height in self.heights or HEIGHTS:
+                    for frame in frames:
+                        image = self._one(town, height, "rgb", frame, (".jpg", ".png"), split)
+                        label = self._one(town, height, "semantic", frame, (".png",), split)
+                        found.append(Source(f"town{town_name}_h{height}_{frame}", split, image, label, label))
+        return found
+
+    def _one(
+        self, town: _Town, height: str, kind: str, frame: str, suffixes: tuple[str, ...], split: str
+    ) -> SourceFile:
+        """The one file of a frame in ``height{h}m/<kind>/``.
+
+        Raises:
+            InputError: none there, or two (``00005.jpg`` beside ``00005.png``).
+        """
+        below = [f"height{height}m/{kind}/{frame}{suffix}" for suffix in suffixes]
+        files = [file for file in map(town.file, below) if file is not None]
+        if len(files) > 1:
+            raise InputError(f"{town.location}: {' and '.join(below)} both exist (expected one file per frame)")
+        if not files:
+            raise InputError(f"{town.location}: {below[0]} not found (frame {frame} of split {split})")
+        return files[0]
+
     def read_label(self, file: SourceFile) -> tuple[np.ndarray, DecodeStats]:
-        return decode_index_mask(file.read_array(), self._lookup, self.ignore_index)
+        try:
+            return decode_index_mask(file.read_array(), self._lookup, self.ignore_index, self._excluded_ids)
+        except ValueError as exc:
+            raise InputError(f"{file}: {exc}") from None
+
+
+def _frame(value: str | int, where: str) -> str:
+    """A frame number as the files are named (``5`` -> ``00005``), as the official reader pads the split files.
+
+    Raises:
+        InputError: a value that is not a frame number, naming ``where`` it came from.
+    """
+    text = str(value).strip()
+    if not text.isdigit():
+        raise InputError(f"{where}: '{text[:40]}' is not a SynDrone frame number (expected an integer such as 5)")
+    return f"{int(text):05d}"
+
+
+def _text(file: SourceFile) -> str:
+    try:
+        return file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{file}: not UTF-8 text (expected one frame number a line)") from None
+
+
+def _split_files_in(place: Path, names: dict[str, str]) -> dict[str, SourceFile]:
+    """The split files found at ``place``: a folder holding them (or one folder down), or a zip holding them (at its
+    top level or one folder down)."""
+    found: dict[str, SourceFile] = {}
+    if place.is_dir():
+        for split, name in names.items():
+            matches = [place / name] if (place / name).is_file() else sorted(place.glob(f"*/{name}"))
+            if matches:
+                found[split] = SourceFile(matches[0])
+    elif place.is_file() and place.suffix == ".zip":
+        try:
+            with zipfile.ZipFile(place) as archive:
+                members = [info.filename for info in archive.infolist() if not info.is_dir()]
+        except zipfile.BadZipFile:
+            raise InputError(f"{place}: not a readable ZIP archive") from None
+        for split, name in names.items():
+            matches = sorted(
+                (len(PurePosixPath(m).parts), m)
+                for m in members
+                if PurePosixPath(m).name == name and len(PurePosixPath(m).parts) <= 2 and "__MACOSX" not in m
+            )
+            if matches:
+                found[split] = SourceFile(place, matches[0][1])
+    return found

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-TextEncoderId = Literal["clip-vit-b16", "clip-vit-l14", "remoteclip-vit-b32", "test-tiny-clip", "none"]
+TextEncoderId = Literal[
+    "clip-vit-b16",
+    "clip-vit-l14",
+    "remoteclip-vit-b32",
+    "blip2-flan-t5-xl",
+    "dinotxt-vitl16",
+    "test-tiny-clip",
+    "test-tiny-dinotxt",
+    "none",
+]
 
 
 class SegmenterConfig(BaseModel):
@@ -31,14 +40,29 @@ class SegmenterConfig(BaseModel):
     text_encoder: TextEncoderId = "clip-vit-b16"
     text_checkpoint: str | None = None
     text_dim: int = 512
+    text_input_dim: int | None = Field(
+        default=None,
+        ge=1,
+        description="width of the encoder's features when it differs from text_dim (a learned linear map projects "
+        "them to text_dim); set at training from the encoder",
+    )
     experts: list[str] = Field(
         default_factory=list, description="the experts a text-guided model reads, in order: set from the caption store"
     )
     dmte_heads: int = 8
-    lqga_stages: list[int] = Field(default_factory=lambda: [4])
+    lqga_stages: list[Annotated[int, Field(ge=1, le=4)]] = Field(
+        default_factory=lambda: [4],
+        min_length=1,
+        description="stages (1-4) gated by LQGA; several are chained, deepest first",
+    )
     lqga_heads: int = 8
     decoder: Literal["unet", "fpn", "pixelup"] = "unet"
 
     @property
     def uses_text(self) -> bool:
         return self.text_encoder != "none"
+
+    @property
+    def text_feature_dim(self) -> int:
+        """The width of the caption features the model takes (its text encoder's)."""
+        return self.text_input_dim or self.text_dim

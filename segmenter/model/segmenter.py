@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -19,29 +21,65 @@ from segmenter.model.config import SegmenterConfig
 from segmenter.model.decoders import DECODERS
 from segmenter.model.dmte import DynamicTextExperts
 from segmenter.model.ldpe import DetailPrior
-from segmenter.model.lqga import LanguageQueryGate
+from segmenter.model.lqga import ChainedLanguageQueryGates
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 CHECKSUMS_FILE = "checksums.json"
 
 
-def verify_checksum(path: Path) -> None:
-    """Check a weights file against the SHA-256 its checkpoint recorded when it was saved.
+def read_checksums(folder: Path) -> dict[str, str]:
+    """The SHA-256 per file name that a checkpoint folder recorded ({} when it has no record).
 
     Raises:
-        InputError: no record (a checkpoint of an older version, or one copied without it), or another digest.
+        InputError: a record that is not a JSON object of file names to digests (damaged or truncated).
+    """
+    record = folder / CHECKSUMS_FILE
+    if not record.is_file():
+        return {}
+    try:
+        digests = json.loads(record.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{record}: not valid JSON ({exc}); the checkpoint is damaged: train again") from None
+    if not isinstance(digests, dict) or not all(isinstance(value, str) for value in digests.values()):
+        raise InputError(f"{record}: expected a JSON object of file name -> SHA-256; the checkpoint is damaged")
+    return digests
+
+
+def record_checksums(folder: Path, names: list[str]) -> None:
+    """Add the SHA-256 of ``names`` (files in ``folder``) to its ``checksums.json``, written atomically."""
+    digests = {**read_checksums(folder), **{name: sha256_file(folder / name) for name in names}}
+    atomic_write_text(folder / CHECKSUMS_FILE, json.dumps(digests, indent=2))
+
+
+def verify_checksum(path: Path, required: bool = True) -> None:
+    """Check a checkpoint file against the SHA-256 its checkpoint recorded when it was saved.
+
+    Args:
+        path: the file.
+        required: False accepts a file without a recorded digest (files that older checkpoints did not record).
+
+    Raises:
+        InputError: the file is missing; no record (a checkpoint of an older version, or one copied without it)
+            where one is required; another digest.
     """
     record = path.parent / CHECKSUMS_FILE
     if not path.is_file():
-        raise InputError(f"{path}: weights file not found")
-    if not record.is_file():
+        raise InputError(f"{path}: file not found")
+    if not record.is_file() and required:
         raise InputError(f"{path}: no {CHECKSUMS_FILE} beside it, so its integrity cannot be checked (a checkpoint "
                          "of an older version, or copied without it): train again")  # fmt: skip
-    expected = json.loads(record.read_text()).get(path.name)
+    expected = read_checksums(path.parent).get(path.name)
+    if expected is None:
+        if required:
+            raise InputError(
+                f"{path}: no SHA-256 recorded for it in {CHECKSUMS_FILE}, so its integrity cannot be checked "
+                "(a checkpoint of an older version, or a replaced record): train again"
+            )
+        return
     found = sha256_file(path)
     if found != expected:
-        raise InputError(f"{path}: SHA-256 {found[:12]}... differs from the {expected and expected[:12]}... recorded "
+        raise InputError(f"{path}: SHA-256 {found[:12]}... differs from the {expected[:12]}... recorded "
                          "when it was saved: the file is corrupted or was replaced")  # fmt: skip
 
 
@@ -68,15 +106,13 @@ class MPerSSegmenter(nn.Module):
                     f"model {config.name} reads captions but names no experts: they come from the caption store at "
                     "training (`segmenter train --captions STORE [--experts a,b,c]`) or as `experts=[...]`"
                 )
+            width = config.text_input_dim
+            # FLAN-T5 and dino.txt features are wider than the guidance: a learned map brings them to text_dim
+            self.text_projection = nn.Linear(width, config.text_dim) if width and width != config.text_dim else None
             self.dmte = DynamicTextExperts(config.text_dim, len(config.experts), config.dmte_heads)
-            self.lqga = nn.ModuleDict(
-                {
-                    str(stage): LanguageQueryGate(config.dim, config.text_dim, config.lqga_heads)
-                    for stage in config.lqga_stages
-                }
-            )
+            self.lqga = ChainedLanguageQueryGates(config.lqga_stages, config.dim, config.text_dim, config.lqga_heads)
         else:
-            self.dmte, self.lqga = None, None
+            self.dmte, self.lqga, self.text_projection = None, None, None
         self.decoder = DECODERS[config.decoder](config.dim, config.num_classes)
 
     def forward(
@@ -94,10 +130,10 @@ class MPerSSegmenter(nn.Module):
                 raise ValueError(f"model {self.config.name} reads captions: pass text and present")
             if present is None:
                 present = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
+            if self.text_projection is not None:
+                text = self.text_projection(text)
             fused, gates = self.dmte(text, present)
-            for stage, gate in self.lqga.items():
-                level = int(stage) - 1
-                pyramid[level] = gate(pyramid[level], fused)
+            pyramid = self.lqga(pyramid, fused)
         return SegmenterOutput(self.decoder(pyramid, images.shape[-2:]), gates)
 
     @property
@@ -133,7 +169,10 @@ class MPerSSegmenter(nn.Module):
         """
         path = Path(folder) / WEIGHTS_FILE
         verify_checksum(path)
-        state = load_file(str(path), device=str(next(self.parameters()).device))
+        try:
+            state = load_file(str(path), device=str(next(self.parameters()).device))
+        except SafetensorError as exc:  # a file that matches its digest yet is no safetensors file
+            raise InputError(f"{path}: not a readable safetensors file ({exc})") from None
         broken = [
             key for key, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()
         ]
@@ -149,6 +188,25 @@ class MPerSSegmenter(nn.Module):
     def load(cls, folder: str | Path) -> MPerSSegmenter:
         """A model rebuilt from a checkpoint folder's ``config.json`` with its ``model.safetensors``."""
         folder = Path(folder)
-        model = cls(SegmenterConfig.model_validate(json.loads((folder / CONFIG_FILE).read_text())))
+        model = cls(read_config(folder))
         model.load_weights(folder)
         return model
+
+
+def read_config(folder: Path) -> SegmenterConfig:
+    """The model configuration a checkpoint folder saved.
+
+    Raises:
+        InputError: no ``config.json``, or one that is not valid JSON or not a configuration of this version.
+    """
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise InputError(f"{path}: file not found (a checkpoint folder holds {CONFIG_FILE} and {WEIGHTS_FILE})")
+    try:
+        return SegmenterConfig.model_validate(json.loads(path.read_text(encoding="utf-8")))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not valid JSON ({exc}); the checkpoint is damaged") from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "<top level>"
+        raise InputError(f"{path}: not a model configuration of this version ({where}: {first['msg']})") from None

@@ -1,8 +1,12 @@
-"""Frozen open_clip text towers that see whole captions (``caption_pipeline.clip_models`` does the encoding)."""
+"""Frozen text encoders that see whole captions: CLIP towers (open_clip), the FLAN-T5 encoder of BLIP-2
+(transformers) and the dino.txt text tower of DINOv3. Each turns captions into one normalised vector per caption,
+long captions chunked to the encoder's own context length."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, Protocol
 
 import torch
 from torch import nn
@@ -17,31 +21,142 @@ from caption_pipeline.clip_models import (
 from manifests.errors import InputError
 
 TINY_ENCODER = "test-tiny-clip"
-# encoder id -> (open_clip model name, where its weights come from). The origin decides the activation: the
-# OpenAI weights and RemoteCLIP (fine-tuned from them) need QuickGELU; RemoteCLIP ships open_clip checkpoints.
-TEXT_ENCODERS: dict[str, tuple[str, str | None]] = {
-    "clip-vit-b16": ("ViT-B-16", "openai"),
-    "clip-vit-l14": ("ViT-L-14", "openai"),
-    "remoteclip-vit-b32": ("ViT-B-32", "remoteclip"),
-    TINY_ENCODER: ("segmenter-test-tiny-clip", None),
+TINY_DINOTXT = "test-tiny-dinotxt"
+Family = Literal["clip", "flan-t5", "dinotxt"]
+
+
+@dataclass(frozen=True)
+class TextEncoderSpec:
+    """Where an encoder id's network and weights come from.
+
+    Attributes:
+        family: the library that builds it.
+        source: the open_clip model name (CLIP) or the hub id (FLAN-T5); ``text_checkpoint`` replaces a hub id.
+        origin: the open_clip weights tag; it decides the activation (OpenAI weights and RemoteCLIP need QuickGELU).
+        needs_checkpoint: what ``text_checkpoint`` must name when the weights are not on a hub.
+    """
+
+    family: Family
+    source: str | None = None
+    origin: str | None = None
+    needs_checkpoint: str | None = None
+
+
+TEXT_ENCODERS: dict[str, TextEncoderSpec] = {
+    "clip-vit-b16": TextEncoderSpec("clip", "ViT-B-16", "openai"),
+    "clip-vit-l14": TextEncoderSpec("clip", "ViT-L-14", "openai"),
+    "remoteclip-vit-b32": TextEncoderSpec("clip", "ViT-B-32", "remoteclip", "the RemoteCLIP-ViT-B-32.pt file"),
+    "blip2-flan-t5-xl": TextEncoderSpec("flan-t5", "Salesforce/blip2-flan-t5-xl"),
+    "dinotxt-vitl16": TextEncoderSpec(
+        "dinotxt", needs_checkpoint="the dino.txt checkpoint of the DINOv3 release (dinov3_vitl16_dinotxt_*.pth)"
+    ),
+    TINY_ENCODER: TextEncoderSpec("clip", "segmenter-test-tiny-clip"),
+    TINY_DINOTXT: TextEncoderSpec("dinotxt"),
 }
-NEEDS_CHECKPOINT = {"remoteclip-vit-b32": "the RemoteCLIP-ViT-B-32.pt file"}
 
 
-def text_encoder_weights(encoder: str, checkpoint: str | Path | None = None) -> ClipWeights:
-    """The network and weights of a text encoder id (its activation is known without loading anything).
+def text_encoder_spec(encoder: str) -> TextEncoderSpec:
+    """The spec of an encoder id.
 
     Raises:
         InputError: an unknown encoder id.
     """
     if encoder not in TEXT_ENCODERS:
         raise InputError(f"text encoder '{encoder}' unknown (expected one of {sorted(TEXT_ENCODERS)})")
-    name, origin = TEXT_ENCODERS[encoder]
-    return ClipWeights(name, origin, Path(checkpoint) if checkpoint else None)
+    return TEXT_ENCODERS[encoder]
+
+
+def text_encoder_weights(encoder: str, checkpoint: str | Path | None = None) -> ClipWeights:
+    """The network and weights of a CLIP text encoder id (its activation is known without loading anything).
+
+    Raises:
+        InputError: an unknown encoder id, or one that is not a CLIP tower.
+    """
+    spec = text_encoder_spec(encoder)
+    if spec.family != "clip" or spec.source is None:
+        raise InputError(f"text encoder '{encoder}' is a {spec.family} encoder, not a CLIP tower")
+    return ClipWeights(spec.source, spec.origin, Path(checkpoint) if checkpoint else None)
+
+
+def text_feature_width(encoder: str, checkpoint: str | Path | None = None) -> int | None:
+    """The width of an encoder's features, read from its configuration (no weights are loaded); None for CLIP
+    towers, whose presets set ``text_dim`` to the tower's width.
+
+    Raises:
+        InputError: an unknown encoder id, or a FLAN-T5 source whose configuration cannot be found.
+    """
+    spec = text_encoder_spec(encoder)
+    if spec.family == "flan-t5":
+        from segmenter.text.flan_t5 import flan_t5_width
+
+        return flan_t5_width(str(checkpoint) if checkpoint else str(spec.source))
+    if spec.family == "dinotxt":
+        from segmenter.text.dinotxt import DINOTXT_TINY, DINOTXT_VITL16
+
+        return (DINOTXT_TINY if encoder == TINY_DINOTXT else DINOTXT_VITL16).output_dim
+    return None
+
+
+class _Backend(Protocol):
+    dim: int
+
+    def encode(self, texts: list[str]) -> torch.Tensor: ...
+
+
+class _ClipBackend:
+    """A frozen open_clip text tower; a caption over 77 tokens is the mean of its chunks."""
+
+    def __init__(self, encoder: str, checkpoint: str | None, device: str | torch.device, random_weights: bool) -> None:
+        weights = text_encoder_weights(encoder, checkpoint)
+        if encoder == TINY_ENCODER:
+            register_tiny_config(weights.model)
+        seeded = encoder == TINY_ENCODER and not checkpoint  # random but reproducible: same features in every process
+        if seeded:
+            torch.manual_seed(0)
+        # random weights (benchmarks): the same network, nothing downloaded
+        loaded = not (random_weights or seeded)
+        model, _ = create_clip(weights, device, load_weights=loaded, transforms=False)
+        self.model = model.requires_grad_(False)
+        self.chunked = ChunkedTextEncoder(self.model, weights.model)
+        label = weights.weights_label if loaded else "seed0" if seeded else "random"
+        # the activation is part of the id, so features of a network built with the other one are never reused
+        self.label = f"{label}:{weights.activation}"
+        projection = getattr(model, "text_projection", None)
+        self.dim = int(projection.shape[-1]) if projection is not None else TINY_CLIP_CONFIG["embed_dim"]
+        self.device = self.chunked.device
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        return self.chunked.encode(texts)[0]
+
+
+def _flan_t5_backend(
+    spec: TextEncoderSpec, checkpoint: str | None, device: str | torch.device, random_weights: bool
+) -> tuple[_Backend, str]:
+    from segmenter.text.flan_t5 import FlanT5TextEncoder
+
+    backend = FlanT5TextEncoder(checkpoint or str(spec.source), device=device, random_weights=random_weights)
+    return backend, backend.weights_label
+
+
+def _dinotxt_backend(
+    encoder: str, checkpoint: str | None, device: str | torch.device, random_weights: bool
+) -> tuple[_Backend, str]:
+    from segmenter.text.dinotxt import DINOTXT_TINY, DINOTXT_VITL16, DinoTxtTextEncoder
+
+    config = DINOTXT_TINY if encoder == TINY_DINOTXT else DINOTXT_VITL16
+    seeded = encoder == TINY_DINOTXT and not checkpoint
+    if seeded:
+        torch.manual_seed(0)
+    backend = DinoTxtTextEncoder(checkpoint, config, device=device, random_weights=random_weights or seeded)
+    return backend, "seed0" if seeded else backend.weights_label
 
 
 class TextEncoder(nn.Module):
-    """A frozen CLIP text tower; ``encode`` counts its calls so tests can see the cache at work."""
+    """A frozen text encoder of any family; ``encode`` counts its calls so tests can see the cache at work.
+
+    ``encoder_id`` names the network and its weights (and, for CLIP, the activation): the text-feature cache keys
+    on it, so features of two encoders, or of two checkpoints of one, never mix.
+    """
 
     def __init__(
         self,
@@ -51,34 +166,32 @@ class TextEncoder(nn.Module):
         random_weights: bool = False,
     ) -> None:
         super().__init__()
-        weights = text_encoder_weights(encoder, checkpoint)
-        if encoder == TINY_ENCODER:
-            register_tiny_config(weights.model)
-        seeded = encoder == TINY_ENCODER and not checkpoint  # random but reproducible: same features in every process
-        if seeded:
-            torch.manual_seed(0)
-        if encoder in NEEDS_CHECKPOINT and not checkpoint and not random_weights:
-            raise InputError(f"text_checkpoint: {encoder} needs {NEEDS_CHECKPOINT[encoder]}")
-        if checkpoint and not Path(checkpoint).is_file():
+        spec = text_encoder_spec(encoder)
+        if spec.needs_checkpoint and not checkpoint and not random_weights:
+            raise InputError(f"text_checkpoint: {encoder} needs {spec.needs_checkpoint}")
+        if checkpoint and not Path(checkpoint).exists():
             raise InputError(f"text_checkpoint: {checkpoint} not found")
-        # random weights (benchmarks): the same network, nothing downloaded
-        loaded = not (random_weights or seeded)
-        model, _ = create_clip(weights, device, load_weights=loaded, transforms=False)
-        self.model = model.requires_grad_(False)
-        self.chunked = ChunkedTextEncoder(self.model, weights.model)
-        label = weights.weights_label if loaded else "seed0" if seeded else "random"
-        # the activation is part of the id, so features of a network built with the other one are never reused
-        self.encoder_id = f"{encoder}:{label}:{weights.activation}"
-        projection = getattr(model, "text_projection", None)
-        self.dim = int(projection.shape[-1]) if projection is not None else TINY_CLIP_CONFIG["embed_dim"]
+        path = str(checkpoint) if checkpoint else None
+        if spec.family == "clip":
+            clip = _ClipBackend(encoder, path, device, random_weights)
+            backend, label = clip, clip.label
+        elif spec.family == "flan-t5":
+            backend, label = _flan_t5_backend(spec, path, device, random_weights)
+        else:
+            backend, label = _dinotxt_backend(encoder, path, device, random_weights)
+        self.backend = backend
+        self.family = spec.family
+        self.encoder_id = f"{encoder}:{label}"
+        self.dim = int(backend.dim)
         self.calls = 0
 
     @property
     def device(self) -> torch.device:
-        return self.chunked.device
+        return torch.device(self.backend.device)
 
     @torch.no_grad()
     def encode(self, texts: list[str]) -> torch.Tensor:
-        """``(N, D)`` normalised embeddings on the CPU; a caption over 77 tokens is the mean of its chunks."""
+        """``(N, D)`` normalised embeddings on the CPU; a caption over the encoder's context is the mean of its
+        chunks."""
         self.calls += 1
-        return self.chunked.encode(texts)[0].cpu()
+        return self.backend.encode(texts).float().cpu()

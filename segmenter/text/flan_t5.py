@@ -1,0 +1,438 @@
+"""A frozen FLAN-T5 text encoder (standalone T5, or the FLAN-T5 inside a BLIP-2 checkpoint), mean-pooled.
+
+T5 has no CLS token, so a caption's embedding is the mean of the encoder's last hidden state over its
+non-padding tokens, L2-normalised. A caption longer than the context is cut into token chunks that are encoded
+separately; their normalised embeddings are averaged and normalised again (the CLIP towers' rule, here with
+T5's 512-token context).
+
+From a BLIP-2 checkpoint only the FLAN-T5 encoder is read: ``language_model.shared.*`` and
+``language_model.encoder.*`` are taken with ``safetensors.safe_open`` from the shards the index names for them,
+and a hub id is resolved file by file, so the vision tower, the Q-Former and the T5 decoder are never downloaded
+unless they share a shard with the encoder, and are never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub import constants, hf_hub_download, snapshot_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from safetensors import safe_open
+from torch import nn
+
+from caption_pipeline.clip_models import file_digest
+from manifests.devices import resolve_device
+from manifests.errors import InputError
+
+MAX_CONTEXT = 512  # T5's training length; its relative positions would go further, its quality would not
+BLIP2_TEXT_PREFIX = "language_model."
+ENCODER_PREFIXES = ("shared.", "encoder.")
+TIED_EMBEDDING = "encoder.embed_tokens.weight"  # the same tensor as shared.weight, usually not saved
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_FILE = "model.safetensors"
+TORCH_INDEX = "pytorch_model.bin.index.json"
+TORCH_FILE = "pytorch_model.bin"
+# configs, tokenizer files and shard indexes: small, so a hub id fetches them whole before any weights
+METADATA_PATTERNS = ["*.json", "*.model", "*.txt"]
+HUB_ERRORS = (LocalEntryNotFoundError, EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+TINY_CORPUS = (
+    "An aerial image with buildings, trees, low vegetation, impervious surfaces, cars and clutter. "
+    "Roads cross the scene from north to south; roofs in the north-west; trees in the east; 3 cars."
+)
+
+
+def _looks_local(source: str | Path) -> bool:
+    """Whether ``source`` names a folder rather than a hub id (``name`` or ``org/name``)."""
+    if isinstance(source, Path) or Path(source).exists():
+        return True
+    text = str(source)
+    return text.startswith((".", "~", "/", "\\")) or text.count("/") > 1 or "\\" in text or ":" in text
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception as one line (transformers' messages run over several)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def _hub_error(repo_id: str, what: str, exc: Exception) -> InputError:
+    """The one-line error for hub files that are neither cached nor downloadable: where it looked, how to fix."""
+    return InputError(
+        f"text_checkpoint: {what} of hub id '{repo_id}' not found in the Hugging Face cache {constants.HF_HUB_CACHE} "
+        f"and not downloadable here ({type(exc).__name__}); on a connected machine run `hf download {repo_id}` "
+        f"(older huggingface_hub: `huggingface-cli download {repo_id}`) into this cache (or set HF_HOME / "
+        "HF_HUB_CACHE to the cache that has it), or give a local folder as text_checkpoint"
+    )
+
+
+class _Source:
+    """A local folder or a hub snapshot, and how to get one of its files onto the disk."""
+
+    def __init__(self, source: str | Path) -> None:
+        self.repo_id: str | None = None
+        self.revision: str | None = None
+        if _looks_local(source):
+            self.folder = Path(source).expanduser()
+            if not self.folder.is_dir():
+                raise InputError(
+                    f"text_checkpoint: folder {self.folder} not found (expected a FLAN-T5 or BLIP-2 FLAN-T5 folder "
+                    "written by save_pretrained, or a Hugging Face hub id such as Salesforce/blip2-flan-t5-xl)"
+                )
+            if not (self.folder / "config.json").is_file():
+                raise InputError(
+                    f"text_checkpoint: {self.folder} has no config.json (expected a save_pretrained folder)"
+                )
+            self.name = self.folder.name
+            return
+        self.repo_id = self.name = str(source)
+        try:
+            self.folder = Path(snapshot_download(self.repo_id, allow_patterns=METADATA_PATTERNS))
+        except (*HUB_ERRORS, HFValidationError) as exc:
+            raise _hub_error(self.repo_id, "config and tokenizer", exc) from None
+        self.revision = self.folder.name  # snapshots/<commit>: the revision these files belong to
+        if not (self.folder / "config.json").is_file():
+            raise _hub_error(self.repo_id, "config.json", FileNotFoundError("config.json"))
+
+    def file(self, name: str) -> Path | None:
+        """The local path of ``name`` (downloaded for a hub id), or None where the source has no such file."""
+        path = self.folder / name
+        # configs and indexes came with the metadata snapshot: absent there means absent from the repository
+        if path.is_file() or self.repo_id is None or name.endswith(".json"):
+            return path if path.is_file() else None
+        try:
+            return Path(hf_hub_download(self.repo_id, name, revision=self.revision))
+        except (LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError) as exc:
+            # before EntryNotFoundError, its base class: not cached here is not the same as absent from the repo
+            raise _hub_error(self.repo_id, name, exc) from None
+        except EntryNotFoundError:
+            return None  # the repository has no such file: the caller tries the next layout
+
+    def missing_weights(self, looked_for: list[str]) -> InputError:
+        """The one-line error for a source without weight files (``looked_for`` names the files tried)."""
+        where = f"hub id '{self.repo_id}' (cache {constants.HF_HUB_CACHE})" if self.repo_id else f"folder {self.folder}"
+        how = (
+            f"on a connected machine run `hf download {self.repo_id}`, or give a local folder as text_checkpoint"
+            if self.repo_id
+            else "save the model there with save_pretrained, or give a hub id"
+        )
+        return InputError(f"text_checkpoint: no weights ({', '.join(looked_for)}) in {where}; {how}")
+
+
+def _shard_map(index: Path) -> dict[str, str]:
+    """Tensor name -> shard file name, from a ``*.index.json``."""
+    try:
+        return dict(json.loads(index.read_text())["weight_map"])
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise InputError(
+            f"text_checkpoint: {index} is not a shard index with a weight_map ({_first_line(exc)})"
+        ) from None
+
+
+def _is_encoder_key(key: str, prefix: str) -> bool:
+    """Whether a checkpoint tensor belongs to the T5 encoder (its blocks or the shared token embedding)."""
+    return key.startswith(prefix) and key[len(prefix) :].startswith(ENCODER_PREFIXES)
+
+
+def _weights_digest(files: list[Path]) -> str:
+    """One short sha256 for the weight files read (the file's own digest when there is one)."""
+    digests = [file_digest(path) for path in files]
+    combined = digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()
+    return combined[:12]
+
+
+def _inference_dtype(device: torch.device) -> torch.dtype:
+    # T5 overflows in fp16 (it was trained in bf16); the CPU gets fp32
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+class FlanT5TextEncoder(nn.Module):
+    """A frozen FLAN-T5 encoder whose caption embeddings are token means, L2-normalised.
+
+    Attributes:
+        model: the ``transformers.T5EncoderModel`` (frozen, eval mode).
+        tokenizer: the checkpoint's own tokenizer.
+        dim: the encoder's ``d_model`` (2048 for flan-t5-xl).
+        context_length: tokens per chunk including the end token (the tokenizer's max length, at most 512).
+        weights_label: ``<hub id>@<commit>`` or ``<folder name>@<sha256 of the weight files>``; ``random``.
+        device: where the encoder runs; ``encode`` returns CPU tensors whatever it is.
+        batch_size: token rows per forward pass.
+        loaded_keys: the checkpoint tensors read (BLIP-2 layout), so tests can see the vision tower stays out.
+        calls: how often ``encode`` ran (tests of the feature cache count them).
+    """
+
+    def __init__(self, source: str | Path, device: str | torch.device = "cpu", random_weights: bool = False) -> None:
+        """Load the tokenizer and the FLAN-T5 encoder of ``source``.
+
+        Args:
+            source: a hub id or a local folder of a T5 / FLAN-T5 model or of a BLIP-2 FLAN-T5 checkpoint.
+            device: a torch device or its name (``auto`` as everywhere in this project).
+            random_weights: build the network from the config only, with seeded random weights (benchmarks).
+
+        Raises:
+            InputError: a missing folder, a hub id that is neither cached nor downloadable, a folder or repository
+                without weights, or a checkpoint that holds no T5 encoder.
+        """
+        from transformers import AutoConfig, AutoTokenizer
+
+        super().__init__()
+        self.device = device if isinstance(device, torch.device) else resolve_device(device, source="text device")
+        self.dtype = _inference_dtype(self.device)
+        where = _Source(source)
+        try:
+            config = AutoConfig.from_pretrained(where.folder)
+            self.tokenizer = AutoTokenizer.from_pretrained(where.folder)
+        except (OSError, ValueError) as exc:
+            raise InputError(
+                f"text_checkpoint: cannot read the config or tokenizer in {where.folder} ({_first_line(exc)})"
+            ) from None
+        blip2 = config.model_type == "blip-2"
+        text_config = config.text_config if blip2 else config
+        if text_config.model_type not in ("t5", "mt5", "umt5"):
+            raise InputError(
+                f"text_checkpoint: {source} is a '{config.model_type}' model with a '{text_config.model_type}' text "
+                "model (expected T5 / FLAN-T5, or BLIP-2 with a FLAN-T5 language model)"
+            )
+        self.loaded_keys: list[str] = []
+        if random_weights:
+            self.model = self._random(text_config)
+            self.weights_label = "random"
+        elif blip2:
+            self.model, files = self._blip2_encoder(where, text_config)
+            self.weights_label = self._label(where, files)
+        else:
+            self.model, files = self._t5_encoder(where)
+            self.weights_label = self._label(where, files)
+        self.model = self.model.to(self.device, self.dtype).eval().requires_grad_(False)
+        self.dim = int(text_config.d_model)
+        max_length = getattr(self.tokenizer, "model_max_length", MAX_CONTEXT) or MAX_CONTEXT
+        self.context_length = int(min(max_length, MAX_CONTEXT))
+        self.batch_size = 32
+        self.calls = 0
+
+    @property
+    def encoder_id(self) -> str:
+        """What a text-feature cache keys on: the weights, the pooling and the chunk length."""
+        return f"flan-t5:{self.weights_label}:mean{self.context_length}"
+
+    @staticmethod
+    def _random(text_config: Any) -> nn.Module:
+        from transformers import T5EncoderModel
+
+        # seeded without touching the caller's generator, so 'random' names the same network in every process
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return T5EncoderModel(text_config)
+
+    @staticmethod
+    def _label(where: _Source, files: list[Path]) -> str:
+        if where.repo_id is not None:
+            return f"{where.repo_id}@{where.revision[:12] if where.revision else 'unknown'}"
+        return f"{where.name}@{_weights_digest(files)}"
+
+    def _blip2_encoder(self, where: _Source, text_config: Any) -> tuple[nn.Module, list[Path]]:
+        """A ``T5EncoderModel`` holding only the BLIP-2 checkpoint's FLAN-T5 encoder tensors."""
+        from transformers import T5EncoderModel
+
+        index = where.file(SAFETENSORS_INDEX)
+        if index is not None:
+            keys_by_file: dict[str, list[str]] = {}
+            for key, shard in _shard_map(index).items():
+                if _is_encoder_key(key, BLIP2_TEXT_PREFIX):
+                    keys_by_file.setdefault(shard, []).append(key)
+        else:
+            keys_by_file = {SAFETENSORS_FILE: []}  # one file: its keys are read from its header below
+        state: dict[str, torch.Tensor] = {}
+        files = []
+        for name, keys in sorted(keys_by_file.items()):
+            path = where.file(name)
+            if path is None:
+                raise where.missing_weights([name] if index is not None else [SAFETENSORS_INDEX, SAFETENSORS_FILE])
+            files.append(path)
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                for key in keys or [k for k in handle.keys() if _is_encoder_key(k, BLIP2_TEXT_PREFIX)]:  # noqa: SIM118
+                    state[key[len(BLIP2_TEXT_PREFIX) :]] = handle.get_tensor(key)
+                    self.loaded_keys.append(key)
+        if "shared.weight" not in state:
+            raise InputError(
+                f"text_checkpoint: {where.name} has no {BLIP2_TEXT_PREFIX}shared.weight (expected the FLAN-T5 "
+                "language model of a BLIP-2 checkpoint)"
+            )
+        state.setdefault(TIED_EMBEDDING, state["shared.weight"])
+        # built on the meta device and filled by assignment: the random init of a 1.2B encoder is skipped
+        with torch.device("meta"):
+            model = T5EncoderModel(text_config)
+        try:
+            model.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as exc:
+            raise InputError(
+                f"text_checkpoint: {where.name}: encoder tensors do not fit its text_config ({_first_line(exc)})"
+            ) from None
+        model.encoder.embed_tokens = model.shared  # one embedding, as T5 ties them
+        return model, files
+
+    def _t5_encoder(self, where: _Source) -> tuple[nn.Module, list[Path]]:
+        """The encoder of a standalone T5 / FLAN-T5 checkpoint, through ``from_pretrained``."""
+        from transformers import T5EncoderModel
+
+        files: list[Path] = []
+        looked_for = [SAFETENSORS_INDEX, SAFETENSORS_FILE, TORCH_INDEX, TORCH_FILE]
+        # a hub repository is read as safetensors only: its .bin twins would double the download
+        layouts = [(SAFETENSORS_INDEX, SAFETENSORS_FILE)]
+        if where.repo_id is None:
+            layouts.append((TORCH_INDEX, TORCH_FILE))
+        for index_name, single in layouts:
+            index = where.file(index_name)
+            names = sorted(set(_shard_map(index).values())) if index is not None else [single]
+            paths = [where.file(name) for name in names]
+            if all(path is not None for path in paths):
+                files = [path for path in paths if path is not None]
+                break
+        if not files:
+            raise where.missing_weights(looked_for if where.repo_id is None else looked_for[:2])
+        try:
+            model = T5EncoderModel.from_pretrained(files[0].parent, dtype=torch.float32)
+        except OSError as exc:
+            raise where.missing_weights([*looked_for, _first_line(exc)]) from None
+        return model, files
+
+    def token_chunks(self, texts: list[str]) -> list[list[list[int]]]:
+        """Each caption's token ids in chunks that fit the context with the end token (at least one, maybe empty)."""
+        width = self.context_length - (self.tokenizer.eos_token_id is not None)
+        if width < 1:
+            raise InputError(f"text encoder: context_length {self.context_length} leaves no room for tokens")
+        ids = self.tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
+        return [[row[start : start + width] for start in range(0, len(row), width)] or [[]] for row in ids]
+
+    @torch.no_grad()
+    def embed_token_rows(self, rows: list[list[int]]) -> torch.Tensor:
+        """``(R, dim)`` float32 CPU embeddings of token rows (end token appended), mean over tokens, normalised."""
+        eos = self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        rows = [[*row, eos] if eos is not None else row for row in rows]
+        out = torch.empty(len(rows), self.dim)
+        # sorted by length, so each batch pads little; the mask makes padding invisible either way
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            width = max(len(rows[i]) for i in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros(len(batch), width, dtype=torch.long)
+            for j, i in enumerate(batch):
+                ids[j, : len(rows[i])] = torch.tensor(rows[i])
+                mask[j, : len(rows[i])] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+            weights = mask.unsqueeze(-1).float()
+            mean = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+            out[torch.tensor(batch)] = F.normalize(mean, dim=-1).cpu()
+        return out
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        """``(N, dim)`` float32 CPU embeddings, normalised; a caption over the context is the mean of its chunks."""
+        self.calls += 1
+        rows, owners = [], []
+        for index, chunks in enumerate(self.token_chunks(texts)):
+            rows.extend(chunks)
+            owners.extend([index] * len(chunks))
+        pooled = torch.zeros(len(texts), self.dim)
+        if rows:
+            pooled.index_add_(0, torch.tensor(owners), self.embed_token_rows(rows))
+        return F.normalize(pooled, dim=-1)
+
+
+def _tiny_t5_tokenizer() -> Any:
+    """A byte-level BPE trained offline, T5-style: ``<pad>`` 0, ``</s>`` 1 (appended to every text), ``<unk>`` 2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<pad>", "</s>", "<unk>"]
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    backend.train_from_iterator([TINY_CORPUS] * 4, trainer)
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=MAX_CONTEXT
+    )
+
+
+def build_tiny_flan_t5(folder: Path, blip2: bool = False) -> Path:
+    """Save a tiny random FLAN-T5 (or a tiny BLIP-2 around it) and its tokenizer with ``save_pretrained``.
+
+    The T5 has d_model 32, 2 layers, 2 heads and a ~320-token vocabulary; the BLIP-2 adds a one-layer vision tower
+    and Q-Former. Weights are seeded, so two builds are the same model.
+
+    Args:
+        folder: where to save (created).
+        blip2: a ``Blip2ForConditionalGeneration`` instead of a ``T5ForConditionalGeneration``.
+
+    Returns:
+        ``folder``.
+    """
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2QFormerConfig,
+        Blip2VisionConfig,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
+
+    tokenizer = _tiny_t5_tokenizer()
+    t5 = T5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2,
+        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if blip2:
+            config = Blip2Config(
+                vision_config=Blip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                num_attention_heads=2, image_size=28, patch_size=14),
+                qformer_config=Blip2QFormerConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                  num_attention_heads=2, encoder_hidden_size=32, vocab_size=64),
+                text_config=t5.to_dict(), num_query_tokens=4,
+            )  # fmt: skip
+            model = Blip2ForConditionalGeneration(config)
+        else:
+            model = T5ForConditionalGeneration(t5)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def flan_t5_width(source: str | Path) -> int:
+    """The ``d_model`` of a T5 / FLAN-T5 or BLIP-2 FLAN-T5 source, read from its config (no weights loaded).
+
+    Raises:
+        InputError: as :class:`FlanT5TextEncoder` for a source whose config cannot be found or read.
+    """
+    from transformers import AutoConfig
+
+    where = _Source(source)
+    try:
+        config = AutoConfig.from_pretrained(where.folder)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"text_checkpoint: cannot read the config in {where.folder} ({_first_line(exc)})") from None
+    return int((config.text_config if config.model_type == "blip-2" else config).d_model)
