@@ -92,7 +92,7 @@ class ClipWeights:
             f"CLIP {self.model} (pretrained {self.pretrained}): weights not found: hub id {repo} is not in the Hugging "
             f"Face cache {hub_constants.HF_HUB_CACHE} ({why}); on a connected machine run `hf download {repo}` and "
             "copy the cache here (or point HF_HOME / HF_HUB_CACHE at a copy), or give a local weights file "
-            "(captions.clip.checkpoint in a manifest, text_checkpoint for a segmenter text encoder)"
+            "(captions.clip.checkpoint in a manifest, --text-checkpoint for a segmenter text encoder)"
         )
 
     def require_cached(self) -> None:

@@ -34,6 +34,7 @@ console = Console(stderr=True, soft_wrap=True)
 Dataset = StrEnum("Dataset", {name: name for name in DATASET_SETTINGS if name != "folder"})
 BATCH_HELP = "windows per forward (default: 8 on a GPU, 4 on the CPU)"
 TEXT_CACHE_HELP = "text-feature cache folder (default: beside the caption store when writable, else the run folder)"
+MOVED_HELP = "the run's local {} if they moved since training (checked to be the same)"
 OVERLAP_HELP = "window overlap in [0, 1) (default: the captioned tile grid for text-guided models, 0.25 otherwise)"
 
 
@@ -207,10 +208,12 @@ def evaluate(
     ] = MissingCaptions.error,
     batch_size: Annotated[int | None, typer.Option(help=BATCH_HELP)] = None,
     text_cache: Annotated[Path | None, typer.Option(help=TEXT_CACHE_HELP)] = None,
+    backbone_file: Annotated[Path | None, typer.Option(help=MOVED_HELP.format("backbone weights"))] = None,
+    text_checkpoint: Annotated[Path | None, typer.Option(help=MOVED_HELP.format("text-encoder weights"))] = None,
 ) -> None:
     """Sliding-window inference over whole sources: OA, per-class IoU/F1, mIoU/mF1 (main classes, and all)."""
     from segmenter.evaluate import evaluate as run_evaluation
-    from segmenter.inference import check_batch_size
+    from segmenter.inference import LocalWeights, check_batch_size
     from segmenter.train import text_cache_place
 
     _check_overlap(overlap)
@@ -218,8 +221,9 @@ def evaluate(
     check_batch_size(batch_size)
     with progress("evaluate") as on_source, text_cache_place(text_cache, run):
         metrics = run_evaluation(
-            run, split, gt, window, overlap, device, on_source, captions, missing_captions, batch_size
-        )
+            run, split, gt, window, overlap, device, on_source, captions, missing_captions, batch_size,
+            LocalWeights(backbone_file, text_checkpoint),
+        )  # fmt: skip
     print(metrics.markdown(f"{run} ({split}, {gt} GT)"))
 
 
@@ -244,7 +248,9 @@ def _check_window(window: int | None) -> None:
 @exit_on_input_error
 def predict(
     run: Annotated[Path, typer.Option(help="run folder written by `segmenter train`")],
-    images: Annotated[list[Path] | None, typer.Option(help="image files or folders (repeatable)")] = None,
+    images: Annotated[
+        list[Path] | None, typer.Option(help="an image file or folder; repeat the option for several")
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="output folder for GeoTIFFs and colour PNGs")] = None,
     index: Annotated[
         Path | None, typer.Option(help="tile index: predict class fractions of every tile (text-free run)")
@@ -265,13 +271,17 @@ def predict(
     ] = Scale.none,
     batch_size: Annotated[int | None, typer.Option(help=BATCH_HELP)] = None,
     text_cache: Annotated[Path | None, typer.Option(help=TEXT_CACHE_HELP)] = None,
+    backbone_file: Annotated[Path | None, typer.Option(help=MOVED_HELP.format("backbone weights"))] = None,
+    text_checkpoint: Annotated[Path | None, typer.Option(help=MOVED_HELP.format("text-encoder weights"))] = None,
 ) -> None:
     """Class-index GeoTIFFs + colour PNGs of images (--images, --out), or the predicted class fractions of every
     tile of an index (--index, --predictions) for prompts whose class source is `predictions`."""
-    from segmenter.inference import check_batch_size
+    from segmenter.inference import LocalWeights, check_batch_size
     from segmenter.predict import predict as run_prediction
     from segmenter.predict import predict_index
     from segmenter.train import text_cache_place
+
+    moved = LocalWeights(backbone_file, text_checkpoint)
 
     _check_overlap(overlap)
     _check_window(window)
@@ -280,14 +290,14 @@ def predict(
         if index is None or predictions is None or images or out:
             raise InputError("predict: give --index with --predictions, or --images with --out")
         with progress("predict") as on_tile:
-            path = predict_index(run, index, predictions, split, device, on_tile, batch_size)
+            path = predict_index(run, index, predictions, split, device, on_tile, batch_size, moved)
         console.print(f"wrote {path}")
         return
     if not images or out is None:
         raise InputError("predict: give --images with --out, or --index with --predictions")
     with text_cache_place(text_cache, run):
         written = run_prediction(run, images, out, captions, window, overlap, device, missing_captions, scale,
-                                 batch_size)  # fmt: skip
+                                 batch_size, moved)  # fmt: skip
     for path in written:
         console.print(f"wrote {path}")
 
@@ -321,6 +331,17 @@ def preset_rows() -> list[dict[str, str]]:
             "note": doc.splitlines()[0] if doc else "",
         })  # fmt: skip
     return rows
+
+
+def _typed(row: dict[str, str]) -> dict[str, object]:
+    """A preset row with numbers and lists as JSON has them (``-``, nothing, as null)."""
+    stages = row["lqga_stages"]
+    return {
+        **row,
+        "lqga_stages": [int(stage) for stage in stages.split(",")] if stages != "-" else None,
+        "paper_row": row["paper_row"] if row["paper_row"] != "-" else None,
+        "paper_miou": float(row["paper_miou"]) if row["paper_miou"] != "-" else None,
+    }
 
 
 def render_presets(rows: list[dict[str, str]], out: Console) -> None:
@@ -361,7 +382,7 @@ def models(
     """
     rows = preset_rows()
     if as_json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps([_typed(row) for row in rows], indent=2))
     elif not sys.stdout.isatty():
         for values in [PRESET_FIELDS, *(tuple(row[field] for field in PRESET_FIELDS) for row in rows)]:
             print("\t".join(values))

@@ -9,7 +9,7 @@ import pandas as pd
 from manifests.atomic import atomic_write_text
 from manifests.errors import InputError
 from segmenter.datasets import build_dataset
-from segmenter.inference import CaptionWindows, check_batch_size, open_run, sliding_window_classes
+from segmenter.inference import CaptionWindows, LocalWeights, check_batch_size, open_run, sliding_window_classes
 from segmenter.metrics import CaptionFacts, ConfusionMatrix, Metrics, compute_metrics
 from segmenter.options import GroundTruth, MissingCaptions, parse_choice
 from segmenter.run_record import prompt_class_sources
@@ -62,6 +62,7 @@ def evaluate(
     captions: str | Path | None = None,
     missing_captions: str = MissingCaptions.error,
     batch_size: int | None = None,
+    weights: LocalWeights | None = None,
 ) -> Metrics:
     """Metrics of a run's newest checkpoint on a split, written to ``<run>/eval_<split>_<gt>/``.
 
@@ -69,8 +70,9 @@ def evaluate(
     windows are the captioned tiles (``overlap=None``), so each window's caption describes what it sees.
 
     ``device``: ``auto`` (the GPU when there is one) or a torch device name. ``batch_size``: windows per forward
-    (default: 8 on a GPU, 4 on the CPU). Sources are read window by window (GeoTIFFs) and logits summed in a band
-    one window high, so a 6000 x 6000 scene never sits in memory whole, as pixels or as logits.
+    (default: 8 on a GPU, 4 on the CPU). ``weights``: where the run's local weights are now, if they moved.
+    Sources are read window by window (GeoTIFFs) and logits summed in a band one window high, so a 6000 x 6000
+    scene never sits in memory whole, as pixels or as logits.
 
     Raises:
         InputError: no checkpoint, a run record of another version, an unknown split or ground truth, ``--gt
@@ -80,7 +82,7 @@ def evaluate(
     gt = parse_choice(GroundTruth, gt, "--gt")
     check_batch_size(batch_size)
     missing_captions = parse_choice(MissingCaptions, missing_captions, "--missing-captions")
-    trained = open_run(run, device)
+    trained = open_run(run, device, weights)
     model, manifest, index = trained.model, trained.manifest, trained.index
     dataset = build_dataset(manifest.dataset)
     sources = [source for source in dataset.sources() if source.split == split]

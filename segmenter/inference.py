@@ -22,10 +22,19 @@ from segmenter.raster_io import three_bands
 from segmenter.run_record import RunRecord, selected_captions_sha256
 from segmenter.text.features import ExpertTextFeatures, check_store_experts
 from segmenter.tiling import tile_grid
-from segmenter.train import RunPaths, load_text_features
+from segmenter.train import CHECKPOINT_FILES, RunPaths, load_text_features
 from segmenter.windowed_read import ArrayWindows, WindowReader
 
 TextLookup = Callable[[int, int, int, int], tuple[torch.Tensor, torch.Tensor] | None]
+
+
+@dataclass(frozen=True)
+class LocalWeights:
+    """Where a run's local weights are now (``--backbone-file``, ``--text-checkpoint``); None: where they were at
+    training. The backbone file must be the one trained with (SHA-256), the text weights give the same features."""
+
+    backbone_file: Path | None = None
+    text_checkpoint: Path | None = None
 
 
 @dataclass
@@ -80,12 +89,23 @@ class TrainedRun:
         )
 
 
-def open_run(run: str | Path, device: str = "auto") -> TrainedRun:
+def _why_unfinished(paths: RunPaths) -> str:
+    """What the newest checkpoint folder of a run without a complete one lacks (for the refusal)."""
+    folders = sorted(paths.checkpoints.glob("step_*"))
+    if not folders:
+        return f" ({paths.checkpoints} has no step_* folder)"
+    missing = [name for name in CHECKPOINT_FILES if not (folders[-1] / name).is_file()]
+    older = " (written by an older version: train again)" if missing == ["checksums.json"] else ""
+    return f": {folders[-1]} lacks {', '.join(missing)}{older}"
+
+
+def open_run(run: str | Path, device: str = "auto", weights: LocalWeights | None = None) -> TrainedRun:
     """The newest checkpoint of a training run, with its record and the manifest and tile index it was trained on.
 
     Args:
         run: the run folder written by ``segmenter train``.
         device: ``auto`` (the GPU when there is one) or a torch device name; see :func:`resolve_device`.
+        weights: where the run's local weights are now, when they moved since training (another machine).
 
     Raises:
         InputError: no finished checkpoint, a run record of another version or with a missing field, a device this
@@ -94,14 +114,19 @@ def open_run(run: str | Path, device: str = "auto") -> TrainedRun:
     resolved = resolve_device(device)  # first: a bad --device fails before anything is read
     paths = RunPaths(Path(run))
     if paths.latest is None:
-        raise InputError(f"--run: {run} holds no finished checkpoint (checkpoints/latest)")
+        raise InputError(f"--run: {run} holds no finished checkpoint{_why_unfinished(paths)}")
     if paths.named != paths.latest:
         print(f"note: checkpoint {paths.named} is incomplete; using {paths.latest.name}, the newest complete one")
     record = RunRecord.read(paths.root)
     manifest = load_manifest(record.manifest)
     if manifest.sha256 != record.manifest_sha256:
         print(f"note: manifest {record.manifest} changed since run {run} was trained")
-    model = MPerSSegmenter.load(paths.latest).to(resolved).eval()
+    moved = {"backbone_file": weights.backbone_file, "text_checkpoint": weights.text_checkpoint} if weights else {}
+    for option, path in moved.items():
+        if path is not None and not Path(path).exists():
+            raise InputError(f"--{option.replace('_', '-')}: {path} not found")
+    local = {key: str(Path(path).resolve()) if path is not None else None for key, path in moved.items()}
+    model = MPerSSegmenter.load(paths.latest, **local).to(resolved).eval()
     if resolved.type == "cuda":  # convolutions run faster on NHWC tensors there; the windows are sent so too
         model = model.to(memory_format=torch.channels_last)
     if model.config.uses_text and record.experts != list(model.config.experts):

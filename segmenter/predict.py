@@ -21,6 +21,7 @@ from manifests.tile_index import make_tile_id, read_tile_index
 from segmenter.datasets.labels import encode_rgb_mask
 from segmenter.inference import (
     CaptionWindows,
+    LocalWeights,
     TrainedRun,
     check_batch_size,
     default_batch_size,
@@ -104,6 +105,7 @@ def predict(
     missing_captions: str = MissingCaptions.error,
     scale: str = Scale.none,
     batch_size: int | None = None,
+    weights: LocalWeights | None = None,
 ) -> list[Path]:
     """Predict every image; returns the GeoTIFFs written. An image that is not 8-bit is refused unless ``scale``
     (``minmax`` or ``percentile``) says how to stretch it (:func:`segmenter.raster_io.to_uint8`).
@@ -117,7 +119,7 @@ def predict(
     check_batch_size(batch_size)
     missing_captions = parse_choice(MissingCaptions, missing_captions, "--missing-captions")
     scale = parse_choice(Scale, scale, "--scale")
-    trained = open_run(run, device)
+    trained = open_run(run, device, weights)
     files = image_files(inputs)  # refused before anything is written
     window = trained.window(window)
     stride = trained.stride(window, overlap)
@@ -130,6 +132,9 @@ def predict(
     written = []
     for path in files:
         with open_image_windows(path, scale) as (image, profile):
+            if image.bands > 3:  # RGBIR orthophotos: the backbone was trained on, and reads, the first three
+                print(f"note: {path.name}: {image.bands} bands; the model reads bands 1-3 (as RGB) and ignores the "
+                      "others")  # fmt: skip
             lookup = None
             if text is not None:
                 tiles = _captioned_windows(image, trained, by_pixels, set(text.features), prefix, path.stem)
@@ -169,6 +174,7 @@ def predict_index(
     device: str = "auto",
     on_tile=None,
     batch_size: int | None = None,
+    weights: LocalWeights | None = None,
 ) -> Path:
     """Predicted class fractions and class masks of every tile of an index (or of ``splits``), written as the
     predicted-tile-classes contract to ``predictions``, with the masks in ``<stem>_masks/`` beside it. Each tile is
@@ -179,7 +185,7 @@ def predict_index(
             index made for other classes, an unknown split.
     """
     check_batch_size(batch_size)
-    trained = open_run(run, device)
+    trained = open_run(run, device, weights)
     model = trained.model
     if model.config.uses_text:
         raise InputError(

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import time
 from collections import Counter
@@ -32,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from manifests.atomic import atomic_path, atomic_write_text
+from manifests.atomic import atomic_path, atomic_write_text, sha256_file
 from manifests.caption_store import selected_captions
 from manifests.devices import resolve_device
 from manifests.errors import InputError
@@ -46,7 +47,7 @@ from segmenter.options import TEXT_GUIDED_AUGMENTATION as TEXT_GUIDED_AUGMENTATI
 from segmenter.options import Augmentation, MissingCaptions, TrainSettings
 from segmenter.run_record import RUN_RECORD_FILE, RunRecord, prompt_class_sources, selected_captions_sha256
 from segmenter.text import ExpertTextFeatures, TextEncoder, TextFeatureCache, expert_text_features
-from segmenter.text.encoder import text_feature_width
+from segmenter.text.encoder import check_text_weights, text_feature_width
 from segmenter.text.features import run_experts
 
 
@@ -184,6 +185,12 @@ def text_cache_folder(captions: str | Path) -> Path:
     return folder
 
 
+def _weights_identity(encoder_id: str) -> str:
+    """An encoder id without the names of its weight files (``name@digest`` -> ``@digest``): the same weights copied
+    under another name or path give the same features."""
+    return re.sub(r"[^:@]+@", "@", encoder_id)
+
+
 def load_text_features(
     config: SegmenterConfig,
     captions: Path,
@@ -198,6 +205,10 @@ def load_text_features(
     if encoder.dim != config.text_feature_dim:
         raise InputError(f"text_checkpoint: {encoder.encoder_id} gives {encoder.dim}-d features but model "
                          f"{config.name} was built for {config.text_feature_dim}-d ones")  # fmt: skip
+    if config.text_weights and _weights_identity(encoder.encoder_id) != _weights_identity(config.text_weights):
+        raise InputError(f"--text-checkpoint: model {config.name} was trained on caption features of "
+                         f"{config.text_weights}, not of {encoder.encoder_id}: give the weights it was trained "
+                         "with")  # fmt: skip
     cache = TextFeatureCache(text_cache_folder(captions), encoder)
     return expert_text_features(selected, list(config.experts), cache, passed_only, direction_variants)
 
@@ -239,6 +250,8 @@ def _model_config(
         if path is not None and not Path(path).exists():
             raise InputError(f"--{option.replace('_', '-')}: {path} not found")
     config = preset_config(settings.preset, num_classes=num_classes, **{k: v for k, v in local.items() if v})
+    if config.backbone_file:  # the frozen ViT is not in the checkpoints: its file is checked on every load
+        config = config.model_copy(update={"backbone_sha256": sha256_file(Path(config.backbone_file))})
     if not config.uses_text:
         if settings.experts or settings.text_checkpoint:
             option = "--experts" if settings.experts else "--text-checkpoint"
@@ -252,6 +265,7 @@ def _model_config(
     experts = run_experts(captions, selected, kept or settings.experts)
     chosen_by = "the run record" if kept else "--experts" if settings.experts else "the caption store"
     update: dict[str, Any] = {"experts": experts}
+    check_text_weights(config.text_encoder, config.text_checkpoint)  # before the backbone loads: a quick refusal
     width = text_feature_width(config.text_encoder, config.text_checkpoint)
     if width is not None and width != config.text_dim:
         update["text_input_dim"] = width  # a learned map takes the encoder's features to text_dim
@@ -300,6 +314,9 @@ def _setup(
         assert captions is not None and selected is not None
         rewrite = augmentation == Augmentation.d4_rewrite
         text = load_text_features(config, Path(captions), selected, settings.passed_only, device, rewrite)
+        # checkpoints name the encoder and weights of their caption features: evaluation refuses others
+        config = config.model_copy(update={"text_weights": text.encoder_id})
+        model.config = config
     samples = _train_samples(index, text, augmentation)
     masked: dict[str, int] = {}
     if text is not None:
@@ -468,6 +485,8 @@ def train(
     model, samples, guided = setup.model, setup.samples, setup.text is not None
     optimizer, scheduler = _optimizer(model, settings)
     step = _restore(paths.latest, model, optimizer, scheduler, device) if resume and paths.latest else 0
+    if step and rank == 0:
+        print(f"resuming at step {step} of {settings.steps} from {paths.latest}")
     if rank == 0:
         _run_record(manifest, run, index, setup, settings, captions, world).write(paths.root)
     cuda = device.type == "cuda"

@@ -143,8 +143,9 @@ def test_models_prints_every_preset_name_whole_in_a_pipe_and_as_json():
     assert [row["preset"] for row in rows] == names
     assert rows[names.index("test_tiny")]["text"] == "test-tiny-clip" and set(rows[0]) >= {"backbone", "note"}
     blip2 = rows[names.index("mpers_vitl16_text_blip2_flant5")]
-    assert (blip2["paper_row"], blip2["paper_miou"]) == ("Table 1 (text encoder): BLIP-2 (FLAN-T5)", "76.42")
-    assert rows[names.index("test_tiny")]["paper_miou"] == "-"
+    assert (blip2["paper_row"], blip2["paper_miou"]) == ("Table 1 (text encoder): BLIP-2 (FLAN-T5)", 76.42)
+    assert rows[names.index("test_tiny")]["paper_miou"] is None and blip2["lqga_stages"] == [4]
+    assert rows[names.index("mpers_vitl16_dmte_s34")]["lqga_stages"] == [3, 4]
 
 
 @pytest.mark.parametrize("width", [60, 80, 120, 200])

@@ -249,3 +249,17 @@ def test_predict_reads_a_file_named_twice_once_and_keeps_distinct_stems(tmp_path
         (folder / name).write_bytes(b"")
     files = image_files([folder, folder / "a.tif", tmp_path / "scenes" / ".." / "scenes" / "b.png"])
     assert [path.name for path in files] == ["a.tif", "b.png"]
+
+
+def test_a_run_of_an_older_version_says_what_its_checkpoint_lacks(tmp_path):
+    from segmenter.inference import open_run
+
+    step = tmp_path / "run" / "checkpoints" / "step_000300"
+    step.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "optimizer.pt", "state.json"):
+        (step / name).write_text("{}")
+    (step.parent / "latest").write_text("step_000300")
+    with pytest.raises(InputError, match=r"step_000300 lacks checksums\.json \(written by an older version"):
+        open_run(tmp_path / "run", "cpu")
+    with pytest.raises(InputError, match=r"has no step_\* folder"):
+        open_run(tmp_path / "empty", "cpu")

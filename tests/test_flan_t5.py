@@ -162,3 +162,15 @@ def test_missing_weights_are_one_line_input_errors(tiny, tmp_path, monkeypatch):
     _fake_hub_cache(cache, "tiny-org/no-weights", tiny["blip2"], skip={"model.safetensors"})
     with pytest.raises(InputError, match=r"model\.safetensors of hub id 'tiny-org/no-weights'.*hf download"):
         FlanT5TextEncoder("tiny-org/no-weights")
+
+
+def test_a_folder_without_its_tokenizer_is_refused(tiny, tmp_path):
+    """A model saved without its tokenizer would read every word as unknown: refused, not trained on."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for path in tiny["t5"].iterdir():
+        if path.name.endswith(".safetensors") or path.name == "config.json":
+            shutil.copy(path, bare / path.name)
+    with pytest.raises(InputError, match="has no tokenizer") as error:
+        FlanT5TextEncoder(bare)
+    assert "\n" not in str(error.value)

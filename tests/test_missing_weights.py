@@ -66,7 +66,7 @@ def test_backbone_not_cached_offline_is_refused_before_the_network_is_built():
     message = str(raised.value)
     assert "\n" not in message and message.startswith(f"backbone {DINOV3_L}: weights not found")
     assert_says_how_to_provide(message, f"timm/{DINOV3_L}")
-    assert "set backbone_file: /path/to/dinov3_vitl16_pretrain_lvd1689m-" in message
+    assert "pass --backbone-file /path/to/dinov3_vitl16_pretrain_lvd1689m-" in message
 
 
 def test_backbone_file_missing_names_the_file(tmp_path):
@@ -144,7 +144,7 @@ def test_clip_tag_not_cached_offline_is_refused_by_check_and_create():
         message = str(raised.value)
         assert "\n" not in message and message.startswith("CLIP ViT-B-32 (pretrained openai): weights not found")
         assert_says_how_to_provide(message, "timm/vit_base_patch32_clip_224.openai")
-        assert "captions.clip.checkpoint" in message and "text_checkpoint" in message
+        assert "captions.clip.checkpoint" in message and "--text-checkpoint" in message
 
 
 def test_clip_tag_in_the_cache_passes_the_offline_check(tmp_path, monkeypatch):

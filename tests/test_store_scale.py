@@ -234,5 +234,5 @@ def test_a_text_cache_that_is_a_file_is_refused_in_one_line(tmp_path):
     from segmenter.train import text_cache_folder, text_cache_place
 
     (tmp_path / "afile").write_text("not a folder")
-    with text_cache_place(tmp_path / "afile"), pytest.raises(InputError, match="--text-cache: .* is a file"):
+    with text_cache_place(tmp_path / "afile"), pytest.raises(InputError, match=r"--text-cache: .* is a file"):
         text_cache_folder(tmp_path / "store")

@@ -98,7 +98,9 @@ def test_resume_after_a_stop_gives_the_uninterrupted_weights(run_inputs, tmp_pat
     )
     capsys.readouterr()
     resumed = train(manifest, tmp_path / "b", settings(), captions=store, resume=True)
-    assert read == [tmp_path / "b"] and "experts (from the run record): ['annotation']" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert read == [tmp_path / "b"] and "experts (from the run record): ['annotation']" in printed
+    assert "resuming at step 3 of 6 from " in printed
     monkeypatch.setattr(RunRecord, "read", original_read)
     assert resumed.name == uninterrupted.name == "step_000006"
     expected, got = weights(uninterrupted), weights(resumed)  # each read loads a model: once, not per tensor

@@ -13,6 +13,7 @@ from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from safetensors import SafetensorError
 from torch import nn
 
+from manifests.atomic import sha256_file
 from manifests.errors import InputError
 from segmenter.model.config import SegmenterConfig
 
@@ -45,7 +46,7 @@ def _missing_hub_weights(name: str, hub_id: str, why: str) -> InputError:
     return InputError(
         f"backbone {name}: weights not found: hub id {hub_id} is not in the Hugging Face cache "
         f"{hub_constants.HF_HUB_CACHE} ({why}); on a connected machine run `hf download {hub_id}` and copy the "
-        f"cache here (or point HF_HOME / HF_HUB_CACHE at a copy), or set backbone_file: {META_FILE_HINT}"
+        f"cache here (or point HF_HOME / HF_HUB_CACHE at a copy), or pass --backbone-file {META_FILE_HINT}"
     )
 
 
@@ -74,6 +75,12 @@ def create_dinov3(config: SegmenterConfig) -> nn.Module:
             raise InputError(
                 f"backbone_file: {config.backbone_file} not found (local weights for {config.backbone}; give an "
                 f"existing file, or leave backbone_file unset to load hub id {hub_id} from the Hugging Face cache)"
+            )
+        if config.backbone_sha256 and sha256_file(Path(config.backbone_file)) != config.backbone_sha256:
+            raise InputError(
+                f"backbone_file: {config.backbone_file} is not the file this model was trained with (SHA-256 differs "
+                f"from {config.backbone_sha256[:12]}...): its frozen features would differ; give the original with "
+                "--backbone-file"
             )
         kwargs["pretrained_cfg_overlay"] = {"file": config.backbone_file}
     elif pretrained and hub_id:

@@ -28,6 +28,9 @@ class SegmenterConfig(BaseModel):
     backbone: str = "vit_large_patch16_dinov3.lvd1689m"
     backbone_pretrained: bool = True
     backbone_file: str | None = Field(default=None, description="local weights for the backbone (timm overlay)")
+    backbone_sha256: str | None = Field(
+        default=None, description="SHA-256 of backbone_file at training: the frozen ViT is checked against it on load"
+    )
     dim: int = Field(default=256, ge=8, description="channels of the pyramid, adapter, LQGA and decoder")
     ldpe: bool = True
     ldpe_width: int = 32
@@ -39,6 +42,9 @@ class SegmenterConfig(BaseModel):
     position_encoding: bool = True
     text_encoder: TextEncoderId = "clip-vit-b16"
     text_checkpoint: str | None = None
+    text_weights: str | None = Field(
+        default=None, description="id of the text encoder and weights the run's caption features came from"
+    )
     text_dim: int = 512
     text_input_dim: int | None = Field(
         default=None,

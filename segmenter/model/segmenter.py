@@ -185,10 +185,16 @@ class MPerSSegmenter(nn.Module):
             raise ValueError(f"{path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
     @classmethod
-    def load(cls, folder: str | Path) -> MPerSSegmenter:
-        """A model rebuilt from a checkpoint folder's ``config.json`` with its ``model.safetensors``."""
+    def load(cls, folder: str | Path, **moved: str | None) -> MPerSSegmenter:
+        """A model rebuilt from a checkpoint folder's ``config.json`` with its ``model.safetensors``.
+
+        ``moved`` gives new places of its local weights (``backbone_file``, ``text_checkpoint``) on another machine;
+        the backbone file is checked against the SHA-256 recorded at training, the text weights by the id of the
+        caption features (:func:`segmenter.train.load_text_features`).
+        """
         folder = Path(folder)
-        model = cls(read_config(folder))
+        config = read_config(folder)
+        model = cls(config.model_copy(update={key: value for key, value in moved.items() if value is not None}))
         model.load_weights(folder)
         return model
 

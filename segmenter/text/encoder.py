@@ -48,7 +48,10 @@ TEXT_ENCODERS: dict[str, TextEncoderSpec] = {
     "remoteclip-vit-b32": TextEncoderSpec("clip", "ViT-B-32", "remoteclip", "the RemoteCLIP-ViT-B-32.pt file"),
     "blip2-flan-t5-xl": TextEncoderSpec("flan-t5", "Salesforce/blip2-flan-t5-xl"),
     "dinotxt-vitl16": TextEncoderSpec(
-        "dinotxt", needs_checkpoint="the dino.txt checkpoint of the DINOv3 release (dinov3_vitl16_dinotxt_*.pth)"
+        "dinotxt",
+        needs_checkpoint="the dino.txt file of the DINOv3 release (dinov3_vitl16_dinotxt_vision_head_and_text_encoder"
+        "-*.pth; gated: request it on Meta's DINOv3 download page, https://ai.meta.com/resources/models-and-libraries/"
+        "dinov3-downloads/)",
     ),
     TINY_ENCODER: TextEncoderSpec("clip", "segmenter-test-tiny-clip"),
     TINY_DINOTXT: TextEncoderSpec("dinotxt"),
@@ -76,6 +79,20 @@ def text_encoder_weights(encoder: str, checkpoint: str | Path | None = None) -> 
     if spec.family != "clip" or spec.source is None:
         raise InputError(f"text encoder '{encoder}' is a {spec.family} encoder, not a CLIP tower")
     return ClipWeights(spec.source, spec.origin, Path(checkpoint) if checkpoint else None)
+
+
+def check_text_weights(encoder: str, checkpoint: str | Path | None, random_weights: bool = False) -> TextEncoderSpec:
+    """The spec of an encoder id whose local weights are given where it needs them (before anything is built).
+
+    Raises:
+        InputError: an unknown id, a checkpoint that does not exist, or none where the weights are on no hub.
+    """
+    spec = text_encoder_spec(encoder)
+    if spec.needs_checkpoint and not checkpoint and not random_weights:
+        raise InputError(f"--text-checkpoint: text encoder {encoder} needs {spec.needs_checkpoint}")
+    if checkpoint and not Path(checkpoint).exists():
+        raise InputError(f"--text-checkpoint: {checkpoint} not found")
+    return spec
 
 
 def text_feature_width(encoder: str, checkpoint: str | Path | None = None) -> int | None:
@@ -166,11 +183,7 @@ class TextEncoder(nn.Module):
         random_weights: bool = False,
     ) -> None:
         super().__init__()
-        spec = text_encoder_spec(encoder)
-        if spec.needs_checkpoint and not checkpoint and not random_weights:
-            raise InputError(f"text_checkpoint: {encoder} needs {spec.needs_checkpoint}")
-        if checkpoint and not Path(checkpoint).exists():
-            raise InputError(f"text_checkpoint: {checkpoint} not found")
+        spec = check_text_weights(encoder, checkpoint, random_weights)
         path = str(checkpoint) if checkpoint else None
         if spec.family == "clip":
             clip = _ClipBackend(encoder, path, device, random_weights)

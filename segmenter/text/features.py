@@ -33,6 +33,8 @@ class ExpertTextFeatures:
     n_variants: int = 1
     # The store's selected rows of these experts (passed or not), for reports that need more than the features.
     rows: pd.DataFrame = field(default_factory=pd.DataFrame)
+    # The text encoder and weights that made the features (``TextEncoder.encoder_id``).
+    encoder_id: str = ""
 
     def lookup(self, tile_id: str, variant: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Features of a tile (under a direction variant); a tile the store lacks has every expert masked."""
@@ -135,4 +137,4 @@ def expert_text_features(
         assert vectors is not None
         features[tile_id][:, slot[expert]] = F.normalize(vectors[:, group.index].mean(1), dim=-1)
         present[tile_id][slot[expert]] = True
-    return ExpertTextFeatures(list(experts), features, present, dim, n_variants, rows)
+    return ExpertTextFeatures(list(experts), features, present, dim, n_variants, rows, cache.encoder.encoder_id)

@@ -44,6 +44,7 @@ SAFETENSORS_FILE = "model.safetensors"
 TORCH_INDEX = "pytorch_model.bin.index.json"
 TORCH_FILE = "pytorch_model.bin"
 # configs, tokenizer files and shard indexes: small, so a hub id fetches them whole before any weights
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
 METADATA_PATTERNS = ["*.json", "*.model", "*.txt"]
 HUB_ERRORS = (LocalEntryNotFoundError, EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
 TINY_CORPUS = (
@@ -72,7 +73,7 @@ def _hub_error(repo_id: str, what: str, exc: Exception) -> InputError:
         f"text_checkpoint: {what} of hub id '{repo_id}' not found in the Hugging Face cache {constants.HF_HUB_CACHE} "
         f"and not downloadable here ({type(exc).__name__}); on a connected machine run `hf download {repo_id}` "
         f"(older huggingface_hub: `huggingface-cli download {repo_id}`) into this cache (or set HF_HOME / "
-        "HF_HUB_CACHE to the cache that has it), or give a local folder as text_checkpoint"
+        "HF_HUB_CACHE to the cache that has it), or give a local folder with --text-checkpoint"
     )
 
 
@@ -122,7 +123,7 @@ class _Source:
         """The one-line error for a source without weight files (``looked_for`` names the files tried)."""
         where = f"hub id '{self.repo_id}' (cache {constants.HF_HUB_CACHE})" if self.repo_id else f"folder {self.folder}"
         how = (
-            f"on a connected machine run `hf download {self.repo_id}`, or give a local folder as text_checkpoint"
+            f"on a connected machine run `hf download {self.repo_id}`, or give a local folder with --text-checkpoint"
             if self.repo_id
             else "save the model there with save_pretrained, or give a hub id"
         )
@@ -191,6 +192,13 @@ class FlanT5TextEncoder(nn.Module):
         self.device = device if isinstance(device, torch.device) else resolve_device(device, source="text device")
         self.dtype = _inference_dtype(self.device)
         where = _Source(source)
+        if not any((where.folder / name).is_file() for name in TOKENIZER_FILES):
+            # transformers would build a T5 tokenizer with an empty vocabulary: every word unknown, every caption
+            # the same features up to its length
+            raise InputError(
+                f"text_checkpoint: {where.folder} has no tokenizer ({' or '.join(TOKENIZER_FILES)}): save the "
+                "tokenizer beside the model (tokenizer.save_pretrained), or use the folder of the original checkpoint"
+            )
         try:
             config = AutoConfig.from_pretrained(where.folder)
             self.tokenizer = AutoTokenizer.from_pretrained(where.folder)
