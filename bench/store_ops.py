@@ -144,7 +144,7 @@ def run_operation(name: str, store: Path) -> dict:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started, cpu = time.perf_counter(), time.process_time()
     if name == "done_keys":
-        extra["n"] = len(done_keys(store, done=_done))
+        extra["n"] = len(done_keys(store, done=_done, requires=GatePolicy.DONE_REQUIRES))
     elif name == "done_keys:baseline":
         table = ds.dataset(dataset_paths, format="parquet").to_table(
             columns=list(KEY_COLUMNS), filter=pc.field("selected") & pc.field("usable")

@@ -175,6 +175,9 @@ class GatePolicy:
         winners = order.drop_duplicates(list(KEY_COLUMNS)).index
         return pd.Series(frame.index.isin(winners), index=frame.index, name="selected")
 
+    # Columns true on every row ``done`` flags: a store reads only those rows (``done_keys(..., requires=...)``).
+    DONE_REQUIRES = ("selected", "usable")
+
     def done(self, frame: pd.DataFrame) -> pd.Series:
         """The rows that make their key done, which a resumed run skips: a selected attempt with a usable caption.
 

@@ -19,7 +19,9 @@ applies itself, selection across runs and done keys, are passed in by the caller
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
 import os
 import threading
 import uuid
@@ -397,9 +399,18 @@ def attempt_counts(
     return _key_set(_done(table, done)), counts
 
 
-def done_keys(store: str | Path, *, done: RowRule) -> set[Key]:
-    """(tile_id, expert, prompt_id) keys that the gate policy's ``done`` says a resumed run skips."""
-    table = _shard_scan(store, None, [*ATTEMPT_KEY, "selected", "usable", "passed"])
+def done_keys(store: str | Path, *, done: RowRule, requires: tuple[str, ...] = ()) -> set[Key]:
+    """(tile_id, expert, prompt_id) keys that the gate policy's ``done`` says a resumed run skips.
+
+    ``requires``: boolean columns that every row ``done`` flags has true (``GatePolicy.DONE_REQUIRES``); the scan
+    reads only those rows, and ``done`` still decides among them.
+    """
+    columns = [*ATTEMPT_KEY, "selected", "usable", "passed"]
+    if requires:
+        condition = functools.reduce(operator.and_, (pc.field(name) for name in requires))
+        table = _scan(_fragments(Path(store)), columns, condition, _RULE_SCHEMA)
+    else:
+        table = _shard_scan(store, None, columns)
     picked = _done(table, done)
     # The store's rows go, back to the system too (Arrow's allocator keeps freed pages), before the answer's Python
     # tuples are made: the two never peak together.

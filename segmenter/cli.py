@@ -32,7 +32,7 @@ console = Console(stderr=True, soft_wrap=True)
 # The datasets `prepare` can read from flags alone: the manifest's dataset names, less `folder`, whose classes only a
 # manifest can give.
 Dataset = StrEnum("Dataset", {name: name for name in DATASET_SETTINGS if name != "folder"})
-BATCH_HELP = "windows per forward (default: 8 on a GPU, 4 on the CPU)"
+BATCH_HELP = "windows per forward (default 8)"
 TEXT_CACHE_HELP = "text-feature cache folder (default: beside the caption store when writable, else the run folder)"
 MOVED_HELP = "the run's local {} if they moved since training (checked to be the same)"
 OVERLAP_HELP = "window overlap in [0, 1) (default: the captioned tile grid for text-guided models, 0.25 otherwise)"

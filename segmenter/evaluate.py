@@ -70,7 +70,7 @@ def evaluate(
     windows are the captioned tiles (``overlap=None``), so each window's caption describes what it sees.
 
     ``device``: ``auto`` (the GPU when there is one) or a torch device name. ``batch_size``: windows per forward
-    (default: 8 on a GPU, 4 on the CPU). ``weights``: where the run's local weights are now, if they moved.
+    (default 8). ``weights``: where the run's local weights are now, if they moved.
     Sources are read window by window (GeoTIFFs) and logits summed in a band one window high, so a 6000 x 6000
     scene never sits in memory whole, as pixels or as logits.
 

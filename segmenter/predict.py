@@ -113,8 +113,8 @@ def predict(
     A text-guided model's windows are the tile grid; each reads the captions of the store's tile with the same pixels
     (or, failing that, of tile ``<dataset>/<image stem>/<y>_<x>``), recorded in ``<stem>_captions.csv``; without a
     store, or for windows no captioned tile matches, every expert is masked, and that is printed. ``device``:
-    ``auto`` (the GPU when there is one) or a torch device name; ``batch_size``: windows per forward (default: 8 on a
-    GPU, 4 on the CPU). 8-bit GeoTIFFs are read by windows (:func:`segmenter.windowed_read.open_image_windows`).
+    ``auto`` (the GPU when there is one) or a torch device name; ``batch_size``: windows per forward (default
+    8). 8-bit GeoTIFFs are read by windows (:func:`segmenter.windowed_read.open_image_windows`).
     """
     check_batch_size(batch_size)
     missing_captions = parse_choice(MissingCaptions, missing_captions, "--missing-captions")
@@ -178,7 +178,7 @@ def predict_index(
 ) -> Path:
     """Predicted class fractions and class masks of every tile of an index (or of ``splits``), written as the
     predicted-tile-classes contract to ``predictions``, with the masks in ``<stem>_masks/`` beside it. Each tile is
-    one window; ``batch_size`` tiles go through the model at once (default: 8 on a GPU, 4 on the CPU).
+    one window; ``batch_size`` tiles go through the model at once (default 8).
 
     Raises:
         InputError: a text-guided run (its captions would have to exist before the predictions they feed), an

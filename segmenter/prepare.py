@@ -269,15 +269,19 @@ def _cut_source(
     return rows, report
 
 
+def _first_five(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
 def _padded(reports: list[SourceReport], size: int) -> list[str]:
     """One line naming the sources smaller than the tile, whose crops were padded (empty when there are none)."""
     small = [f"{r.source_id} ({r.height} x {r.width} px)" for r in reports if r.height < size or r.width < size]
     if not small:
         return []
-    shown = ", ".join(small[:5]) + (f" and {len(small) - 5} more" if len(small) > 5 else "")
     return [
-        f"{len(small)} source(s) smaller than the {size} px tile: {shown}; their crops were padded to {size} x {size} "
-        "px with black pixels and the ignore index in the labels (width/height in the index give the real extent)"
+        f"{len(small)} source(s) smaller than the {size} px tile: {_first_five(small)}; their crops were padded to "
+        f"{size} x {size} px with black pixels and the ignore index in the labels (width/height in the index give "
+        "the real extent)"
     ]
 
 
@@ -286,10 +290,9 @@ def _unlabelled(reports: list[SourceReport]) -> list[str]:
     bare = [report.source_id for report in reports if not report.labelled]
     if not bare:
         return []
-    shown = ", ".join(bare[:5]) + (f" and {len(bare) - 5} more" if len(bare) > 5 else "")
     return [
-        f"{len(bare)} of {len(reports)} source(s) have no label: {shown}; their tiles serve captioning and "
-        "prediction only (training refuses them): check the mask names if they should have one"
+        f"{len(bare)} of {len(reports)} source(s) have no label: {_first_five(bare)}; their tiles serve captioning "
+        "and prediction only (training refuses them): check the mask names if they should have one"
     ]
 
 

@@ -161,7 +161,7 @@ def test_device_auto_picks_the_cpu_here_and_its_default_batch():
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     device = resolve_device("auto")
-    assert device == torch.device("cpu") and default_batch_size(device) == 4
+    assert device == torch.device("cpu") and default_batch_size(device) == 8
     assert default_batch_size(torch.device("cuda", 0)) == 8
 
 

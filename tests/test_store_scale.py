@@ -236,3 +236,19 @@ def test_a_text_cache_that_is_a_file_is_refused_in_one_line(tmp_path):
     (tmp_path / "afile").write_text("not a folder")
     with text_cache_place(tmp_path / "afile"), pytest.raises(InputError, match=r"--text-cache: .* is a file"):
         text_cache_folder(tmp_path / "store")
+
+
+def test_done_keys_read_only_the_rows_the_policy_requires_and_still_apply_it(tmp_path):
+    rows = [
+        row("a", selected=True, usable=True),
+        row("b", selected=True, usable=False, passed=False),
+        row("c", attempt=0, selected=False, usable=True),
+        row("c", attempt=1, selected=True, usable=True),
+    ]
+    write_fragment(tmp_path / "s", rows, META)
+    every = done_keys(tmp_path / "s", done=POLICY.done)
+    assert done_keys(tmp_path / "s", done=POLICY.done, requires=POLICY.DONE_REQUIRES) == every
+    assert every == {("a", "e", "p1"), ("c", "e", "p1")}
+    # the rule still decides among the rows read: a stricter rule than the requirement keeps fewer keys
+    stricter = done_keys(tmp_path / "s", done=lambda f: f["tile_id"] == "a", requires=POLICY.DONE_REQUIRES)
+    assert stricter == {("a", "e", "p1")}
