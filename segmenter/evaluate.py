@@ -88,6 +88,10 @@ def evaluate(
     sources = [source for source in dataset.sources() if source.split == split]
     if not sources:
         raise InputError(f"--split: no sources in split '{split}' of {manifest.dataset.name}")
+    if gt == GroundTruth.eroded and all(source.eval_label == source.label for source in sources):
+        # SynDrone and folder datasets ship one label per source: "eroded" would name full labels
+        print(f"note: {manifest.dataset.name} has no eroded ground truth; evaluating against its full labels")
+        gt = GroundTruth.full
     split_tiles = index.split(split)
     tile_ids = split_tiles["tile_id"].tolist()
     store, text, masked = None, None, {}

@@ -325,11 +325,17 @@ def closed_port_url() -> str:
     return f"http://127.0.0.1:{port}/v1"
 
 
-def demo_manifest(folder: Path, index: TileIndex) -> Path:
-    """A run manifest over the small demo index (areas 1 and 3 train, 7 test, 64 px tiles) in ``folder``."""
-    manifest = folder / "run.yaml"
-    manifest.write_text(
-        f"name: tiny\ndataset: {{name: vaihingen, id: demo, root: {index.root.parent / 'raw'}, split: custom, "
-        f"custom_splits: {{train: ['1', '3'], test: ['7']}}}}\ntiling: {{size: 64, out: {index.root}}}\n"
+def demo_data_yaml(index: TileIndex) -> str:
+    """The ``dataset`` and ``tiling`` lines of a manifest over the small demo index (areas 1 and 3 train, 7 test)."""
+    return (
+        f"dataset: {{name: vaihingen, id: demo, root: {index.root.parent / 'raw'}, split: custom,\n"
+        f'          custom_splits: {{train: ["1", "3"], test: ["7"]}}}}\n'
+        f"tiling: {{size: 64, out: {index.root}}}"
     )
+
+
+def demo_manifest(folder: Path, index: TileIndex) -> Path:
+    """A run manifest over the small demo index in ``folder``."""
+    manifest = folder / "run.yaml"
+    manifest.write_text(f"name: tiny\n{demo_data_yaml(index)}\n")
     return manifest

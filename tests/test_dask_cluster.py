@@ -22,7 +22,7 @@ from flows.generate_captions import _task_runner, caption_shard, generate_captio
 from flows.model_cache import ModelCache
 from manifests.caption_store import ATTEMPT_KEY, KEY_COLUMNS, read_store
 from manifests.errors import InputError
-from tests.helpers import ChatHandler, ChatServer, serving
+from tests.helpers import ChatHandler, ChatServer, demo_data_yaml, serving
 
 ROOT = Path(__file__).resolve().parents[1]
 DASK = Path(sys.executable).parent / "dask"
@@ -66,9 +66,7 @@ def _manifest(folder: Path, small_index, clip_config, url: str) -> Path:
     path.write_text(
         f"""
 name: dask-cluster-test
-dataset: {{name: vaihingen, id: demo, root: {small_index.root.parent / "raw"}, split: custom,
-          custom_splits: {{train: ["1", "3"], test: ["7"]}}}}
-tiling: {{size: 64, out: {small_index.root}}}
+{demo_data_yaml(small_index)}
 captions:
   store: {folder / "store"}
   tau: 0.6

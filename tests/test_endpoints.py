@@ -12,7 +12,7 @@ from caption_pipeline.experts.base import CaptionRequest
 from caption_pipeline.experts.openai_backend import FAILURE_STREAK, MAX_BACKOFF_S, EndpointPool, OpenAIExpert
 from manifests.errors import InputError
 from manifests.run_manifest import OpenAIExpertConfig, load_manifest
-from tests.helpers import EndpointServer, closed_port_url, serving
+from tests.helpers import EndpointServer, closed_port_url, demo_data_yaml, serving
 
 
 @pytest.fixture
@@ -255,9 +255,7 @@ def test_a_flow_run_with_a_dead_endpoint_captions_everything_and_reports_each_en
         path = tmp_path / "run.yaml"
         path.write_text(f"""
 name: endpoints
-dataset: {{name: vaihingen, id: demo, root: {small_index.root.parent / "raw"}, split: custom,
-          custom_splits: {{train: ["1", "3"], test: ["7"]}}}}
-tiling: {{size: 64, out: {small_index.root}}}
+{demo_data_yaml(small_index)}
 captions:
   store: {tmp_path / "store"}
   tau: 0.0

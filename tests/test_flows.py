@@ -22,7 +22,7 @@ from flows.model_cache import ModelCache
 from flows.report import build_report, caption_report_flow, mentioned_classes
 from manifests.caption_store import ATTEMPT_KEY, read_store, selected_captions
 from manifests.tile_index import ClassVocabulary
-from tests.helpers import CheckedServer, serving
+from tests.helpers import CheckedServer, demo_data_yaml, serving
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,9 +34,7 @@ def manifest_path(tmp_path_factory, small_index, clip_config, tiny_models) -> Pa
     path.write_text(
         f"""
 name: flow-test
-dataset: {{name: vaihingen, id: demo, root: {small_index.root.parent / "raw"}, split: custom,
-          custom_splits: {{train: ["1", "3"], test: ["7"]}}}}
-tiling: {{size: 64, out: {small_index.root}}}
+{demo_data_yaml(small_index)}
 captions:
   store: {folder / "store"}
   tau: 0.6

@@ -32,7 +32,7 @@ from flows.generate_captions import CaptionRunSummary, generate_captions, shards
 from manifests.caption_store import THRESHOLDS_FILE, compact, read_store, write_fragment
 from manifests.errors import InputError
 from manifests.run_manifest import CaptionsConfig, GateConfig, load_manifest
-from tests.helpers import META, AnsweringExpert, CaptionScorer, flat_tiles, row
+from tests.helpers import META, AnsweringExpert, CaptionScorer, demo_data_yaml, flat_tiles, row
 
 
 class TileScorer:
@@ -250,9 +250,7 @@ def gated_manifest(tmp_path, small_index, clip_config):
         path.write_text(
             f"""
 name: gate-test
-dataset: {{name: vaihingen, id: demo, root: {small_index.root.parent / "raw"}, split: custom,
-          custom_splits: {{train: ["1", "3"], test: ["7"]}}}}
-tiling: {{size: 64, out: {small_index.root}}}
+{demo_data_yaml(small_index)}
 captions:
   store: {tmp_path / "store"}
   tau: 0.6

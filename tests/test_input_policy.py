@@ -180,3 +180,26 @@ def test_an_ignore_index_that_is_a_class_index_is_refused(tmp_path):
     dataset = dataset.model_copy(update={"ignore_index": 1})
     with pytest.raises(InputError, match=r"^dataset.ignore_index: 1 is also the index of class 'land'"):
         prepare_tiles(dataset, TilingConfig(size=32, out=tmp_path / "tiles"))
+
+
+@pytest.mark.slow  # trains a tiny model for one step
+def test_a_dataset_without_eroded_labels_is_evaluated_and_named_on_its_full_labels(tmp_path, capsys):
+    from segmenter.evaluate import evaluate
+    from segmenter.train import TrainSettings, train
+
+    for split in ("train", "test"):
+        folder_dataset(
+            tmp_path / "f", {"a.png": np.full((64, 64, 3), 9, np.uint8)}, {"a.png": half_mask(64, 64)}, split
+        )
+    dataset = dataset_config(name="folder", root=tmp_path / "f", classes=CLASSES)
+    prepare_tiles(dataset, TilingConfig(size=64, out=tmp_path / "tiles"))
+    manifest = tmp_path / "run.yaml"
+    manifest.write_text(
+        f"name: t\ndataset: {{name: folder, root: {tmp_path / 'f'}, classes: [{{name: water, color: [0, 0, 255]}}, "
+        f"{{name: land, color: [0, 255, 0]}}]}}\ntiling: {{size: 64, out: {tmp_path / 'tiles'}}}\n"
+    )
+    train(manifest, tmp_path / "run", TrainSettings(preset="test_tiny_notext", steps=1, batch_size=1))
+    capsys.readouterr()
+    evaluate(tmp_path / "run", split="test")  # --gt eroded, the default
+    assert "folder has no eroded ground truth; evaluating against its full labels" in capsys.readouterr().out
+    assert (tmp_path / "run" / "eval_test_full").is_dir() and not (tmp_path / "run" / "eval_test_eroded").exists()

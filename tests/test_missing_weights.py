@@ -22,7 +22,7 @@ from manifests.run_manifest import TransformersExpertConfig
 from segmenter.cli import app as segmenter_app
 from segmenter.model import SegmenterConfig, build_model
 from segmenter.model.backbone import create_dinov3
-from tests.helpers import META, row
+from tests.helpers import META, demo_data_yaml, row
 
 runner = CliRunner()
 DINOV3_L = "vit_large_patch16_dinov3.lvd1689m"
@@ -208,9 +208,7 @@ def caption_manifest(folder: Path, index, clip: str, expert: str) -> Path:
     path.write_text(
         f"""
 name: missing-weights
-dataset: {{name: vaihingen, id: demo, root: {index.root.parent / "raw"}, split: custom,
-          custom_splits: {{train: ["1", "3"], test: ["7"]}}}}
-tiling: {{size: 64, out: {index.root}}}
+{demo_data_yaml(index)}
 captions:
   store: {folder / "store"}
   clip: {clip}
