@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import tempfile
@@ -68,3 +69,15 @@ def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
         while chunk := handle.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_sha256(path: str, mtime_ns: int, size: int) -> str:
+    return sha256_file(path)
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a weights file, computed once per (path, mtime, size) in a process: a gigabyte-sized backbone or
+    text checkpoint that is recorded at training and checked when the model is built is read once."""
+    stat = path.stat()
+    return _cached_sha256(str(path.resolve()), stat.st_mtime_ns, stat.st_size)

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from manifests.atomic import atomic_path, atomic_write_text, sha256_file
+from manifests.atomic import atomic_path, atomic_write_text, file_digest
 from manifests.caption_store import selected_captions
 from manifests.devices import resolve_device
 from manifests.errors import InputError
@@ -251,7 +251,7 @@ def _model_config(
             raise InputError(f"--{option.replace('_', '-')}: {path} not found")
     config = preset_config(settings.preset, num_classes=num_classes, **{k: v for k, v in local.items() if v})
     if config.backbone_file:  # the frozen ViT is not in the checkpoints: its file is checked on every load
-        config = config.model_copy(update={"backbone_sha256": sha256_file(Path(config.backbone_file))})
+        config = config.model_copy(update={"backbone_sha256": file_digest(Path(config.backbone_file))})
     if not config.uses_text:
         if settings.experts or settings.text_checkpoint:
             option = "--experts" if settings.experts else "--text-checkpoint"

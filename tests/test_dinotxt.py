@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from caption_pipeline.clip_models import file_digest
+from manifests.atomic import file_digest
 from manifests.errors import InputError
 from segmenter.text.dinotxt import (
     DINOTXT_TINY,

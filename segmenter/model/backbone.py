@@ -13,7 +13,7 @@ from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from safetensors import SafetensorError
 from torch import nn
 
-from manifests.atomic import sha256_file
+from manifests.atomic import file_digest
 from manifests.errors import InputError
 from segmenter.model.config import SegmenterConfig
 
@@ -76,7 +76,7 @@ def create_dinov3(config: SegmenterConfig) -> nn.Module:
                 f"backbone_file: {config.backbone_file} not found (local weights for {config.backbone}; give an "
                 f"existing file, or leave backbone_file unset to load hub id {hub_id} from the Hugging Face cache)"
             )
-        if config.backbone_sha256 and sha256_file(Path(config.backbone_file)) != config.backbone_sha256:
+        if config.backbone_sha256 and file_digest(Path(config.backbone_file)) != config.backbone_sha256:
             raise InputError(
                 f"backbone_file: {config.backbone_file} is not the file this model was trained with (SHA-256 differs "
                 f"from {config.backbone_sha256[:12]}...): its frozen features would differ; give the original with "

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import nn
 
-from caption_pipeline.clip_models import ChunkedTextEncoder, file_digest
-from manifests.atomic import atomic_path
+from caption_pipeline.clip_models import ChunkedTextEncoder
+from manifests.atomic import atomic_path, file_digest
 from manifests.errors import InputError
 
 # The text tower's keys in the released file; the rest of the file (vision head, logit scale) is not ours.

@@ -31,7 +31,7 @@ from huggingface_hub.errors import (
 from safetensors import safe_open
 from torch import nn
 
-from caption_pipeline.clip_models import file_digest
+from manifests.atomic import file_digest
 from manifests.devices import resolve_device
 from manifests.errors import InputError
 
