@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import hashlib
 import json
 import os
 import pickle
@@ -37,7 +38,6 @@ from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from safetensors import SafetensorError
 from torch import nn
 
-from manifests.atomic import file_digest
 from manifests.errors import InputError
 
 QUICKGELU_SUFFIX = "-quickgelu"
@@ -165,6 +165,22 @@ class ClipWeights:
         if not self.uses_quick_gelu and self.model.endswith(QUICKGELU_SUFFIX):
             raise InputError(f"CLIP {self.model}: quick_gelu false contradicts the '{QUICKGELU_SUFFIX}' model name")
         self.require_cached()
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(path: str, mtime_ns: int, size: int) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a weights file, computed once per (path, mtime, size) in a process. The twin of
+    ``manifests.atomic.file_digest``, kept because this leaf imports nothing of the project but its errors."""
+    stat = path.stat()
+    return _digest(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
 
 
 def register_config(path: Path) -> None:
