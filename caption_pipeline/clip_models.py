@@ -38,7 +38,7 @@ from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from safetensors import SafetensorError
 from torch import nn
 
-from manifests.errors import InputError
+from manifests.errors import InputError, first_line
 
 QUICKGELU_SUFFIX = "-quickgelu"
 # Weights fine-tuned from the OpenAI checkpoints with open_clip's OpenAI loader, which built QuickGELU networks
@@ -234,7 +234,7 @@ def create_clip(
             try:  # fetched (or found in the cache) here, where a failure can say what to do
                 open_clip.download_pretrained(weights.tag_config)
             except OSError as exc:  # open_clip turns every hub failure into FileNotFoundError; a URL's is URLError
-                raise weights.missing_weights(f"download failed: {_first_line(exc)}") from None
+                raise weights.missing_weights(f"download failed: {first_line(exc, named=False)}") from None
     else:
         pretrained = None
     quick = weights.uses_quick_gelu
@@ -247,13 +247,9 @@ def create_clip(
         except UserWarning as exc:
             raise InputError(f"CLIP {weights.model} ({weights.pretrained}): {exc}") from None
         except (RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as exc:  # a truncated or foreign file
-            reason = _first_line(exc) or type(exc).__name__
+            reason = first_line(exc, named=False)
             raise InputError(f"CLIP {weights.model} ({pretrained}): cannot load: {reason}") from None
     return model.eval(), (preprocess if transforms else None)
-
-
-def _first_line(exc: BaseException) -> str:
-    return next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
 
 
 def network_activation(model: nn.Module) -> str:

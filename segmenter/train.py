@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from manifests.atomic import atomic_path, atomic_write_text, file_digest
 from manifests.caption_store import selected_captions
 from manifests.devices import resolve_device
-from manifests.errors import InputError
+from manifests.errors import InputError, first_line
 from manifests.run_manifest import RunManifest, load_manifest
 from manifests.tile_index import TileIndex, read_tile_index
 from segmenter.data import PlannedBatches, TileSamples, training_loader
@@ -361,20 +361,14 @@ def _restore(
     try:
         optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True, map_location=device))
     except (RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as exc:
-        raise InputError(f"{checkpoint / 'optimizer.pt'}: cannot resume from it ({_first_line(exc)}); {hint}") from None
+        raise InputError(f"{checkpoint / 'optimizer.pt'}: cannot resume from it ({first_line(exc)}); {hint}") from None
     try:
         state = json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))
         state["scheduler"]["milestones"] = Counter({int(k): v for k, v in state["scheduler"]["milestones"]})
         scheduler.load_state_dict(state["scheduler"])
         return int(state["step"])
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise InputError(f"{checkpoint / 'state.json'}: cannot resume from it ({_first_line(exc)}); {hint}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    """An exception as one line: its type and the first line of its message."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+        raise InputError(f"{checkpoint / 'state.json'}: cannot resume from it ({first_line(exc)}); {hint}") from None
 
 
 def _run_record(

@@ -15,6 +15,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from caption_pipeline.experts.base import CaptionRequest, CaptionResult, ExpertUnavailable, load_image
 from manifests.devices import resolve_device
+from manifests.errors import first_line
 from manifests.run_manifest import TransformersExpertConfig
 
 
@@ -90,7 +91,7 @@ class TransformersExpert:
             self.processor = AutoProcessor.from_pretrained(config.model)
             network = AutoModelForImageTextToText.from_pretrained(config.model, dtype=dtype)
         except (OSError, ValueError) as exc:  # transformers' EnvironmentError for missing files; unknown model types
-            reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            reason = first_line(exc, named=False)
             if local_folder(config) is None and isinstance(exc, OSError):
                 raise missing_hub_model(config, f"download failed: {reason}") from None
             raise ExpertUnavailable(f"expert {config.name}: cannot load model {config.model}: {reason}") from None

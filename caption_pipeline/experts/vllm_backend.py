@@ -24,6 +24,7 @@ from caption_pipeline.experts.base import (
     chat_messages,
     image_data_url,
 )
+from manifests.errors import first_line
 from manifests.run_manifest import VLLMExpertConfig
 
 logger = logging.getLogger(__name__)
@@ -147,12 +148,6 @@ def _failed(error: str, latency_s: float = 0.0) -> CaptionResult:
     return CaptionResult(None, None, None, latency_s, error=error)
 
 
-def _first_line(exc: BaseException) -> str:
-    """The exception's type and the first line of its message: what a one-line error needs to name the cause."""
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0].strip()}" if lines else type(exc).__name__
-
-
 def _one_line(exc: BaseException) -> str:
     """The exception's type and its whole message on one line, as a caption-store error."""
     message = " ".join(str(exc).split())
@@ -184,7 +179,7 @@ def shutdown_engine(llm: Any) -> None:
             try:
                 step()
             except Exception as exc:  # the engine is being dropped anyway; the next one must still be able to start
-                logger.warning("vLLM engine shutdown failed: %s", _first_line(exc))
+                logger.warning("vLLM engine shutdown failed: %s", first_line(exc))
             return
 
 
@@ -256,7 +251,7 @@ class VLLMExpert:
                 raise
             except Exception as exc:
                 self._build_error = ExpertUnavailable(
-                    f"expert {self.name}: vLLM could not start model {self.model}: {_first_line(exc)}"
+                    f"expert {self.name}: vLLM could not start model {self.model}: {first_line(exc)}"
                 )
                 raise self._build_error from exc
         return self._llm
@@ -278,7 +273,7 @@ class VLLMExpert:
             try:
                 conversation = chat_messages(request, image_data_url(request.image_path, self.config.max_side))
             except (OSError, ValueError) as exc:
-                results[position] = _failed(f"unreadable image {request.image_path}: {_first_line(exc)}")
+                results[position] = _failed(f"unreadable image {request.image_path}: {first_line(exc)}")
                 continue
             conversations.append(conversation)
             # One SamplingParams per conversation: the attempts of a batch differ in temperature and seed.

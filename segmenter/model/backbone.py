@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from manifests.atomic import file_digest
-from manifests.errors import InputError
+from manifests.errors import InputError, first_line
 from segmenter.model.config import SegmenterConfig
 
 # The files timm reads from a hub repo when its pretrained config names none (safetensors first).
@@ -90,19 +90,19 @@ def create_dinov3(config: SegmenterConfig) -> nn.Module:
     try:
         return timm.create_model(config.backbone, dynamic_img_size=True, **kwargs)
     except LocalEntryNotFoundError as exc:  # not cached, and the hub could not be reached
-        raise _missing_hub_weights(config.backbone, str(hub_id), f"download failed: {_first_line(exc)}") from None
+        raise _missing_hub_weights(
+            config.backbone, str(hub_id), f"download failed: {first_line(exc, named=False)}"
+        ) from None
     except HfHubHTTPError as exc:  # a gated or removed repo, a bad token
-        raise _missing_hub_weights(config.backbone, str(hub_id), f"the hub refused: {_first_line(exc)}") from None
+        raise _missing_hub_weights(
+            config.backbone, str(hub_id), f"the hub refused: {first_line(exc, named=False)}"
+        ) from None
     except (RuntimeError, OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError, SafetensorError) as exc:
         # torch.load / safetensors on a truncated or foreign file, or a state dict of another architecture
         source = f"backbone_file {config.backbone_file}" if config.backbone_file else f"hub id {hub_id}"
         raise InputError(
-            f"{source}: cannot load weights into {config.backbone}: {_first_line(exc) or type(exc).__name__}"
+            f"{source}: cannot load weights into {config.backbone}: {first_line(exc, named=False)}"
         ) from None
-
-
-def _first_line(exc: BaseException) -> str:
-    return next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
 
 
 class SimplePyramid(nn.Module):

@@ -31,7 +31,7 @@ from torch import nn
 
 from caption_pipeline.clip_models import ChunkedTextEncoder
 from manifests.atomic import atomic_path, file_digest
-from manifests.errors import InputError
+from manifests.errors import InputError, first_line
 
 # The text tower's keys in the released file; the rest of the file (vision head, logit scale) is not ours.
 TEXT_PREFIX = "text_model."
@@ -203,7 +203,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch and safetensors raise many types for a truncated or foreign file
-        message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        message = first_line(exc, named=False)
         raise InputError(f"text_checkpoint: {path} cannot be read as a state dict ({message})") from None
     if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
         raise InputError(f"text_checkpoint: {path} is not a flat state dict of tensors")

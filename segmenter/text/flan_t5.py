@@ -33,7 +33,7 @@ from torch import nn
 
 from manifests.atomic import file_digest
 from manifests.devices import resolve_device
-from manifests.errors import InputError
+from manifests.errors import InputError, first_line
 
 MAX_CONTEXT = 512  # T5's training length; its relative positions would go further, its quality would not
 BLIP2_TEXT_PREFIX = "language_model."
@@ -59,12 +59,6 @@ def _looks_local(source: str | Path) -> bool:
         return True
     text = str(source)
     return text.startswith((".", "~", "/", "\\")) or text.count("/") > 1 or "\\" in text or ":" in text
-
-
-def _first_line(exc: BaseException) -> str:
-    """An exception as one line (transformers' messages run over several)."""
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def _hub_error(repo_id: str, what: str, exc: Exception) -> InputError:
@@ -136,7 +130,7 @@ def _shard_map(index: Path) -> dict[str, str]:
         return dict(json.loads(index.read_text())["weight_map"])
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise InputError(
-            f"text_checkpoint: {index} is not a shard index with a weight_map ({_first_line(exc)})"
+            f"text_checkpoint: {index} is not a shard index with a weight_map ({first_line(exc)})"
         ) from None
 
 
@@ -204,7 +198,7 @@ class FlanT5TextEncoder(nn.Module):
             self.tokenizer = AutoTokenizer.from_pretrained(where.folder)
         except (OSError, ValueError) as exc:
             raise InputError(
-                f"text_checkpoint: cannot read the config or tokenizer in {where.folder} ({_first_line(exc)})"
+                f"text_checkpoint: cannot read the config or tokenizer in {where.folder} ({first_line(exc)})"
             ) from None
         blip2 = config.model_type == "blip-2"
         text_config = config.text_config if blip2 else config
@@ -286,7 +280,7 @@ class FlanT5TextEncoder(nn.Module):
             model.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as exc:
             raise InputError(
-                f"text_checkpoint: {where.name}: encoder tensors do not fit its text_config ({_first_line(exc)})"
+                f"text_checkpoint: {where.name}: encoder tensors do not fit its text_config ({first_line(exc)})"
             ) from None
         model.encoder.embed_tokens = model.shared  # one embedding, as T5 ties them
         return model, files
@@ -313,7 +307,7 @@ class FlanT5TextEncoder(nn.Module):
         try:
             model = T5EncoderModel.from_pretrained(files[0].parent, dtype=torch.float32)
         except OSError as exc:
-            raise where.missing_weights([*looked_for, _first_line(exc)]) from None
+            raise where.missing_weights([*looked_for, first_line(exc)]) from None
         return model, files
 
     def token_chunks(self, texts: list[str]) -> list[list[list[int]]]:
@@ -442,5 +436,5 @@ def flan_t5_width(source: str | Path) -> int:
     try:
         config = AutoConfig.from_pretrained(where.folder)
     except (OSError, ValueError) as exc:
-        raise InputError(f"text_checkpoint: cannot read the config in {where.folder} ({_first_line(exc)})") from None
+        raise InputError(f"text_checkpoint: cannot read the config in {where.folder} ({first_line(exc)})") from None
     return int((config.text_config if config.model_type == "blip-2" else config).d_model)
