@@ -55,6 +55,7 @@ from manifests.caption_store import (
     read_store,
     write_fragment,
 )
+from manifests.devices import usable_cpus
 from manifests.errors import InputError
 from manifests.run_manifest import load_manifest
 from manifests.tile_index import read_tile_index
@@ -299,7 +300,7 @@ def local_cluster_kwargs() -> dict:
     """The LocalCluster of ``--runner dask`` without ``--address``: worker processes, as on a cluster, so a shard
     task meets the same pickling and per-process model loading locally as it will there; one thread per worker
     (an expert runs its own concurrency), one worker per CPU this process may use, listening on loopback only."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus = usable_cpus()
     return {"n_workers": max(1, cpus), "threads_per_worker": 1, "processes": True, "host": "127.0.0.1"}
 
 

@@ -10,6 +10,13 @@ from manifests.errors import InputError
 if TYPE_CHECKING:
     import torch
 
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity where the OS tells it (a container's or a scheduler's share),
+    else the machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 DEVICE_HELP = "auto (the GPU when there is one, else cpu) | cpu | cuda | cuda:N"
 
 

@@ -22,7 +22,7 @@ from segmenter.raster_io import three_bands
 from segmenter.run_record import RunRecord, selected_captions_sha256
 from segmenter.text.features import ExpertTextFeatures, check_store_experts
 from segmenter.tiling import tile_grid
-from segmenter.train import CHECKPOINT_FILES, RunPaths, load_text_features
+from segmenter.train import CHECKPOINT_FILES, RunPaths, load_text_features, local_weights
 from segmenter.windowed_read import ArrayWindows, WindowReader
 
 TextLookup = Callable[[int, int, int, int], tuple[torch.Tensor, torch.Tensor] | None]
@@ -121,12 +121,8 @@ def open_run(run: str | Path, device: str = "auto", weights: LocalWeights | None
     manifest = load_manifest(record.manifest)
     if manifest.sha256 != record.manifest_sha256:
         print(f"note: manifest {record.manifest} changed since run {run} was trained")
-    moved = {"backbone_file": weights.backbone_file, "text_checkpoint": weights.text_checkpoint} if weights else {}
-    for option, path in moved.items():
-        if path is not None and not Path(path).exists():
-            raise InputError(f"--{option.replace('_', '-')}: {path} not found")
-    local = {key: str(Path(path).resolve()) if path is not None else None for key, path in moved.items()}
-    model = MPerSSegmenter.load(paths.latest, **local).to(resolved).eval()
+    moved = local_weights(weights.backbone_file, weights.text_checkpoint) if weights else {}
+    model = MPerSSegmenter.load(paths.latest, **moved).to(resolved).eval()
     # convolutions run faster on NHWC tensors, on a GPU and on the CPU (oneDNN) alike; the windows are sent so too
     model = model.to(memory_format=torch.channels_last)
     if model.config.uses_text and record.experts != list(model.config.experts):

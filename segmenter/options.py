@@ -7,12 +7,12 @@ so the CLI stays quick to start.
 
 from __future__ import annotations
 
-import os
 from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from manifests.devices import usable_cpus
 from manifests.errors import InputError
 
 if TYPE_CHECKING:
@@ -106,7 +106,7 @@ class TrainSettings(BaseModel):
             return self.workers
         if not cuda:
             return 0
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cpus = usable_cpus()
         return max(0, min(AUTO_WORKERS, cpus // max(processes, 1) - 1))
 
     def augmentation_for(self, config: SegmenterConfig) -> Augmentation:

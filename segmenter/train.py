@@ -237,6 +237,20 @@ def _run_folder(out: str | Path, resume: bool) -> tuple[RunPaths, RunRecord | No
     return paths, recorded
 
 
+def local_weights(backbone_file: str | Path | None, text_checkpoint: str | Path | None) -> dict[str, str]:
+    """The local weight files given in place of a preset's hub ids (``--backbone-file``, ``--text-checkpoint``), as
+    absolute paths by configuration field; those not given are left out.
+
+    Raises:
+        InputError: a given path that does not exist, naming its option.
+    """
+    given = {"backbone_file": backbone_file, "text_checkpoint": text_checkpoint}
+    for field, path in given.items():
+        if path is not None and not Path(path).exists():
+            raise InputError(f"--{field.replace('_', '-')}: {path} not found")
+    return {field: str(Path(path).resolve()) for field, path in given.items() if path is not None}
+
+
 def _model_config(
     settings: TrainSettings, num_classes: int, captions: str | Path | None, recorded: RunRecord | None
 ) -> tuple[SegmenterConfig, pd.DataFrame | None, str]:
@@ -245,11 +259,8 @@ def _model_config(
     Raises:
         InputError: a text-guided preset without a store, ``--experts`` for a text-free one, experts the store lacks.
     """
-    local = {"backbone_file": settings.backbone_file, "text_checkpoint": settings.text_checkpoint}
-    for option, path in local.items():
-        if path is not None and not Path(path).exists():
-            raise InputError(f"--{option.replace('_', '-')}: {path} not found")
-    config = preset_config(settings.preset, num_classes=num_classes, **{k: v for k, v in local.items() if v})
+    local = local_weights(settings.backbone_file, settings.text_checkpoint)
+    config = preset_config(settings.preset, num_classes=num_classes, **local)
     if config.backbone_file:  # the frozen ViT is not in the checkpoints: its file is checked on every load
         config = config.model_copy(update={"backbone_sha256": file_digest(Path(config.backbone_file))})
     if not config.uses_text:
