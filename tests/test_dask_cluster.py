@@ -12,6 +12,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,16 +201,22 @@ def test_a_worker_killed_mid_run_loses_and_duplicates_nothing(
     print(f"cluster run with a worker killed: {seconds:.1f} s")
 
 
+@contextmanager
+def one_shard(small_index, clip_config, tmp_path: Path, monkeypatch) -> Iterator[tuple[KeyedServer, tuple]]:
+    """A keyed chat server, and the arguments of one shard task of two tiles writing to ``tmp_path / "store"``."""
+    monkeypatch.setenv(KEY_ENV, "key")
+    with serving(KeyedServer(delay=0.0)) as server, ModelCache.of_process().hold():
+        manifest = _manifest(tmp_path, small_index, clip_config, f"http://127.0.0.1:{server.server_port}/v1")
+        tiles = sorted(small_index.frame["tile_id"])[:2]
+        yield server, (str(manifest), "gpt", tiles, str(tmp_path / "store"), "run1", "sha")
+
+
 def test_a_shard_run_again_rewrites_its_own_fragment(small_index, clip_config, tmp_path, monkeypatch):
     """A second execution of one shard task (a rescheduled Dask task) that did not see the first one's fragment
     (a shared filesystem's stale listing, or a worker presumed dead that still ran) replaces it instead of adding a
     second copy; one that did see it asks nothing again and leaves it alone."""
-    monkeypatch.setenv(KEY_ENV, "key")
-    with serving(KeyedServer(delay=0.0)) as server, ModelCache.of_process().hold():
-        manifest = _manifest(tmp_path, small_index, clip_config, f"http://127.0.0.1:{server.server_port}/v1")
-        store = tmp_path / "store"
-        tiles = sorted(small_index.frame["tile_id"])[:2]
-        args = (str(manifest), "gpt", tiles, str(store), "run1", "sha")
+    store = tmp_path / "store"
+    with one_shard(small_index, clip_config, tmp_path, monkeypatch) as (server, args):
         first = caption_shard.fn(*args)
         fragments = sorted(store.glob("part-*.parquet"))
         rows = read_store(store)
@@ -232,12 +239,8 @@ def test_a_shard_run_again_rewrites_its_own_fragment(small_index, clip_config, t
 def test_a_shard_run_again_keeps_what_its_first_run_wrote(small_index, clip_config, tmp_path, monkeypatch):
     """A second execution that finds keys of its shard not done (every attempt failed: a server down) asks only
     those again, continuing their attempt numbers, and keeps the first execution's rows in the one fragment."""
-    monkeypatch.setenv(KEY_ENV, "key")
-    with serving(KeyedServer(delay=0.0)) as server, ModelCache.of_process().hold():
-        manifest = _manifest(tmp_path, small_index, clip_config, f"http://127.0.0.1:{server.server_port}/v1")
-        store = tmp_path / "store"
-        tiles = sorted(small_index.frame["tile_id"])[:2]
-        args = (str(manifest), "gpt", tiles, str(store), "run1", "sha")
+    store = tmp_path / "store"
+    with one_shard(small_index, clip_config, tmp_path, monkeypatch) as (server, args):
         server.failing = True
         caption_shard.fn(*args)
         first = read_store(store)
