@@ -12,7 +12,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_LOGGING_LEVEL ?= WARNING
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test bench lint clean vllm-env
+.PHONY: install demo test test-under-load bench lint clean vllm-env
 
 install: $(STAMP)
 
@@ -35,6 +35,15 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# The suite as a busy machine meets it: two CPU-bound loops beside it (each ends by itself within the hour) and a
+# fresh PREFECT_HOME, so Prefect's local server creates its database under load as on a first run.
+LOAD_LOOP := import time; end = time.time() + 3600; any(iter(lambda: time.time() >= end, True))
+test-under-load: install
+	rm -rf $(CURDIR)/.prefect-under-load
+	@$(PYTHON) -c '$(LOAD_LOOP)' & first=$$!; $(PYTHON) -c '$(LOAD_LOOP)' & second=$$!; \
+	trap 'kill $$first $$second 2>/dev/null' EXIT; \
+	PREFECT_HOME=$(CURDIR)/.prefect-under-load $(BIN)/python -m pytest -q
+
 bench: install
 	@for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
 
@@ -43,4 +52,4 @@ lint: install
 	$(BIN)/ruff format --check .
 
 clean:
-	rm -rf $(VENV) .venv-vllm .prefect data runs
+	rm -rf $(VENV) .venv-vllm .prefect .prefect-under-load data runs

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from flows.console import console, print_summary, with_progress
+from flows.console import console, print_summary, say, with_progress
 from manifests.errors import exit_on_input_error
 
 app = typer.Typer(help="Prefect flows of the MPerS toolkit.", no_args_is_help=True, add_completion=False)
@@ -32,12 +32,15 @@ def generate_captions(
     shard_size: Annotated[int | None, typer.Option(help="tiles per task (default: the manifest's)")] = None,
 ) -> None:
     """Caption every tile with every expert and prompt, gate with CLIP, re-prompt failures; resumable."""
+    from flows.prefect_api import process_api
+
+    process_api(say)  # Prefect's server boots while the caption modules import and the inputs are checked
     from flows import generate_captions as module
 
     names = [name.strip() for name in experts.split(",")] if experts else None
     summary = with_progress(
         lambda on_shard: module.generate_captions(
-            manifest, store, names, limit, runner, address, shard_size, on_shard=on_shard
+            manifest, store, names, limit, runner, address, shard_size, on_shard=on_shard, say=say
         )
     )
     print_summary(summary)
@@ -57,8 +60,12 @@ def caption_report(
     ] = None,
 ) -> None:
     """Pass rates, recovery, similarity histograms, tau sweep, class recall, hallucinations, worst captions."""
+    from flows.prefect_api import process_api
+
+    api = process_api(say)  # Prefect's server boots while the report's modules import
     from flows.report import caption_report_flow
 
+    api.wait()
     path = caption_report_flow(str(store), str(out), str(index) if index else None, sample, seed)
     console.print(f"report: {path}", markup=False, highlight=False)
     console.print(f"captions: {path.parent / 'captions.html'}", markup=False, highlight=False)

@@ -15,6 +15,11 @@ T = TypeVar("T")
 console = Console(stderr=True, soft_wrap=True)
 
 
+def say(line: str) -> None:
+    """Print one line of the toolkit's own to the console, as it is (no markup)."""
+    console.print(line, markup=False, highlight=False)
+
+
 def with_progress(run: Callable[[ShardProgress], T]) -> T:
     """Call ``run`` with the callback of a progress bar over the caption run's shard tasks (its ``on_shard``)."""
     from segmenter.cli import progress

@@ -12,6 +12,7 @@ from caption_pipeline.tiny_models import build_tiny_clip, build_tiny_llava, buil
 from flows.console import print_summary, with_progress
 from flows.gate_store import check_scorer
 from flows.generate_captions import generate_captions
+from flows.prefect_api import process_api
 from flows.report import caption_report_flow
 from manifests.errors import InputError
 from manifests.run_manifest import load_manifest
@@ -106,6 +107,8 @@ def run_demo(
             RunRecord.read(record.parent)
     except InputError as exc:
         raise InputError(f"{exc}. It was made by an older version: remove {store.parent} and run again") from None
+    # Prefect's server is needed from stage 5 on: it starts in the background while stages 1-4 run.
+    api = process_api(lambda line: console.print(f"      {line}", markup=False, highlight=False))
     console.print(f"[1/7] demo scenes -> {manifest.dataset.root}")
     write_demo_dataset(manifest.dataset.root, n_areas=scenes, size=scene_size)
     console.print(f"[2/7] tiles -> {manifest.tiling.out}")
@@ -117,6 +120,7 @@ def run_demo(
     train_preset(console, manifest_path, TEXT_FREE, runs / TEXT_FREE, steps)
     write_predicted_classes(console, manifest, runs / TEXT_FREE)
     console.print(f"[5/7] captions (protocol {manifest.captions.prompts.protocol}) -> {store}")
+    api.wait()
     summary = with_progress(lambda on_shard: generate_captions(manifest_path, limit=limit, on_shard=on_shard))
     print_summary(summary, console)
     report_dir = store.parent / "report"

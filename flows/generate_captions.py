@@ -46,6 +46,7 @@ from flows.gate_store import (
     derive_thresholds,
     stored_thresholds,
 )
+from flows.prefect_api import process_api
 from manifests.caption_store import (
     CAPTION_STORE_SCHEMA,
     KEY_COLUMNS,
@@ -413,12 +414,18 @@ def generate_captions(
     address: str | None = None,
     shard_size: int | None = None,
     on_shard: ShardProgress | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> CaptionRunSummary:
     """Validate the inputs, then run the flow with the chosen task runner.
+
+    The Prefect API (:mod:`flows.prefect_api`) is checked first; a local server is started in the background once the
+    inputs pass (unless the caller started it earlier), while this process loads the CLIP scorer its shard tasks will
+    share (threads runner).
 
     Args:
         on_shard: called in the calling thread as each shard task finishes, with ``(done, total, note)``: the shard
             tasks finished so far, all of them, and what the last one did (a progress bar's callback).
+        say: told in one line each what the run is waiting for (the local Prefect server's start).
 
     Raises:
         InputError: a manifest without captions, an unknown expert name, no tile index yet, ground truth on an
@@ -426,6 +433,7 @@ def generate_captions(
             gated in another mode or at another threshold, a contrastive gate with shards of one tile, or a
             percentile gate that cannot derive a threshold from its calibration sample.
     """
+    api = process_api(say, local=False)  # a server PREFECT_API_URL names is checked first: the first thing to fix
     manifest = load_manifest(manifest_path)
     if manifest.captions is None:
         raise InputError(f"manifest {manifest.source}: has no captions section")
@@ -463,9 +471,13 @@ def generate_captions(
 
             check_weights(config)  # a missing folder, or a hub id not cached offline
     configured = generate_captions_flow.with_options(task_runner=_task_runner(runner, address))
+    api.start()  # the inputs passed: a local server may start now
     token = _ON_SHARD.set(on_shard)
     try:
         with frozen_heap(), model_cache.ModelCache.of_process().hold():
+            if runner == "threads":  # the shard tasks of this process share it: load it while the API comes up
+                model_cache.scorer(manifest)
+            api.wait()
             if gate.mode == "percentile":  # before the flow: a sample without a usable caption is one line
                 run_ids = sorted(tiles["tile_id"])
                 derive_thresholds(manifest, store_path, chosen, run_ids, uuid.uuid4().hex[:12])

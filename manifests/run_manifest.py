@@ -7,7 +7,10 @@ against the working directory, so the packaged manifests expect their data under
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
+import sys
 from collections.abc import Hashable
 from importlib import resources
 from pathlib import Path
@@ -467,17 +470,40 @@ def _printable(text: str) -> str:
 
 
 def resolve_manifest_path(name_or_path: str | Path) -> Path:
-    """A manifest file from a path or a packaged manifest name."""
-    candidate = Path(name_or_path)
-    if candidate.suffix in {".yaml", ".yml"} or candidate.exists():
+    """A manifest file from a path or a packaged manifest name.
+
+    A value ending in ``.yaml``/``.yml`` or holding a path separator (and any :class:`~pathlib.Path` object) is a
+    path; anything else is the name of a packaged manifest, even when the working directory holds a file or folder
+    of that name (``make demo`` beside a ``demo/`` folder), which is then named in one line on stderr.
+
+    Raises:
+        InputError: the file does not exist, or no packaged manifest has that name.
+    """
+    text = str(name_or_path)
+    if isinstance(name_or_path, Path) or text.endswith((".yaml", ".yml")) or "/" in text or os.sep in text:
+        candidate = Path(name_or_path)
         if not candidate.is_file():
             raise InputError(f"manifest {candidate}: file not found")
         return candidate
     packaged = packaged_manifests()
-    if str(name_or_path) in packaged:
-        return packaged[str(name_or_path)]
-    raise InputError(
-        f"manifest {name_or_path}: neither a YAML file nor a packaged manifest ({', '.join(sorted(packaged))})"
+    if text not in packaged:
+        local = f" (to read ./{text} in the working directory, pass ./{text})" if Path(text).exists() else ""
+        raise InputError(
+            f"manifest {text}: no packaged manifest of that name ({', '.join(sorted(packaged))}); a manifest file is "
+            f"a path ending in .yaml or .yml{local}"
+        )
+    if Path(text).exists():
+        _note_shadowed_name(text, packaged[text])
+    return packaged[text]
+
+
+@functools.cache
+def _note_shadowed_name(name: str, packaged: Path) -> None:
+    # once per process: a run reads its manifest again in every shard task
+    print(
+        f"note: --manifest {name} is the packaged manifest {packaged}, not ./{name} of the working directory "
+        f"(pass ./{name} for that)",
+        file=sys.stderr,
     )
 
 

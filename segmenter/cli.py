@@ -52,7 +52,11 @@ def progress(description: str) -> Iterator[Callable[[int, int, str], None]]:
     )  # fmt: skip
     with bar:
         task = bar.add_task(description, total=None, note="")
-        yield lambda done, total, note: bar.update(task, completed=done, total=total, note=note)
+        try:
+            yield lambda done, total, note: bar.update(task, completed=done, total=total, note=note)
+        except BaseException:
+            bar.live.transient = True  # a refused run shows its one-line error alone, not an empty bar above it
+            raise
 
 
 @app.command()

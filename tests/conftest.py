@@ -24,13 +24,54 @@ def vaihingen_root(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def prefect_api():
-    """A temporary Prefect API (with its own database) for the session's flow runs; yields its URL."""
+def _prefect_harness():
+    """A temporary Prefect API (with its own database) for the session's flow runs, started with the toolkit's start
+    window (a busy machine needs more than the harness's 30 s); yields its URL, or the one-line reason it did not
+    start (never raises, so that a failed start is reported once, by ``prefect_api``, not by every test)."""
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness():
+    from flows.prefect_api import startup_window
+
+    window = startup_window()
+    try:
+        harness = prefect_test_harness(server_startup_timeout=window)
+        harness.__enter__()
+    except Exception as exc:  # the reason, once; the tests that need the API are skipped after the first
+        yield HarnessFailure(f"Prefect's test API server did not start within {window} s: {exc}"[:2000])
+        return
+    try:
         yield PREFECT_API_URL.value()
+    finally:
+        harness.__exit__(None, None, None)
+
+
+class HarnessFailure(str):
+    """Why the session's Prefect API did not start."""
+
+
+_reported: list[str] = []
+
+
+@pytest.fixture
+def prefect_api(_prefect_harness, request) -> str:
+    """The session's Prefect API URL. If it could not start, the first test that needs it fails with the reason and
+    the others are skipped, pointing at that test."""
+    if isinstance(_prefect_harness, HarnessFailure):
+        if _reported:
+            pytest.skip(f"no Prefect API (see the failure of {_reported[0]})")
+        _reported.append(request.node.nodeid)
+        pytest.fail(str(_prefect_harness), pytrace=False)
+    return _prefect_harness
+
+
+@pytest.fixture(scope="session")
+def prefect_api_session(_prefect_harness) -> str:
+    """The session's Prefect API URL for session-scoped fixtures; skips their tests if it could not start (the reason
+    is reported once, by the tests that use ``prefect_api``: tests/test_prefect_api.py always does)."""
+    if isinstance(_prefect_harness, HarnessFailure):
+        pytest.skip("no Prefect API (see the failure of tests/test_prefect_api.py)")
+    return _prefect_harness
 
 
 @pytest.fixture(scope="session")

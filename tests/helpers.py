@@ -315,6 +315,22 @@ class EndpointServer(ChatServer):
         return f"http://127.0.0.1:{self.server_port}/v1"
 
 
+def assert_same_classes(classes: np.ndarray, logits: Any, tie: float = 1e-4) -> None:
+    """``classes`` is the argmax of ``logits`` (K x H x W) computed on another code path: equal wherever the top two
+    logits differ by more than ``tie``; where two classes tie within it, either may win (floating-point results of
+    two paths agree to a tolerance, not bit for bit)."""
+    import torch
+
+    logits = torch.as_tensor(logits)
+    top = logits.topk(2, dim=0).values
+    decided = ((top[0] - top[1]) > tie).numpy()
+    assert classes.shape == decided.shape
+    expected = logits.argmax(0).numpy()
+    wrong = decided & (classes != expected)
+    assert not wrong.any(), f"{int(wrong.sum())} pixels differ where no two classes tie within {tie}"
+    assert decided.mean() > 0.9, "almost every pixel is a tie: the comparison shows nothing"
+
+
 def closed_port_url() -> str:
     """The URL of a loopback port nothing listens on (bound, then released): connections to it are refused."""
     import socket

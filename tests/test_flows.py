@@ -68,7 +68,7 @@ def attempt_keys(store: Path) -> set[tuple]:
 
 
 @pytest.fixture(scope="session")
-def threads_store(prefect_api, manifest_path) -> Path:
+def threads_store(prefect_api_session, manifest_path) -> Path:
     store = manifest_path.parent / "threads"
     summary = generate_captions(manifest_path, store=store)
     assert summary.tiles == 12 and summary.skipped_keys == 0

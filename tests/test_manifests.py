@@ -138,7 +138,7 @@ def test_malformed_manifest_gives_one_line_naming_the_key(tmp_path, text, messag
 def test_missing_manifest_file(tmp_path):
     with pytest.raises(InputError, match=r"manifest .*nope.yaml: file not found"):
         load_manifest(tmp_path / "nope.yaml")
-    with pytest.raises(InputError, match=r"neither a YAML file nor a packaged manifest"):
+    with pytest.raises(InputError, match=r"manifest no-such-run: no packaged manifest of that name \(demo, "):
         load_manifest("no-such-run")
 
 
@@ -211,3 +211,20 @@ def test_a_manifest_that_is_not_utf8_or_too_large_is_one_line(tmp_path):
     path.write_bytes(b"#" * (2 << 20))
     with pytest.raises(InputError, match=r"over 1 MiB"):
         load_manifest(path)
+
+
+def test_a_packaged_name_is_the_packaged_manifest_even_beside_a_folder_of_that_name(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()  # what `make demo` leaves under data/ is often copied up as ./demo
+    assert load_manifest("demo").source == packaged_manifests()["demo"]
+    note = capsys.readouterr().err.strip().splitlines()
+    assert len(note) == 1 and str(packaged_manifests()["demo"]) in note[0] and "./demo" in note[0]
+    demo_text = packaged_manifests()["demo"].read_text()
+    (tmp_path / "mine").write_text(demo_text.replace("name: demo", "name: mine", 1))
+    with pytest.raises(InputError, match=r"manifest mine: no packaged manifest of that name .* pass ./mine"):
+        load_manifest("mine")
+    assert load_manifest("./mine").name == "mine"  # a separator makes it a path
+    (tmp_path / "demo.yaml").write_text(demo_text.replace("name: demo", "name: local", 1))
+    assert load_manifest("demo.yaml").name == "local"  # so does a YAML suffix
+    with pytest.raises(InputError, match=r"manifest other.yml: file not found"):
+        load_manifest("other.yml")
