@@ -31,6 +31,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 for name, value in {
     "HF_HUB_OFFLINE": "1",
@@ -155,128 +156,146 @@ def timed(name: str, clock, run) -> Timing:
     return Timing(name, captions, ended - started, first - started, last - first, ended - last)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--endpoints-only", action="store_true", help="only the 1- vs 4-endpoint comparison")
-    endpoints_only = parser.parse_args().endpoints_only
-    from tabulate import tabulate
-
-    from caption_pipeline.experts import build_expert
-    from caption_pipeline.gate import GateSettings, RunInfo, caption_tiles, tile_tasks
-    from caption_pipeline.policy import GatePolicy
-    from caption_pipeline.scoring import ClipScorer
-    from caption_pipeline.tiny_models import build_tiny_clip
-    from flows.generate_captions import frozen_heap, generate_captions
-    from flows.model_cache import ModelCache
-    from manifests.run_manifest import load_manifest
-    from manifests.tile_index import read_tile_index
-    from segmenter.demo_scenes import write_demo_dataset
-    from segmenter.prepare import prepare_tiles
-
-    clock = multiprocessing.Array("d", 3, lock=False)  # written by the servers only while a run is timed
-    lock = multiprocessing.Lock()
-    (server,), (port,) = start_servers(1, clock, lock, LATENCY_S)
-    endpoint_servers, endpoint_ports = start_servers(ENDPOINTS, clock, lock, ENDPOINT_LATENCY_S)
-    work = Path(tempfile.mkdtemp(prefix="bench-captions-"))
-    areas = write_demo_dataset(work / "raw", n_areas=AREAS, size=SCENE)
-    _, checkpoint = build_tiny_clip(work / "clip")
-    manifest_path = work / "run.yaml"
-    manifest_path.write_text(f"""
+MANIFEST = """
 name: bench
-dataset: {{name: vaihingen, root: {work / "raw"}, split: custom, custom_splits: {{train: {areas}}}}}
-tiling: {{size: {TILE}, out: {work / "tiles"}}}
+dataset: {{name: vaihingen, root: {work}/raw, split: custom, custom_splits: {{train: {areas}}}}}
+tiling: {{size: {tile}, out: {work}/tiles}}
 captions:
-  store: {work / "store"}
+  store: {work}/store
   tau: 0.0
   max_attempts: 1
   shard_size: 128
-  clip: {{model: demo-tiny-clip, pretrained: null, config: {work / "clip"}, checkpoint: {checkpoint}, device: cpu}}
+  clip: {{model: demo-tiny-clip, pretrained: null, config: {work}/clip, checkpoint: {checkpoint}, device: cpu}}
   experts:
-    - {{name: fixed, backend: openai, model: fixed, base_url: "http://127.0.0.1:{port}/v1",
-        concurrency: {IN_FLIGHT}, max_side: 64}}
-""")
-    endpoint_paths = {}  # the same run with one, then every slow endpoint
-    for count in (1, ENDPOINTS):
-        urls = ", ".join(f"http://127.0.0.1:{port}/v1" for port in endpoint_ports[:count])
-        endpoint_paths[count] = work / f"endpoints-{count}.yaml"
-        endpoint_paths[count].write_text(
-            manifest_path.read_text().replace(f'base_url: "http://127.0.0.1:{port}/v1"', f"base_url: [{urls}]")
-        )
-        assert len(load_manifest(endpoint_paths[count]).captions.experts[0].endpoints) == count
-    contrastive_path = work / "contrastive.yaml"  # the same run under the contrastive gate
-    contrastive_path.write_text(
-        manifest_path.read_text().replace("  max_attempts: 1\n", "  max_attempts: 1\n  gate: {mode: contrastive}\n")
-    )
-    manifest = load_manifest(manifest_path)
-    assert load_manifest(contrastive_path).captions.gate.mode == "contrastive"
-    prepare_tiles(manifest.dataset, manifest.tiling)
-    index = read_tile_index(manifest.tiling.out)
-    tasks = tile_tasks(index, index.frame.sort_values("tile_id"), manifest.captions.prompts)
-    settings = GateSettings(GatePolicy.from_captions(manifest.captions))
+    - {{name: fixed, backend: openai, model: fixed, base_url: {urls}, concurrency: {in_flight}, max_side: 64}}
+"""
 
-    scorer = ClipScorer(manifest.captions.clip)
-    expert = build_expert(manifest.captions.experts[0])
-    caption_tiles(tasks[:8], expert, scorer, settings, RunInfo("warm"))
-    # Hold the process's models over every flow run, so each timed run finds the scorer and expert loaded, as the
-    # plain loop does (a run alone clears the cache when it ends).
-    with ModelCache.of_process().hold():
-        generate_captions(manifest_path, store=work / "warm", limit=8)  # starts Prefect's local server
 
-        def plain_loop(n_tiles: int) -> int:
+@dataclass(frozen=True)
+class Manifests:
+    """The bench's run manifests: one server, the same run under the contrastive gate, and one expert served by the
+    first and by every slow endpoint server."""
+
+    main: Path
+    contrastive: Path
+    endpoints: dict[int, Path]
+
+
+def write_manifests(work: Path, port: int, endpoint_ports: list[int]) -> Manifests:
+    """The demo scenes, the tiny CLIP and the manifests of the bench, in ``work``."""
+    from caption_pipeline.policy import GatePolicy
+    from caption_pipeline.tiny_models import build_tiny_clip
+    from manifests.run_manifest import load_manifest
+    from segmenter.demo_scenes import write_demo_dataset
+
+    areas = write_demo_dataset(work / "raw", n_areas=AREAS, size=SCENE)
+    _, checkpoint = build_tiny_clip(work / "clip")
+
+    def manifest(name: str, ports: list[int], gate: str = "") -> Path:
+        urls = "[" + ", ".join(f'"http://127.0.0.1:{port}/v1"' for port in ports) + "]"
+        text = MANIFEST.format(work=work, areas=areas, tile=TILE, checkpoint=checkpoint, urls=urls, in_flight=IN_FLIGHT)
+        path = work / name
+        path.write_text(text.replace("  max_attempts: 1\n", f"  max_attempts: 1\n{gate}"))
+        return path
+
+    endpoints = {count: manifest(f"endpoints-{count}.yaml", endpoint_ports[:count]) for count in (1, ENDPOINTS)}
+    for count, path in endpoints.items():
+        assert len(load_manifest(path).captions.experts[0].endpoints) == count
+    contrastive = manifest("contrastive.yaml", [port], "  gate: {mode: contrastive}\n")
+    assert GatePolicy.from_captions(load_manifest(contrastive).captions).contrastive
+    return Manifests(manifest("run.yaml", [port]), contrastive, endpoints)
+
+
+@dataclass(frozen=True)
+class Bench:
+    """What the timed runs share: the servers' clock, the work folder, the manifests, and the tiles, gate and CLIP
+    scorer of the plain loop."""
+
+    clock: Any
+    work: Path
+    manifests: Manifests
+    tasks: list
+    settings: Any
+    scorer: Any
+
+    def loop(self, name: str, expert: Any, n_tiles: int) -> Timing:
+        """``caption_tiles`` over the first ``n_tiles`` tiles with ``expert``, no Prefect, no store."""
+        from caption_pipeline.gate import RunInfo, caption_tiles
+        from flows.generate_captions import frozen_heap
+
+        def run() -> int:
             with frozen_heap():  # as the flow does, so that the two differ by Prefect and the store only
-                return len(caption_tiles(tasks[:n_tiles], expert, scorer, settings, RunInfo("loop")))
+                return len(caption_tiles(self.tasks[:n_tiles], expert, self.scorer, self.settings, RunInfo("loop")))
 
-        for count in (1, ENDPOINTS):  # its own warm-up: each configuration is another expert
-            generate_captions(endpoint_paths[count], store=work / f"warm-{count}", limit=8)
-        endpoint_timings = []
-        for count in (1, ENDPOINTS):  # the expert alone (plain loop), then the flow, with 1 and with 4 endpoints
-            alone = build_expert(load_manifest(endpoint_paths[count]).captions.experts[0])
-            caption_tiles(tasks[:8], alone, scorer, settings, RunInfo("warm"))
+        return timed(name, self.clock, run)
 
-            def loop_run(alone=alone) -> int:
-                with frozen_heap():
-                    return len(caption_tiles(tasks[:ENDPOINT_TILES], alone, scorer, settings, RunInfo("loop")))
+    def flow(self, name: str, manifest: Path, store: str, limit: int | None = None) -> Timing:
+        """The generate-captions flow on the first ``limit`` tiles of ``manifest`` into a fresh ``store``."""
+        from flows.generate_captions import CaptionRunSettings, generate_captions
 
-            endpoint_timings.append((timed(f"loop, {count} endpoint(s)", clock, loop_run), count))
-            alone.close()
-        for count in (1, ENDPOINTS):
+        run = CaptionRunSettings(manifest, store=self.work / store, limit=limit)
+        return timed(name, self.clock, lambda: generate_captions(run).new_rows)
 
-            def run(path: Path = endpoint_paths[count], store: Path = work / f"endpoints-{count}") -> int:
-                return generate_captions(path, store=store, limit=ENDPOINT_TILES).new_rows
+    def warm(self, expert: Any) -> None:
+        """One short plain loop, so that a timed run finds the expert's session and the scorer ready."""
+        from caption_pipeline.gate import RunInfo, caption_tiles
 
-            endpoint_timings.append((timed(f"flow, {count} endpoint(s)", clock, run), count))
-        timings = []
-        for label, n_tiles in () if endpoints_only else (("short", SHORT_TILES), ("long", len(tasks))):
-            loop = timed(f"loop, {label}", clock, lambda n=n_tiles: plain_loop(n))
-            flow = timed(
-                f"flow, {label}", clock,
-                lambda n=n_tiles, label=label: generate_captions(manifest_path, store=work / label, limit=n).new_rows,
-            )  # fmt: skip
-            timings += [(loop, loop), (flow, loop)]
-        if not endpoints_only:
-            contrastive = timed(
-                "flow, long, contrastive", clock,
-                lambda: generate_captions(contrastive_path, store=work / "contrastive").new_rows,
-            )  # fmt: skip
-            timings.append((contrastive, loop))
-    for process in (server, *endpoint_servers):
-        process.terminate()
-    shutil.rmtree(work, ignore_errors=True)
+        caption_tiles(self.tasks[:8], expert, self.scorer, self.settings, RunInfo("warm"))
+
+
+def endpoint_timings(bench: Bench) -> list[tuple[Timing, int]]:
+    """The expert alone (plain loop), then the flow, with 1 and with every endpoint; each with its endpoint count."""
+    from caption_pipeline.experts import build_expert
+    from flows.generate_captions import CaptionRunSettings, generate_captions
+    from manifests.run_manifest import load_manifest
+
+    for count, path in bench.manifests.endpoints.items():  # its own warm-up: each configuration is another expert
+        generate_captions(CaptionRunSettings(path, store=bench.work / f"warm-{count}", limit=8))
+    timings = []
+    for count, path in bench.manifests.endpoints.items():
+        alone = build_expert(load_manifest(path).captions.experts[0])
+        bench.warm(alone)
+        timings.append((bench.loop(f"loop, {count} endpoint(s)", alone, ENDPOINT_TILES), count))
+        alone.close()
+    for count, path in bench.manifests.endpoints.items():
+        timings.append((bench.flow(f"flow, {count} endpoint(s)", path, f"endpoints-{count}", ENDPOINT_TILES), count))
+    return timings
+
+
+def gate_timings(bench: Bench, expert: Any) -> list[tuple[Timing, Timing]]:
+    """The plain loop and the flow on the short and the long run, then the long flow under the contrastive gate;
+    each with the loop it is compared with."""
+    timings = []
+    for label, n_tiles in (("short", SHORT_TILES), ("long", len(bench.tasks))):
+        loop = bench.loop(f"loop, {label}", expert, n_tiles)
+        timings += [(loop, loop), (bench.flow(f"flow, {label}", bench.manifests.main, label, n_tiles), loop)]
+    timings.append(
+        (bench.flow("flow, long, contrastive", bench.manifests.contrastive, "long-contrastive"), timings[-1][1])
+    )
+    return timings
+
+
+def print_endpoints(timings: list[tuple[Timing, int]]) -> None:
+    """The endpoint comparison's table and its target."""
+    from tabulate import tabulate
 
     rows = [
         [t.name, t.captions, t.seconds, t.rate, t.rate / (count * IN_FLIGHT / ENDPOINT_LATENCY_S), t.head_s, t.tail_s,
          t.captions / t.busy_s / (count * IN_FLIGHT / ENDPOINT_LATENCY_S)]
-        for t, count in endpoint_timings
+        for t, count in timings
     ]  # fmt: skip
     print(f"endpoints: latency {ENDPOINT_LATENCY_S * 1000:.0f} ms, {IN_FLIGHT} in flight per endpoint")
     headers = ["run", "captions", "s", "captions/s", "of ideal", "head s", "tail s", "busy of ideal"]
     print(tabulate(rows, headers=headers, floatfmt=("", "", ".2f", ".1f", ".3f", ".2f", ".2f", ".3f")))
-    for what, (one, _), (many, _) in (("loop", *endpoint_timings[:2]), ("flow", *endpoint_timings[2:])):
+    for what, (one, _), (many, _) in (("loop", *timings[:2]), ("flow", *timings[2:])):
         ratio = many.rate / one.rate
         verdict = "met" if ratio >= ENDPOINT_TARGET else "NOT met"
         print(f"target: {what}, {ENDPOINTS} endpoints >= {ENDPOINT_TARGET}x the rate of 1: {ratio:.2f}x, {verdict}")
-    if endpoints_only:
-        return
+
+
+def print_gates(timings: list[tuple[Timing, Timing]]) -> None:
+    """The loop-versus-flow table, the two gates' long flows and the target."""
+    from tabulate import tabulate
 
     rows = [
         [t.name, t.captions, t.seconds, t.rate, t.rate / IDEAL, t.rate / loop.rate, t.head_s, t.tail_s,
@@ -286,13 +305,55 @@ captions:
     headers = ["run", "captions", "s", "captions/s", "of ideal", "of loop", "head s", "tail s", "busy of ideal"]
     print(f"latency {LATENCY_S * 1000:.0f} ms, {IN_FLIGHT} in flight: ideal {IDEAL:.0f} captions/s")
     print(tabulate(rows, headers=headers, floatfmt=("", "", ".2f", ".1f", ".3f", ".3f", ".2f", ".2f", ".3f")))
-    long_flow = timings[-2][0]
+    long_flow, contrastive = timings[-2][0], timings[-1][0]
     print(
         f"long flow of ideal: absolute gate {long_flow.rate / IDEAL:.3f}, contrastive gate "
         f"{contrastive.rate / IDEAL:.3f} (one run each)"
     )
     verdict = "met" if long_flow.rate / IDEAL >= TARGET else "NOT met"
     print(f"target: flow >= {TARGET} of ideal on the long run: {long_flow.rate / IDEAL:.3f}, {verdict}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--endpoints-only", action="store_true", help="only the 1- vs 4-endpoint comparison")
+    endpoints_only = parser.parse_args().endpoints_only
+    from caption_pipeline.experts import build_expert
+    from caption_pipeline.gate import GateSettings, tile_tasks
+    from caption_pipeline.policy import GatePolicy
+    from caption_pipeline.scoring import ClipScorer
+    from flows.generate_captions import CaptionRunSettings, generate_captions
+    from flows.model_cache import ModelCache
+    from manifests.run_manifest import load_manifest
+    from manifests.tile_index import read_tile_index
+    from segmenter.prepare import prepare_tiles
+
+    clock = multiprocessing.Array("d", 3, lock=False)  # written by the servers only while a run is timed
+    lock = multiprocessing.Lock()
+    (server,), (port,) = start_servers(1, clock, lock, LATENCY_S)
+    endpoint_servers, endpoint_ports = start_servers(ENDPOINTS, clock, lock, ENDPOINT_LATENCY_S)
+    work = Path(tempfile.mkdtemp(prefix="bench-captions-"))
+    manifests = write_manifests(work, port, endpoint_ports)
+    manifest = load_manifest(manifests.main)
+    prepare_tiles(manifest.dataset, manifest.tiling)
+    index = read_tile_index(manifest.tiling.out)
+    tasks = tile_tasks(index, index.frame.sort_values("tile_id"), manifest.captions.prompts)
+    settings = GateSettings(GatePolicy.from_captions(manifest.captions))
+    bench = Bench(clock, work, manifests, tasks, settings, ClipScorer(manifest.captions.clip))
+    expert = build_expert(manifest.captions.experts[0])
+    bench.warm(expert)
+    # Hold the process's models over every flow run, so each timed run finds the scorer and expert loaded, as the
+    # plain loop does (a run alone clears the cache when it ends).
+    with ModelCache.of_process().hold():
+        generate_captions(CaptionRunSettings(manifests.main, store=work / "warm", limit=8))  # starts Prefect's server
+        endpoints = endpoint_timings(bench)
+        gates = [] if endpoints_only else gate_timings(bench, expert)
+    for process in (server, *endpoint_servers):
+        process.terminate()
+    shutil.rmtree(work, ignore_errors=True)
+    print_endpoints(endpoints)
+    if not endpoints_only:
+        print_gates(gates)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,7 @@ ATTEMPTS = np.array([1, 2, 3, 4, 4])  # 2.8 attempts per key on average
 META = StoreMeta(class_names=["impervious", "building", "low_vegetation", "tree", "car", "clutter"],
                  clip_model="ViT-B-32:openai", tau=0.55)  # fmt: skip
 LOOKUP_SHARDS = 20
+POLICY = GatePolicy(tau=META.tau)  # the gate of every row (absolute), and the rules the store applies
 TIME_RATIO, SHARD_SECONDS = 1.2, 0.1
 
 
@@ -99,7 +100,7 @@ def fragment_frame(tiles: list[str], expert: str, rng: np.random.Generator) -> p
                                           "near the crossing and a strip of low vegetation to the south."),
         "n_tokens": np.int32(38), "n_chunks": np.int16(1), "clip_model": META.clip_model,
         "raw_cosine": (similarity * 2 - 1), "similarity": np.where(failed, np.nan, similarity).astype(np.float32),
-        "tau": np.float32(0.55), "gate_mode": "absolute", "gate_threshold": np.float32(0.55),
+        "tau": np.float32(POLICY.tau), "gate_mode": POLICY.mode, "gate_threshold": np.float32(POLICY.tau),
         "gate_score": np.where(failed, np.nan, similarity).astype(np.float32), "usable": ~failed,
         "passed": ~failed & last, "selected": last, "finish_reason": "stop",
         "latency_s": rng.random(n).astype(np.float32), "created_at": pd.Timestamp(now),
@@ -128,56 +129,82 @@ def shards(store: Path) -> list[list[str]]:
     return [tiles[start : start + SHARD] for start in range(0, len(tiles), SHARD)]
 
 
-def _done(frame: pd.DataFrame) -> pd.Series:
-    return frame["selected"] & frame["usable"]  # GatePolicy.done
+def _done_keys(store: Path, paths: list[str], shard_sample: list[list[str]]) -> dict:
+    return {"n": len(done_keys(store, done=POLICY.done, requires=GatePolicy.DONE_REQUIRES))}
 
 
-def _select(frame: pd.DataFrame) -> pd.Series:
-    return GatePolicy().select(frame)
+def _done_keys_baseline(store: Path, paths: list[str], shard_sample: list[list[str]]) -> dict:
+    table = ds.dataset(paths, format="parquet").to_table(
+        columns=list(KEY_COLUMNS), filter=pc.field("selected") & pc.field("usable")
+    )
+    return {"n": len(set(zip(*(table.column(key).to_pylist() for key in KEY_COLUMNS), strict=True)))}
+
+
+def _selected_captions(store: Path, paths: list[str], shard_sample: list[list[str]]) -> dict:
+    return {"n": len(selected_captions(store))}
+
+
+def _selected_captions_baseline(store: Path, paths: list[str], shard_sample: list[list[str]]) -> dict:
+    table = ds.dataset(paths, format="parquet").to_table(columns=VIEW_COLUMNS, filter=pc.field("selected"))
+    return {"n": len(table.sort_by([(key, "ascending") for key in KEY_COLUMNS]).to_pandas())}
+
+
+def _shard(store: Path, paths: list[str], shard_sample: list[list[str]]) -> dict:
+    """The first lookup of the process, then the mean of the next ones."""
+    started, cpu = time.perf_counter(), time.process_time()
+    attempt_counts(store, shard_sample[0], done=POLICY.done)
+    first = {"first_s": time.perf_counter() - started, "first_cpu": time.process_time() - cpu}
+    started, cpu = time.perf_counter(), time.process_time()
+    for part in shard_sample[1:]:
+        attempt_counts(store, part, done=POLICY.done)
+    return {**first, **_per_lookup(started, cpu)}
+
+
+def _shard_baseline(store: Path, paths: list[str], shard_sample: list[list[str]]) -> dict:
+    started, cpu = time.perf_counter(), time.process_time()
+    dataset = ds.dataset(paths, format="parquet")
+    for part in shard_sample[1:]:
+        dataset.to_table(columns=[*ATTEMPT_KEY, "selected", "usable", "passed"], filter=pc.field("tile_id").isin(part))
+    return _per_lookup(started, cpu)
+
+
+def _per_lookup(started: float, cpu: float) -> dict:
+    return {
+        "warm_s": (time.perf_counter() - started) / LOOKUP_SHARDS,
+        "warm_cpu": (time.process_time() - cpu) / LOOKUP_SHARDS,
+    }
+
+
+def _compact(store: Path, paths: list[str], shard_sample: list[list[str]]) -> dict:
+    compact(store, select=POLICY.select)
+    return {}
+
+
+def _compact_baseline(store: Path, paths: list[str], shard_sample: list[list[str]]) -> dict:
+    out = store.parent / "plain-compacted.parquet"
+    pq.write_table(ds.dataset(paths, format="parquet").to_table(), out)
+    out.unlink()
+    return {}
+
+
+OPERATIONS = {
+    "done_keys": _done_keys, "done_keys:baseline": _done_keys_baseline,
+    "selected_captions": _selected_captions, "selected_captions:baseline": _selected_captions_baseline,
+    "shard": _shard, "shard:baseline": _shard_baseline,
+    "compact": _compact, "compact:baseline": _compact_baseline,
+}  # fmt: skip
 
 
 def run_operation(name: str, store: Path) -> dict:
     """One operation in this (fresh) process: seconds and peak RSS."""
-    dataset_paths = sorted(str(path) for path in store.glob("*.parquet"))
-    flags = [*ATTEMPT_KEY, "selected", "usable", "passed"]
-    extra: dict = {}
+    paths = sorted(str(path) for path in store.glob("*.parquet"))
+    sample = []
+    if name.startswith("shard"):  # picked before the clock starts: listing the store's tiles is not a lookup
+        parts = shards(store)
+        sample = [parts[i] for i in np.linspace(0, len(parts) - 1, LOOKUP_SHARDS + 1).astype(int)]
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started, cpu = time.perf_counter(), time.process_time()
-    if name == "done_keys":
-        extra["n"] = len(done_keys(store, done=_done, requires=GatePolicy.DONE_REQUIRES))
-    elif name == "done_keys:baseline":
-        table = ds.dataset(dataset_paths, format="parquet").to_table(
-            columns=list(KEY_COLUMNS), filter=pc.field("selected") & pc.field("usable")
-        )
-        extra["n"] = len(set(zip(*(table.column(key).to_pylist() for key in KEY_COLUMNS), strict=True)))
-    elif name == "selected_captions":
-        extra["n"] = len(selected_captions(store))
-    elif name == "selected_captions:baseline":
-        table = ds.dataset(dataset_paths, format="parquet").to_table(columns=VIEW_COLUMNS, filter=pc.field("selected"))
-        extra["n"] = len(table.sort_by([(key, "ascending") for key in KEY_COLUMNS]).to_pandas())
-    elif name.startswith("shard"):
-        parts = shards(store)
-        picked = [parts[i] for i in np.linspace(0, len(parts) - 1, LOOKUP_SHARDS + 1).astype(int)]
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        started, cpu = time.perf_counter(), time.process_time()
-        if name == "shard":
-            attempt_counts(store, picked[0], done=_done)
-            extra["first_s"], extra["first_cpu"] = time.perf_counter() - started, time.process_time() - cpu
-            started, cpu = time.perf_counter(), time.process_time()
-            for part in picked[1:]:
-                attempt_counts(store, part, done=_done)
-        else:
-            dataset = ds.dataset(dataset_paths, format="parquet")
-            for part in picked[1:]:
-                dataset.to_table(columns=flags, filter=pc.field("tile_id").isin(part))
-        extra["warm_s"] = (time.perf_counter() - started) / LOOKUP_SHARDS
-        extra["warm_cpu"] = (time.process_time() - cpu) / LOOKUP_SHARDS
-    elif name == "compact":
-        compact(store, select=_select)
-    elif name == "compact:baseline":
-        out = store.parent / "plain-compacted.parquet"
-        pq.write_table(ds.dataset(dataset_paths, format="parquet").to_table(), out)
-        out.unlink()
+    extra = OPERATIONS[name](store, paths, sample)
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     memory = {"peak_mib": peak / 1024, "above_mib": (peak - before) / 1024}
@@ -191,37 +218,31 @@ def child(name: str, store: Path) -> dict:
     return json.loads(output.strip().splitlines()[-1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=1_000_000, help="rows of the store (default 1,000,000)")
-    parser.add_argument("--child", nargs=2, metavar=("OPERATION", "STORE"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        print(json.dumps(run_operation(args.child[0], Path(args.child[1]))))
-        return
+def measure(work: Path, rows: int) -> tuple[dict, int, int]:
+    """Build the full and the small store in ``work`` and run every operation on them, each in its own process;
+    returns the results and the two stores' row counts."""
+    started = time.perf_counter()
+    store, small = work / "store", work / "small"
+    n_fragments, n_rows = build(store, rows)
+    small_fragments, small_rows = build(small, rows // 8)
+    print(f"built {n_rows:,} rows in {n_fragments} fragments ({time.perf_counter() - started:.0f} s); "
+          f"small store {small_rows:,} rows in {small_fragments} fragments")  # fmt: skip
+    results = {}
+    for name in ("done_keys", "selected_captions"):
+        results[f"{name}:baseline"] = child(f"{name}:baseline", store)
+        results[name] = child(name, store)
+    results["shard:baseline"] = child("shard:baseline", store)
+    results["shard"] = child("shard", store)
+    results["shard small"] = child("shard", small)
+    copy = work / "copy"
+    shutil.copytree(store, copy)
+    results["compact:baseline"] = child("compact:baseline", copy)
+    results["compact"] = child("compact", copy)
+    return results, n_rows, small_rows
 
-    work = Path(tempfile.mkdtemp(prefix="store-ops-"))
-    try:
-        started = time.perf_counter()
-        store, small = work / "store", work / "small"
-        n_fragments, n_rows = build(store, args.rows)
-        small_fragments, small_rows = build(small, args.rows // 8)
-        print(f"built {n_rows:,} rows in {n_fragments} fragments ({time.perf_counter() - started:.0f} s); "
-              f"small store {small_rows:,} rows in {small_fragments} fragments")  # fmt: skip
-        results = {}
-        for name in ("done_keys", "selected_captions"):
-            results[f"{name}:baseline"] = child(f"{name}:baseline", store)
-            results[name] = child(name, store)
-        results["shard:baseline"] = child("shard:baseline", store)
-        results["shard"] = child("shard", store)
-        results["shard small"] = child("shard", small)
-        copy = work / "copy"
-        shutil.copytree(store, copy)
-        results["compact:baseline"] = child("compact:baseline", copy)
-        results["compact"] = child("compact", copy)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
+def print_results(results: dict, n_rows: int, small_rows: int) -> None:
+    """The table of every operation against its baseline, and the targets."""
     rows, verdicts = [], []
     for name in ("done_keys", "selected_captions", "compact"):
         ours, base = results[name], results[f"{name}:baseline"]
@@ -254,6 +275,22 @@ def main() -> None:
         f"(one run, {os.cpu_count()} CPUs, load average {load:.1f}; peak = child's max RSS incl. interpreter and "
         "imports; +MiB = peak above the RSS just before the operation)"
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000, help="rows of the store (default 1,000,000)")
+    parser.add_argument("--child", nargs=2, metavar=("OPERATION", "STORE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_operation(args.child[0], Path(args.child[1]))))
+        return
+    work = Path(tempfile.mkdtemp(prefix="store-ops-"))
+    try:
+        results, n_rows, small_rows = measure(work, args.rows)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print_results(results, n_rows, small_rows)
 
 
 if __name__ == "__main__":

@@ -119,6 +119,7 @@ class ClipWeights:
 
     @property
     def activation(self) -> str:
+        """``quickgelu`` or ``gelu``: the activation these weights are run with."""
         return "quickgelu" if self.uses_quick_gelu else "gelu"
 
     @property
@@ -268,6 +269,7 @@ class ChunkedTextEncoder:
 
     @property
     def device(self) -> torch.device:
+        """Where the model's weights are."""
         return next(self.model.parameters()).device
 
     def token_chunks(self, text: str) -> list[list[int]]:

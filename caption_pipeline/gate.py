@@ -4,7 +4,7 @@ contrastive margin against the other tiles of the shard)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -16,7 +16,7 @@ import pandas as pd
 from caption_pipeline.experts.base import CaptionRequest, CaptionResult, Expert, load_image
 from caption_pipeline.policy import GatePolicy
 from caption_pipeline.prompts import TileClasses, build_prompt
-from caption_pipeline.scoring import ClipScorer
+from caption_pipeline.scoring import ClipScorer, Score
 from manifests.caption_store import KEY_COLUMNS
 from manifests.class_predictions import ClassPredictions, read_class_predictions
 from manifests.errors import InputError
@@ -75,6 +75,8 @@ class GateSettings:
 
 @dataclass(frozen=True)
 class RunInfo:
+    """The run an attempt belongs to: its id and the SHA-256 of its manifest (recorded in every row)."""
+
     run_id: str
     manifest_sha256: str | None = None
 
@@ -177,6 +179,7 @@ class ImageCheck:
         self.errors: dict[str, str | None] = {}
 
     def __call__(self, tile: TileTask) -> str | None:
+        """Why the tile cannot be captioned, or None (its image decoded on the first call)."""
         if tile.tile_id not in self.errors:
             try:
                 load_image(tile.image_path)
@@ -190,82 +193,192 @@ class ImageCheck:
         self.errors[tile.tile_id] = reason
 
     def unreadable(self, tile: TileTask) -> bool:
+        """Whether the tile was found unreadable (or refused) so far."""
         return self.errors.get(tile.tile_id) is not None
 
 
-def _row(
-    tile, pid, attempt, expert, scorer, settings, run, request: CaptionRequest, result: CaptionResult, score
-) -> dict:
-    """One caption-store row: the request as sent (prompt, temperature, seed), its result and its score.
+@dataclass(frozen=True)
+class Resume:
+    """What earlier runs left in the store for the keys of a shard.
 
-    ``usable`` is the policy's verdict on the answer (only usable answers are scored); ``passed`` and ``selected`` are
-    set by the caller, which decides them for all attempts of a round, and of the run, at once.
+    Attributes:
+        done: the keys done (the policy's ``done``), which this run skips.
+        attempts: attempts so far per key: a key tried without success continues its attempt numbers (and so its
+            wordings and seeds).
     """
-    usable = settings.policy.usable(result.caption, result.error)  # exactly the answers that were scored
-    return {
-        "tile_id": tile.tile_id, "expert": expert.name, "model": expert.model, "backend": expert.backend,
-        "prompt_id": pid, "attempt": attempt, "prompt_text": request.prompt, "temperature": request.temperature,
-        "seed": request.seed, "caption": result.caption,
-        "n_tokens": score.n_tokens if score else None, "n_chunks": score.n_chunks if score else None,
-        "clip_model": scorer.model_id, "raw_cosine": score.raw_cosine if score else None,
-        "similarity": score.similarity if score else None, "tau": settings.policy.tau,
-        "gate_mode": settings.policy.mode, "gate_threshold": settings.policy.threshold(expert.name, pid),
-        "gate_score": settings.policy.gate_score(score.similarity, score.others) if score else None,
-        "usable": usable, "passed": False, "selected": False,
-        "finish_reason": result.finish_reason, "latency_s": result.latency_s, "created_at": datetime.now(UTC),
-        "run_id": run.run_id, "manifest_sha256": run.manifest_sha256, "image_sha256": tile.image_sha256,
-        # An expert that reads the class mask describes the mask of the split's source; a prompt states what its
-        # classes hold.
-        "split": tile.split, "protocol": tile.protocol,
-        "class_source": tile.class_source if expert.needs_class_mask else tile.classes.source,
-        "error": result.error if result.error else (None if usable else "empty caption"),
-    }  # fmt: skip
+
+    done: frozenset[Key] | set[Key] = frozenset()
+    attempts: Mapping[Key, int] = field(default_factory=dict)
 
 
-def _generate_and_score(
-    expert: Expert, scorer: ClipScorer, policy: GatePolicy, pending, requests, check: ImageCheck, shard: list[TileTask]
-) -> tuple[list[CaptionResult], dict]:
-    """Captions and the scores of the usable ones. Experts that serve concurrent batches (``pipeline_chunk``, the
-    HTTP backend) get the requests in chunks, two in flight, so CLIP scores one chunk while the next is generated.
-    A contrastive gate scores each chunk against the readable tiles of ``shard`` too (their image embeddings are
-    cached by the scorer: one matrix product per chunk)."""
-    chunk = expert.pipeline_chunk or len(requests)
-    spans = [(start, min(start + chunk, len(requests))) for start in range(0, len(requests), chunk)]
-    results: list[CaptionResult] = [None] * len(requests)  # type: ignore[list-item]
-    scores: dict = {}
+Pending = list[tuple[TileTask, str]]
 
-    def generate(start: int, end: int) -> list[CaptionResult]:
-        errors = [check(pending[i][0]) for i in range(start, end)]
-        readable = [i for i, error in zip(range(start, end), errors, strict=True) if error is None]
-        generated = iter(expert.generate([requests[i] for i in readable]) if readable else [])
-        return [
-            next(generated) if error is None else CaptionResult(None, None, None, 0.0, error=error) for error in errors
+
+@dataclass
+class _ShardGate:
+    """One expert's gate over one shard: builds each round's requests, generates and scores them, and turns the
+    answers into store rows (``caption_tiles`` runs the rounds)."""
+
+    expert: Expert
+    scorer: ClipScorer
+    settings: GateSettings
+    run: RunInfo
+    shard: list[TileTask]
+    check: ImageCheck = field(default_factory=ImageCheck)
+
+    @property
+    def policy(self) -> GatePolicy:
+        return self.settings.policy
+
+    def request(self, tile: TileTask, pid: str, attempt: int) -> CaptionRequest:
+        """The request of one attempt: its prompt wording and decoding change with the attempt."""
+        temperature, seed = self.settings.decoding(attempt)
+        return CaptionRequest(
+            tile_id=tile.tile_id, image_path=tile.image_path,
+            prompt=build_prompt(pid, tile.classes, attempt=attempt, override=self.settings.overrides.get(pid)),
+            prompt_id=pid, label_path=tile.label_path, class_names=tile.class_names, plurals=tile.plurals,
+            ignore_index=tile.ignore_index, temperature=temperature, seed=seed,
+        )  # fmt: skip
+
+    def round(self, pending: Pending, attempts: list[int]) -> tuple[list[dict], Pending]:
+        """One attempt at every pending key: its rows (``passed`` set) and the keys to ask again."""
+        requests = [self.request(tile, pid, attempt) for (tile, pid), attempt in zip(pending, attempts, strict=True)]
+        results, scores = self._generate_and_score(pending, requests)
+        rows = [
+            self._row(tile, pid, attempt, request, result, scores.get(i))
+            for i, ((tile, pid), attempt, request, result) in enumerate(
+                zip(pending, attempts, requests, results, strict=True)
+            )
         ]
+        passed = self.policy.passes(
+            [row["gate_score"] for row in rows],
+            [row["usable"] for row in rows],
+            [row["gate_threshold"] for row in rows],
+        )
+        again = []
+        for (tile, pid), row, flag in zip(pending, rows, passed.tolist(), strict=True):
+            row["passed"] = flag
+            if self.policy.reprompt(flag, readable=not self.check.unreadable(tile)):
+                again.append((tile, pid))
+        return rows, again
 
-    def score(start: int, end: int, part: list[CaptionResult]) -> None:
-        results[start:end] = part
-        usable = [i for i in range(start, end) if policy.usable(results[i].caption, results[i].error)]
+    def _row(
+        self,
+        tile: TileTask,
+        pid: str,
+        attempt: int,
+        request: CaptionRequest,
+        result: CaptionResult,
+        score: Score | None,
+    ) -> dict:
+        """One caption-store row: the request as sent (prompt, temperature, seed), its result and its score.
+
+        ``usable`` is the policy's verdict on the answer (only usable answers are scored); ``passed`` and ``selected``
+        are set by the caller, which decides them for all attempts of a round, and of the run, at once.
+        """
+        expert, policy = self.expert, self.policy
+        usable = policy.usable(result.caption, result.error)  # exactly the answers that were scored
+        return {
+            "tile_id": tile.tile_id, "expert": expert.name, "model": expert.model, "backend": expert.backend,
+            "prompt_id": pid, "attempt": attempt, "prompt_text": request.prompt,
+            "temperature": request.temperature, "seed": request.seed, "caption": result.caption,
+            "n_tokens": score.n_tokens if score else None, "n_chunks": score.n_chunks if score else None,
+            "clip_model": self.scorer.model_id, "raw_cosine": score.raw_cosine if score else None,
+            "similarity": score.similarity if score else None, "tau": policy.tau,
+            "gate_mode": policy.mode, "gate_threshold": policy.threshold(expert.name, pid),
+            "gate_score": policy.gate_score(score.similarity, score.others) if score else None,
+            "usable": usable, "passed": False, "selected": False,
+            "finish_reason": result.finish_reason, "latency_s": result.latency_s, "created_at": datetime.now(UTC),
+            "run_id": self.run.run_id, "manifest_sha256": self.run.manifest_sha256, "image_sha256": tile.image_sha256,
+            # An expert that reads the class mask describes the mask of the split's source; a prompt states what its
+            # classes hold.
+            "split": tile.split, "protocol": tile.protocol,
+            "class_source": tile.class_source if expert.needs_class_mask else tile.classes.source,
+            "error": result.error if result.error else (None if usable else "empty caption"),
+        }  # fmt: skip
+
+    def _generate(self, pending: Pending, requests: list[CaptionRequest]) -> list[CaptionResult]:
+        """The expert's answers; a tile whose image (or mask) cannot be read gets a failed result, never a request."""
+        errors = [self.check(tile) for tile, _ in pending]
+        readable = [request for request, error in zip(requests, errors, strict=True) if error is None]
+        generated = iter(self.expert.generate(readable) if readable else [])
+        return [next(generated) if error is None else CaptionResult(None, None, None, 0.0, error=error)
+                for error in errors]  # fmt: skip
+
+    def _score(self, pending: Pending, results: list[CaptionResult]) -> dict[int, Score]:
+        """The scores of the usable answers, by position. A contrastive gate scores them against the readable tiles
+        of the shard too (their image embeddings are cached by the scorer: one matrix product per chunk)."""
+        usable = [i for i, result in enumerate(results) if self.policy.usable(result.caption, result.error)]
         args = (
             [pending[i][0].image_sha256 for i in usable],
             [pending[i][0].image_path for i in usable],
             [results[i].caption for i in usable],
         )
-        if policy.contrastive and usable:
-            readable = [tile for tile in shard if check(tile) is None]
-            pool = ([tile.image_sha256 for tile in readable], [tile.image_path for tile in readable])
-            scored = scorer.score(*args, pool=pool)
+        if self.policy.contrastive and usable:
+            readable = [tile for tile in self.shard if self.check(tile) is None]
+            scored = self.scorer.score(
+                *args, pool=([t.image_sha256 for t in readable], [t.image_path for t in readable])
+            )
         else:
-            scored = scorer.score(*args)
-        scores.update(zip(usable, scored, strict=True))
+            scored = self.scorer.score(*args)
+        return dict(zip(usable, scored, strict=True))
 
-    if len(spans) == 1:
-        score(0, len(requests), generate(0, len(requests)))
+    def _generate_and_score(
+        self, pending: Pending, requests: list[CaptionRequest]
+    ) -> tuple[list[CaptionResult], dict[int, Score]]:
+        """Captions and the scores of the usable ones. Experts that serve concurrent batches (``pipeline_chunk``, the
+        HTTP backend) get the requests in chunks, two in flight, so CLIP scores one chunk while the next is
+        generated; the others get them at once."""
+        chunk = self.expert.pipeline_chunk or len(requests)
+        spans = [(start, min(start + chunk, len(requests))) for start in range(0, len(requests), chunk)]
+        results: list[CaptionResult] = []
+        scores: dict[int, Score] = {}
+
+        def collect(start: int, part: list[CaptionResult]) -> None:
+            results.extend(part)
+            scores.update({start + i: score for i, score in self._score(pending[start:], part).items()})
+
+        if len(spans) == 1:
+            collect(0, self._generate(pending, requests))
+            return results, scores
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            futures = [(start, pool.submit(self._generate, pending[start:end], requests[start:end]))
+                       for start, end in spans]  # fmt: skip
+            for start, future in futures:
+                collect(start, future.result())
         return results, scores
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = [(start, end, pool.submit(generate, start, end)) for start, end in spans]
-        for start, end, future in futures:
-            score(start, end, future.result())
-    return results, scores
+
+    def describable(self, tiles: list[TileTask]) -> list[TileTask]:
+        """The tiles this expert can caption: an expert that describes the class mask (``needs_class_mask``) skips
+        splits whose class source is none, and a tile of another split without a mask is refused (a failed
+        attempt, like an unreadable image)."""
+        if not self.expert.needs_class_mask:
+            return tiles
+        tiles = [tile for tile in tiles if tile.class_source != "none"]
+        for tile in tiles:
+            if tile.label_path is None:
+                self.check.refuse(tile, f"no class mask for this tile (class source '{tile.class_source}')")
+        return tiles
+
+    def check_ready(self, pending: Pending) -> None:
+        """Refuse, before the first request, a shard the gate cannot judge or a (expert, prompt) without a threshold.
+
+        Raises:
+            InputError: see :meth:`GateModeRule.check_shard` and :meth:`GatePolicy.threshold`.
+        """
+        if not pending:
+            return
+        self.policy.gate_mode.check_shard(len(self.shard), len({tile.image_sha256 for tile in self.shard}))
+        for pid in self.settings.prompt_ids:
+            self.policy.threshold(self.expert.name, pid)
+
+    def select(self, rows: list[dict]) -> None:
+        """Mark the selected attempt of every key among ``rows`` (this run's; compaction selects again over the
+        attempts of every run of a key)."""
+        if rows:
+            columns = [*KEY_COLUMNS, "attempt", "gate_score", "usable"]
+            for row, flag in zip(rows, self.policy.select(pd.DataFrame(rows, columns=columns)).tolist(), strict=True):
+                row["selected"] = flag
 
 
 def caption_tiles(
@@ -274,17 +387,16 @@ def caption_tiles(
     scorer: ClipScorer,
     settings: GateSettings,
     run: RunInfo,
-    skip: set[Key] | frozenset[Key] = frozenset(),
-    previous_attempts: dict[Key, int] | None = None,
+    resume: Resume = Resume(),
 ) -> list[dict]:
-    """Every attempt of ``expert`` on the (tile, prompt) pairs not in ``skip``, as caption-store rows.
+    """Every attempt of ``expert`` on the (tile, prompt) pairs not done in ``resume``, as caption-store rows.
 
     What is usable, what passes, which attempt is ``selected`` and when a key is asked again is the run's
-    ``GatePolicy``: a usable caption passes when its similarity reaches tau, an empty caption or a failed request
-    never does. Failures are re-generated until ``max_attempts``, each attempt with its own prompt wording and
-    decoding (``GateSettings.decoding``: sampling with seed = attempt after the first), so no two attempts of a key
-    send the same request; the best attempt per key is marked ``selected`` whether it passed or not.
-    ``previous_attempts`` continues the attempt numbers (and so the wordings and seeds) of keys that an earlier run
+    ``GatePolicy``: a usable caption passes when its gate score reaches its threshold, an empty caption or a failed
+    request never does. Failures are re-generated until ``max_attempts``, each attempt with its own prompt wording
+    and decoding (``GateSettings.decoding``: sampling with seed = attempt after the first), so no two attempts of a
+    key send the same request; the best attempt per key is marked ``selected`` whether it passed or not.
+    ``resume.attempts`` continues the attempt numbers (and so the wordings and seeds) of keys that an earlier run
     tried without success. A tile whose image cannot be read gets one failed attempt per prompt, is never
     re-prompted, and the others go on. An expert whose answer a re-prompt cannot change (``reprompts`` False) gets
     one attempt per key. An expert that describes the class mask of the split's class source (``needs_class_mask``,
@@ -299,73 +411,18 @@ def caption_tiles(
         InputError: a contrastive gate asked to caption a single tile; a percentile gate without the threshold of
             one of its (expert, prompt) pairs.
     """
-    policy = settings.policy
-    previous = previous_attempts or {}
-    check = ImageCheck()
-    shard = list(tiles)
-    if expert.needs_class_mask:  # nothing to describe where the class source is none
-        tiles = [tile for tile in tiles if tile.class_source != "none"]
-        for tile in tiles:
-            if tile.label_path is None:
-                check.refuse(tile, f"no class mask for this tile (class source '{tile.class_source}')")
-    pending = [
-        (tile, pid) for tile in tiles for pid in settings.prompt_ids if (tile.tile_id, expert.name, pid) not in skip
-    ]
-    if policy.contrastive and pending and len({tile.image_sha256 for tile in shard}) < 2:
-        raise InputError(
-            f"contrastive gate: a shard of {len(shard)} tile(s) has no other tile to contrast a caption with "
-            "(caption at least two distinct tiles per shard)"
-        )
-    if pending:  # a percentile gate without its threshold stops before the first request
-        for pid in settings.prompt_ids:
-            policy.threshold(expert.name, pid)
+    gate = _ShardGate(expert, scorer, settings, run, list(tiles))
+    pending = [(tile, pid) for tile in gate.describable(list(tiles)) for pid in settings.prompt_ids
+               if (tile.tile_id, expert.name, pid) not in resume.done]  # fmt: skip
+    gate.check_ready(pending)
     rows: list[dict] = []
-    for round_ in range(policy.rounds(expert.reprompts)):
+    for round_ in range(settings.policy.rounds(expert.reprompts)):
         if not pending:
             break
-        attempts = [previous.get((tile.tile_id, expert.name, pid), 0) + round_ for tile, pid in pending]
-        requests = []
-        for (tile, pid), attempt in zip(pending, attempts, strict=True):
-            temperature, seed = settings.decoding(attempt)
-            requests.append(
-                CaptionRequest(
-                    tile_id=tile.tile_id,
-                    image_path=tile.image_path,
-                    prompt=build_prompt(pid, tile.classes, attempt=attempt, override=settings.overrides.get(pid)),
-                    prompt_id=pid,
-                    label_path=tile.label_path,
-                    class_names=tile.class_names,
-                    plurals=tile.plurals,
-                    ignore_index=tile.ignore_index,
-                    temperature=temperature,
-                    seed=seed,
-                )
-            )
-        results, scores = _generate_and_score(expert, scorer, policy, pending, requests, check, shard)
-        round_rows = [
-            _row(tile, pid, attempt, expert, scorer, settings, run, request, result, scores.get(i))
-            for i, ((tile, pid), attempt, request, result) in enumerate(
-                zip(pending, attempts, requests, results, strict=True)
-            )
-        ]
-        passed = policy.passes(
-            [row["gate_score"] for row in round_rows],
-            [row["usable"] for row in round_rows],
-            [row["gate_threshold"] for row in round_rows],
-        )
-        still_failing = []
-        for (tile, pid), row, flag in zip(pending, round_rows, passed.tolist(), strict=True):
-            row["passed"] = flag
-            if policy.reprompt(flag, readable=not check.unreadable(tile)):
-                still_failing.append((tile, pid))
+        attempts = [resume.attempts.get((tile.tile_id, expert.name, pid), 0) + round_ for tile, pid in pending]
+        round_rows, pending = gate.round(pending, attempts)
         rows += round_rows
-        pending = still_failing
-    if rows:
-        # Selection within this run; compaction selects again over the attempts of every run of a key.
-        columns = [*KEY_COLUMNS, "attempt", "gate_score", "usable"]
-        flags = policy.select(pd.DataFrame(rows, columns=columns)).tolist()
-        for row, flag in zip(rows, flags, strict=True):
-            row["selected"] = flag
+    gate.select(rows)
     return rows
 
 
@@ -398,7 +455,7 @@ def calibrate_thresholds(
     Raises:
         InputError: a prompt without a usable caption in the sample (nothing to derive its threshold from).
     """
-    sampling = replace(settings, policy=replace(settings.policy, mode="absolute", max_attempts=1))
+    sampling = replace(settings, policy=settings.policy.calibration_sampling())
     rows = caption_tiles(tiles, expert, scorer, sampling, run)
     thresholds: dict[tuple[str, str], float] = {}
     sizes: dict[tuple[str, str], int] = {}

@@ -8,7 +8,10 @@ the store applies itself, selection across runs (compaction) and done keys (resu
 of the project.
 
 The gate mode (``captions.gate.mode``) decides the number an attempt is judged by (its ``gate_score``) and the
-threshold it must reach (its ``gate_threshold``); both are recorded per row with ``gate_mode``:
+threshold it must reach (its ``gate_threshold``); both are recorded per row with ``gate_mode``. Each mode is one
+object (:class:`GateModeRule`, registered in :data:`GATE_MODES`) that the gate, the flows, the report and the
+calibration ask what they need; no mode name is compared anywhere else. Adding a mode touches two files: its object
+here and its name and settings in the manifest schema (``manifests.run_manifest.GateMode`` and ``GateConfig``).
 
 - ``absolute`` (the paper): the eq. 2 similarity against ``tau``.
 - ``percentile``: the similarity against a threshold per (expert, prompt), the ``1 - keep_top`` quantile of the
@@ -20,7 +23,9 @@ threshold it must reach (its ``gate_threshold``); both are recorded per row with
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
+from typing import ClassVar, Protocol
 
 import numpy as np
 import pandas as pd
@@ -29,6 +34,225 @@ from numpy.typing import ArrayLike
 from manifests.caption_store import KEY_COLUMNS
 from manifests.errors import InputError
 from manifests.run_manifest import CaptionsConfig, GateMode
+
+
+class CalibrationGroup(Protocol):
+    """What a gate mode's suggestion reads of one expert's calibration (``flows.calibrate.GroupCalibration``)."""
+
+    tau_at_false_pass: float
+    false_pass_at_suggested: float
+    own_pass_at_suggested: float
+    margin_at_false_pass: float
+    own_pass_at_margin: float
+
+
+class GateModeRule(ABC):
+    """One gate mode: the number an attempt is judged by, the threshold it must reach, and what runs, reports and
+    calibrations say and check about it. Stateless: the settings are the :class:`GatePolicy`'s, passed in.
+
+    Attributes:
+        name: the mode's name in a manifest (``captions.gate.mode``) and in the store (``gate_mode``).
+        setting: the manifest key of the one threshold every (expert, prompt) shares; None where the thresholds are
+            derived per (expert, prompt) from a calibration sample before the run and kept beside the store.
+        contrasts_shard: whether a caption is also scored against the other tiles of its shard.
+        min_shard_tiles: the fewest tiles a shard must hold (a last shard with fewer joins the one before it).
+        threshold_is_tau: whether the threshold is ``captions.tau``, so the report's tau sweep is this gate's.
+        calibration_note: what a calibration's estimate of this mode does not capture (None: nothing).
+    """
+
+    name: ClassVar[str]
+    setting: ClassVar[str | None]
+    contrasts_shard: ClassVar[bool] = False
+    min_shard_tiles: ClassVar[int] = 1
+    threshold_is_tau: ClassVar[bool] = False
+    calibration_note: ClassVar[str | None] = None
+
+    @property
+    def derives_thresholds(self) -> bool:
+        """Whether the thresholds are derived per (expert, prompt) before a run (and read from the store's sidecar)."""
+        return self.setting is None
+
+    def fixed_threshold(self, policy: GatePolicy) -> float | None:
+        """The threshold every (expert, prompt) shares under ``policy``; None where each has its derived one."""
+        return None
+
+    def score(self, similarity: float, others: float | None) -> float | None:
+        """The number a scored attempt is judged by, from its similarity to its own tile and its mean similarity to
+        the other tiles of its shard (None where there are none, or they were not scored)."""
+        return similarity
+
+    @abstractmethod
+    def describe(self, policy: GatePolicy, shown: int) -> str:
+        """One line: this gate and its threshold(s) under ``policy``, as a run summary shows it."""
+
+    @abstractmethod
+    def store_summary(self, thresholds: str) -> str:
+        """The gate of a store's attempts in words, given the threshold(s) they recorded (one value or a range)."""
+
+    @abstractmethod
+    def calibration_pass_rate(self, own: np.ndarray, contrast: np.ndarray, policy: GatePolicy) -> float:
+        """The share of a calibration sample's own captions this gate would pass under ``policy``.
+
+        Args:
+            own: their similarities to their own tiles.
+            contrast: their similarity minus their mean similarity to the sample's other tiles.
+            policy: the manifest's gate settings.
+        """
+
+    @abstractmethod
+    def suggestion(self, group: CalibrationGroup, false_pass: float) -> str:
+        """What to set for this mode so that at most ``false_pass`` of shuffled captions pass (an expert's
+        calibration ``group``)."""
+
+    def check_run(self, tiles: int, shard_size: int) -> None:
+        """Refuse, before a run starts, ``tiles`` tiles in shards of ``shard_size`` that this gate cannot judge (by
+        default it judges any).
+
+        Raises:
+            InputError: one line saying what to change.
+        """
+        return  # a gate that judges each caption alone judges any run
+
+    def check_shard(self, tiles: int, distinct: int) -> None:
+        """Refuse a shard of ``tiles`` tiles (``distinct`` distinct images) that this gate cannot judge (by default it
+        judges any).
+
+        Raises:
+            InputError: one line saying what to change.
+        """
+        return  # a gate that judges each caption alone judges any shard
+
+
+class AbsoluteGate(GateModeRule):
+    """The paper's gate: the similarity (eq. 2) against ``captions.tau``."""
+
+    name = "absolute"
+    setting = "captions.tau"
+    threshold_is_tau = True
+
+    def fixed_threshold(self, policy: GatePolicy) -> float | None:
+        """``tau``."""
+        return policy.tau
+
+    def describe(self, policy: GatePolicy, shown: int) -> str:
+        """``gate: absolute, tau <tau>``."""
+        return f"gate: absolute, tau {policy.tau:g}"
+
+    def store_summary(self, thresholds: str) -> str:
+        """The similarity against tau."""
+        return f"gate mode absolute: similarity >= tau = {thresholds}"
+
+    def calibration_pass_rate(self, own: np.ndarray, contrast: np.ndarray, policy: GatePolicy) -> float:
+        """The share of own captions at or above tau."""
+        return float((own >= policy.tau).mean())
+
+    def suggestion(self, group: CalibrationGroup, false_pass: float) -> str:
+        """The false-pass tau."""
+        return (
+            f"captions.tau: {group.tau_at_false_pass:.3f} (false-pass {group.false_pass_at_suggested:.1%}; "
+            f"passes {group.own_pass_at_suggested:.1%} of own captions)"
+        )
+
+
+class PercentileGate(GateModeRule):
+    """The similarity against a threshold per (expert, prompt): the ``1 - keep_top`` quantile of the attempt-0
+    similarities of a calibration sample (:meth:`GatePolicy.percentile_threshold`)."""
+
+    name = "percentile"
+    setting = None
+
+    def describe(self, policy: GatePolicy, shown: int) -> str:
+        """``keep_top`` and the first ``shown`` derived thresholds."""
+        pairs = [f"{expert}/{pid} {value:.3f}" for (expert, pid), value in sorted(policy.thresholds.items())]
+        listed = ", ".join(pairs[:shown]) or "none derived"
+        more = f", ... ({len(pairs) - shown} more)" if len(pairs) > shown else ""
+        return f"gate: percentile keep_top {policy.keep_top:g}, thresholds per expert/prompt: {listed}{more}"
+
+    def store_summary(self, thresholds: str) -> str:
+        """The similarity against a threshold per expert and prompt."""
+        return (
+            f"gate mode percentile: similarity >= a threshold per expert and prompt ({thresholds}; see the gate table)"
+        )
+
+    def calibration_pass_rate(self, own: np.ndarray, contrast: np.ndarray, policy: GatePolicy) -> float:
+        """``keep_top``, by definition."""
+        return policy.keep_top
+
+    def suggestion(self, group: CalibrationGroup, false_pass: float) -> str:
+        """The share of own captions at or above the false-pass tau."""
+        return (
+            f"captions.gate.keep_top: {group.own_pass_at_suggested:.2f} (share of own captions above "
+            f"{group.tau_at_false_pass:.3f} ≈ {group.own_pass_at_suggested:.1%})"
+        )
+
+
+class ContrastiveGate(GateModeRule):
+    """The similarity to the caption's own tile minus its mean similarity to the other tiles of the shard, against
+    ``captions.gate.margin``: text that fits any tile as well as its own (generic, or another tile's) fails."""
+
+    name = "contrastive"
+    setting = "captions.gate.margin"
+    contrasts_shard = True
+    min_shard_tiles = 2
+    calibration_note = (
+        "contrastive here compares a caption against random tiles of the sample; a run compares it against the other "
+        "tiles of its shard (neighbours, often alike), so the margin and pass rate are an estimate (a run's own-minus-"
+        "others tends to be lower)"
+    )
+
+    def fixed_threshold(self, policy: GatePolicy) -> float | None:
+        """``margin``."""
+        return policy.margin
+
+    def score(self, similarity: float, others: float | None) -> float | None:
+        """Own minus others; None without other tiles (such an attempt never passes)."""
+        return None if others is None else similarity - float(others)
+
+    def describe(self, policy: GatePolicy, shown: int) -> str:
+        """``gate: contrastive, margin <margin> ...``."""
+        return f"gate: contrastive, margin {policy.margin:g} against the other tiles of each shard"
+
+    def store_summary(self, thresholds: str) -> str:
+        """Own minus others against the margin."""
+        return (
+            "gate mode contrastive: own similarity minus the mean similarity to the shard's other tiles >= margin = "
+            f"{thresholds}"
+        )
+
+    def calibration_pass_rate(self, own: np.ndarray, contrast: np.ndarray, policy: GatePolicy) -> float:
+        """The share of own captions whose own-minus-others reaches the margin."""
+        return float((contrast >= policy.margin).mean())
+
+    def suggestion(self, group: CalibrationGroup, false_pass: float) -> str:
+        """The false-pass quantile of the shuffled captions' own-minus-others."""
+        return (
+            f"captions.gate.margin: {group.margin_at_false_pass:.3f} (the own-minus-others value at false-pass "
+            f"{false_pass:.0%}; passes {group.own_pass_at_margin:.1%} of own captions, an estimate)"
+        )
+
+    def check_run(self, tiles: int, shard_size: int) -> None:
+        """Refuse a run of one tile, or shards of one tile."""
+        if tiles == 1:
+            raise InputError("captions.gate.mode contrastive: one tile has no other tile to contrast a caption with")
+        if shard_size < 2 and tiles > 1:
+            raise InputError(
+                f"captions.gate.mode contrastive: a shard size of {shard_size} leaves a caption no other tile of its "
+                "shard to contrast with; raise --shard-size (or captions.shard_size) to 2 at least"
+            )
+
+    def check_shard(self, tiles: int, distinct: int) -> None:
+        """Refuse a shard without two distinct images."""
+        if distinct < 2:
+            raise InputError(
+                f"contrastive gate: a shard of {tiles} tile(s) has no other tile to contrast a caption with "
+                "(caption at least two distinct tiles per shard)"
+            )
+
+
+# Every gate mode, by name; the manifest's ``GateMode`` literal names the same ones (tests/test_gate_modes.py).
+GATE_MODES: dict[str, GateModeRule] = {
+    rule.name: rule for rule in (AbsoluteGate(), PercentileGate(), ContrastiveGate())
+}
 
 
 @dataclass(frozen=True)
@@ -71,25 +295,28 @@ class GatePolicy:
         """This policy with a percentile gate's derived thresholds per (expert, prompt id)."""
         return replace(self, thresholds=dict(thresholds))
 
+    def calibration_sampling(self) -> GatePolicy:
+        """The policy a percentile gate's calibration samples with: attempt 0 only, judged against tau (it needs no
+        threshold yet; only the similarities are kept)."""
+        return replace(self, mode=AbsoluteGate.name, max_attempts=1)
+
+    @property
+    def gate_mode(self) -> GateModeRule:
+        """The object of this policy's gate mode."""
+        return GATE_MODES[self.mode]
+
     def describe(self, shown: int = 6) -> str:
         """One line: the gate mode and its threshold(s), as a run summary shows it.
 
         Args:
             shown: how many derived thresholds of a percentile gate are listed before the rest is counted.
         """
-        if self.mode == "absolute":
-            return f"gate: absolute, tau {self.tau:g}"
-        if self.mode == "contrastive":
-            return f"gate: contrastive, margin {self.margin:g} against the other tiles of each shard"
-        pairs = [f"{expert}/{pid} {value:.3f}" for (expert, pid), value in sorted(self.thresholds.items())]
-        listed = ", ".join(pairs[:shown]) or "none derived"
-        more = f", ... ({len(pairs) - shown} more)" if len(pairs) > shown else ""
-        return f"gate: percentile keep_top {self.keep_top:g}, thresholds per expert/prompt: {listed}{more}"
+        return self.gate_mode.describe(self, shown)
 
     @property
     def contrastive(self) -> bool:
         """Whether the gate scores a caption against the other tiles of its shard too."""
-        return self.mode == "contrastive"
+        return self.gate_mode.contrasts_shard
 
     def threshold(self, expert: str, prompt_id: str) -> float:
         """The number an attempt's ``gate_score`` must reach: tau, the margin, or the derived threshold of the
@@ -98,13 +325,12 @@ class GatePolicy:
         Raises:
             InputError: a percentile gate without a derived threshold for this (expert, prompt).
         """
-        if self.mode == "absolute":
-            return self.tau
-        if self.mode == "contrastive":
-            return self.margin
+        fixed = self.gate_mode.fixed_threshold(self)
+        if fixed is not None:
+            return fixed
         if (expert, prompt_id) not in self.thresholds:
             raise InputError(
-                f"percentile gate: no derived threshold for expert '{expert}', prompt {prompt_id} (calibrate first)"
+                f"{self.mode} gate: no derived threshold for expert '{expert}', prompt {prompt_id} (calibrate first)"
             )
         return self.thresholds[(expert, prompt_id)]
 
@@ -117,11 +343,7 @@ class GatePolicy:
             similarity: the eq. 2 similarity of the caption to its own tile, None when unscored.
             others: the mean eq. 2 similarity of the caption to the shard's other tiles, None when there are none.
         """
-        if similarity is None:
-            return None
-        if not self.contrastive:
-            return float(similarity)
-        return None if others is None else float(similarity) - float(others)
+        return None if similarity is None else self.gate_mode.score(float(similarity), others)
 
     def percentile_threshold(self, similarities: ArrayLike) -> float:
         """A percentile gate's threshold from the attempt-0 similarities of a calibration sample: their
@@ -153,9 +375,9 @@ class GatePolicy:
         """
         score = np.asarray(score, dtype=np.float64)  # None becomes NaN, which reaches no threshold
         if threshold is None:
-            if self.mode == "percentile":
-                raise InputError("percentile gate: passes() needs the thresholds of the attempts")
-            threshold = self.tau if self.mode == "absolute" else self.margin
+            threshold = self.gate_mode.fixed_threshold(self)
+            if threshold is None:
+                raise InputError(f"{self.mode} gate: passes() needs the thresholds of the attempts")
         return np.asarray(usable, dtype=bool) & (score >= np.asarray(threshold, dtype=np.float64))
 
     def select(self, frame: pd.DataFrame) -> pd.Series:

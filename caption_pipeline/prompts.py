@@ -52,10 +52,12 @@ class TileClasses:
 
     @property
     def present(self) -> list[str]:
+        """The classes with a share above zero, the largest first."""
         ranked = sorted(self.fractions.items(), key=lambda item: -item[1])
         return [name for name, share in ranked if share > 0]
 
     def proportions(self) -> str:
+        """``class (NN%), ...`` of the present classes, the largest first."""
         ranked = sorted(self.fractions.items(), key=lambda item: -item[1])
         return ", ".join(f"{readable(name)} ({share * 100:.0f}%)" for name, share in ranked if share > 0)
 

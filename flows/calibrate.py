@@ -37,13 +37,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from caption_pipeline.policy import GATE_MODES, GatePolicy
 from caption_pipeline.scoring import normalized_similarity
 from flows.console import console
 from manifests.atomic import atomic_path, atomic_write_text
 from manifests.caption_store import selected_captions
 from manifests.errors import InputError
 from manifests.run_manifest import load_manifest
-from manifests.tile_index import read_tile_index
+from manifests.tile_index import TileIndex, read_tile_index
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 DEFAULT_KEEP_TOP = 0.3
@@ -52,6 +53,8 @@ DEFAULT_MARGIN = 0.02
 # mostly filters at random, so no threshold is recommended (a warning says what to check instead).
 AUC_FLOOR = 0.6
 PREVIOUS_FILE = "calibration.prev.json"
+# The gate mode that compares the similarity with the manifest's tau: its pass rate is the one "at tau".
+TAU_MODE = next(name for name, rule in GATE_MODES.items() if rule.threshold_is_tau)
 
 
 class _TextEncoder(Protocol):
@@ -64,7 +67,9 @@ class Scorer(Protocol):
     model_id: str
     text_encoder: _TextEncoder
 
-    def image_embeddings(self, keys: list[str], paths: list[Path]) -> torch.Tensor: ...
+    def image_embeddings(self, keys: list[str], paths: list[Path]) -> torch.Tensor:
+        """Normalised image embeddings, one row per key (cached by key)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -77,10 +82,12 @@ class Distribution:
 
     @classmethod
     def of(cls, values: np.ndarray) -> Distribution:
+        """The count, mean and quantiles (``QUANTILES``) of ``values``."""
         quantiles = {f"q{round(q * 100):02d}": float(np.quantile(values, q)) for q in QUANTILES}
         return cls(len(values), float(values.mean()), quantiles)
 
     def describe(self) -> str:
+        """``mean [q05 q50 q95]``."""
         q = self.quantiles
         return f"{self.mean:.3f} [{q['q05']:.3f} {q['q50']:.3f} {q['q95']:.3f}]"
 
@@ -142,22 +149,17 @@ class Calibration:
     replaced: bool = False
 
     def to_json(self) -> dict[str, Any]:
+        """What ``calibration.json`` holds: every field but the pairs, each expert's suggestions (or warning), and
+        the note of every gate mode whose estimate has one (``<mode>_note``)."""
         data = asdict(self)
         del data["pairs"], data["replaced"]
         data["folder"] = str(self.folder)
-        data["contrastive_note"] = CONTRASTIVE_NOTE
+        data |= {f"{rule.name}_note": rule.calibration_note for rule in GATE_MODES.values() if rule.calibration_note}
         for expert, values in data["experts"].items():
             values["suggestions"] = suggestions(self.experts[expert], self.false_pass)
             if self.experts[expert].low_auc:
                 values["warning"] = low_auc_warning(expert, self.experts[expert].auc)
         return data
-
-
-CONTRASTIVE_NOTE = (
-    "contrastive here compares a caption against random tiles of the sample; a run compares it against the other "
-    "tiles of its shard (neighbours, often alike), so the margin and pass rate are an estimate (a run's own-minus-"
-    "others tends to be lower)"
-)
 
 
 def low_auc_warning(expert: str, auc: float) -> str:
@@ -174,14 +176,7 @@ def suggestions(group: GroupCalibration, false_pass: float) -> dict[str, str]:
     ``AUC_FLOOR``: no setting filters by fit then)."""
     if group.low_auc:
         return {}
-    return {
-        "absolute": f"captions.tau: {group.tau_at_false_pass:.3f} (false-pass {group.false_pass_at_suggested:.1%}; "
-        f"passes {group.own_pass_at_suggested:.1%} of own captions)",
-        "percentile": f"captions.gate.keep_top: {group.own_pass_at_suggested:.2f} (share of own captions above "
-        f"{group.tau_at_false_pass:.3f} ≈ {group.own_pass_at_suggested:.1%})",
-        "contrastive": f"captions.gate.margin: {group.margin_at_false_pass:.3f} (the own-minus-others value at "
-        f"false-pass {false_pass:.0%}; passes {group.own_pass_at_margin:.1%} of own captions, an estimate)",
-    }
+    return {name: rule.suggestion(group, false_pass) for name, rule in GATE_MODES.items()}
 
 
 def roc_auc(positive: np.ndarray, negative: np.ndarray) -> float:
@@ -224,7 +219,8 @@ def cosine_matrix(scorer: Scorer, keys: list[str], paths: list[Path], captions: 
     return (torch.cat(texts).to(images.device) @ images.T).clamp(-1, 1).double().cpu().numpy()
 
 
-def _group(frame: pd.DataFrame, tau: float, false_pass: float, keep_top: float, margin: float) -> GroupCalibration:
+def _group(frame: pd.DataFrame, policy: GatePolicy, false_pass: float) -> GroupCalibration:
+    """The calibration of the own and shuffled pairs of ``frame`` against the manifest's gate settings ``policy``."""
     own = frame.loc[frame["kind"] == "own", "similarity"].to_numpy()
     shuffled = frame.loc[frame["kind"] == "shuffled", "similarity"].to_numpy()
     contrast = frame.loc[frame["kind"] == "own", "contrast"].to_numpy()
@@ -242,12 +238,8 @@ def _group(frame: pd.DataFrame, tau: float, false_pass: float, keep_top: float, 
         own_pass_at_suggested=float((own >= suggested).mean()),
         youden_tau=youden_tau,
         youden_j=youden_j,
-        false_pass_at_tau=float((shuffled >= tau).mean()),
-        pass_rates={
-            "absolute": float((own >= tau).mean()),
-            "percentile": keep_top,
-            "contrastive": float((contrast >= margin).mean()),
-        },
+        false_pass_at_tau=float((shuffled >= policy.tau).mean()),
+        pass_rates={name: rule.calibration_pass_rate(own, contrast, policy) for name, rule in GATE_MODES.items()},
         margin_at_false_pass=suggested_margin,
         own_pass_at_margin=float((contrast >= suggested_margin).mean()),
         low_auc=bool(auc < AUC_FLOOR),
@@ -286,68 +278,87 @@ def calibrate_gate(
         InputError: a bad setting, an unknown manifest or one without captions, no tile index, no store, a store
             without usable captions of the index's tiles.
     """
-    if sample < 2:
-        raise InputError(f"--sample: need at least 2 tiles to shuffle captions between them (got {sample})")
-    if not 0 < false_pass < 1:
-        raise InputError(f"--false-pass: a share between 0 and 1, exclusive (got {false_pass})")
+    _check_options(sample, false_pass)
     loaded = load_manifest(manifest)
     if loaded.captions is None:
         raise InputError(f"manifest {loaded.source}: has no captions section")
     config = loaded.captions
     index = read_tile_index(loaded.tiling.out)
     store_path = Path(store or config.store)
-    hint = f"run `flows run generate-captions --manifest {manifest} --limit N` first"
-    if not store_path.exists() or (store_path.is_dir() and not any(store_path.glob("[!.]*.parquet"))):
-        raise InputError(f"caption store {store_path}: no captions yet ({hint})")
-    captions = selected_captions(store_path)
-    known = set(index.frame["tile_id"])
-    captions = captions[captions["usable"] & captions["tile_id"].isin(known)]
-    candidates = sorted(set(captions["tile_id"]))
-    if not candidates:
-        raise InputError(f"caption store {store_path}: no usable captions of the index's tiles ({hint})")
-    if len(candidates) < 2:
-        raise InputError(f"caption store {store_path}: usable captions of only 1 tile, need 2 to shuffle ({hint})")
+    captions = _usable_captions(store_path, index, f"run `flows run generate-captions --manifest {manifest} --limit N` "
+                                "first")  # fmt: skip
     rng = np.random.default_rng(seed)
+    candidates = sorted(set(captions["tile_id"]))
     tiles = sorted(rng.choice(candidates, size=min(sample, len(candidates)), replace=False).tolist())
     partner = dict(zip(tiles, (tiles[i] for i in derangement(len(tiles), rng)), strict=True))
-    column = {tile: i for i, tile in enumerate(tiles)}
-    rows = index.frame.set_index("tile_id").loc[tiles]
-    keys = rows["image_sha256"].tolist()
-    paths = [index.path(path) for path in rows["image_path"]]
     if scorer is None:
         from caption_pipeline.scoring import ClipScorer
 
         scorer = ClipScorer(config.clip)
-    keep_top = _gate_setting(config, "keep_top", DEFAULT_KEEP_TOP)
-    margin = _gate_setting(config, "margin", DEFAULT_MARGIN)
+    pairs = _pairs(scorer, index, captions, partner, config.clip.batch_size)
+    policy = GatePolicy(tau=config.tau, keep_top=_gate_setting(config, "keep_top", DEFAULT_KEEP_TOP),
+                        margin=_gate_setting(config, "margin", DEFAULT_MARGIN))  # fmt: skip
+    experts = {expert: _group(group, policy, false_pass) for expert, group in pairs.groupby("expert", sort=True)}
+    prompts: dict[str, dict[str, GroupCalibration]] = {}
+    for (expert, prompt), group in pairs.groupby(["expert", "prompt_id"], sort=True):
+        prompts.setdefault(str(expert), {})[str(prompt)] = _group(group, policy, false_pass)
+    calibration = Calibration(
+        clip_model=scorer.model_id, tau=config.tau, raw_cosine_tau=2 * config.tau - 1, false_pass=false_pass,
+        keep_top=policy.keep_top, margin=policy.margin, sample_size=len(tiles), seed=seed, store=str(store_path),
+        experts=experts, prompts=prompts, folder=store_path / "calibration", pairs=pairs,
+    )  # fmt: skip
+    replaced = _write(calibration)
+    return replace(calibration, replaced=replaced)
 
+
+def _check_options(sample: int, false_pass: float) -> None:
+    """Refuse a sample too small to shuffle and a false-pass share outside (0, 1)."""
+    if sample < 2:
+        raise InputError(f"--sample: need at least 2 tiles to shuffle captions between them (got {sample})")
+    if not 0 < false_pass < 1:
+        raise InputError(f"--false-pass: a share between 0 and 1, exclusive (got {false_pass})")
+
+
+def _usable_captions(store: Path, index: TileIndex, hint: str) -> pd.DataFrame:
+    """The store's usable selected captions of the index's tiles.
+
+    Raises:
+        InputError: no store, or usable captions of fewer than 2 of the index's tiles (``hint`` says what to run).
+    """
+    if not store.exists() or (store.is_dir() and not any(store.glob("[!.]*.parquet"))):
+        raise InputError(f"caption store {store}: no captions yet ({hint})")
+    captions = selected_captions(store)
+    captions = captions[captions["usable"] & captions["tile_id"].isin(set(index.frame["tile_id"]))]
+    tiles = captions["tile_id"].nunique()
+    if not tiles:
+        raise InputError(f"caption store {store}: no usable captions of the index's tiles ({hint})")
+    if tiles < 2:
+        raise InputError(f"caption store {store}: usable captions of only 1 tile, need 2 to shuffle ({hint})")
+    return captions
+
+
+def _pairs(
+    scorer: Scorer, index: TileIndex, captions: pd.DataFrame, partner: dict[str, str], batch_size: int
+) -> pd.DataFrame:
+    """Every caption of the sampled tiles (the keys of ``partner``) scored against its own tile and against its
+    tile's partner (``kind`` own | shuffled), with its similarity minus its mean over the rest of the sample."""
+    tiles = list(partner)
+    column = {tile: i for i, tile in enumerate(tiles)}
+    rows = index.frame.set_index("tile_id").loc[tiles]
+    paths = [index.path(path) for path in rows["image_path"]]
     chosen = captions[captions["tile_id"].isin(column)].sort_values(["expert", "prompt_id", "tile_id"])
-    cosines = cosine_matrix(scorer, keys, paths, chosen["caption"].tolist(), config.clip.batch_size)
+    cosines = cosine_matrix(scorer, rows["image_sha256"].tolist(), paths, chosen["caption"].tolist(), batch_size)
     records = []
     labels = zip(chosen["tile_id"], chosen["expert"], chosen["prompt_id"], strict=True)
     for row, (tile, expert, prompt) in enumerate(labels):
         similarities = normalized_similarity(cosines[row])
-        own, other = column[tile], column[partner[tile]]
-        for kind, col in (("own", own), ("shuffled", other)):
+        for kind, col in (("own", column[tile]), ("shuffled", column[partner[tile]])):
             # Own minus the mean over the rest of the sample, with the image it is scored against as "own".
             contrast = similarities[col] - np.delete(similarities, col).mean()
             records.append({"expert": expert, "prompt_id": prompt, "tile_id": tile, "kind": kind,
                             "image_tile_id": tiles[col], "similarity": float(similarities[col]),
                             "raw_cosine": float(cosines[row, col]), "contrast": float(contrast)})  # fmt: skip
-    pairs = pd.DataFrame.from_records(records)
-
-    settings = (config.tau, false_pass, keep_top, margin)
-    experts = {expert: _group(group, *settings) for expert, group in pairs.groupby("expert", sort=True)}
-    prompts: dict[str, dict[str, GroupCalibration]] = {}
-    for (expert, prompt), group in pairs.groupby(["expert", "prompt_id"], sort=True):
-        prompts.setdefault(str(expert), {})[str(prompt)] = _group(group, *settings)
-    calibration = Calibration(
-        clip_model=scorer.model_id, tau=config.tau, raw_cosine_tau=2 * config.tau - 1, false_pass=false_pass,
-        keep_top=keep_top, margin=margin, sample_size=len(tiles), seed=seed, store=str(store_path),
-        experts=experts, prompts=prompts, folder=store_path / "calibration", pairs=pairs,
-    )  # fmt: skip
-    replaced = _write(calibration)
-    return replace(calibration, replaced=replaced)
+    return pd.DataFrame.from_records(records)
 
 
 def _write(calibration: Calibration) -> bool:
@@ -398,12 +409,12 @@ def _plot(calibration: Calibration, path: Path) -> None:
 def print_calibration(calibration: Calibration, out: Console = console) -> None:
     """The per-expert (and per-prompt) table, then per expert what the numbers say and what to set per gate mode."""
     table = Table("expert", "prompt", "n", r"own mean \[q05 q50 q95]", r"shuffled mean \[q05 q50 q95]", "AUC",
-                  f"tau @ {calibration.false_pass:.0%} false pass", "Youden tau", "absolute", "percentile",
-                  "contrastive", title="gate calibration (similarity = cos/2 + 1/2)")  # fmt: skip
+                  f"tau @ {calibration.false_pass:.0%} false pass", "Youden tau", *GATE_MODES,
+                  title="gate calibration (similarity = cos/2 + 1/2)")  # fmt: skip
     for expert, result in calibration.experts.items():
         groups = [("all", result), *calibration.prompts[expert].items()]
         for prompt, group in groups if len(groups) > 2 else groups[:1]:
-            rates = [f"{group.pass_rates[mode]:.1%}" for mode in ("absolute", "percentile", "contrastive")]
+            rates = [f"{group.pass_rates[mode]:.1%}" for mode in GATE_MODES]
             taus = [f"{group.auc:.3f}", f"{group.tau_at_false_pass:.3f}", f"{group.youden_tau:.3f}"]
             table.add_row(
                 expert, prompt, str(group.own.n), group.own.describe(), group.shuffled.describe(), *taus, *rates
@@ -422,7 +433,7 @@ def print_calibration(calibration: Calibration, out: Console = console) -> None:
     for expert, result in calibration.experts.items():
         say(
             f"{expert}: own {result.own.describe()}, shuffled {result.shuffled.describe()}, AUC {result.auc:.3f}; "
-            f"at tau {calibration.tau:.3f} {result.pass_rates['absolute']:.1%} own and "
+            f"at tau {calibration.tau:.3f} {result.pass_rates[TAU_MODE]:.1%} own and "
             f"{result.false_pass_at_tau:.1%} shuffled pass; false-pass tau {result.tau_at_false_pass:.3f} "
             f"(raw cosine {2 * result.tau_at_false_pass - 1:.3f}) passes {result.own_pass_at_suggested:.1%} own, "
             f"{result.false_pass_at_suggested:.1%} shuffled"
@@ -432,7 +443,9 @@ def print_calibration(calibration: Calibration, out: Console = console) -> None:
             continue
         for mode, text in suggestions(result, calibration.false_pass).items():
             say(f"  {mode}: set {text}")
-    say(f"note: {CONTRASTIVE_NOTE}")
+    for rule in GATE_MODES.values():
+        if rule.calibration_note:
+            say(f"note: {rule.calibration_note}")
     if calibration.replaced:
         say(f"the previous calibration.json was replaced (kept as {calibration.folder / PREVIOUS_FILE})")
     say(f"written: {calibration.folder}")

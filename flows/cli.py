@@ -38,11 +38,8 @@ def generate_captions(
     from flows import generate_captions as module
 
     names = [name.strip() for name in experts.split(",")] if experts else None
-    summary = with_progress(
-        lambda on_shard: module.generate_captions(
-            manifest, store, names, limit, runner, address, shard_size, on_shard=on_shard, say=say
-        )
-    )
+    run = module.CaptionRunSettings(manifest, store, names, limit, runner, address, shard_size)
+    summary = with_progress(lambda on_shard: module.generate_captions(run, on_shard=on_shard, say=say))
     print_summary(summary)
 
 

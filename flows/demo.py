@@ -11,11 +11,11 @@ from caption_pipeline.scoring import clip_weights
 from caption_pipeline.tiny_models import build_tiny_clip, build_tiny_llava, build_tiny_qwen2_vl
 from flows.console import print_summary, with_progress
 from flows.gate_store import check_scorer
-from flows.generate_captions import generate_captions
-from flows.prefect_api import process_api
+from flows.generate_captions import CaptionRunSettings, generate_captions
+from flows.prefect_api import PrefectApi, process_api
 from flows.report import caption_report_flow
 from manifests.errors import InputError
-from manifests.run_manifest import load_manifest
+from manifests.run_manifest import RunManifest, load_manifest
 from segmenter.demo_scenes import write_demo_dataset
 from segmenter.prepare import prepare_tiles
 from segmenter.run_record import RunRecord
@@ -29,7 +29,7 @@ def build_demo_models(manifest) -> None:
     builders = {"qwen2-vl-tiny": build_tiny_qwen2_vl, "llava-tiny": build_tiny_llava}
     for expert in manifest.captions.experts:
         folder = Path(expert.model or "")
-        if expert.backend == "transformers" and not (folder / "config.json").is_file():
+        if folder.name in builders and not (folder / "config.json").is_file():
             builders[folder.name](folder)
 
 
@@ -45,12 +45,11 @@ def train_preset(
     out: Path,
     steps: int,
     store: Path | None = None,
-    seed: int = 0,
 ) -> Path:
     """Train a tiny preset (resuming a run cut short), with the captions of ``store`` for a text-guided one."""
     from segmenter.train import TrainSettings, train
 
-    settings = TrainSettings(preset=preset, steps=steps, batch_size=8, checkpoint_every=100, log_every=10, seed=seed)
+    settings = TrainSettings(preset=preset, steps=steps, batch_size=8, checkpoint_every=100, log_every=10)
     resume = (out / "checkpoints" / "latest").is_file()
     console.print(f"      training {preset} for {steps} steps -> {out}")
     return train(manifest, out, settings, captions=store, resume=resume, progress=True)
@@ -72,6 +71,22 @@ def write_predicted_classes(console: Console, manifest, run: Path) -> Path | Non
     path = predict_index(run, manifest.tiling.out, prompts.predictions, splits)
     console.print(f"      predicted tile classes of split(s) {', '.join(splits)} -> {path}")
     return path
+
+
+def caption_stage(
+    console: Console, manifest_path: str | Path, manifest: RunManifest, api: PrefectApi, limit: int | None
+) -> None:
+    """Stages 5 and 6 of the demo: caption the tiles of ``manifest`` (read from ``manifest_path``) once Prefect's API
+    is up, then write the caption report."""
+    store = manifest.captions.store
+    console.print(f"[5/7] captions (protocol {manifest.captions.prompts.protocol}) -> {store}")
+    api.wait()
+    run = CaptionRunSettings(manifest_path, limit=limit)
+    print_summary(with_progress(lambda on_shard: generate_captions(run, on_shard=on_shard)), console)
+    report_dir = store.parent / "report"
+    console.print(f"[6/7] caption report -> {report_dir}")
+    path = caption_report_flow(str(store), str(report_dir), str(manifest.tiling.out))
+    console.print(f"report: {path}")
 
 
 def run_demo(
@@ -119,14 +134,7 @@ def run_demo(
     console.print(f"[4/7] text-free segmenter {TEXT_FREE}, whose predictions describe the test tiles -> {runs}")
     train_preset(console, manifest_path, TEXT_FREE, runs / TEXT_FREE, steps)
     write_predicted_classes(console, manifest, runs / TEXT_FREE)
-    console.print(f"[5/7] captions (protocol {manifest.captions.prompts.protocol}) -> {store}")
-    api.wait()
-    summary = with_progress(lambda on_shard: generate_captions(manifest_path, limit=limit, on_shard=on_shard))
-    print_summary(summary, console)
-    report_dir = store.parent / "report"
-    console.print(f"[6/7] caption report -> {report_dir}")
-    path = caption_report_flow(str(store), str(report_dir), str(manifest.tiling.out))
-    console.print(f"report: {path}")
+    caption_stage(console, manifest_path, manifest, api, limit)
     console.print(f"[7/7] text-guided segmenter {TEXT_GUIDED}; both evaluated on the test areas -> {runs}")
     train_preset(console, manifest_path, TEXT_GUIDED, runs / TEXT_GUIDED, steps, store)
     # Both on the captioned tile grid (the text-guided default), so the two reports differ only by the captions.

@@ -6,7 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
+from caption_pipeline.experts import expert_class
 from caption_pipeline.gate import (
     GateSettings,
     RunInfo,
@@ -25,8 +27,15 @@ from manifests.caption_store import (
     write_gate_thresholds,
 )
 from manifests.errors import InputError
-from manifests.run_manifest import CaptionsConfig, RunManifest
-from manifests.tile_index import read_tile_index
+from manifests.run_manifest import CaptionsConfig, ExpertConfig, RunManifest
+from manifests.tile_index import TileIndex, read_tile_index
+
+
+def run_policy(captions: CaptionsConfig, store: str | Path) -> GatePolicy:
+    """The gate policy of a run into ``store``: the manifest's, with the thresholds derived before the run (the
+    store's sidecar) where its gate mode derives them."""
+    policy = GatePolicy.from_captions(captions)
+    return policy.with_thresholds(stored_thresholds(store)) if policy.gate_mode.derives_thresholds else policy
 
 
 def stored_thresholds(store: str | Path) -> dict[tuple[str, str], float]:
@@ -88,53 +97,70 @@ def derive_thresholds(
     samples = content.get("tiles") or {}
     if isinstance(samples, list):  # a sidecar of one sample for every expert
         samples = {expert: samples for expert in content.get("thresholds", {})}
-    scorer = model_cache.scorer(manifest)
-    policy = GatePolicy.from_captions(captions)
     sizes = content.get("captions", {})
     for name in missing:
         config = next(expert for expert in captions.experts if expert.name == name)
-        expert = model_cache.expert(config)
-        try:
-            eligible = with_mask if expert.needs_class_mask else frame
-            sample_ids = calibration_ids(list(eligible["tile_id"]), captions.gate.calibration_tiles)
-            if not sample_ids:  # it captions nothing in this run: no threshold needed yet
-                continue
-            chosen = frame[frame["tile_id"].isin(set(sample_ids))].sort_values("tile_id")
-            settings = GateSettings.for_expert(policy, captions, config)
-            derived, counts = calibrate_thresholds(
-                tile_tasks(index, chosen, captions.prompts), expert, scorer, settings, RunInfo(f"{run_id}-calibration")
-            )
-        finally:
-            if config.backend == "vllm":  # engines run one at a time, each with most of the GPU
-                model_cache.release_expert(config)
-        thresholds.update(derived)
-        samples[name] = sample_ids
+        derived = _calibrate(manifest, index, frame, with_mask, config, run_id)
+        if derived is None:  # it captions nothing in this run: no threshold needed yet
+            continue
+        samples[name], values, counts = derived
+        thresholds.update(values)
         for (expert_name, pid), count in counts.items():
             sizes.setdefault(expert_name, {})[pid] = count
     by_expert: dict[str, dict[str, float]] = {}
     for (expert_name, pid), value in thresholds.items():
         by_expert.setdefault(expert_name, {})[pid] = value
     write_gate_thresholds(store, {
-        "gate_mode": "percentile", "keep_top": captions.gate.keep_top,
-        "calibration_tiles": captions.gate.calibration_tiles, "clip_model": scorer.model_id,
+        "gate_mode": captions.gate.mode, "keep_top": captions.gate.keep_top,
+        "calibration_tiles": captions.gate.calibration_tiles, "clip_model": model_cache.scorer(manifest).model_id,
         "tiles": samples, "thresholds": by_expert, "captions": sizes,
     })  # fmt: skip
     return thresholds
+
+
+def _calibrate(
+    manifest: RunManifest,
+    index: TileIndex,
+    frame: pd.DataFrame,
+    with_mask: pd.DataFrame,
+    config: ExpertConfig,
+    run_id: str,
+) -> tuple[list[str], dict[tuple[str, str], float], dict[tuple[str, str], int]] | None:
+    """One expert's calibration sample (of ``with_mask``, the run's tiles with a class mask, for an expert that
+    describes the mask), its thresholds and the captions each was derived from; None where the sample is empty."""
+    captions = manifest.captions
+    expert = model_cache.expert(config)
+    try:
+        eligible = with_mask if expert.needs_class_mask else frame
+        sample_ids = calibration_ids(list(eligible["tile_id"]), captions.gate.calibration_tiles)
+        if not sample_ids:
+            return None
+        chosen = frame[frame["tile_id"].isin(set(sample_ids))].sort_values("tile_id")
+        settings = GateSettings.for_expert(GatePolicy.from_captions(captions), captions, config)
+        thresholds, counts = calibrate_thresholds(
+            tile_tasks(index, chosen, captions.prompts), expert, model_cache.scorer(manifest), settings,
+            RunInfo(f"{run_id}-calibration"),
+        )  # fmt: skip
+    finally:
+        if expert_class(config.backend).runs_alone:  # engines run one at a time, each with most of the GPU
+            model_cache.release_expert(config)
+    return sample_ids, thresholds, counts
 
 
 def check_gate(store: str | Path, captions: CaptionsConfig, experts: list[str]) -> None:
     """Refuse to add to a store judged by another gate, read from the store's gate columns once.
 
     - Rows of another gate mode: their done keys would count as passed alike.
-    - Rows of ``experts`` gated at another threshold than the manifest's (mode absolute: ``captions.tau``;
-      contrastive: ``captions.gate.margin``): a resume would write rows that ``compact`` then refuses to merge, and
-      on a complete store the new value would pass silently. A percentile gate is checked against its sidecar
-      instead (:func:`check_thresholds`).
+    - Rows of ``experts`` gated at another threshold than the manifest's (the mode's ``setting``: ``captions.tau``,
+      ``captions.gate.margin``): a resume would write rows that ``compact`` then refuses to merge, and on a complete
+      store the new value would pass silently. A mode whose thresholds are derived (percentile) is checked against
+      its sidecar instead (:func:`check_thresholds`).
 
     Raises:
         InputError: one line naming the store, the recorded and the manifest's mode or value, and what to do.
     """
-    mode = captions.gate.mode
+    policy = GatePolicy.from_captions(captions)
+    mode = policy.mode
     gated = gate_thresholds(store)
     others = sorted({row_mode for gates in gated.values() for row_mode, _ in gates} - {mode})
     if others:
@@ -142,12 +168,9 @@ def check_gate(store: str | Path, captions: CaptionsConfig, experts: list[str]) 
             f"caption store {store}: gated in mode {', '.join(others)}, this manifest gates in mode {mode}; "
             "caption into a new store"
         )
-    if mode == "percentile":
+    setting, wanted = policy.gate_mode.setting, policy.gate_mode.fixed_threshold(policy)
+    if setting is None or wanted is None:  # derived thresholds: checked against the sidecar (check_thresholds)
         return
-    if mode == "absolute":
-        setting, wanted = "captions.tau", captions.tau
-    else:
-        setting, wanted = "captions.gate.margin", captions.gate.margin
     recorded: dict[float, list[str]] = {}
     for (expert, pid), gates in sorted(gated.items()):
         if expert not in experts or pid not in captions.prompts.ids:

@@ -11,11 +11,11 @@ import gc
 import hashlib
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -26,10 +26,12 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
+from caption_pipeline.experts import expert_class, preflight
 from caption_pipeline.experts.base import ExpertUnavailable
-from caption_pipeline.experts.openai_backend import EndpointStats, api_key
+from caption_pipeline.experts.openai_backend import EndpointStats
 from caption_pipeline.gate import (
     GateSettings,
+    Resume,
     RunInfo,
     caption_tiles,
     class_sources,
@@ -44,7 +46,7 @@ from flows.gate_store import (
     check_scorer,
     check_thresholds,
     derive_thresholds,
-    stored_thresholds,
+    run_policy,
 )
 from flows.prefect_api import process_api
 from manifests.caption_store import (
@@ -58,18 +60,54 @@ from manifests.caption_store import (
 )
 from manifests.devices import usable_cpus
 from manifests.errors import InputError
-from manifests.run_manifest import load_manifest
+from manifests.run_manifest import CaptionsConfig, ExpertConfig, RunManifest, load_manifest
 from manifests.tile_index import read_tile_index
 
 GPU_TAG = "gpu"
 T = TypeVar("T")
 ShardProgress = Callable[[int, int, str], None]
-# The ``on_shard`` callback of the generate_captions() call now running in this context, read where the flow collects
-# shard results. A callable cannot be a flow parameter (parameters are data, sent to the Prefect API), so it travels
-# beside the flow as a context variable: generate_captions() sets it around the flow call and resets it afterwards.
-# A synchronous flow runs in its caller's thread, and Prefect copies the context into the threads it starts, as it
-# does for its own run contexts (which are context variables too).
-_ON_SHARD: ContextVar[ShardProgress | None] = ContextVar("on_shard", default=None)
+
+
+class ProgressListeners:
+    """The progress callbacks of the caption runs of this process, by run id.
+
+    A callable cannot be a flow parameter (parameters are data, sent to the Prefect API): :func:`generate_captions`
+    registers its caller's ``on_shard`` under the run id it passes to the flow, and the flow tells whoever listens to
+    its run id as each shard task finishes. A flow started another way has no listener.
+    """
+
+    def __init__(self) -> None:
+        self._callbacks: dict[str, ShardProgress] = {}
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def listening(self, run_id: str, on_shard: ShardProgress | None) -> Iterator[None]:
+        """Register ``on_shard`` (if any) for the run ``run_id`` while the block runs."""
+        if on_shard is None:
+            yield
+            return
+        with self._lock:
+            self._callbacks[run_id] = on_shard
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._callbacks.pop(run_id, None)
+
+    def tell(self, run_id: str, done: int, total: int, note: str) -> None:
+        """Tell the listener of ``run_id`` (if any) that ``done`` of ``total`` shard tasks finished."""
+        with self._lock:
+            on_shard = self._callbacks.get(run_id)
+        if on_shard is not None:
+            on_shard(done, total, note)
+
+
+PROGRESS = ProgressListeners()
+
+
+def new_run_id() -> str:
+    """A fresh run id (12 hex digits): it names the run's fragments and is recorded in every row it writes."""
+    return uuid.uuid4().hex[:12]
 
 
 @dataclass(frozen=True)
@@ -102,9 +140,7 @@ def caption_shard(
     captions = manifest.captions
     index = read_tile_index(manifest.tiling.out)
     frame = index.frame[index.frame["tile_id"].isin(set(tile_ids))]
-    policy = GatePolicy.from_captions(
-        captions, stored_thresholds(store) if captions.gate.mode == "percentile" else None
-    )
+    policy = run_policy(captions, store)
     name = shard_fragment_name(run_id, expert_name, tile_ids)
     # The store first, then this shard's own fragment: a fragment seen by the first read is seen by the second (or a
     # later version of it, which covers at least the same keys), so nothing skipped below is left out of the rewrite.
@@ -114,23 +150,27 @@ def caption_shard(
     config = next(expert for expert in captions.experts if expert.name == expert_name)
     settings = GateSettings.for_expert(policy, captions, config)
     keys = {(tile_id, expert_name, pid) for tile_id in tile_ids for pid in settings.prompt_ids}
-    skip = done & keys
+    resume = Resume(done & keys, counts)
     scorer = model_cache.scorer(manifest)
     expert = model_cache.expert(config)
     started = _endpoint_snapshot(expert)
     try:
         rows = caption_tiles(
-            tile_tasks(index, frame, captions.prompts), expert, scorer, settings,
-            RunInfo(run_id, manifest_sha256), skip=skip, previous_attempts=counts,
-        )  # fmt: skip
+            tile_tasks(index, frame, captions.prompts),
+            expert,
+            scorer,
+            settings,
+            RunInfo(run_id, manifest_sha256),
+            resume,
+        )
     except ExpertUnavailable as exc:  # a bad key, an unknown model, an engine that cannot start: stop, not retry
         endpoints = (_instance(expert), started, _endpoint_snapshot(expert))
-        return ShardResult(expert_name, len(frame), 0, len(skip), unavailable=str(exc), endpoints=endpoints)
+        return ShardResult(expert_name, len(frame), 0, len(resume.done), unavailable=str(exc), endpoints=endpoints)
     if rows:  # nothing new: the fragment (if any) already holds every attempt of this shard
         content = rows if kept is None else pd.concat([kept, _rows_frame(rows)], ignore_index=True)
         write_fragment(store, content, StoreMeta(index.class_names, scorer.model_id, captions.tau), name=name)
     endpoints = (_instance(expert), started, _endpoint_snapshot(expert))
-    return ShardResult(expert_name, len(frame), len(rows), len(skip), endpoints=endpoints)
+    return ShardResult(expert_name, len(frame), len(rows), len(resume.done), endpoints=endpoints)
 
 
 def shard_fragment_name(run_id: str, expert_name: str, tile_ids: list[str]) -> str:
@@ -305,54 +345,103 @@ def local_cluster_kwargs() -> dict:
     return {"n_workers": max(1, cpus), "threads_per_worker": 1, "processes": True, "host": "127.0.0.1"}
 
 
+@dataclass(frozen=True)
+class _Shards:
+    """The shard tasks of one run: what every task gets, and how many there are in all (for the progress)."""
+
+    manifest_path: str
+    manifest_sha256: str
+    store: str
+    run_id: str
+    tile_shards: list[list[str]]
+    total: int
+
+    def submit(self, config: ExpertConfig) -> list:
+        """Submit the shard tasks of one expert (tagged for the GPU concurrency limit where it asks for it)."""
+        shard_task = caption_shard.with_options(tags=[GPU_TAG] if config.gpu else [])
+        return [shard_task.submit(self.manifest_path, config.name, shard, self.store, self.run_id,
+                                  self.manifest_sha256) for shard in self.tile_shards]  # fmt: skip
+
+    def collect(self, futures: list, done: list[ShardResult]) -> list[ShardResult]:
+        """The results of ``futures`` as they finish, with progress. Once an expert is unavailable, the shard tasks
+        not started yet are cancelled (the running ones finish and keep what they wrote)."""
+        results: list[ShardResult] = []
+        stopping = any(result.unavailable for result in done)
+        if stopping:
+            _cancel(futures)
+        for future in as_completed(futures):
+            if getattr(future, "wrapped_future", None) is not None and future.wrapped_future.cancelled():
+                continue
+            results.append(future.result())
+            note = f"{results[-1].expert}: {results[-1].rows} attempts"
+            PROGRESS.tell(self.run_id, len(done) + len(results), self.total, note)
+            if results[-1].unavailable and not stopping:
+                stopping = True
+                _cancel(futures)
+        return results
+
+
+def _run_shards(shards_of_run: _Shards, configs: list[ExpertConfig]) -> list[ShardResult]:
+    """Run every shard task of ``configs``. Experts that must run alone (in-process GPU engines) run one after
+    another, each released before the next starts, so every engine can take most of the GPU; the others (HTTP
+    servers, transformers) run alongside from the start. An unavailable expert stops the run."""
+    alone = [config for config in configs if expert_class(config.backend).runs_alone]
+    alongside = [future for config in configs if config not in alone for future in shards_of_run.submit(config)]
+    results: list[ShardResult] = []
+    for config in alone:
+        try:
+            results += shards_of_run.collect(shards_of_run.submit(config), results)
+        finally:
+            model_cache.release_expert(config)
+        if any(result.unavailable for result in results):
+            break
+    results += shards_of_run.collect(alongside, results)
+    for config in configs:
+        if any(result.unavailable for result in results if result.expert == config.name):
+            # its refusal is remembered: a later run in this process starts afresh
+            model_cache.release_expert(config)
+    return results
+
+
 @flow(name="generate-captions", log_prints=True)
 def generate_captions_flow(
-    manifest_path: str, store: str, experts: list[str], limit: int | None = None, shard_size: int | None = None
+    manifest_path: str,
+    store: str,
+    experts: list[str],
+    limit: int | None = None,
+    shard_size: int | None = None,
+    run_id: str | None = None,
 ) -> CaptionRunSummary:
+    """Caption the first ``limit`` tiles (by id) with ``experts`` in shard tasks, then compact the store.
+
+    Args:
+        manifest_path: the run manifest.
+        store: the caption store.
+        experts: names of the manifest's experts.
+        limit: caption only the first ``limit`` tiles by id (None: all).
+        shard_size: tiles per task (None: the manifest's).
+        run_id: the run's id (a new one where None); progress goes to the listener registered under it.
+    """
     logger = get_run_logger()
     started = time.perf_counter()
     manifest = load_manifest(manifest_path)
+    captions = manifest.captions
     index = read_tile_index(manifest.tiling.out)
     tile_ids = sorted(index.frame["tile_id"])[:limit]
-    run_id = uuid.uuid4().hex[:12]
-    size = shard_size or manifest.captions.shard_size
-    chosen = index.frame[index.frame["tile_id"].isin(set(tile_ids))]
-    prompts = manifest.captions.prompts
-    sources = class_sources(chosen, prompts)
-    configs = {expert.name: expert for expert in manifest.captions.experts}
-    gate = manifest.captions.gate
-    tile_shards = shards(tile_ids, size, min_size=2 if gate.mode == "contrastive" else 1)
+    sources = class_sources(index.frame[index.frame["tile_id"].isin(set(tile_ids))], captions.prompts)
+    run_id = run_id or new_run_id()
+    # A gate whose thresholds are derived had them derived before the flow started (generate_captions): every shard
+    # task gates with the same ones.
+    policy = run_policy(captions, store)
+    tile_shards = shards(tile_ids, shard_size or captions.shard_size, min_size=policy.gate_mode.min_shard_tiles)
     total = len(experts) * len(tile_shards)
     logger.info("%d tiles, %d experts, %d shard tasks (run %s)", len(tile_ids), len(experts), total, run_id)
-    logger.info("protocol %s, class source per split: %s", prompts.protocol, sources)
-    # A percentile gate's thresholds were derived before the flow started (generate_captions): every shard task
-    # gates with the same ones.
-    policy = GatePolicy.from_captions(
-        manifest.captions, stored_thresholds(store) if gate.mode == "percentile" else None
-    )
+    logger.info("protocol %s, class source per split: %s", captions.prompts.protocol, sources)
     logger.info("%s", policy.describe())
-
-    def submit(expert_name: str) -> list:
-        shard_task = caption_shard.with_options(tags=[GPU_TAG] if configs[expert_name].gpu else [])
-        return [shard_task.submit(manifest_path, expert_name, shard, store, run_id, manifest.sha256)
-                for shard in tile_shards]  # fmt: skip
-
-    # In-process vLLM engines run one after another, each released before the next starts, so every engine can
-    # take most of the GPU; the other experts (HTTP servers, transformers) run alongside from the start.
-    engines = [name for name in experts if configs[name].backend == "vllm"]
-    alongside = [future for name in experts if name not in engines for future in submit(name)]
-    results: list[ShardResult] = []
-    for name in engines:
-        try:
-            results += _collect(submit(name), total, results)
-        finally:
-            model_cache.release_expert(configs[name])
-        if any(result.unavailable for result in results):
-            break
-    results += _collect(alongside, total, results)
-    for name in {result.expert for result in results if result.unavailable}:
-        # its refusal is remembered: a later run in this process starts afresh
-        model_cache.release_expert(configs[name])
+    configs = [config for config in captions.experts if config.name in experts]
+    configs.sort(key=lambda config: experts.index(config.name))
+    plan = _Shards(manifest_path, manifest.sha256, store, run_id, tile_shards, total)
+    results = _run_shards(plan, configs)
     compact(store, select=policy.select)
     rows = expert_rows(Path(store), experts)
     endpoints = endpoint_counts(results)
@@ -360,30 +449,10 @@ def generate_captions_flow(
         logger.info("%s endpoints: %s", name, "; ".join(stats.describe() for stats in counts))
     return CaptionRunSummary(
         Path(store), len(tile_ids), sum(r.rows for r in results), sum(r.skipped for r in results),
-        time.perf_counter() - started, summarize(rows), prompts.protocol, sources,
+        time.perf_counter() - started, summarize(rows), captions.prompts.protocol, sources,
         next((r.unavailable for r in results if r.unavailable), None), common_errors(rows), policy.describe(),
         endpoints,
     )  # fmt: skip
-
-
-def _collect(futures: list, total: int, done: list[ShardResult]) -> list[ShardResult]:
-    """The results of ``futures`` as they finish, with progress. Once an expert is unavailable, the shard tasks
-    not started yet are cancelled (the running ones finish and keep what they wrote)."""
-    results: list[ShardResult] = []
-    stopping = any(result.unavailable for result in done)
-    if stopping:
-        _cancel(futures)
-    for future in as_completed(futures):
-        if getattr(future, "wrapped_future", None) is not None and future.wrapped_future.cancelled():
-            continue
-        results.append(future.result())
-        on_shard = _ON_SHARD.get()
-        if on_shard is not None:
-            on_shard(len(done) + len(results), total, f"{results[-1].expert}: {results[-1].rows} attempts")
-        if results[-1].unavailable and not stopping:
-            stopping = True
-            _cancel(futures)
-    return results
 
 
 def _cancel(futures: list) -> None:
@@ -405,14 +474,88 @@ def frozen_heap() -> Iterator[None]:
         gc.unfreeze()
 
 
+@dataclass(frozen=True)
+class CaptionRunSettings:
+    """What one caption run is asked to do: the options of ``flows run generate-captions``.
+
+    Attributes:
+        manifest: the run manifest (path or packaged name).
+        store: the caption store (None: the manifest's).
+        experts: names of the manifest's experts to run (None: all).
+        limit: caption only the first ``limit`` tiles by id (None: all).
+        runner: ``threads`` (of this process) or ``dask`` (worker processes; a cluster with ``address``).
+        address: a Dask scheduler, ``tcp://host:8786``.
+        shard_size: tiles per task (None: the manifest's).
+    """
+
+    manifest: str | Path
+    store: str | Path | None = None
+    experts: list[str] | None = None
+    limit: int | None = None
+    runner: str = "threads"
+    address: str | None = None
+    shard_size: int | None = None
+
+
+@dataclass(frozen=True)
+class _CheckedRun:
+    """A caption run whose inputs passed every check that can be made before Prefect starts and any model loads."""
+
+    manifest: RunManifest
+    experts: list[str]
+    tile_ids: list[str]
+    store: str
+    policy: GatePolicy
+
+
+def _chosen_experts(captions: CaptionsConfig, names: list[str] | None) -> list[str]:
+    """The experts a run asks for, all of the manifest's by default.
+
+    Raises:
+        InputError: a name the manifest does not have.
+    """
+    known = [expert.name for expert in captions.experts]
+    unknown = [name for name in names or [] if name not in known]
+    if unknown:
+        raise InputError(f"--experts: unknown expert(s) {unknown} (the manifest has {known})")
+    return names or known
+
+
+def _check_inputs(settings: CaptionRunSettings) -> _CheckedRun:
+    """Refuse, in one line each, what cannot succeed: a manifest without captions, an unknown expert, no tile index,
+    class sources without their predictions, a store another scorer or gate wrote, a gate that cannot judge these
+    tiles in these shards, an expert whose pre-flight fails (a key not set, weights not found).
+
+    Raises:
+        InputError: see :func:`generate_captions`.
+    """
+    manifest = load_manifest(settings.manifest)
+    captions = manifest.captions
+    if captions is None:
+        raise InputError(f"manifest {manifest.source}: has no captions section")
+    chosen = _chosen_experts(captions, settings.experts)
+    index = read_tile_index(manifest.tiling.out)  # fail early with a clear message
+    # Likewise the class sources and the predictions they need, before any shard task starts.
+    tile_ids = sorted(index.frame["tile_id"])[: settings.limit]
+    tiles = index.frame[index.frame["tile_id"].isin(tile_ids)]
+    load_predictions(index, tiles, captions.prompts)
+    store = str(settings.store or captions.store)
+    weights = clip_weights(captions.clip)
+    weights.check()
+    check_scorer(store, weights.model_id)
+    check_gate(store, captions, chosen)
+    policy = GatePolicy.from_captions(captions)
+    if policy.gate_mode.derives_thresholds:
+        check_thresholds(store, captions, weights.model_id)
+    policy.gate_mode.check_run(len(tiles), settings.shard_size or captions.shard_size)
+    for config in captions.experts:
+        if config.name in chosen:
+            preflight(config)
+    return _CheckedRun(manifest, chosen, sorted(tiles["tile_id"]), store, policy)
+
+
 def generate_captions(
-    manifest_path: str | Path,
-    store: str | Path | None = None,
-    experts: list[str] | None = None,
-    limit: int | None = None,
-    runner: str = "threads",
-    address: str | None = None,
-    shard_size: int | None = None,
+    run: CaptionRunSettings | str | Path,
     on_shard: ShardProgress | None = None,
     say: Callable[[str], None] | None = None,
 ) -> CaptionRunSummary:
@@ -423,6 +566,7 @@ def generate_captions(
     share (threads runner).
 
     Args:
+        run: what to run; a manifest alone (path or packaged name) runs all of it with the manifest's settings.
         on_shard: called in the calling thread as each shard task finishes, with ``(done, total, note)``: the shard
             tasks finished so far, all of them, and what the last one did (a progress bar's callback).
         say: told in one line each what the run is waiting for (the local Prefect server's start).
@@ -430,60 +574,27 @@ def generate_captions(
     Raises:
         InputError: a manifest without captions, an unknown expert name, no tile index yet, ground truth on an
             evaluation split without an opt-in, predicted tile classes missing for a split that reads them, a store
-            gated in another mode or at another threshold, a contrastive gate with shards of one tile, or a
-            percentile gate that cannot derive a threshold from its calibration sample.
+            gated in another mode or at another threshold, a contrastive gate with shards of one tile, a percentile
+            gate that cannot derive a threshold from its calibration sample, or an expert whose pre-flight fails.
     """
+    settings = run if isinstance(run, CaptionRunSettings) else CaptionRunSettings(run)
     api = process_api(say, local=False)  # a server PREFECT_API_URL names is checked first: the first thing to fix
-    manifest = load_manifest(manifest_path)
-    if manifest.captions is None:
-        raise InputError(f"manifest {manifest.source}: has no captions section")
-    known = [expert.name for expert in manifest.captions.experts]
-    chosen = experts or known
-    unknown = [name for name in chosen if name not in known]
-    if unknown:
-        raise InputError(f"--experts: unknown expert(s) {unknown} (the manifest has {known})")
-    index = read_tile_index(manifest.tiling.out)  # fail early with a clear message
-    # Likewise the class sources and the predictions they need, before any shard task starts.
-    tiles = index.frame[index.frame["tile_id"].isin(sorted(index.frame["tile_id"])[:limit])]
-    load_predictions(index, tiles, manifest.captions.prompts)
-    store_path = str(store or manifest.captions.store)
-    # What cannot succeed is refused here, in one line, before Prefect starts and any model loads.
-    weights = clip_weights(manifest.captions.clip)
-    weights.check()
-    check_scorer(store_path, weights.model_id)
-    gate = manifest.captions.gate
-    check_gate(store_path, manifest.captions, chosen)
-    if gate.mode == "percentile":
-        check_thresholds(store_path, manifest.captions, weights.model_id)
-    if gate.mode == "contrastive" and len(tiles) == 1:
-        raise InputError("captions.gate.mode contrastive: one tile has no other tile to contrast a caption with")
-    size = shard_size or manifest.captions.shard_size
-    if gate.mode == "contrastive" and size < 2 and len(tiles) > 1:
-        raise InputError(
-            f"captions.gate.mode contrastive: a shard size of {size} leaves a caption no other tile of its shard to "
-            "contrast with; raise --shard-size (or captions.shard_size) to 2 at least"
-        )
-    for config in manifest.captions.experts:
-        if config.name in chosen and config.backend == "openai":
-            api_key(config)
-        if config.name in chosen and config.backend == "transformers":
-            from caption_pipeline.experts.transformers_backend import check_weights
-
-            check_weights(config)  # a missing folder, or a hub id not cached offline
-    configured = generate_captions_flow.with_options(task_runner=_task_runner(runner, address))
+    checked = _check_inputs(settings)
+    configured = generate_captions_flow.with_options(task_runner=_task_runner(settings.runner, settings.address))
     api.start()  # the inputs passed: a local server may start now
-    token = _ON_SHARD.set(on_shard)
-    try:
-        with frozen_heap(), model_cache.ModelCache.of_process().hold():
-            if runner == "threads":  # the shard tasks of this process share it: load it while the API comes up
-                model_cache.scorer(manifest)
-            api.wait()
-            if gate.mode == "percentile":  # before the flow: a sample without a usable caption is one line
-                run_ids = sorted(tiles["tile_id"])
-                derive_thresholds(manifest, store_path, chosen, run_ids, uuid.uuid4().hex[:12])
-            summary = configured(str(manifest.source), store_path, chosen, limit, shard_size)
-    finally:
-        _ON_SHARD.reset(token)
+    run_id = new_run_id()
+    manifest = checked.manifest
+    with PROGRESS.listening(run_id, on_shard), frozen_heap(), model_cache.ModelCache.of_process().hold():
+        if settings.runner == "threads":  # the shard tasks of this process share it: load it while the API comes up
+            model_cache.scorer(manifest)
+        api.wait()
+        if (
+            checked.policy.gate_mode.derives_thresholds
+        ):  # before the flow: a sample without a usable caption is one line
+            derive_thresholds(manifest, checked.store, checked.experts, checked.tile_ids, run_id)
+        summary = configured(
+            str(manifest.source), checked.store, checked.experts, settings.limit, settings.shard_size, run_id
+        )
     if summary.unavailable:
         raise ExpertUnavailable(f"{summary.unavailable} (run stopped; the attempts written so far are kept)")
     return summary

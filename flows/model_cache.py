@@ -98,6 +98,7 @@ def expert_key(config: ExpertConfig) -> str:
 
 
 def expert(config: ExpertConfig) -> Expert:
+    """This process's instance of an expert, built on first use."""
     return ModelCache.of_process().get(expert_key(config), lambda: build_expert(config))
 
 
@@ -107,5 +108,6 @@ def release_expert(config: ExpertConfig) -> None:
 
 
 def scorer(manifest: RunManifest) -> ClipScorer:
+    """This process's CLIP scorer of a manifest's ``captions.clip``, built on first use."""
     config = manifest.captions.clip
     return ModelCache.of_process().get(f"clip:{config.model_dump_json()}", lambda: ClipScorer(config))

@@ -31,11 +31,18 @@ from PIL import Image
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from caption_pipeline.policy import GatePolicy
+from caption_pipeline.policy import GATE_MODES, GatePolicy
 from flows.calibrate import AUC_FLOOR, low_auc_warning
 from flows.generate_captions import summarize
 from manifests.atomic import atomic_write_text
-from manifests.caption_store import KEY_COLUMNS, read_store, store_meta
+from manifests.caption_store import (
+    CAPTION_COLUMNS,
+    CAPTION_STORE_SCHEMA,
+    KEY_COLUMNS,
+    read_store,
+    selected_captions,
+    store_meta,
+)
 from manifests.tile_index import TileIndex, read_tile_index
 
 PRESENT_SHARE = 0.005
@@ -129,6 +136,8 @@ class TileClasses:
 
 @dataclass
 class CaptionReport:
+    """Every number, table and caption example of the report (:func:`build_report`), which the renderers lay out."""
+
     summary: pd.DataFrame
     class_information: pd.DataFrame
     tau_sweep: pd.DataFrame
@@ -220,15 +229,6 @@ def class_quality(selected: pd.DataFrame, index_path: Path | TileIndex) -> pd.Da
             "most_hallucinated": ", ".join(f"{k} ({v})" for k, v in sorted(invented.items(), key=lambda i: -i[1])[:3]),
         })  # fmt: skip
     return pd.DataFrame(rows)
-
-
-CAPTION_COLUMNS = ["tile_id", "expert", "prompt_id", "attempt", "similarity", "passed", "caption"]
-
-
-def selected_rows(frame: pd.DataFrame) -> pd.DataFrame:
-    """The selected attempt of every key (two runs that raced on one key: the newest), sorted by key."""
-    selected = frame[frame["selected"]].sort_values("created_at").drop_duplicates(list(KEY_COLUMNS), keep="last")
-    return selected.sort_values(list(KEY_COLUMNS)).reset_index(drop=True)
 
 
 def _extra_columns(frame: pd.DataFrame) -> list[str]:
@@ -336,22 +336,15 @@ def gate_summary(gate: pd.DataFrame | None, tau: float) -> str:
             shown = f"{values[0]:.3f}"
         else:
             shown = f"{values[0]:.3f}-{values[-1]:.3f}"
-        if mode == "absolute":
-            parts.append(f"gate mode absolute: similarity >= tau = {shown}")
-        elif mode == "percentile":
-            parts.append(f"gate mode percentile: similarity >= a threshold per expert and prompt ({shown}; see the "
-                         "gate table)")  # fmt: skip
-        elif mode == "contrastive":
-            parts.append(f"gate mode contrastive: own similarity minus the mean similarity to the shard's other "
-                         f"tiles >= margin = {shown}")  # fmt: skip
-        else:
-            parts.append(f"gate mode {mode}: gate_score >= {shown}")
+        rule = GATE_MODES.get(mode)  # a mode another version of the toolkit wrote is named as recorded
+        parts.append(rule.store_summary(shown) if rule is not None else f"gate mode {mode}: gate_score >= {shown}")
     return "; ".join(parts)
 
 
 def _absolute(report: CaptionReport) -> bool:
-    """Whether every attempt of the store was judged in absolute mode (or the store records no mode)."""
-    return set(gate_modes(report.gate)) <= {"absolute"}
+    """Whether every attempt of the store was judged against tau (or the store records no mode): the tau sweep is
+    then the store's own gate."""
+    return all(mode in GATE_MODES and GATE_MODES[mode].threshold_is_tau for mode in gate_modes(report.gate))
 
 
 def _calibration_fields(values: dict) -> dict[str, object]:
@@ -405,7 +398,7 @@ def build_report(store: str | Path, index: str | Path | None = None) -> CaptionR
     policy = GatePolicy() if meta is None else GatePolicy(tau=meta.tau)
     tile_index = read_tile_index(index) if index else None
     classes = TileClasses(tile_index) if tile_index is not None else None
-    selected = frame[frame["selected"]]
+    selected = selected_captions(store, CAPTION_STORE_SCHEMA.names)
     scored = frame[frame["similarity"].notna()]
     lengths = scored.groupby("expert").agg(
         captions=("caption", "size"), mean_clip_tokens=("n_tokens", "mean"), max_clip_tokens=("n_tokens", "max"),
@@ -419,7 +412,6 @@ def build_report(store: str | Path, index: str | Path | None = None) -> CaptionR
         .sort_values(["_order", "tile_id"], kind="stable")
         .head(10)[worst_columns]
     )
-    unique_selected = selected_rows(frame)
     recovered, recovered_total = recovered_keys(frame)
     calibration, calibration_note = read_calibration(store)
     return CaptionReport(
@@ -431,11 +423,11 @@ def build_report(store: str | Path, index: str | Path | None = None) -> CaptionR
         worst=worst,
         similarities={e: g["similarity"].to_numpy(float) for e, g in scored.groupby("expert")},
         tau=policy.tau,
-        examples=worst_and_best(unique_selected),
+        examples=worst_and_best(selected),
         recovered=recovered,
         recovered_total=recovered_total,
-        disagreement=disagreements(unique_selected, classes),
-        selected=unique_selected,
+        disagreement=disagreements(selected, classes),
+        selected=selected,
         gate=gate_table(frame),
         calibration=calibration,
         calibration_note=calibration_note,

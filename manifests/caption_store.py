@@ -25,7 +25,7 @@ import operator
 import os
 import threading
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from numbers import Real
 from pathlib import Path
@@ -113,6 +113,7 @@ class StoreMeta:
     tau: float
 
     def encode(self) -> dict[bytes, bytes]:
+        """The Parquet file metadata of a fragment (the schema version with these values)."""
         values = {
             "schema_version": str(CAPTION_STORE_SCHEMA_VERSION),
             "class_names": json.dumps(self.class_names),
@@ -419,18 +420,31 @@ def done_keys(store: str | Path, *, done: RowRule, requires: tuple[str, ...] = (
     return _key_set(picked)
 
 
+# The columns that show one caption: its key and attempt, what CLIP and the gate made of it, and its text (the
+# report's caption tables show these).
+CAPTION_COLUMNS = ["tile_id", "expert", "prompt_id", "attempt", "similarity", "passed", "caption"]
+# The selected captions as the segmenter reads them (:func:`selected_captions`).
 VIEW_COLUMNS = ["tile_id", "expert", "prompt_id", "caption", "similarity", "usable", "passed", "attempt",
                 "image_sha256", "class_source"]  # fmt: skip
 
 
-def selected_captions(store: str | Path) -> pd.DataFrame:
-    """The selected attempt of every (tile, expert, prompt): the view the segmenter reads, with the gate's verdicts
-    on it (``usable``, ``passed``)."""
+def selected_captions(store: str | Path, columns: Sequence[str] = VIEW_COLUMNS) -> pd.DataFrame:
+    """The selected attempt of every (tile, expert, prompt), sorted by key: the view the segmenter reads, with the
+    gate's verdicts on it (``usable``, ``passed``). Where two runs raced on one key and each selected a row, the
+    newest wins: this is the one place that rule is applied (the report reads its selections here too).
+
+    Args:
+        store: the caption store.
+        columns: the contract's columns to read (default: the segmenter's view, ``VIEW_COLUMNS``).
+
+    Raises:
+        InputError: no store there, or see :func:`read_store`.
+    """
     store = Path(store)
     fragments = _fragments(store)
     if not fragments:
         raise InputError(f"caption store {store}: no Parquet file or fragments found")
-    table = _scan(fragments, [*VIEW_COLUMNS, "created_at"], pc.field("selected"))
+    table = _scan(fragments, list(dict.fromkeys([*columns, *KEY_COLUMNS, "created_at"])), pc.field("selected"))
     order = pc.sort_indices(table, [*((name, "ascending") for name in KEY_COLUMNS), ("created_at", "ascending")])
     if table.num_rows > 1:
         # Two runs that raced on one key each selected a row: the newest (the last of its key, sorted) wins.
@@ -438,7 +452,7 @@ def selected_captions(store: str | Path) -> pd.DataFrame:
         differs = [pc.not_equal(keys.column(name)[1:], keys.column(name)[:-1]) for name in KEY_COLUMNS]
         last = pc.or_(pc.or_(differs[0], differs[1]), differs[2])
         order = order.filter(pa.concat_arrays([*last.chunks, pa.array([True])]))
-    return table.select(VIEW_COLUMNS).take(order).to_pandas()
+    return table.select(list(columns)).take(order).to_pandas()
 
 
 def _runs_by(frame: pd.DataFrame, column: str) -> str:

@@ -49,6 +49,7 @@ class ClassPredictions:
         return None if relative is None or pd.isna(relative) else self.path.parent / relative
 
     def fractions(self, tile_id: str) -> list[float]:
+        """The predicted class fractions of a tile, in the index's class order."""
         return [float(value) for value in self.frame.at[tile_id, "class_fractions"]]
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import operator
 import os
 import sys
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args
 from urllib.parse import urlsplit
 
 import yaml
@@ -140,6 +142,7 @@ class TilingConfig(_Strict):
 
     @property
     def effective_stride(self) -> int:
+        """The stride, the crop size where none is set (crops side by side)."""
         return self.stride or self.size
 
 
@@ -165,6 +168,62 @@ class _ExpertSettings(_Strict):
     name: str
 
 
+@dataclass(frozen=True)
+class ExpertBackend:
+    """One expert backend, declared once: the name a manifest gives as ``backend``, its settings class and the expert
+    class that serves it.
+
+    Attributes:
+        name: the value of ``backend`` in a manifest's expert entry (the ``Literal`` of the settings class).
+        settings: the pydantic model of its manifest entry.
+        expert: ``"module:Class"`` of the expert class in ``caption_pipeline.experts``; a path, not an import, because
+            ``manifests`` imports nothing else of the project and heavy backends (torch models, vLLM) load only when
+            an expert uses them. The class builds the expert from its settings and carries its pre-flight check.
+    """
+
+    name: str
+    settings: type[_ExpertSettings]
+    expert: str
+
+
+# Every expert backend, in the order they were declared. The manifest's ``backend`` union, its error messages and
+# ``caption_pipeline.experts.build_expert`` are derived from it: a backend is added by one settings class below,
+# decorated with ``expert_backend``, and its expert class in ``caption_pipeline/experts/``.
+EXPERT_BACKENDS: dict[str, ExpertBackend] = {}
+# The manifest's union of the backends' settings (ExpertConfig) is built once, below the last declaration: a backend
+# declared after it would be missing from every manifest, so its declaration is refused instead.
+_BACKENDS_OPEN = {"open": True}
+_Settings = TypeVar("_Settings", bound=type[_ExpertSettings])
+# What the caption flow reads of every expert's settings, whatever its backend: a field, or a ClassVar where the
+# backend has no such setting (the annotation expert has no model and no decoding).
+EXPERT_READS = ("name", "model", "temperature", "reprompt_temperature", "gpu", "prompts")
+
+
+def expert_backend(expert: str) -> Callable[[_Settings], _Settings]:
+    """Register the decorated settings class as the backend its ``backend`` literal names, served by ``expert``
+    (``"module:Class"``).
+
+    Raises:
+        ValueError: a class without a one-value ``backend`` literal, or a backend name declared twice.
+    """
+
+    def register(settings: _Settings) -> _Settings:
+        names = get_args(settings.model_fields["backend"].annotation) if "backend" in settings.model_fields else ()
+        if len(names) != 1:
+            raise ValueError(f"{settings.__name__}: an expert backend's settings need backend: Literal['<name>']")
+        missing = [name for name in EXPERT_READS if name not in settings.model_fields and not hasattr(settings, name)]
+        if missing:
+            raise ValueError(f"{settings.__name__}: the flow reads {missing} of every expert (a field or a ClassVar)")
+        if names[0] in EXPERT_BACKENDS:
+            raise ValueError(f"expert backend {names[0]!r} is declared twice")
+        if not _BACKENDS_OPEN["open"]:
+            raise ValueError(f"expert backend {names[0]!r} is declared after ExpertConfig: declare it above")
+        EXPERT_BACKENDS[names[0]] = ExpertBackend(names[0], settings, expert)
+        return settings
+
+    return register
+
+
 class _ModelExpertSettings(_ExpertSettings):
     """What every expert that runs a model has: the image size it sees, its decoding and its prompt overrides."""
 
@@ -181,6 +240,7 @@ class _ModelExpertSettings(_ExpertSettings):
     prompts: dict[PromptId, str] = Field(default_factory=dict, description="per-expert template overrides")
 
 
+@expert_backend("caption_pipeline.experts.annotation:AnnotationExpert")
 class AnnotationExpertConfig(_ExpertSettings):
     """The label-grounded expert: captions written from class masks, no model, no decoding, no GPU."""
 
@@ -194,6 +254,7 @@ class AnnotationExpertConfig(_ExpertSettings):
     prompts: ClassVar[dict[str, str]] = {}
 
 
+@expert_backend("caption_pipeline.experts.openai_backend:OpenAIExpert")
 class OpenAIExpertConfig(_ModelExpertSettings):
     """A model behind an OpenAI-compatible chat-completions server (`vllm serve`, SGLang, the OpenAI API)."""
 
@@ -233,6 +294,7 @@ class OpenAIExpertConfig(_ModelExpertSettings):
         return [self.base_url] if isinstance(self.base_url, str) else list(self.base_url)
 
 
+@expert_backend("caption_pipeline.experts.vllm_backend:VLLMExpert")
 class VLLMExpertConfig(_ModelExpertSettings):
     """A model run by an in-process ``vllm.LLM`` engine (the ``vllm`` extra, CUDA only)."""
 
@@ -250,6 +312,7 @@ class VLLMExpertConfig(_ModelExpertSettings):
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="more vllm.LLM arguments; they win")
 
 
+@expert_backend("caption_pipeline.experts.transformers_backend:TransformersExpert")
 class TransformersExpertConfig(_ModelExpertSettings):
     """A local ``AutoModelForImageTextToText`` from a hub id or a folder."""
 
@@ -260,15 +323,14 @@ class TransformersExpertConfig(_ModelExpertSettings):
     dtype: str = "auto"
 
 
+# The manifest's expert entry: the settings of one of the registered backends, told apart by ``backend``.
 ExpertConfig = Annotated[
-    AnnotationExpertConfig | OpenAIExpertConfig | VLLMExpertConfig | TransformersExpertConfig,
+    functools.reduce(operator.or_, (backend.settings for backend in EXPERT_BACKENDS.values())),
     Field(discriminator="backend"),
 ]
+_BACKENDS_OPEN["open"] = False
 EXPERT_SETTINGS: dict[str, type[_ExpertSettings]] = {
-    "annotation": AnnotationExpertConfig,
-    "openai": OpenAIExpertConfig,
-    "vllm": VLLMExpertConfig,
-    "transformers": TransformersExpertConfig,
+    name: backend.settings for name, backend in EXPERT_BACKENDS.items()
 }
 
 
@@ -428,16 +490,21 @@ def packaged_manifests() -> dict[str, Path]:
 _UNIONS = {"experts": ("backend", EXPERT_SETTINGS), "dataset": ("dataset", DATASET_SETTINGS)}
 
 
-def _describe_error(error: dict[str, Any]) -> str:
-    loc = error["loc"]
-    key = ".".join(str(part) for part in loc) or "<top level>"
-    kind = error["type"]
+def _union_of(loc: tuple) -> tuple[str, dict[str, type[BaseModel]], str | None]:
+    """The tagged union a validation error lies in: its word (``backend``, ``dataset``), its variants and the
+    variant's tag in ``loc`` (None where there is none); ``("", {}, None)`` outside a union."""
     holder = next((part for part in loc if part in _UNIONS), None)
     if holder is None:
-        word, variants, tag = "", {}, None
-    else:
-        word, variants = _UNIONS[holder]
-        tag = next((str(part) for part in loc[loc.index(holder) + 1 :] if str(part) in variants), None)
+        return "", {}, None
+    word, variants = _UNIONS[holder]
+    return word, variants, next((str(part) for part in loc[loc.index(holder) + 1 :] if str(part) in variants), None)
+
+
+def _describe_error(error: dict[str, Any]) -> str:
+    """One problem of a validation error in words, naming its key (a union's tag said in words, not in the key)."""
+    loc, kind = error["loc"], error["type"]
+    key = ".".join(str(part) for part in loc) or "<top level>"
+    word, variants, tag = _union_of(loc)
     if kind in ("union_tag_invalid", "union_tag_not_found"):
         field = error["ctx"]["discriminator"].strip("'")
         expected = ", ".join(variants)
@@ -451,6 +518,12 @@ def _describe_error(error: dict[str, Any]) -> str:
             return f"key '{key}' is not a setting of {word} '{tag}' (its settings: {allowed})"
         if kind == "missing":
             return f"missing key '{key}' ({word} '{tag}' needs it)"
+    return _describe_plain(error, key)
+
+
+def _describe_plain(error: dict[str, Any], key: str) -> str:
+    """A problem outside a union's own words: an unknown or missing key, a validator's sentence, a rejected value."""
+    kind = error["type"]
     if kind == "extra_forbidden":
         return f"unknown key '{key}'"
     if kind == "missing":

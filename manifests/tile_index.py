@@ -73,10 +73,12 @@ class ClassVocabulary:
         return cls({name: (name.replace("_", " "),) for name in class_names}, {}, tuple(class_names))
 
     def to_json(self) -> str:
+        """The vocabulary as the tile index's file metadata holds it."""
         return json.dumps({"words": self.words, "plurals": self.plurals, "main_classes": self.main_classes})
 
     @classmethod
     def from_json(cls, text: str) -> ClassVocabulary:
+        """The vocabulary of a tile index's file metadata (:meth:`to_json`)."""
         data = json.loads(text)
         words = {name: tuple(words) for name, words in data["words"].items()}
         return cls(words, dict(data["plurals"]), tuple(data["main_classes"]))
@@ -99,6 +101,7 @@ class TileIndex:
         return None if relative is None or pd.isna(relative) else self.root / relative
 
     def split(self, name: str) -> pd.DataFrame:
+        """The rows of the tiles of one split."""
         return self.frame[self.frame["split"] == name]
 
 

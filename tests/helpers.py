@@ -114,59 +114,69 @@ class ChatHandler(BaseHTTPRequestHandler):
         body = json.loads(raw)
         content = body["messages"][0]["content"]
         prompt = next(part["text"] for part in content if part["type"] == "text")
-        url = next(part["image_url"]["url"] for part in content if part["type"] == "image_url")
+        calls = self._record(
+            body, prompt, next(part["image_url"]["url"] for part in content if part["type"] == "image_url")
+        )
+        # The request leaves the server's count before its reply is written: the client may send its next request
+        # as soon as it reads the reply, and counting both would be the server's race, not the client's bound.
+        try:
+            time.sleep(0.05 + DELAYS.get(prompt, 0.0))
+            status, payload, headers = self._answer(prompt, calls, body)
+        finally:
+            with self.server.lock:
+                self.server.in_flight -= 1
+        self._reply(status, payload, headers)
+
+    def _record(self, body: dict, prompt: str, url: str) -> int:
+        """Count the request in flight and record what it sent; returns how often its prompt was asked so far."""
         server = self.server
         server.check(url.startswith("data:image/png;base64,"), f"not a PNG data URL: {url[:40]}")
         with server.lock:
             server.calls[prompt] += 1
-            calls = server.calls[prompt]
             server.in_flight += 1
             server.max_in_flight = max(server.max_in_flight, server.in_flight)
             server.auth_headers.add(self.headers.get("Authorization", ""))
             server.bodies.append({**{key: value for key, value in body.items() if key != "messages"}, "prompt": prompt})
             with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) as image:
                 server.image_sizes.append(image.size)
-        # The request leaves the server's count before its reply is written: the client may send its next request
-        # as soon as it reads the reply, and counting both would be the server's race, not the client's bound.
-        headers: dict[str, str] = {}
-        try:
-            time.sleep(0.05)
-            if prompt == "hang":
-                time.sleep(3)
-            if prompt == "stall":  # far longer than any bound a test puts on the client
-                time.sleep(20)
-            choice = {"message": {"content": f" caption for {prompt} "}, "finish_reason": "stop"}
-            status, payload = 200, {"choices": [choice], "usage": {"completion_tokens": 4}}
-            if prompt == "fail":
-                status, payload = 500, {"error": "boom"}
-            if prompt == "bad request":
-                status, payload = 400, {"error": "no"}
-            if prompt == "flaky" and calls == 1:
-                status, payload = 429, {"error": "slow down"}
-            if prompt == "flaky" and calls == 2:
-                status, payload = 503, {"error": "busy"}
-            if prompt == "throttled" and calls == 1:  # OpenAI sends both; the millisecond one is the precise one
-                status, payload = 429, {"error": "rate limited"}
-                headers = {"retry-after-ms": "50", "Retry-After": "20"}
-            if prompt.startswith("status "):  # an OpenAI-style error that echoes the key it was sent
-                message = f"Incorrect API key provided: {self.headers.get('Authorization')}.\nSee the docs."
-                status, payload = int(prompt.split()[1]), {"error": {"message": message, "code": "invalid_api_key"}}
-            if prompt == "image limit":  # vLLM started without room for an image per prompt
-                message = "At most 0 image(s) may be provided in one request. You can set `--limit-mm-per-prompt`"
-                status, payload = 400, {"object": "error", "message": message, "type": "BadRequestError"}
-            if prompt == "too long":  # vLLM: names the field, but only this request is at fault
-                message = "'max_tokens' or 'max_completion_tokens' is too large: 160. This model's maximum context"
-                status, payload = 400, {"object": "error", "message": message}
-            if server.refused_field in body:
-                message = (
-                    f"Unsupported parameter: '{server.refused_field}' is not supported with this model. "
-                    f"Use '{({'max_tokens', 'max_completion_tokens'} - {server.refused_field}).pop()}' instead."
-                )
-                status, payload = 400, {"error": {"message": message, "param": server.refused_field}}
-        finally:
-            with server.lock:
-                server.in_flight -= 1
-        self._reply(status, payload, headers)
+            return server.calls[prompt]
+
+    def _answer(self, prompt: str, calls: int, body: dict) -> tuple[int, dict, dict[str, str]]:
+        """(status, payload, headers) of the reply the prompt (and the how-manieth call of it) asks for."""
+        refused = self.server.refused_field
+        if refused in body:
+            message = (
+                f"Unsupported parameter: '{refused}' is not supported with this model. "
+                f"Use '{({'max_tokens', 'max_completion_tokens'} - {refused}).pop()}' instead."
+            )
+            return 400, {"error": {"message": message, "param": refused}}, {}
+        if prompt in FIXED_ANSWERS:
+            return *FIXED_ANSWERS[prompt], {}
+        if prompt == "flaky" and calls <= 2:
+            return (429, {"error": "slow down"}, {}) if calls == 1 else (503, {"error": "busy"}, {})
+        if prompt == "throttled" and calls == 1:  # OpenAI sends both; the millisecond one is the precise one
+            return 429, {"error": "rate limited"}, {"retry-after-ms": "50", "Retry-After": "20"}
+        if prompt.startswith("status "):  # an OpenAI-style error that echoes the key it was sent
+            message = f"Incorrect API key provided: {self.headers.get('Authorization')}.\nSee the docs."
+            return int(prompt.split()[1]), {"error": {"message": message, "code": "invalid_api_key"}}, {}
+        choice = {"message": {"content": f" caption for {prompt} "}, "finish_reason": "stop"}
+        return 200, {"choices": [choice], "usage": {"completion_tokens": 4}}, {}
+
+
+# How much longer than the usual 50 ms the chat server takes to answer these prompts.
+DELAYS = {"hang": 3.0, "stall": 20.0}  # stall: far longer than any bound a test puts on the client
+# Prompts the chat server answers with a fixed error: (status, payload).
+FIXED_ANSWERS: dict[str, tuple[int, dict]] = {
+    "fail": (500, {"error": "boom"}),
+    "bad request": (400, {"error": "no"}),
+    # vLLM started without room for an image per prompt
+    "image limit": (400, {"object": "error", "type": "BadRequestError",
+                          "message": "At most 0 image(s) may be provided in one request. You can set "
+                                     "`--limit-mm-per-prompt`"}),
+    # vLLM: names the field, but only this request is at fault
+    "too long": (400, {"object": "error", "message": "'max_tokens' or 'max_completion_tokens' is too large: 160. This "
+                                                     "model's maximum context"}),
+}  # fmt: skip
 
 
 def row(tile: str, prompt: str = "p1", attempt: int = 0, similarity: float | None = 0.6, **extra: Any) -> dict:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from caption_pipeline.experts import build_expert
 from caption_pipeline.experts.annotation import describe_label
 from caption_pipeline.experts.base import CaptionRequest, CaptionResult, load_image
-from caption_pipeline.gate import GateSettings, RunInfo, caption_tiles, tile_tasks
+from caption_pipeline.gate import GateSettings, Resume, RunInfo, caption_tiles, tile_tasks
 from caption_pipeline.policy import GatePolicy
 from caption_pipeline.prompts import TileClasses, build_prompt, readable
 from caption_pipeline.scoring import ClipScorer
@@ -322,7 +322,7 @@ def test_no_two_attempts_of_a_key_send_the_same_request(clip_config, small_index
     # A later run continues the attempt numbers of the failed keys: its requests repeat none of the earlier ones.
     later = RecordingExpert()
     previous = {(tile_id, expert.name, pid): 4 for tile_id, pid in sent}
-    caption_tiles(tasks, later, scorer, settings, RunInfo("r2"), previous_attempts=previous)
+    caption_tiles(tasks, later, scorer, settings, RunInfo("r2"), Resume(attempts=previous))
     for key, requests in sent_per_key(later).items():
         assert [seed for _, _, seed in requests] == [4, 5, 6, 7]
         assert len(set(requests + sent[key])) == 8, key

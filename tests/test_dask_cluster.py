@@ -19,7 +19,13 @@ from pathlib import Path
 import pytest
 
 from flows import generate_captions as flow_module
-from flows.generate_captions import _task_runner, caption_shard, generate_captions, local_cluster_kwargs
+from flows.generate_captions import (
+    CaptionRunSettings,
+    _task_runner,
+    caption_shard,
+    generate_captions,
+    local_cluster_kwargs,
+)
 from flows.model_cache import ModelCache
 from manifests.caption_store import ATTEMPT_KEY, KEY_COLUMNS, read_store
 from manifests.errors import InputError
@@ -178,7 +184,8 @@ def test_a_worker_killed_mid_run_loses_and_duplicates_nothing(
         killer = threading.Thread(target=kill_mid_task, daemon=True)
         killer.start()
         started = time.monotonic()
-        summary = generate_captions(manifest, store=store, runner="dask", address=dask_cluster.address)
+        run = CaptionRunSettings(manifest, store=store, runner="dask", address=dask_cluster.address)
+        summary = generate_captions(run)
         seconds = time.monotonic() - started
         killer.join(timeout=5)
 

@@ -17,7 +17,7 @@ import pytest
 
 from flows import generate_captions as flow_module
 from flows import model_cache
-from flows.generate_captions import frozen_heap, generate_captions
+from flows.generate_captions import CaptionRunSettings, frozen_heap, generate_captions
 from flows.model_cache import ModelCache
 from flows.report import build_report, caption_report_flow, mentioned_classes
 from manifests.caption_store import ATTEMPT_KEY, read_store, selected_captions
@@ -70,7 +70,7 @@ def attempt_keys(store: Path) -> set[tuple]:
 @pytest.fixture(scope="session")
 def threads_store(prefect_api_session, manifest_path) -> Path:
     store = manifest_path.parent / "threads"
-    summary = generate_captions(manifest_path, store=store)
+    summary = generate_captions(CaptionRunSettings(manifest_path, store=store))
     assert summary.tiles == 12 and summary.skipped_keys == 0
     return store
 
@@ -88,7 +88,7 @@ def test_flow_store_rows_and_a_second_run_calls_no_expert(threads_store, manifes
 
     real_build_expert = model_cache.build_expert
     monkeypatch.setattr(model_cache, "build_expert", counted)
-    summary = generate_captions(manifest_path, store=threads_store)
+    summary = generate_captions(CaptionRunSettings(manifest_path, store=threads_store))
     calls = [expert.calls for expert in built]
     assert calls == [0, 0] and summary.new_rows == 0 and summary.skipped_keys == 60
     assert gc.get_freeze_count() == 0  # the heap is frozen only while a run lasts
@@ -104,7 +104,7 @@ def test_frozen_heap_is_released_when_the_run_fails():
 
 def test_dask_runner_gives_the_same_store(threads_store, manifest_path):
     store = manifest_path.parent / "dask"
-    generate_captions(manifest_path, store=store, runner="dask")
+    generate_captions(CaptionRunSettings(manifest_path, store=store, runner="dask"))
     assert attempt_keys(store) == attempt_keys(threads_store)
     a, b = selected_captions(store), selected_captions(threads_store)
     assert a["caption"].tolist() == b["caption"].tolist()
@@ -123,7 +123,7 @@ def test_sigkill_then_restart_ends_with_the_uninterrupted_store(prefect_api, thr
     process.wait()
     partial = attempt_keys(store)
     assert 0 < len(partial) < len(attempt_keys(threads_store))
-    generate_captions(manifest_path, store=store)
+    generate_captions(CaptionRunSettings(manifest_path, store=store))
     assert attempt_keys(store) == attempt_keys(threads_store)
 
 
@@ -131,7 +131,7 @@ def test_unknown_expert_and_missing_captions_section(prefect_api, manifest_path,
     from manifests.errors import InputError
 
     with pytest.raises(InputError, match=r"--experts: unknown expert\(s\) \['gpt'\]"):
-        generate_captions(manifest_path, experts=["gpt"])
+        generate_captions(CaptionRunSettings(manifest_path, experts=["gpt"]))
     bare = tmp_path / "bare.yaml"
     bare.write_text("name: b\ndataset: {name: vaihingen, root: x}\ntiling: {out: y}\n")
     with pytest.raises(InputError, match="has no captions section"):
@@ -211,7 +211,7 @@ def test_predicted_protocol_reads_predictions_and_says_so(prefect_api, manifest_
     )
     manifest = tmp_path / "predicted.yaml"
     manifest.write_text(text.replace(str(manifest_path.parent / "store"), str(tmp_path / "store")))
-    summary = generate_captions(manifest, experts=["annotation"])
+    summary = generate_captions(CaptionRunSettings(manifest, experts=["annotation"]))
     assert (summary.protocol, summary.class_sources) == ("predicted", {"test": "predictions", "train": "labels"})
     frame = read_store(tmp_path / "store")
     assert set(zip(frame["split"], frame["protocol"], frame["class_source"], strict=True)) == {
@@ -226,7 +226,7 @@ def test_predicted_protocol_reads_predictions_and_says_so(prefect_api, manifest_
     ]
     predictions.unlink()  # before any shard task starts, a one-line error names the file
     with pytest.raises(InputError, match=r"class predictions .*class_predictions.parquet: file not found"):
-        generate_captions(manifest, experts=["annotation"])
+        generate_captions(CaptionRunSettings(manifest, experts=["annotation"]))
 
 
 def _variant(manifest_path: Path, folder: Path, experts: str) -> Path:
@@ -245,7 +245,7 @@ def test_a_store_scored_by_another_clip_is_refused(prefect_api, manifest_path, t
     write_fragment(tmp_path / "old", old, StoreMeta(["a"], "demo-tiny-clip:demo-tiny-clip.pt", 0.6))
     with pytest.raises(InputError, match=r"scored by CLIP demo-tiny-clip:demo-tiny-clip.pt, this manifest scores "
                                          r"with demo-tiny-clip:demo-tiny-clip.pt@[0-9a-f]{12}:gelu"):  # fmt: skip
-        generate_captions(manifest_path, store=tmp_path / "old")
+        generate_captions(CaptionRunSettings(manifest_path, store=tmp_path / "old"))
     assert len(read_store(tmp_path / "old")) == len(old)  # nothing written
 
 

@@ -28,7 +28,7 @@ from flows import gate_store
 from flows import generate_captions as flow_module
 from flows.console import print_summary
 from flows.gate_store import check_gate
-from flows.generate_captions import CaptionRunSummary, generate_captions, shards, summarize
+from flows.generate_captions import CaptionRunSettings, CaptionRunSummary, generate_captions, shards, summarize
 from manifests.caption_store import THRESHOLDS_FILE, compact, read_store, write_fragment
 from manifests.errors import InputError
 from manifests.run_manifest import CaptionsConfig, GateConfig, load_manifest
@@ -274,7 +274,7 @@ def test_percentile_derives_thresholds_records_them_and_a_resume_reuses_them(
 ):
     manifest = gated_manifest("{mode: percentile, keep_top: 0.5, calibration_tiles: 4}")
     store = tmp_path / "store"
-    generate_captions(manifest, store=store, limit=6)
+    generate_captions(CaptionRunSettings(manifest, store=store, limit=6))
     sidecar = json.loads((store / THRESHOLDS_FILE).read_text())
     calibration = calibration_ids(sorted(small_index.frame["tile_id"])[:6], 4)  # spread over the run's 6 tiles
     assert (
@@ -299,7 +299,7 @@ def test_percentile_derives_thresholds_records_them_and_a_resume_reuses_them(
         raise AssertionError("a resumed run re-derived the thresholds")
 
     monkeypatch.setattr(gate_store, "calibrate_thresholds", no_calibration)
-    summary = generate_captions(manifest, store=store)
+    summary = generate_captions(CaptionRunSettings(manifest, store=store))
     assert summary.tiles == 12 and summary.skipped_keys == 6 * 3
     assert (store / THRESHOLDS_FILE).read_text() == before
     frame = read_store(store)
@@ -309,16 +309,18 @@ def test_percentile_derives_thresholds_records_them_and_a_resume_reuses_them(
     # Thresholds derived otherwise are refused, not re-derived; so is another gate mode on this store.
     other = gated_manifest("{mode: percentile, keep_top: 0.2, calibration_tiles: 4}", name="other.yaml")
     with pytest.raises(InputError, match=r"keep_top 0.5 \(manifest: 0.2\)"):
-        generate_captions(other, store=store)
+        generate_captions(CaptionRunSettings(other, store=store))
     contrastive = gated_manifest("{mode: contrastive}", name="contrastive.yaml")
     with pytest.raises(InputError, match="gated in mode percentile, this manifest gates in mode contrastive"):
-        generate_captions(contrastive, store=store)
+        generate_captions(CaptionRunSettings(contrastive, store=store))
 
 
 def test_contrastive_flow_scores_every_usable_caption(prefect_api, gated_manifest, tmp_path):
     manifest = gated_manifest("{mode: contrastive, margin: 0.0}")
     store = tmp_path / "contrastive"
-    generate_captions(manifest, store=store, limit=5)  # shards of 4 and 1: the last tile joins the first shard
+    generate_captions(
+        CaptionRunSettings(manifest, store=store, limit=5)
+    )  # shards of 4 and 1: the last tile joins the first shard
     frame = read_store(store)
     assert set(frame["gate_mode"]) == {"contrastive"} and set(frame["gate_threshold"]) == {0.0}
     usable = frame[frame["usable"]]
@@ -337,7 +339,7 @@ def test_contrastive_refuses_shards_of_one_tile_and_another_margin_up_front(gate
     monkeypatch.setattr(flow_module.generate_captions_flow, "with_options", no_flow)
     manifest = gated_manifest("{mode: contrastive}")
     with pytest.raises(InputError, match=r"a shard size of 1 .* raise --shard-size") as info:
-        generate_captions(manifest, store=tmp_path / "new", shard_size=1)
+        generate_captions(CaptionRunSettings(manifest, store=tmp_path / "new", shard_size=1))
     assert "\n" not in str(info.value) and not (tmp_path / "new").exists()
     store = tmp_path / "store"  # the manifest's store: a run gated at margin 0.0 wrote it
     write_fragment(store, [row("t1", expert="annotation", gate_mode="contrastive", gate_threshold=0.0,
@@ -376,4 +378,4 @@ def test_percentile_samples_only_tiles_the_expert_can_caption_and_fails_before_t
     monkeypatch.setattr(gate_store, "calibrate_thresholds", no_caption)
     monkeypatch.setattr(flow_module.generate_captions_flow, "with_options", no_flow)
     with pytest.raises(InputError, match="gave no usable caption"):
-        generate_captions(manifest, store=tmp_path / "failing")
+        generate_captions(CaptionRunSettings(manifest, store=tmp_path / "failing"))

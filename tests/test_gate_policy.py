@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from caption_pipeline.gate import GateSettings, RunInfo, TileTask, caption_tiles
+from caption_pipeline.gate import GateSettings, Resume, RunInfo, TileTask, caption_tiles
 from caption_pipeline.policy import GatePolicy
 from flows.report import build_report
 from manifests.caption_store import StoreMeta, attempt_counts, compact, read_store, selected_captions, write_fragment
@@ -69,8 +69,7 @@ def test_a_key_whose_attempts_all_errored_is_not_done_and_is_retried(tiles, tmp_
     assert counts[("t0", "fake", "p1")] == 3
     # The next run skips the done keys and retries t0 with the next attempt numbers (so new wordings and seeds).
     up = AnsweringExpert(lambda tile, pid, attempt: "sim 0.7")
-    rows = caption_tiles(tiles, up, CaptionScorer(), gate(policy), RunInfo("morning"), skip=done,
-                         previous_attempts=counts)  # fmt: skip
+    rows = caption_tiles(tiles, up, CaptionScorer(), gate(policy), RunInfo("morning"), Resume(done, counts))
     assert up.asked == [("t0", "p1", 3)]
     write_fragment(store, rows, StoreMeta(["building"], CaptionScorer.model_id, TAU))
     compact(store, select=policy.select)

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from caption_pipeline.experts.base import CaptionRequest, CaptionResult
+from caption_pipeline.experts.base import CaptionRequest, CaptionResult, Expert
 from caption_pipeline.prompts import readable
 from manifests.run_manifest import AnnotationExpertConfig
 
@@ -87,7 +87,7 @@ def describe_label(
     return "An aerial image with " + "; ".join(phrases) + "."
 
 
-class AnnotationExpert:
+class AnnotationExpert(Expert):
     """Writes captions from class-index masks (labels or predictions); a request without one fails clearly."""
 
     backend = "annotation"
@@ -100,6 +100,7 @@ class AnnotationExpert:
         self.name = config.name
 
     def generate(self, requests: list[CaptionRequest]) -> list[CaptionResult]:
+        """A caption of each request's class mask in the style of its prompt; a request without a mask fails."""
         results = []
         for request in requests:
             started = time.perf_counter()

@@ -9,13 +9,14 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import numpy as np
 import tifffile
 from PIL import Image
 
 from manifests.errors import InputError
+from manifests.run_manifest import ExpertConfig
 
 # Total characters of encoded data URLs kept in memory. A 512-px PNG tile is about 0.5 MiB of base64, so this holds
 # several hundred tiles: enough for every prompt and attempt of the chunks in flight to reuse one encoding.
@@ -69,20 +70,37 @@ class CaptionResult:
 
 
 class Expert(Protocol):
-    """A multimodal LLM behind some backend."""
+    """A multimodal LLM behind some backend.
+
+    A backend's expert class subclasses this protocol explicitly, inheriting the defaults below, and is declared with
+    its settings class in ``manifests.run_manifest.EXPERT_BACKENDS``; what the flows need to know of a backend they
+    ask the class (:attr:`runs_alone`, :meth:`preflight`), never its name.
+    """
 
     name: str
     model: str | None
     backend: str
     # Whether a re-prompt can change the answer: False for an expert that writes the same caption from the same
     # input whatever the wording and seed (the annotation expert), which the gate then never re-prompts.
-    reprompts: bool
+    reprompts: bool = True
     # Whether the expert describes a tile's class mask rather than its image (the annotation expert): the gate then
     # skips splits whose class source is none, fails a tile without a mask, and records the mask's class source.
-    needs_class_mask: bool
+    needs_class_mask: bool = False
     # Requests per chunk for an expert that serves a batch concurrently (the HTTP backend): the gate keeps two chunks
     # in flight so CLIP scores one while the next is generated. None: the gate sends the whole batch at once.
-    pipeline_chunk: int | None
+    pipeline_chunk: int | None = None
+    # Whether the expert is an in-process engine that takes most of the GPU (vLLM): the flow runs such experts one
+    # after another and releases each before the next starts; the others run alongside from the start.
+    runs_alone: ClassVar[bool] = False
+
+    @classmethod
+    def preflight(cls, config: ExpertConfig) -> None:
+        """Refuse, before a run starts and any model loads, what cannot work for this expert (an API key not set,
+        weights not found); the default checks nothing.
+
+        Raises:
+            InputError: one line naming the expert and what to do.
+        """
 
     def generate(self, requests: list[CaptionRequest]) -> list[CaptionResult]:
         """Captions for ``requests``, in order; a failed request gives a result with an error.

@@ -37,6 +37,7 @@ import aiohttp
 from caption_pipeline.experts.base import (
     CaptionRequest,
     CaptionResult,
+    Expert,
     ExpertUnavailable,
     chat_messages,
     image_data_url,
@@ -180,9 +181,11 @@ class Endpoint:
         self.probing = False  # back from an outage without a success yet
 
     def is_in(self, now: float) -> bool:
+        """Whether the endpoint takes requests at ``now`` (not taken out after failures)."""
         return now >= self.down_until
 
     def stats(self) -> EndpointStats:
+        """Its counts so far."""
         return EndpointStats(self.base_url, self.requests, self.failures, self.taken_out)
 
 
@@ -278,13 +281,22 @@ class EndpointPool:
         return any(other is not endpoint and other.is_in(now) for other in self.endpoints)
 
 
-class OpenAIExpert:
+class OpenAIExpert(Expert):
     """An expert served over the OpenAI chat-completions protocol."""
 
     backend = "openai"
     reprompts = True
     needs_class_mask = False
     pipeline_chunk: int | None  # 4 * the slots of all endpoints, set per instance
+
+    @classmethod
+    def preflight(cls, config: OpenAIExpertConfig) -> None:
+        """Refuse an expert whose ``api_key_env`` names an environment variable that is not set.
+
+        Raises:
+            InputError: the variable is not set.
+        """
+        api_key(config)
 
     def __init__(
         self, config: OpenAIExpertConfig, backoff_s: float = 0.5, endpoint_backoff_s: float = ENDPOINT_BACKOFF_S

@@ -13,7 +13,7 @@ from huggingface_hub import is_offline_mode, try_to_load_from_cache
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from caption_pipeline.experts.base import CaptionRequest, CaptionResult, ExpertUnavailable, load_image
+from caption_pipeline.experts.base import CaptionRequest, CaptionResult, Expert, ExpertUnavailable, load_image
 from manifests.devices import resolve_device
 from manifests.errors import first_line
 from manifests.run_manifest import TransformersExpertConfig
@@ -61,7 +61,7 @@ def check_weights(config: TransformersExpertConfig) -> None:
         raise missing_hub_model(config, "offline: HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set")
 
 
-class TransformersExpert:
+class TransformersExpert(Expert):
     """Batched ``generate`` with the model's own chat template.
 
     Each request's temperature decides the decoding: 0 is greedy (``do_sample=False``, passed explicitly so a
@@ -75,6 +75,15 @@ class TransformersExpert:
     reprompts = True
     needs_class_mask = False
     pipeline_chunk = None
+
+    @classmethod
+    def preflight(cls, config: TransformersExpertConfig) -> None:
+        """Refuse weights that cannot be found before anything loads (:func:`check_weights`).
+
+        Raises:
+            ExpertUnavailable: a missing folder, or (offline) a hub id the cache lacks.
+        """
+        check_weights(config)
 
     def __init__(self, config: TransformersExpertConfig) -> None:
         from transformers import AutoModelForImageTextToText, AutoProcessor

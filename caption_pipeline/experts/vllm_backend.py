@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from caption_pipeline.experts.base import (
     CaptionRequest,
     CaptionResult,
+    Expert,
     ExpertUnavailable,
     chat_messages,
     image_data_url,
@@ -183,7 +184,7 @@ def shutdown_engine(llm: Any) -> None:
             return
 
 
-class VLLMExpert:
+class VLLMExpert(Expert):
     """An expert run by an in-process vLLM engine, created on the first batch and shared by the shard threads.
 
     Args:
@@ -197,6 +198,7 @@ class VLLMExpert:
     reprompts = True
     needs_class_mask = False
     pipeline_chunk = None  # the engine batches the whole request list itself
+    runs_alone = True  # each engine takes most of the GPU (gpu_memory_utilization)
 
     def __init__(
         self,
