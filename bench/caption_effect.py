@@ -67,10 +67,10 @@ def main() -> None:
     from flows.demo import TEXT_FREE, TEXT_GUIDED, build_demo_models, write_predicted_classes
     from flows.generate_captions import generate_captions
     from manifests.run_manifest import load_manifest
-    from segmenter.demo_scenes import write_demo_dataset
-    from segmenter.evaluate import evaluate
-    from segmenter.prepare import prepare_tiles
-    from segmenter.train import TEXT_GUIDED_AUGMENTATION
+    from segmenter.data.demo_scenes import write_demo_dataset
+    from segmenter.data.prepare import prepare_tiles
+    from segmenter.engine.evaluate import evaluate
+    from segmenter.engine.train import TEXT_GUIDED_AUGMENTATION
 
     console = Console(stderr=True)
     quiet = contextlib.redirect_stdout(io.StringIO())
@@ -83,7 +83,7 @@ def main() -> None:
     results: dict[str, list[float]] = {}
 
     def run(row: str, preset: str, name: str, manifest: str, seed: int, store=None, augmentation="auto") -> Path:
-        from segmenter.train import TrainSettings, train
+        from segmenter.engine.train import TrainSettings, train
 
         out = runs / f"{name}_seed{seed}"
         settings = TrainSettings(preset=preset, steps=args.steps, batch_size=8, checkpoint_every=args.steps,

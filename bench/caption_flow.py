@@ -170,8 +170,8 @@ def main() -> None:
     from flows.model_cache import ModelCache
     from manifests.run_manifest import load_manifest
     from manifests.tile_index import read_tile_index
-    from segmenter.demo_scenes import write_demo_dataset
-    from segmenter.prepare import prepare_tiles
+    from segmenter.data.demo_scenes import write_demo_dataset
+    from segmenter.data.prepare import prepare_tiles
 
     clock = multiprocessing.Array("d", 3, lock=False)  # written by the servers only while a run is timed
     lock = multiprocessing.Lock()

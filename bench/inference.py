@@ -58,8 +58,8 @@ def random_text(model: torch.nn.Module):
 
 
 def speed(args: argparse.Namespace, device: torch.device) -> None:
-    from segmenter.inference import sliding_window_logits
-    from segmenter.tiling import tile_grid
+    from segmenter.data.tiling import tile_grid
+    from segmenter.engine.inference import sliding_window_logits
 
     model = build(args.preset, args.random_weights, device)
     image = np.random.default_rng(0).integers(0, 256, size=(args.scene, args.scene, 3), dtype=np.uint8)
@@ -107,9 +107,9 @@ def memory_child(args: argparse.Namespace) -> None:
     """One memory mode in this (fresh) process; prints a JSON line with its peak RSS in MiB."""
     import rasterio
 
-    from segmenter.datasets.files import SourceFile
-    from segmenter.inference import sliding_window_classes, sliding_window_logits
-    from segmenter.windowed_read import open_windows
+    from segmenter.data.datasets.files import SourceFile
+    from segmenter.data.windowed_read import open_windows
+    from segmenter.engine.inference import sliding_window_classes, sliding_window_logits
 
     device = torch.device("cpu")
     model = build(args.preset, args.random_weights, device)

@@ -15,8 +15,10 @@ from typer.testing import CliRunner
 from manifests.devices import resolve_device
 from manifests.errors import InputError
 from segmenter.cli import app
-from segmenter.datasets.files import SourceFile
-from segmenter.inference import (
+from segmenter.data.datasets.files import SourceFile
+from segmenter.data.tiling import tile_grid
+from segmenter.data.windowed_read import ArrayWindows, RasterWindows, open_image_windows, open_windows
+from segmenter.engine.inference import (
     CaptionWindows,
     default_batch_size,
     sliding_window_classes,
@@ -24,8 +26,6 @@ from segmenter.inference import (
     tile_classes,
 )
 from segmenter.model import build_model
-from segmenter.tiling import tile_grid
-from segmenter.windowed_read import ArrayWindows, RasterWindows, open_image_windows, open_windows
 from tests.helpers import assert_same_classes
 
 EXPERTS = ["alpha", "beta", "gamma"]

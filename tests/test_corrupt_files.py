@@ -17,10 +17,10 @@ from typer.testing import CliRunner
 from manifests.caption_store import read_store, selected_captions, write_fragment
 from manifests.errors import InputError
 from segmenter.cli import app as segmenter_app
+from segmenter.engine.options import TrainSettings
+from segmenter.engine.predict import image_files
+from segmenter.engine.train import _optimizer, _restore, train
 from segmenter.model import MPerSSegmenter, build_model
-from segmenter.options import TrainSettings
-from segmenter.predict import image_files
-from segmenter.train import _optimizer, _restore, train
 from tests.helpers import META, row
 
 runner = CliRunner()
@@ -252,7 +252,7 @@ def test_predict_reads_a_file_named_twice_once_and_keeps_distinct_stems(tmp_path
 
 
 def test_a_run_of_an_older_version_says_what_its_checkpoint_lacks(tmp_path):
-    from segmenter.inference import open_run
+    from segmenter.engine.inference import open_run
 
     step = tmp_path / "run" / "checkpoints" / "step_000300"
     step.mkdir(parents=True)

@@ -13,12 +13,12 @@ import torch
 from safetensors.torch import save_file
 
 from manifests.errors import InputError
-from segmenter.evaluate import evaluate
-from segmenter.inference import LocalWeights
+from segmenter.engine.evaluate import evaluate
+from segmenter.engine.inference import LocalWeights
+from segmenter.engine.train import TrainSettings, train
 from segmenter.model import preset_config
 from segmenter.model import presets as registry
 from segmenter.text.dinotxt import write_tiny_dinotxt_checkpoint
-from segmenter.train import TrainSettings, train
 from tests.helpers import annotation_store, demo_manifest
 
 

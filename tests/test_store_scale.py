@@ -191,7 +191,7 @@ def test_the_newest_of_two_selected_rows_of_a_key_wins(tmp_path):
 
 
 def test_a_read_only_store_puts_the_text_cache_in_the_run_folder(tmp_path, capsys):
-    from segmenter.train import text_cache_folder, text_cache_place
+    from segmenter.engine.train import text_cache_folder, text_cache_place
 
     probe = tmp_path / "probe"
     probe.mkdir(mode=0o555)
@@ -231,7 +231,7 @@ def test_text_cache_option_of_the_commands():
 
 
 def test_a_text_cache_that_is_a_file_is_refused_in_one_line(tmp_path):
-    from segmenter.train import text_cache_folder, text_cache_place
+    from segmenter.engine.train import text_cache_folder, text_cache_place
 
     (tmp_path / "afile").write_text("not a folder")
     with text_cache_place(tmp_path / "afile"), pytest.raises(InputError, match=r"--text-cache: .* is a file"):

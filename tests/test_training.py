@@ -20,14 +20,14 @@ from rasterio.transform import from_origin
 from manifests.caption_store import StoreMeta, read_store, write_fragment
 from manifests.class_predictions import read_class_predictions
 from manifests.errors import InputError
-from segmenter import train as train_module
-from segmenter.evaluate import evaluate
-from segmenter.inference import sliding_window_logits
+from segmenter.engine import train as train_module
+from segmenter.engine.evaluate import evaluate
+from segmenter.engine.inference import sliding_window_logits
+from segmenter.engine.options import TEXT_GUIDED_AUGMENTATION
+from segmenter.engine.predict import predict, predict_index
+from segmenter.engine.run_record import RunRecord
+from segmenter.engine.train import RunPaths, TrainingError, TrainSettings, train
 from segmenter.model import MPerSSegmenter, build_model
-from segmenter.options import TEXT_GUIDED_AUGMENTATION
-from segmenter.predict import predict, predict_index
-from segmenter.run_record import RunRecord
-from segmenter.train import RunPaths, TrainingError, TrainSettings, train
 from tests.helpers import annotation_store, assert_same_classes, demo_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -310,8 +310,8 @@ def test_predict_reads_the_captions_of_the_tiles_with_the_same_pixels(run_inputs
 
 def test_augmentations_move_captions_with_the_pixels(run_inputs, small_index, tmp_path):
     """d4_rewrite reads the text variant of the very flip/rotation the tile got; none leaves tiles as they are."""
-    from segmenter.data import TileSamples, augment, d4_variant
-    from segmenter.raster_io import read_crop
+    from segmenter.data.raster_io import read_crop
+    from segmenter.data.samples import TileSamples, augment, d4_variant
     from segmenter.text import TextEncoder, TextFeatureCache, expert_text_features
 
     _, store = run_inputs
@@ -346,7 +346,7 @@ def test_evaluate_reports_what_an_independent_computation_of_its_predictions_giv
     from sklearn.metrics import f1_score, jaccard_score
 
     from manifests.run_manifest import load_manifest
-    from segmenter.datasets import build_dataset
+    from segmenter.data.datasets import build_dataset
 
     manifest, _ = run_inputs
     run = tmp_path / "run"
@@ -445,7 +445,7 @@ def test_loader_batches_are_those_of_the_plan_whatever_the_workers(small_index):
     import multiprocessing
     import pickle
 
-    from segmenter.data import PlannedBatches, TileSamples, sample_plan, training_loader
+    from segmenter.data.samples import PlannedBatches, TileSamples, sample_plan, training_loader
 
     samples = TileSamples(small_index, "train", None, augmentation="d4")
     n, seed = len(samples), 7

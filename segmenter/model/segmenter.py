@@ -190,7 +190,7 @@ class MPerSSegmenter(nn.Module):
 
         ``moved`` gives new places of its local weights (``backbone_file``, ``text_checkpoint``) on another machine;
         the backbone file is checked against the SHA-256 recorded at training, the text weights by the id of the
-        caption features (:func:`segmenter.train.load_text_features`).
+        caption features (:func:`segmenter.engine.train.load_text_features`).
         """
         folder = Path(folder)
         config = read_config(folder)

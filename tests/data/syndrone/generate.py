@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from segmenter.datasets.syndrone import CARLA_IDS, HEIGHTS, TOWNS
+from segmenter.data.datasets.syndrone import CARLA_IDS, HEIGHTS, TOWNS
 
 SKY_ID = 13  # CARLA's sky: a class of the 28, left out of the 7 coarse ones
 

@@ -31,11 +31,11 @@ from manifests.tile_index import (
     tile_name,
     write_tile_index,
 )
-from segmenter.datasets import SegmentationDataset, Source, build_dataset
-from segmenter.datasets.files import SourceFile, check_utf8_name
-from segmenter.datasets.labels import RGB, DecodeStats, class_fractions, decode_rgb_mask
-from segmenter.raster_io import array_sha256, crop_suffix, pad_to, write_crop
-from segmenter.tiling import tile_grid
+from segmenter.data.datasets import SegmentationDataset, Source, build_dataset
+from segmenter.data.datasets.files import SourceFile, check_utf8_name
+from segmenter.data.datasets.labels import RGB, DecodeStats, class_fractions, decode_rgb_mask
+from segmenter.data.raster_io import array_sha256, crop_suffix, pad_to, write_crop
+from segmenter.data.tiling import tile_grid
 
 ProgressCallback = Callable[[int, int, str], None]
 

@@ -18,9 +18,9 @@ import numpy as np
 
 from manifests.errors import InputError
 from manifests.run_manifest import DatasetConfig
-from segmenter.datasets.base import SegmentationDataset, Source, check_disjoint
-from segmenter.datasets.files import SourceFile
-from segmenter.datasets.labels import RGB, DecodeStats, decode_index_mask
+from segmenter.data.datasets.base import SegmentationDataset, Source, check_disjoint
+from segmenter.data.datasets.files import SourceFile
+from segmenter.data.datasets.labels import RGB, DecodeStats, decode_index_mask
 
 # Raw CARLA ids in the semantic PNGs -> the 28 SynDrone classes, in this order.
 FINE_CLASSES = (

@@ -18,8 +18,11 @@ from manifests.atomic import atomic_path
 from manifests.class_predictions import write_class_predictions
 from manifests.errors import InputError
 from manifests.tile_index import make_tile_id, read_tile_index
-from segmenter.datasets.labels import encode_rgb_mask
-from segmenter.inference import (
+from segmenter.data.datasets.labels import encode_rgb_mask
+from segmenter.data.raster_io import array_sha256, read_crop, three_bands, write_crop
+from segmenter.data.tiling import tile_grid
+from segmenter.data.windowed_read import WindowReader, open_image_windows
+from segmenter.engine.inference import (
     CaptionWindows,
     LocalWeights,
     TrainedRun,
@@ -29,11 +32,8 @@ from segmenter.inference import (
     sliding_window_classes,
     tile_classes,
 )
-from segmenter.options import MissingCaptions, Scale, parse_choice
-from segmenter.raster_io import array_sha256, read_crop, three_bands, write_crop
+from segmenter.engine.options import MissingCaptions, Scale, parse_choice
 from segmenter.text.features import ExpertTextFeatures
-from segmenter.tiling import tile_grid
-from segmenter.windowed_read import WindowReader, open_image_windows
 
 SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 
@@ -108,13 +108,13 @@ def predict(
     weights: LocalWeights | None = None,
 ) -> list[Path]:
     """Predict every image; returns the GeoTIFFs written. An image that is not 8-bit is refused unless ``scale``
-    (``minmax`` or ``percentile``) says how to stretch it (:func:`segmenter.raster_io.to_uint8`).
+    (``minmax`` or ``percentile``) says how to stretch it (:func:`segmenter.data.raster_io.to_uint8`).
 
     A text-guided model's windows are the tile grid; each reads the captions of the store's tile with the same pixels
     (or, failing that, of tile ``<dataset>/<image stem>/<y>_<x>``), recorded in ``<stem>_captions.csv``; without a
     store, or for windows no captioned tile matches, every expert is masked, and that is printed. ``device``:
     ``auto`` (the GPU when there is one) or a torch device name; ``batch_size``: windows per forward (default
-    8). 8-bit GeoTIFFs are read by windows (:func:`segmenter.windowed_read.open_image_windows`).
+    8). 8-bit GeoTIFFs are read by windows (:func:`segmenter.data.windowed_read.open_image_windows`).
     """
     check_batch_size(batch_size)
     missing_captions = parse_choice(MissingCaptions, missing_captions, "--missing-captions")

@@ -6,7 +6,7 @@ checkpoint continues exactly where the run stopped. Checkpoints are folders ``ch
 checked on load and on ``--resume``) + ``optimizer.pt``
 (loaded with ``weights_only=True``) + ``state.json``;
 ``checkpoints/latest`` names the newest complete one; ``run.json`` is the run record
-(:class:`segmenter.run_record.RunRecord`). Under ``torchrun`` each process trains on its share of every global
+(:class:`segmenter.engine.run_record.RunRecord`). Under ``torchrun`` each process trains on its share of every global
 batch (DDP; gloo on CPU, NCCL on GPU) and rank 0 writes.
 """
 
@@ -39,13 +39,13 @@ from manifests.devices import resolve_device
 from manifests.errors import InputError, first_line
 from manifests.run_manifest import RunManifest, load_manifest
 from manifests.tile_index import TileIndex, read_tile_index
-from segmenter.data import PlannedBatches, TileSamples, training_loader
-from segmenter.data import sample_plan as sample_plan  # re-exported for callers
+from segmenter.data.samples import PlannedBatches, TileSamples, training_loader
+from segmenter.data.samples import sample_plan as sample_plan  # re-exported for callers
+from segmenter.engine.options import TEXT_GUIDED_AUGMENTATION as TEXT_GUIDED_AUGMENTATION  # re-exported for callers
+from segmenter.engine.options import Augmentation, MissingCaptions, TrainSettings
+from segmenter.engine.run_record import RUN_RECORD_FILE, RunRecord, prompt_class_sources, selected_captions_sha256
 from segmenter.model import MPerSSegmenter, SegmenterConfig, SegmenterOutput, build_model, preset_config
 from segmenter.model.segmenter import record_checksums, verify_checksum
-from segmenter.options import TEXT_GUIDED_AUGMENTATION as TEXT_GUIDED_AUGMENTATION  # re-exported for callers
-from segmenter.options import Augmentation, MissingCaptions, TrainSettings
-from segmenter.run_record import RUN_RECORD_FILE, RunRecord, prompt_class_sources, selected_captions_sha256
 from segmenter.text import ExpertTextFeatures, TextEncoder, TextFeatureCache, expert_text_features
 from segmenter.text.encoder import check_text_weights, text_feature_width
 from segmenter.text.features import run_experts

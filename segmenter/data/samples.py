@@ -10,16 +10,27 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from manifests.tile_index import TileIndex
-from segmenter.raster_io import read_crop
-from segmenter.text.features import ExpertTextFeatures
+from segmenter.data.raster_io import read_crop
 
 # What a batch stacks into tensors (``tile_id`` stays a list of strings).
 STACKED = ("image", "label", "text", "present")
+
+
+class TileText(Protocol):
+    """The text of tiles as the samples read it (:class:`segmenter.text.features.ExpertTextFeatures` is one): the data
+    room names no other room, so it states what it reads instead of importing the type."""
+
+    n_variants: int
+
+    def lookup(self, tile_id: str, variant: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(M, D)`` features of a tile's experts under a direction variant, and the ``(M,)`` present flags."""
+        ...
 
 
 def d4_variant(seed: int) -> int:
@@ -103,7 +114,7 @@ class TileSamples(torch.utils.data.Dataset):
         self,
         index: TileIndex,
         split: str,
-        text: ExpertTextFeatures | None,
+        text: TileText | None,
         label_column: str = "label_path",
         augmentation: str = "d4",
     ):

@@ -8,14 +8,14 @@ import pandas as pd
 
 from manifests.atomic import atomic_write_text
 from manifests.errors import InputError
-from segmenter.datasets import build_dataset
-from segmenter.inference import CaptionWindows, LocalWeights, check_batch_size, open_run, sliding_window_classes
-from segmenter.metrics import CaptionFacts, ConfusionMatrix, Metrics, compute_metrics
-from segmenter.options import GroundTruth, MissingCaptions, parse_choice
-from segmenter.run_record import prompt_class_sources
+from segmenter.data.datasets import build_dataset
+from segmenter.data.windowed_read import open_windows
+from segmenter.engine.inference import CaptionWindows, LocalWeights, check_batch_size, open_run, sliding_window_classes
+from segmenter.engine.metrics import CaptionFacts, ConfusionMatrix, Metrics, compute_metrics
+from segmenter.engine.options import GroundTruth, MissingCaptions, parse_choice
+from segmenter.engine.run_record import prompt_class_sources
+from segmenter.engine.train import print_masked
 from segmenter.text.features import ExpertTextFeatures
-from segmenter.train import print_masked
-from segmenter.windowed_read import open_windows
 
 
 def _caption_facts(

@@ -7,9 +7,9 @@ from pathlib import Path
 from manifests.errors import InputError
 from manifests.run_manifest import DatasetConfig
 from manifests.tile_index import ClassVocabulary
-from segmenter.datasets.base import SegmentationDataset, Source
-from segmenter.datasets.files import SourceFile, check_utf8_name
-from segmenter.datasets.labels import RGB
+from segmenter.data.datasets.base import SegmentationDataset, Source
+from segmenter.data.datasets.files import SourceFile, check_utf8_name
+from segmenter.data.datasets.labels import RGB
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 

@@ -16,14 +16,14 @@ from manifests.devices import resolve_device
 from manifests.errors import InputError
 from manifests.run_manifest import RunManifest, load_manifest
 from manifests.tile_index import TileIndex, read_tile_index
+from segmenter.data.raster_io import three_bands
+from segmenter.data.tiling import tile_grid
+from segmenter.data.windowed_read import ArrayWindows, WindowReader
+from segmenter.engine.options import MissingCaptions
+from segmenter.engine.run_record import RunRecord, selected_captions_sha256
+from segmenter.engine.train import CHECKPOINT_FILES, RunPaths, load_text_features, local_weights
 from segmenter.model import MPerSSegmenter
-from segmenter.options import MissingCaptions
-from segmenter.raster_io import three_bands
-from segmenter.run_record import RunRecord, selected_captions_sha256
 from segmenter.text.features import ExpertTextFeatures, check_store_experts
-from segmenter.tiling import tile_grid
-from segmenter.train import CHECKPOINT_FILES, RunPaths, load_text_features, local_weights
-from segmenter.windowed_read import ArrayWindows, WindowReader
 
 TextLookup = Callable[[int, int, int, int], tuple[torch.Tensor, torch.Tensor] | None]
 

@@ -20,7 +20,7 @@ from rich.table import Table
 from manifests.devices import DEVICE_HELP
 from manifests.errors import InputError, exit_on_input_error
 from manifests.run_manifest import DATASET_SETTINGS, TilingConfig, dataset_config, load_manifest
-from segmenter.options import Augmentation, GroundTruth, MissingCaptions, Scale, TrainSettings
+from segmenter.engine.options import Augmentation, GroundTruth, MissingCaptions, Scale, TrainSettings
 
 app = typer.Typer(
     help="Stage 2 of MPerS: tiles, the caption-guided segmenter, its training and evaluation.",
@@ -73,7 +73,7 @@ def prepare(
     stride: Annotated[int | None, typer.Option(help="crop stride (default: the size)")] = None,
 ) -> None:
     """Cut sources into crops and write the tile index (a no-op when inputs are unchanged)."""
-    from segmenter.prepare import prepare_tiles
+    from segmenter.data.prepare import prepare_tiles
 
     if manifest:
         run = load_manifest(manifest)
@@ -121,7 +121,7 @@ def demo_data(
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
 ) -> None:
     """Generate the synthetic demo scenes in the ISPRS Vaihingen archive layout."""
-    from segmenter.demo_scenes import write_demo_dataset
+    from segmenter.data.demo_scenes import write_demo_dataset
 
     try:
         area_ids = write_demo_dataset(out, n_areas=areas, size=size, seed=seed)
@@ -171,9 +171,9 @@ def train(
 ) -> None:
     """Train a preset (cross-entropy, AdamW, multi-step LR) on the GPU when there is one; run under `torchrun` for
     DDP."""
+    from segmenter.engine.train import TrainingError, text_cache_place
+    from segmenter.engine.train import train as run_training
     from segmenter.model import list_presets
-    from segmenter.train import TrainingError, text_cache_place
-    from segmenter.train import train as run_training
 
     if preset not in list_presets():
         raise InputError(f"--preset: unknown preset '{preset}' (see `segmenter models`)")
@@ -216,9 +216,9 @@ def evaluate(
     text_checkpoint: Annotated[Path | None, typer.Option(help=MOVED_HELP.format("text-encoder weights"))] = None,
 ) -> None:
     """Sliding-window inference over whole sources: OA, per-class IoU/F1, mIoU/mF1 (main classes, and all)."""
-    from segmenter.evaluate import evaluate as run_evaluation
-    from segmenter.inference import LocalWeights, check_batch_size
-    from segmenter.train import text_cache_place
+    from segmenter.engine.evaluate import evaluate as run_evaluation
+    from segmenter.engine.inference import LocalWeights, check_batch_size
+    from segmenter.engine.train import text_cache_place
 
     _check_overlap(overlap)
     _check_window(window)
@@ -280,10 +280,10 @@ def predict(
 ) -> None:
     """Class-index GeoTIFFs + colour PNGs of images (--images, --out), or the predicted class fractions of every
     tile of an index (--index, --predictions) for prompts whose class source is `predictions`."""
-    from segmenter.inference import LocalWeights, check_batch_size
-    from segmenter.predict import predict as run_prediction
-    from segmenter.predict import predict_index
-    from segmenter.train import text_cache_place
+    from segmenter.engine.inference import LocalWeights, check_batch_size
+    from segmenter.engine.predict import predict as run_prediction
+    from segmenter.engine.predict import predict_index
+    from segmenter.engine.train import text_cache_place
 
     moved = LocalWeights(backbone_file, text_checkpoint)
 
@@ -393,6 +393,3 @@ def models(
     else:
         render_presets(rows, Console())
 
-
-if __name__ == "__main__":
-    app()
