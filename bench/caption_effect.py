@@ -70,7 +70,7 @@ def main() -> None:
     from segmenter.data.demo_scenes import write_demo_dataset
     from segmenter.data.prepare import prepare_tiles
     from segmenter.engine.evaluate import evaluate
-    from segmenter.engine.train import TEXT_GUIDED_AUGMENTATION
+    from segmenter.engine.options import TEXT_GUIDED_AUGMENTATION
 
     console = Console(stderr=True)
     quiet = contextlib.redirect_stdout(io.StringIO())

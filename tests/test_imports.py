@@ -89,7 +89,7 @@ def segmenter_room(module: str) -> str | None:
 
 
 def room_allows(source: str, target: str) -> bool:
-    """Whether ``segmenter`` module ``source`` may import ``segmenter`` module ``target``: its own room or one before."""
+    """Whether segmenter module ``source`` may import segmenter module ``target``: its own room or one before."""
     source_room, target_room = segmenter_room(source), segmenter_room(target)
     if source_room is None or target_room is None:
         return False  # the package's __init__ imports no room, and nothing imports it

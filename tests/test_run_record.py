@@ -13,7 +13,7 @@ from manifests.errors import InputError
 from segmenter.engine.evaluate import evaluate
 from segmenter.engine.options import Augmentation, TrainSettings
 from segmenter.engine.run_record import RunRecord, prompt_class_sources, selected_captions_sha256
-from segmenter.engine.train import CHECKPOINT_FILES
+from segmenter.engine.runs import CHECKPOINT_FILES
 
 
 def record(**changes) -> RunRecord:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -73,15 +74,21 @@ def sample_plan(step: int, batch: int, n: int, seed: int, rank: int, world: int)
     return positions, seeds
 
 
+@dataclass
 class PlannedBatches(torch.utils.data.Sampler):
     """The batch sampler of training: for each step in ``[start, stop)``, this rank's ``(position, seed)`` pairs.
 
-    A run resumed at step ``k`` starts at ``start=k``: no earlier step is decoded again.
+    ``batch_size`` tiles per step and rank out of ``n``, shuffled by ``seed`` (:func:`sample_plan`). A run resumed at
+    step ``k`` starts at ``start=k``: no earlier step is decoded again.
     """
 
-    def __init__(self, start: int, stop: int, batch_size: int, n: int, seed: int, rank: int = 0, world: int = 1):
-        self.start, self.stop, self.batch_size, self.n = start, stop, batch_size, n
-        self.seed, self.rank, self.world = seed, rank, world
+    start: int
+    stop: int
+    batch_size: int
+    n: int
+    seed: int
+    rank: int = 0
+    world: int = 1
 
     def __len__(self) -> int:
         return max(0, self.stop - self.start)

@@ -1,16 +1,18 @@
-"""The choices and defaults of training and evaluation: one definition that the library and the CLI both read.
+"""The settings of training, evaluation and prediction: one definition that the library and the CLI both read.
 
-The ``segmenter`` command builds its options from these (typer lists an enum's values in ``--help`` and refuses
-anything else), so a default or a choice is never written twice. This module imports neither torch nor the model,
-so the CLI stays quick to start.
+Each ``segmenter`` command builds one settings object from its options (typer lists an enum's values in ``--help``
+and refuses anything else) and passes it down, so a default, a choice or a check is never written twice. This module
+imports neither torch nor the model, so the CLI stays quick to start.
 """
 
 from __future__ import annotations
 
+import math
 from enum import StrEnum
-from typing import TYPE_CHECKING, Annotated, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from manifests.devices import usable_cpus
 from manifests.errors import InputError
@@ -19,6 +21,7 @@ if TYPE_CHECKING:
     from segmenter.model import SegmenterConfig
 
 Choice = TypeVar("Choice", bound=StrEnum)
+Settings = TypeVar("Settings", bound=BaseModel)
 
 
 class Augmentation(StrEnum):
@@ -93,6 +96,8 @@ class TrainSettings(BaseModel):
     # Local weights instead of the preset's hub ids (an offline machine, a gated release such as dino.txt).
     backbone_file: str | None = None
     text_checkpoint: str | None = None
+    # Where the caption features are cached (``--text-cache``); None: beside the store, else in the run folder.
+    text_cache: str | None = None
 
     def loader_workers(self, cuda: bool, processes: int = 1) -> int:
         """The data loader workers of each of ``processes`` training processes on this machine.
@@ -120,13 +125,123 @@ class TrainSettings(BaseModel):
         return TEXT_GUIDED_AUGMENTATION if config.uses_text else Augmentation.d4
 
 
-def parse_choice(kind: type[Choice], value: str, option: str) -> Choice:
-    """``value`` as a member of ``kind``, for library callers that pass plain strings (the CLI gets enums).
+def check_batch_size(batch_size: int | None) -> int | None:
+    """A batch size of one window per forward or more (None: the device's default).
 
     Raises:
-        InputError: one line naming the option, the choices and the value given.
+        InputError: naming ``--batch-size``.
+    """
+    if batch_size is not None and batch_size < 1:
+        raise InputError(f"--batch-size: expected 1 or more windows per forward, got {batch_size}")
+    return batch_size
+
+
+def check_window(window: int | None) -> int | None:
+    """A sliding window of 16 px or more (None: the tile size the model was trained on).
+
+    Raises:
+        InputError: naming ``--window``.
+    """
+    if window is not None and window < 16:
+        raise InputError(f"--window: expected a window of 16 px or more, got {window}")
+    return window
+
+
+def check_overlap(overlap: float | None) -> float | None:
+    """A window overlap in [0, 1) (None: the default of the model, see ``TrainedRun.stride``).
+
+    Raises:
+        InputError: naming ``--overlap``; NaN is refused too.
+    """
+    if overlap is not None and not (math.isfinite(overlap) and 0 <= overlap < 1):
+        raise InputError(f"--overlap: expected a value in [0, 1), got {overlap}")
+    return overlap
+
+
+class InferenceSettings(BaseModel):
+    """How a trained run is opened and run: the device, windows per forward, and where its local weights are now.
+
+    ``segmenter predict --index`` reads these alone; evaluation and prediction over whole images add their own.
+    ``backbone_file`` and ``text_checkpoint`` name the run's local weights when they moved since training (another
+    machine); None keeps the places recorded at training, and either is checked to be the weights trained with.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    device: str = "auto"
+    batch_size: int | None = None
+    backbone_file: Path | None = None
+    text_checkpoint: Path | None = None
+
+    _batch_size = field_validator("batch_size")(check_batch_size)
+
+
+class WindowSettings(InferenceSettings):
+    """Sliding windows over whole images, and the captions a text-guided model reads in them.
+
+    ``window`` and ``overlap``: None keeps the captioned tile grid for a text-guided model (tile-size windows with
+    25% overlap for a text-free one). ``captions``: the caption store (evaluation defaults to the run's own).
+    ``missing_captions``: an expert the store lacks, or without a usable caption on any window read, stops the
+    command (``error``, the default) or is masked there and said (``mask``). ``text_cache``: the caption features'
+    cache folder (None: beside the store when writable, else in the run folder).
+    """
+
+    window: int | None = None
+    overlap: float | None = None
+    captions: Path | None = None
+    missing_captions: MissingCaptions = MissingCaptions.error
+    text_cache: Path | None = None
+
+    _window = field_validator("window")(check_window)
+    _overlap = field_validator("overlap")(check_overlap)
+
+
+class EvaluateSettings(WindowSettings):
+    """What ``segmenter evaluate`` measures: the ``split`` of the run's tile index, against the ``eroded`` (ISPRS) or
+    ``full`` ground truth."""
+
+    split: str = "test"
+    gt: GroundTruth = GroundTruth.eroded
+
+
+class PredictSettings(WindowSettings):
+    """How ``segmenter predict`` reads new images: ``scale`` says how to stretch an image that is not 8-bit."""
+
+    scale: Scale = Scale.none
+
+
+def option_error(exc: ValidationError) -> InputError:
+    """The first invalid value of settings built from options, as one line naming its option.
+
+    A check that already names its option (:func:`check_window`, ...) is passed on as it is.
+    """
+    error = exc.errors()[0]
+    cause = error.get("ctx", {}).get("error")
+    if isinstance(cause, InputError):
+        return cause
+    option = "--" + str(error["loc"][0]).replace("_", "-")
+    return InputError(f"{option}: {error['msg'].lower()} (got {error['input']!r})")
+
+
+def build_settings(kind: type[Settings], **values: Any) -> Settings:
+    """Settings of ``kind`` from option values, for the CLI and for library callers that pass keywords.
+
+    Raises:
+        InputError: the first invalid value, naming its option (:func:`option_error`).
     """
     try:
-        return kind(value)
-    except ValueError:
-        raise InputError(f"{option}: expected one of {', '.join(kind)}, got '{value}'") from None
+        return kind(**values)
+    except ValidationError as exc:
+        raise option_error(exc) from None
+
+
+def settings_or_options(kind: type[Settings], settings: Settings | None, options: dict[str, Any]) -> Settings:
+    """``settings`` as given, or built from the keywords of a library call (``evaluate(run, split="test")``).
+
+    Raises:
+        TypeError: both given.
+        InputError: an invalid keyword value (:func:`build_settings`).
+    """
+    if settings is not None and options:
+        raise TypeError(f"pass {kind.__name__} or its fields as keywords, not both (got {sorted(options)})")
+    return settings if settings is not None else build_settings(kind, **options)
