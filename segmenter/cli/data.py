@@ -1,5 +1,8 @@
 """``segmenter prepare`` and ``segmenter demo-data``: the commands of the data room."""
 
+# A typer command takes one parameter per option; it builds one settings object from them and passes that down.
+# ruff: noqa: PLR0913
+
 from __future__ import annotations
 
 from enum import StrEnum

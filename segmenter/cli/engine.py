@@ -3,6 +3,9 @@
 Each builds one settings object from its options and passes it down (:mod:`segmenter.engine.options`).
 """
 
+# A typer command takes one parameter per option; it builds one settings object from them and passes that down.
+# ruff: noqa: PLR0913
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -137,6 +137,7 @@ class TileSamples(torch.utils.data.Dataset):
         return len(self.frame)
 
     def sample(self, position: int, seed: int | None = None) -> dict:
+        """The sample at ``position``, flipped and rotated by the variant ``seed`` draws (none without a seed)."""
         row = self.frame.iloc[position]
         image = np.array(read_crop(self.index.path(row["image_path"]))[..., :3])
         label_path = self.index.path(row[self.label_column])

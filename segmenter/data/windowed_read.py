@@ -32,7 +32,9 @@ class WindowReader(Protocol):
     bands: int
     dtype: np.dtype
 
-    def read(self, y: int, x: int, h: int, w: int) -> np.ndarray: ...
+    def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        """The ``h x w`` window at row ``y``, column ``x``, bands last."""
+        ...
 
 
 class ArrayWindows:

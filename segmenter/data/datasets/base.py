@@ -55,10 +55,12 @@ class SegmentationDataset(ABC):
 
     @property
     def classes(self) -> tuple[str, ...]:
+        """The class names, in label-index order."""
         return self.class_names
 
     @property
     def colors(self) -> tuple[RGB, ...]:
+        """The RGB colour of each class in the label files, in class order."""
         return self.palette
 
     @property
