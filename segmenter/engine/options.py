@@ -20,7 +20,6 @@ from manifests.errors import InputError
 if TYPE_CHECKING:
     from segmenter.model import SegmenterConfig
 
-Choice = TypeVar("Choice", bound=StrEnum)
 Settings = TypeVar("Settings", bound=BaseModel)
 
 
@@ -148,7 +147,7 @@ def check_window(window: int | None) -> int | None:
 
 
 def check_overlap(overlap: float | None) -> float | None:
-    """A window overlap in [0, 1) (None: the default of the model, see ``TrainedRun.stride``).
+    """A window overlap in [0, 1) (None: the default of the model, see ``TrainedRun.sliding``).
 
     Raises:
         InputError: naming ``--overlap``; NaN is refused too.
