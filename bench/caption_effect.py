@@ -27,6 +27,8 @@ from pathlib import Path
 
 import yaml
 
+from flows.demo import TEXT_FREE, TEXT_GUIDED
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -52,6 +54,86 @@ def protocol_manifest(protocol: str, folder: Path) -> Path:
     return path
 
 
+class Bench:
+    """The runs of the bench: each trains (or resumes) one model and evaluates it on the demo test areas."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from rich.console import Console
+
+        self.args = args
+        self.console = Console(stderr=True)
+        self.quiet = contextlib.redirect_stdout(io.StringIO())
+        self.started = time.perf_counter()
+        self.runs = Path("data/demo/bench_runs")
+        self.results: dict[str, list[float]] = {}
+
+    def run(
+        self, row: str, preset: str, name: str, manifest: str, seed: int, store=None, augmentation: str = "auto"
+    ) -> Path:
+        """Train ``preset`` (with the captions of ``store``), evaluate it and record its mIoU under ``row``."""
+        from segmenter.engine.evaluate import evaluate
+        from segmenter.engine.train import TrainSettings, train
+
+        out = self.runs / f"{name}_seed{seed}"
+        settings = TrainSettings(preset=preset, steps=self.args.steps, batch_size=8, checkpoint_every=self.args.steps,
+                                 log_every=50, seed=seed, augmentation=augmentation)  # fmt: skip
+        with self.quiet:
+            train(manifest, out, settings, captions=store, resume=(out / "checkpoints" / "latest").is_file())
+            # Every model on the captioned tile grid (the text-guided default): rows differ only by what they train on.
+            miou = evaluate(out, split="test", overlap=0.0).miou
+        self.results.setdefault(row, []).append(miou)
+        self.console.print(
+            f"{row:<45} seed {seed}: mIoU {100 * miou:.2f}  ({time.perf_counter() - self.started:.0f} s)"
+        )
+        return out
+
+    def text_free(self, studied: tuple[str, ...]) -> tuple[dict[str, str], dict[str, str]]:
+        """The text-free rows, one per augmentation a text-guided row is compared under: (augmentation -> the
+        augmentation of its text-free row, augmentation of a text-free row -> its row name)."""
+        plain_for = {augmentation: "none" if augmentation == "none" else "d4" for augmentation in studied}
+        # d4 always: its seed-0 model predicts the test tiles' classes for the `predicted` protocol
+        plain_rows = {augmentation: f"{TEXT_FREE} (no captions), augmentation {augmentation}"
+                      for augmentation in sorted({"d4", *plain_for.values()})}  # fmt: skip
+        for augmentation, row in plain_rows.items():
+            for seed in self.args.seeds:
+                name = "notext" if augmentation == "d4" else f"notext_{augmentation}"
+                self.run(row, TEXT_FREE, name, "demo", seed, augmentation=augmentation)
+        return plain_for, plain_rows
+
+    def text_guided(self, protocol: str, augmentations: tuple[str, ...], predictor: Path) -> list[str]:
+        """Caption the demo under ``protocol`` (test tiles described by ``predictor``) and train the text-guided
+        rows; returns their names."""
+        from flows.demo import write_predicted_classes
+        from flows.generate_captions import generate_captions
+        from manifests.run_manifest import load_manifest
+
+        manifest = protocol_manifest(protocol, self.args.work)
+        loaded = load_manifest(manifest)
+        with self.quiet:
+            write_predicted_classes(self.console, loaded, predictor)
+            generate_captions(manifest)
+        rows = []
+        for augmentation in augmentations:
+            rows.append(f"{TEXT_GUIDED}, {protocol}, augmentation {augmentation}")
+            for seed in self.args.seeds:
+                self.run(rows[-1], TEXT_GUIDED, f"{protocol}_{augmentation}", str(manifest), seed,
+                         store=loaded.captions.store, augmentation=augmentation)  # fmt: skip
+        return rows
+
+
+def print_table(bench: Bench, text_rows: dict[str, str]) -> None:
+    """mIoU mean +- std per row, and each text-guided row's difference to its text-free row, paired by seed."""
+    args, results = bench.args, bench.results
+    print(f"\nmIoU (5 classes, eroded GT) on the demo test areas; {len(args.seeds)} seeds, {args.steps} steps each")
+    print(f"| model | mIoU mean +- std | difference to {TEXT_FREE} with the same augmentation, paired by seed |")
+    print("|---|---|---|")
+    for row, values in results.items():
+        diff = "-"
+        if row in text_rows:
+            diff = _spread([a - b for a, b in zip(values, results[text_rows[row]], strict=True)])
+        print(f"| {row} | {_spread(values)} | {diff} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
@@ -62,75 +144,29 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     os.chdir(args.work)  # the demo manifest's relative paths resolve here
 
-    from rich.console import Console
-
-    from flows.demo import TEXT_FREE, TEXT_GUIDED, build_demo_models, write_predicted_classes
-    from flows.generate_captions import generate_captions
+    from flows.demo import build_demo_models
     from manifests.run_manifest import load_manifest
-    from segmenter.demo_scenes import write_demo_dataset
-    from segmenter.evaluate import evaluate
-    from segmenter.prepare import prepare_tiles
-    from segmenter.train import TEXT_GUIDED_AUGMENTATION
+    from segmenter.data.demo_scenes import write_demo_dataset
+    from segmenter.data.prepare import prepare_tiles
+    from segmenter.engine.options import TEXT_GUIDED_AUGMENTATION
 
-    console = Console(stderr=True)
-    quiet = contextlib.redirect_stdout(io.StringIO())
-    started = time.perf_counter()
+    bench = Bench(args)
     base = load_manifest("demo")
     write_demo_dataset(base.dataset.root)
     prepare_tiles(base.dataset, base.tiling)
     build_demo_models(base)
-    runs = Path("data/demo/bench_runs")
-    results: dict[str, list[float]] = {}
-
-    def run(row: str, preset: str, name: str, manifest: str, seed: int, store=None, augmentation="auto") -> Path:
-        from segmenter.train import TrainSettings, train
-
-        out = runs / f"{name}_seed{seed}"
-        settings = TrainSettings(preset=preset, steps=args.steps, batch_size=8, checkpoint_every=args.steps,
-                                 log_every=50, seed=seed, augmentation=augmentation)  # fmt: skip
-        with quiet:
-            train(manifest, out, settings, captions=store, resume=(out / "checkpoints" / "latest").is_file())
-            # Every model on the captioned tile grid (the text-guided default): rows differ only by what they train on.
-            miou = evaluate(out, split="test", overlap=0.0).miou
-        results.setdefault(row, []).append(miou)
-        console.print(f"{row:<45} seed {seed}: mIoU {100 * miou:.2f}  ({time.perf_counter() - started:.0f} s)")
-        return out
-
     default = TEXT_GUIDED_AUGMENTATION
     studied = ("d4", "d4_rewrite", "none") if args.augmentation_study else (default,)
     # Each text-guided row is compared with the text-free model under the same flips and rotations.
-    plain_for = {augmentation: "none" if augmentation == "none" else "d4" for augmentation in studied}
-    plain_rows = {augmentation: f"{TEXT_FREE} (no captions), augmentation {augmentation}"
-                  for augmentation in sorted(set(plain_for.values()))}  # fmt: skip
-    for augmentation, row in plain_rows.items():
-        for seed in args.seeds:
-            run(row, TEXT_FREE, "notext" if augmentation == "d4" else f"notext_{augmentation}", "demo", seed,
-                augmentation=augmentation)  # fmt: skip
-    predictor = runs / f"notext_seed{args.seeds[0]}"
+    plain_for, plain_rows = bench.text_free(studied)
+    predictor = bench.runs / f"notext_seed{args.seeds[0]}"
     text_rows: dict[str, str] = {}
     for protocol, augmentations in (("predicted", studied), ("blind", (default,))):
-        manifest = protocol_manifest(protocol, args.work)
-        loaded = load_manifest(manifest)
-        with quiet:
-            write_predicted_classes(console, loaded, predictor)
-            generate_captions(manifest)
-        for augmentation in augmentations:
-            row = f"{TEXT_GUIDED}, {protocol}, augmentation {augmentation}"
+        for augmentation, row in zip(augmentations, bench.text_guided(protocol, augmentations, predictor), strict=True):
             text_rows[row] = plain_rows[plain_for[augmentation]]
-            for seed in args.seeds:
-                run(row, TEXT_GUIDED, f"{protocol}_{augmentation}", str(manifest), seed, loaded.captions.store,
-                    augmentation)  # fmt: skip
-
-    print(f"\nmIoU (5 classes, eroded GT) on the demo test areas; {len(args.seeds)} seeds, {args.steps} steps each")
-    print(f"| model | mIoU mean +- std | difference to {TEXT_FREE} with the same augmentation, paired by seed |")
-    print("|---|---|---|")
-    for row, values in results.items():
-        diff = "-"
-        if row in text_rows:
-            diff = _spread([a - b for a, b in zip(values, results[text_rows[row]], strict=True)])
-        print(f"| {row} | {_spread(values)} | {diff} |")
-    (args.work / "results.json").write_text(json.dumps({"steps": args.steps, "seeds": args.seeds, **results}))
-    print(f"\n{time.perf_counter() - started:.0f} s in all")
+    print_table(bench, text_rows)
+    (args.work / "results.json").write_text(json.dumps({"steps": args.steps, "seeds": args.seeds, **bench.results}))
+    print(f"\n{time.perf_counter() - bench.started:.0f} s in all")
 
 
 if __name__ == "__main__":

@@ -186,7 +186,7 @@ def write_manifests(work: Path, port: int, endpoint_ports: list[int]) -> Manifes
     from caption_pipeline.policy import GatePolicy
     from caption_pipeline.tiny_models import build_tiny_clip
     from manifests.run_manifest import load_manifest
-    from segmenter.demo_scenes import write_demo_dataset
+    from segmenter.data.demo_scenes import write_demo_dataset
 
     areas = write_demo_dataset(work / "raw", n_areas=AREAS, size=SCENE)
     _, checkpoint = build_tiny_clip(work / "clip")
@@ -326,7 +326,7 @@ def main() -> None:
     from flows.model_cache import ModelCache
     from manifests.run_manifest import load_manifest
     from manifests.tile_index import read_tile_index
-    from segmenter.prepare import prepare_tiles
+    from segmenter.data.prepare import prepare_tiles
 
     clock = multiprocessing.Array("d", 3, lock=False)  # written by the servers only while a run is timed
     lock = multiprocessing.Lock()

@@ -94,8 +94,8 @@ def write_inputs(work: Path, port: int) -> Path:
     """A 12-tile demo index, the tiny CLIP and a manifest with one expert served by the stand-in."""
     from caption_pipeline.tiny_models import build_tiny_clip
     from manifests.run_manifest import load_manifest
-    from segmenter.demo_scenes import write_demo_dataset
-    from segmenter.prepare import prepare_tiles
+    from segmenter.data.demo_scenes import write_demo_dataset
+    from segmenter.data.prepare import prepare_tiles
 
     areas = write_demo_dataset(work / "raw", n_areas=3, size=128)
     _, checkpoint = build_tiny_clip(work / "clip")

@@ -58,8 +58,8 @@ def random_text(model: torch.nn.Module):
 
 
 def speed(args: argparse.Namespace, device: torch.device) -> None:
-    from segmenter.inference import sliding_window_logits
-    from segmenter.tiling import tile_grid
+    from segmenter.data.tiling import tile_grid
+    from segmenter.engine.inference import SlidingWindows, sliding_window_logits
 
     model = build(args.preset, args.random_weights, device)
     image = np.random.default_rng(0).integers(0, 256, size=(args.scene, args.scene, 3), dtype=np.uint8)
@@ -76,7 +76,8 @@ def speed(args: argparse.Namespace, device: torch.device) -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             started = time.perf_counter()
-            sliding_window_logits(model, image, args.size, 0.0, text, device, batch_size=size, dtype=DTYPES[args.dtype])
+            spec = SlidingWindows(args.size, 0.0, batch_size=size, dtype=DTYPES[args.dtype])
+            sliding_window_logits(model, image, spec, text, device)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if repeat:  # the first pass of each size warms up (allocator, kernels, caches)
@@ -107,23 +108,24 @@ def memory_child(args: argparse.Namespace) -> None:
     """One memory mode in this (fresh) process; prints a JSON line with its peak RSS in MiB."""
     import rasterio
 
-    from segmenter.datasets.files import SourceFile
-    from segmenter.inference import sliding_window_classes, sliding_window_logits
-    from segmenter.windowed_read import open_windows
+    from segmenter.data.datasets.files import SourceFile
+    from segmenter.data.windowed_read import open_windows
+    from segmenter.engine.inference import SlidingWindows, sliding_window_classes, sliding_window_logits
 
     device = torch.device("cpu")
     model = build(args.preset, args.random_weights, device)
     text = random_text(model)
+    spec = SlidingWindows(args.size, 0.0, batch_size=args.memory_batch)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     started = time.perf_counter()
     if args.memory_mode == "whole":
         with rasterio.open(args.memory_file) as source:
             image = np.moveaxis(source.read(), 0, -1)
-        classes = sliding_window_logits(model, image, args.size, 0.0, text, device, batch_size=args.memory_batch)
+        classes = sliding_window_logits(model, image, spec, text, device)
         classes = classes.argmax(0).numpy().astype(np.uint8)
     else:
         with open_windows(SourceFile(Path(args.memory_file))) as reader:
-            classes = sliding_window_classes(model, reader, args.size, 0.0, text, device, batch_size=args.memory_batch)
+            classes = sliding_window_classes(model, reader, spec, text, device)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result = {"mode": args.memory_mode, "model_mib": before, "peak_mib": peak, "shape": list(classes.shape),
               "checksum": int(classes.astype(np.int64).sum()), "seconds": time.perf_counter() - started}  # fmt: skip

@@ -90,8 +90,8 @@ def images_per_s(model, batches: Iterator[dict], steps: int, warmup: int, device
 def demo_index(folder: Path, crop: int, areas: int) -> Path:
     """A tile index of ``areas`` demo scenes of ``2 * crop`` px cut into ``crop`` px tiles, all in split train."""
     from manifests.run_manifest import TilingConfig, dataset_config
-    from segmenter.demo_scenes import demo_area_ids, write_demo_dataset
-    from segmenter.prepare import prepare_tiles
+    from segmenter.data.demo_scenes import demo_area_ids, write_demo_dataset
+    from segmenter.data.prepare import prepare_tiles
 
     write_demo_dataset(folder / "raw", n_areas=areas, size=2 * crop)
     dataset = dataset_config(name="vaihingen", id="demo", root=folder / "raw", split="custom",
@@ -102,9 +102,9 @@ def demo_index(folder: Path, crop: int, areas: int) -> Path:
 def end_to_end(args: argparse.Namespace) -> None:
     """Print images/s fed by the training loader over images/s fed by tensors on the device, same model."""
     from manifests.tile_index import read_tile_index
-    from segmenter.data import PlannedBatches, TileSamples, collate, training_loader
+    from segmenter.data.samples import PlannedBatches, TileSamples, collate, training_loader
+    from segmenter.engine.options import TrainSettings
     from segmenter.model import build_model
-    from segmenter.options import TrainSettings
     from segmenter.text.features import ExpertTextFeatures
 
     gpu = args.device == "cuda"

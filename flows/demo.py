@@ -16,9 +16,9 @@ from flows.prefect_api import PrefectApi, process_api
 from flows.report import caption_report_flow
 from manifests.errors import InputError
 from manifests.run_manifest import RunManifest, load_manifest
-from segmenter.demo_scenes import write_demo_dataset
-from segmenter.prepare import prepare_tiles
-from segmenter.run_record import RunRecord
+from segmenter.data.demo_scenes import write_demo_dataset
+from segmenter.data.prepare import prepare_tiles
+from segmenter.engine.run_record import RunRecord
 
 
 def build_demo_models(manifest) -> None:
@@ -47,7 +47,7 @@ def train_preset(
     store: Path | None = None,
 ) -> Path:
     """Train a tiny preset (resuming a run cut short), with the captions of ``store`` for a text-guided one."""
-    from segmenter.train import TrainSettings, train
+    from segmenter.engine.train import TrainSettings, train
 
     settings = TrainSettings(preset=preset, steps=steps, batch_size=8, checkpoint_every=100, log_every=10)
     resume = (out / "checkpoints" / "latest").is_file()
@@ -59,7 +59,7 @@ def write_predicted_classes(console: Console, manifest, run: Path) -> Path | Non
     """The predicted tile classes of every split whose prompts read ``predictions`` (protocol ``predicted``),
     made by the text-free model: what a user without labels for those tiles can deploy."""
     from manifests.tile_index import read_tile_index
-    from segmenter.predict import predict_index
+    from segmenter.engine.predict import predict_index
 
     prompts = manifest.captions.prompts
     splits = sorted(
@@ -110,7 +110,7 @@ def run_demo(
         scenes: how many synthetic areas to write (the ``mpers`` split's train areas first, then its test areas).
         scene_size: the side of each scene in pixels.
     """
-    from segmenter.evaluate import evaluate
+    from segmenter.engine.evaluate import evaluate
 
     started = time.perf_counter()
     manifest = load_manifest(manifest_path)

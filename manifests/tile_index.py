@@ -105,14 +105,18 @@ class TileIndex:
         return self.frame[self.frame["split"] == name]
 
 
+@dataclass(frozen=True)
+class IndexClasses:
+    """What an index's file metadata says about its classes (see :class:`TileIndex`)."""
+
+    class_names: list[str]
+    ignore_index: int
+    palette: list[tuple[int, int, int]]
+    vocabulary: ClassVocabulary
+
+
 def write_tile_index(
-    out_dir: Path,
-    rows: list[dict],
-    class_names: list[str],
-    ignore_index: int,
-    palette: list[tuple[int, int, int]],
-    vocabulary: ClassVocabulary,
-    extra: dict[str, str] | None = None,
+    out_dir: Path, rows: list[dict], classes: IndexClasses, extra: dict[str, str] | None = None
 ) -> Path:
     """Write ``index.parquet`` atomically; ``extra`` goes into the file metadata as strings."""
     table = pa.Table.from_pylist(rows, schema=TILE_INDEX_SCHEMA)
@@ -120,10 +124,10 @@ def write_tile_index(
         raise ValueError("tile ids in an index must be unique")
     metadata = {
         "schema_version": str(TILE_INDEX_SCHEMA_VERSION),
-        "class_names": json.dumps(class_names),
-        "ignore_index": str(ignore_index),
-        "palette": json.dumps([list(color) for color in palette]),
-        "class_vocabulary": vocabulary.to_json(),
+        "class_names": json.dumps(classes.class_names),
+        "ignore_index": str(classes.ignore_index),
+        "palette": json.dumps([list(color) for color in classes.palette]),
+        "class_vocabulary": classes.vocabulary.to_json(),
         **(extra or {}),
     }
     table = table.replace_schema_metadata({key.encode(): value.encode() for key, value in metadata.items()})

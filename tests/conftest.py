@@ -103,8 +103,8 @@ def clip_config(tiny_models):
 def small_index(tmp_path_factory):
     """Demo scenes of 128 px, areas 1 and 3 for training and 7 for testing, cut into 64 px tiles (12 tiles)."""
     from manifests.tile_index import read_tile_index
-    from segmenter.demo_scenes import write_demo_dataset
-    from segmenter.prepare import prepare_tiles
+    from segmenter.data.demo_scenes import write_demo_dataset
+    from segmenter.data.prepare import prepare_tiles
 
     folder = tmp_path_factory.mktemp("small")
     write_demo_dataset(folder / "raw", n_areas=3, size=128)

@@ -260,9 +260,12 @@ class AnsweringExpert:
         return results
 
 
-def annotation_store(folder: Path, index: TileIndex, clip: ClipConfig) -> Path:
+def annotation_store(
+    folder: Path, index: TileIndex, clip: ClipConfig, class_source: dict[str, str] | None = None
+) -> Path:
     """A caption store of ``index`` written by the annotation expert from the labels of every split, one attempt per
-    key, every caption passing (tau 0): captions a test can train on, evaluate with or calibrate against."""
+    key, every caption passing (tau 0): captions a test can train on, evaluate with or calibrate against.
+    ``class_source`` replaces the labels of a split (``{"test": "none"}``: the expert has no caption there)."""
     from caption_pipeline.experts import build_expert
     from caption_pipeline.gate import GateSettings, RunInfo, caption_tiles, tile_tasks
     from caption_pipeline.policy import GatePolicy
@@ -270,7 +273,8 @@ def annotation_store(folder: Path, index: TileIndex, clip: ClipConfig) -> Path:
     from manifests.run_manifest import AnnotationExpertConfig, PromptConfig
 
     store = folder / "captions"
-    prompts = PromptConfig(class_source={"train": "labels", "test": "labels"}, allow_labels_on_eval=True)
+    sources = {"train": "labels", "test": "labels", **(class_source or {})}
+    prompts = PromptConfig(class_source=sources, allow_labels_on_eval=True)
     annotation = build_expert(AnnotationExpertConfig(name="annotation", backend="annotation"))
     rows = caption_tiles(
         tile_tasks(index, index.frame, prompts), annotation, ClipScorer(clip),

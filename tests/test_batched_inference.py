@@ -15,17 +15,18 @@ from typer.testing import CliRunner
 from manifests.devices import resolve_device
 from manifests.errors import InputError
 from segmenter.cli import app
-from segmenter.datasets.files import SourceFile
-from segmenter.inference import (
-    CaptionWindows,
+from segmenter.data.datasets.files import SourceFile
+from segmenter.data.tiling import tile_grid
+from segmenter.data.windowed_read import ArrayWindows, RasterWindows, open_image_windows, open_windows
+from segmenter.engine.inference import (
+    SlidingWindows,
     default_batch_size,
     sliding_window_classes,
     sliding_window_logits,
     tile_classes,
 )
+from segmenter.engine.window_captions import CaptionWindows
 from segmenter.model import build_model
-from segmenter.tiling import tile_grid
-from segmenter.windowed_read import ArrayWindows, RasterWindows, open_image_windows, open_windows
 from tests.helpers import assert_same_classes
 
 EXPERTS = ["alpha", "beta", "gamma"]
@@ -51,6 +52,7 @@ class _TileText:
     """Per-tile expert features, as :class:`ExpertTextFeatures` looks them up: each tile its own, some masked."""
 
     def __init__(self, tile_ids: list[str], dim: int) -> None:
+        self.experts = EXPERTS
         generator = torch.Generator().manual_seed(1)
         self.features = {tile: torch.randn(len(EXPERTS), dim, generator=generator) for tile in tile_ids}
         self.present = {tile: torch.tensor([True, i % 3 != 1, i % 2 == 0]) for i, tile in enumerate(tile_ids)}
@@ -72,12 +74,12 @@ def test_batched_text_free_windows_equal_the_one_window_loop():
     torch.manual_seed(0)
     model = build_model("test_tiny_notext").eval()
     image = _image()
-    single = sliding_window_logits(model, image, WINDOW, OVERLAP, batch_size=1)
-    batched = sliding_window_logits(model, image, WINDOW, OVERLAP, batch_size=4)
+    single = sliding_window_logits(model, image, SlidingWindows(WINDOW, OVERLAP, batch_size=1))
+    batched = sliding_window_logits(model, image, SlidingWindows(WINDOW, OVERLAP, batch_size=4))
     assert single.shape == (6, HEIGHT, WIDTH)
     torch.testing.assert_close(batched, single, rtol=0, atol=1e-5)
     # The banded class map (never the whole logits) is the argmax of the same logits.
-    classes = sliding_window_classes(model, image, WINDOW, OVERLAP, batch_size=3)
+    classes = sliding_window_classes(model, image, SlidingWindows(WINDOW, OVERLAP, batch_size=3))
     assert classes.dtype == np.uint8
     assert_same_classes(classes, single)
 
@@ -90,7 +92,7 @@ def test_batched_whole_tiles_equal_one_tile_per_forward():
     tiles.insert(2, _image(seed=9)[:40, :40])
     batched = tile_classes(model, tiles, "cpu", batch_size=4)
     for tile, classes in zip(tiles, batched, strict=True):
-        single = sliding_window_logits(model, tile, max(tile.shape[:2]), 0.0, batch_size=1)
+        single = sliding_window_logits(model, tile, SlidingWindows(max(tile.shape[:2]), 0.0, batch_size=1))
         assert classes.shape == tile.shape[:2]
         assert_same_classes(classes, single)
 
@@ -103,18 +105,18 @@ def test_batched_text_guided_windows_each_read_their_own_caption():
             parameter.normal_(0, 0.5)
     image = _image()
     one, four = _caption_windows(model.config.text_dim), _caption_windows(model.config.text_dim)
-    single = sliding_window_logits(model, image, WINDOW, OVERLAP, one, batch_size=1)
-    batched = sliding_window_logits(model, image, WINDOW, OVERLAP, four, batch_size=4)
+    single = sliding_window_logits(model, image, SlidingWindows(WINDOW, OVERLAP, batch_size=1), one)
+    batched = sliding_window_logits(model, image, SlidingWindows(WINDOW, OVERLAP, batch_size=4), four)
     torch.testing.assert_close(batched, single, rtol=0, atol=1e-5)
     assert one.used == four.used and all(window["on_captioned_grid"] for window in four.used)
     # The captions matter to this model: one caption for every window gives other logits, so the equality above
     # shows each window of a batch got its own.
     same = _caption_windows(model.config.text_dim)
     first = same.text.lookup(same.tiles["tile_id"].iloc[0])
-    shared = sliding_window_logits(model, image, WINDOW, OVERLAP, lambda *_: first, batch_size=4)
+    shared = sliding_window_logits(model, image, SlidingWindows(WINDOW, OVERLAP, batch_size=4), lambda *_: first)
     assert (shared - single).abs().max() > 1e-3
     classes = sliding_window_classes(
-        model, image, WINDOW, OVERLAP, _caption_windows(model.config.text_dim), None, None, 4
+        model, image, SlidingWindows(WINDOW, OVERLAP, batch_size=4), _caption_windows(model.config.text_dim)
     )
     assert_same_classes(classes, single)
 
@@ -143,8 +145,10 @@ def test_windowed_reads_of_a_tiled_geotiff_give_the_whole_read_pixels(tmp_path):
         assert isinstance(reader, RasterWindows) and set(profile) == {"crs", "transform"}
         torch.manual_seed(0)
         model = build_model("test_tiny_notext").eval()
-        from_file = sliding_window_logits(model, reader, WINDOW, OVERLAP, batch_size=4)
-    torch.testing.assert_close(from_file, sliding_window_logits(model, image, WINDOW, OVERLAP, batch_size=1))
+        from_file = sliding_window_logits(model, reader, SlidingWindows(WINDOW, OVERLAP, batch_size=4))
+    torch.testing.assert_close(
+        from_file, sliding_window_logits(model, image, SlidingWindows(WINDOW, OVERLAP, batch_size=1))
+    )
 
 
 def test_png_and_non_8_bit_images_are_read_whole(tmp_path):
@@ -175,4 +179,4 @@ def test_batch_size_zero_is_refused(command, tmp_path):
     assert result.exit_code == 2 and "--batch-size" in result.output and "got 0" in result.output
     model = build_model("test_tiny_notext").eval()
     with pytest.raises(InputError, match="--batch-size"):
-        sliding_window_logits(model, _image(), WINDOW, batch_size=0)
+        sliding_window_logits(model, _image(), SlidingWindows(WINDOW, batch_size=0))

@@ -30,7 +30,7 @@ from manifests.run_manifest import (
     PromptConfig,
     TransformersExpertConfig,
 )
-from segmenter.datasets import Vaihingen
+from segmenter.data.datasets import Vaihingen
 from tests.helpers import SECRET, ChatServer, serving, write_predictions
 
 CLASSES = TileClasses("labels", {"building": 0.5, "low_vegetation": 0.3, "car": 0.2, "tree": 0.0})

@@ -10,7 +10,7 @@ from PIL import Image
 from manifests.errors import InputError
 from manifests.run_manifest import ClassSpec, TilingConfig, dataset_config
 from manifests.tile_index import read_tile_index
-from segmenter.prepare import prepare_tiles
+from segmenter.data.prepare import prepare_tiles
 from tests.data.syndrone.generate import make_syndrone
 from tests.helpers import vaihingen_configs
 

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 from flows.cli import app as flows_app
 from segmenter.cli import app as segmenter_app
 from segmenter.cli import preset_rows, render_presets
+from segmenter.engine.options import TrainSettings
 from segmenter.model import list_presets
-from segmenter.options import TrainSettings
 
 runner = CliRunner()
 TRAIN = ["train", "--manifest", "m", "--out", "o"]
@@ -115,10 +115,12 @@ def test_a_bad_choice_is_refused_by_typer_and_help_lists_the_choices(tmp_path, m
 
 def test_train_defaults_are_the_settings_defaults(tmp_path, monkeypatch):
     """`segmenter train` with no optional flag trains exactly TrainSettings() (defaults in one place)."""
-    import segmenter.train
+    import segmenter.engine.train
 
     calls = []
-    monkeypatch.setattr(segmenter.train, "train", lambda *args, **kwargs: calls.append((args, kwargs)) or Path("c"))
+    monkeypatch.setattr(
+        segmenter.engine.train, "train", lambda *args, **kwargs: calls.append((args, kwargs)) or Path("c")
+    )
     result = runner.invoke(segmenter_app, ["train", "--manifest", "m", "--out", str(tmp_path / "o")])
     assert result.exit_code == 0, result.output
     [(args, kwargs)] = calls

@@ -17,10 +17,11 @@ from typer.testing import CliRunner
 from manifests.caption_store import read_store, selected_captions, write_fragment
 from manifests.errors import InputError
 from segmenter.cli import app as segmenter_app
+from segmenter.engine.options import TrainSettings
+from segmenter.engine.predict import image_files
+from segmenter.engine.runs import restore_checkpoint
+from segmenter.engine.train import _optimizer, train
 from segmenter.model import MPerSSegmenter, build_model
-from segmenter.options import TrainSettings
-from segmenter.predict import image_files
-from segmenter.train import _optimizer, _restore, train
 from tests.helpers import META, row
 
 runner = CliRunner()
@@ -93,7 +94,7 @@ def model() -> MPerSSegmenter:
 def restore(model: MPerSSegmenter, checkpoint: Path) -> int:
     """What ``--resume`` does with a checkpoint (weights, optimizer, schedule), without building a model per case."""
     optimizer, scheduler = _optimizer(model, TrainSettings(**TRAIN))
-    return _restore(checkpoint, model, optimizer, scheduler, torch.device("cpu"))
+    return restore_checkpoint(checkpoint, model, optimizer, scheduler, torch.device("cpu"))
 
 
 def test_an_intact_checkpoint_restores(trained, model):
@@ -252,7 +253,8 @@ def test_predict_reads_a_file_named_twice_once_and_keeps_distinct_stems(tmp_path
 
 
 def test_a_run_of_an_older_version_says_what_its_checkpoint_lacks(tmp_path):
-    from segmenter.inference import open_run
+    from segmenter.engine.options import InferenceSettings
+    from segmenter.engine.runs import open_run
 
     step = tmp_path / "run" / "checkpoints" / "step_000300"
     step.mkdir(parents=True)
@@ -260,6 +262,6 @@ def test_a_run_of_an_older_version_says_what_its_checkpoint_lacks(tmp_path):
         (step / name).write_text("{}")
     (step.parent / "latest").write_text("step_000300")
     with pytest.raises(InputError, match=r"step_000300 lacks checksums\.json \(written by an older version"):
-        open_run(tmp_path / "run", "cpu")
+        open_run(tmp_path / "run", InferenceSettings(device="cpu"))
     with pytest.raises(InputError, match=r"has no step_\* folder"):
-        open_run(tmp_path / "empty", "cpu")
+        open_run(tmp_path / "empty", InferenceSettings(device="cpu"))

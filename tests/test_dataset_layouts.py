@@ -17,8 +17,8 @@ import tifffile
 
 from manifests.errors import InputError
 from manifests.tile_index import TileIndex, read_tile_index
-from segmenter.prepare import PrepareResult, prepare_tiles
-from segmenter.raster_io import read_crop
+from segmenter.data.prepare import PrepareResult, prepare_tiles
+from segmenter.data.raster_io import read_crop
 from tests.data.isprs.generate import (
     VAIHINGEN_ERODED,
     VAIHINGEN_FULL,
@@ -28,7 +28,7 @@ from tests.data.isprs.generate import (
 )
 from tests.helpers import vaihingen_configs
 
-# Written out here, independently of segmenter.datasets.isprs: colour -> class index, black -> ignore.
+# Written out here, independently of segmenter.data.datasets.isprs: colour -> class index, black -> ignore.
 PALETTE = {(255, 255, 255): 0, (0, 0, 255): 1, (0, 255, 255): 2, (0, 255, 0): 3, (255, 255, 0): 4, (255, 0, 0): 5}
 IGNORE = 255
 VAIHINGEN_IDS = ["1", "2", "5"]  # 1 and 5 have a gts_for_participants copy, 2 has none
@@ -190,7 +190,7 @@ def test_macos_entries_and_world_files_are_ignored(tmp_path):
 
 
 def test_file_role_folders():
-    from segmenter.datasets.files import FileRole
+    from segmenter.data.datasets.files import FileRole
 
     top = FileRole("ISPRS_semantic_labeling_Vaihingen", "top_mosaic_09cm_area{id}.tif", folder="top")
     assert top.accepts("ISPRS_semantic_labeling_Vaihingen/top/x.tif") and top.accepts("top/x.tif")

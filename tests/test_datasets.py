@@ -13,9 +13,9 @@ from PIL import Image
 from manifests.errors import InputError
 from manifests.run_manifest import ClassSpec, TilingConfig, dataset_config
 from manifests.tile_index import read_tile_index
-from segmenter.datasets.syndrone import CARLA_IDS, COARSE_CLASSES, FINE_CLASSES, FINE_TO_COARSE
-from segmenter.prepare import prepare_tiles
-from segmenter.raster_io import read_crop
+from segmenter.data.datasets.syndrone import CARLA_IDS, COARSE_CLASSES, FINE_CLASSES, FINE_TO_COARSE
+from segmenter.data.prepare import prepare_tiles
+from segmenter.data.raster_io import read_crop
 from tests.data.syndrone.generate import SKY_ID, make_syndrone, semantic_ids
 
 
@@ -160,7 +160,7 @@ def test_folder_dataset_with_manifest_palette(tmp_path):
 
 def test_syndrone_coarse_classes_follow_the_official_mapping():
     """Facts of the official release's coarse mapping, written here independently of the reader's tables."""
-    from segmenter.datasets.syndrone import COARSE_PALETTE, FINE_TO_COARSE
+    from segmenter.data.datasets.syndrone import COARSE_PALETTE, FINE_TO_COARSE
 
     assert FINE_TO_COARSE["guard_rail"] == "obstacle"  # every guard-rail pixel was labelled construction before
     assert COARSE_PALETTE[COARSE_CLASSES.index("obstacle")] == (153, 153, 153)

@@ -7,9 +7,9 @@ import tifffile
 
 from manifests.run_manifest import TilingConfig, dataset_config
 from manifests.tile_index import read_tile_index
-from segmenter.demo_scenes import IGNORE, erode_boundaries, generate_scene, write_demo_dataset
-from segmenter.prepare import prepare_tiles
-from segmenter.raster_io import read_crop
+from segmenter.data.demo_scenes import IGNORE, erode_boundaries, generate_scene, write_demo_dataset
+from segmenter.data.prepare import prepare_tiles
+from segmenter.data.raster_io import read_crop
 
 
 def test_scene_is_deterministic_and_holds_every_class():

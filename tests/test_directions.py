@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from segmenter.data import augment
+from segmenter.data.samples import augment
 from segmenter.text.directions import caption_variants, rewrite_directions
 
 # Where each word points, as a pixel offset from the centre of a 3 x 3 image.

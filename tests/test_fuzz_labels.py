@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays, integer_dtypes, unsigned_integer_dtypes
 
-from segmenter.datasets.labels import BOUNDARY_COLOR, decode_rgb_mask
+from segmenter.data.datasets.labels import BOUNDARY_COLOR, decode_rgb_mask
 
 colours = st.tuples(*[st.integers(0, 255)] * 3)
 palettes = st.lists(colours, min_size=1, max_size=8, unique=True).map(tuple)

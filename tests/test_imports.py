@@ -3,6 +3,10 @@
 ``manifests`` imports no other project package; ``caption_pipeline`` imports only ``manifests``; ``segmenter``
 imports ``manifests`` and, from ``segmenter.text`` only, the leaf ``caption_pipeline.clip_models`` (which imports
 nothing of the project but ``manifests.errors``); ``flows`` may import all of them. Imports inside functions count.
+
+Inside ``segmenter``, the rooms follow the stages a tile goes through: ``data`` -> ``text`` -> ``model`` -> ``engine``
+-> ``cli``. A room imports itself and the rooms before it (the data room no other room, the engine data, text and
+model, the CLI all of them); no module sits loose beside the rooms.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("manifests", "caption_pipeline", "segmenter", "flows")
 CLIP_LEAF = "caption_pipeline.clip_models"
+SEGMENTER_ROOMS = ("data", "text", "model", "engine", "cli")
 
 
 def project_modules() -> dict[str, Path]:
@@ -77,9 +82,25 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+def segmenter_room(module: str) -> str | None:
+    """The room of a ``segmenter`` module (``segmenter.engine.train`` -> ``engine``); None for a module outside them."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == "segmenter" and len(parts) > 1 and parts[1] in SEGMENTER_ROOMS else None
+
+
+def room_allows(source: str, target: str) -> bool:
+    """Whether segmenter module ``source`` may import segmenter module ``target``: its own room or one before."""
+    source_room, target_room = segmenter_room(source), segmenter_room(target)
+    if source_room is None or target_room is None:
+        return False  # the package's __init__ imports no room, and nothing imports it
+    return SEGMENTER_ROOMS.index(target_room) <= SEGMENTER_ROOMS.index(source_room)
+
+
 def allowed(source: str, target: str) -> bool:
     """Whether module ``source`` may import module ``target`` (both of the project)."""
     top, target_top = source.split(".")[0], target.split(".")[0]
+    if top == target_top == "segmenter":
+        return room_allows(source, target)
     if top == target_top and source != CLIP_LEAF:
         return True
     if source == CLIP_LEAF:
@@ -109,6 +130,28 @@ def test_packages_import_only_the_layers_below():
     found = violations(import_graph())
     print("\n".join(found))
     assert not found, "layering violations (DESIGN.md):\n" + "\n".join(found)
+
+
+def test_every_segmenter_module_is_in_a_room():
+    loose = [name for name in project_modules() if name.startswith("segmenter.") and segmenter_room(name) is None]
+    assert not loose, f"modules outside the rooms {SEGMENTER_ROOMS}: {loose}"
+
+
+def test_the_room_checks_see_an_import_against_the_stages():
+    graph = {
+        "segmenter.data.prepare": {"segmenter.data.tiling", "segmenter.text.features"},
+        "segmenter.text.features": {"segmenter.data.samples", "segmenter.engine.runs"},
+        "segmenter.model.segmenter": {"segmenter.text.cache", "segmenter.cli"},
+        "segmenter.engine.train": {"segmenter.data.samples", "segmenter.model", "segmenter.engine.runs"},
+        "segmenter.cli.engine": {"segmenter.engine.train", "segmenter.data.prepare"},
+        "segmenter.loose": {"segmenter.data.tiling"},
+    }
+    assert violations(graph) == [
+        "segmenter.data.prepare imports segmenter.text.features",
+        "segmenter.loose imports segmenter.data.tiling",
+        "segmenter.model.segmenter imports segmenter.cli",
+        "segmenter.text.features imports segmenter.engine.runs",
+    ]
 
 
 def test_the_checks_see_a_cycle_in_a_function_and_a_violation():

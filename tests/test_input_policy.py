@@ -22,8 +22,8 @@ from manifests.errors import InputError
 from manifests.run_manifest import ClassSpec, TilingConfig, dataset_config
 from manifests.tile_index import read_tile_index
 from segmenter.cli import app as segmenter_app
-from segmenter.prepare import prepare_tiles
-from segmenter.raster_io import read_crop, three_bands
+from segmenter.data.prepare import prepare_tiles
+from segmenter.data.raster_io import read_crop, three_bands
 from tests.data.isprs.generate import VAIHINGEN_FULL, make_vaihingen
 
 CLASSES = [ClassSpec(name="water", color=(0, 0, 255)), ClassSpec(name="land", color=(0, 255, 0))]
@@ -47,7 +47,7 @@ def half_mask(height: int, width: int) -> np.ndarray:
 
 @pytest.mark.slow  # imports torch and builds a tiny model before the check: ~20 s on a busy 2-core machine
 def test_train_refuses_an_index_with_unlabelled_train_tiles(tmp_path):
-    from segmenter.train import TrainSettings, train
+    from segmenter.engine.train import TrainSettings, train
 
     dataset = folder_dataset(
         tmp_path / "f", {"a.png": np.full((32, 32, 3), 9, np.uint8), "new.png": np.zeros((32, 32, 3), np.uint8)},
@@ -184,8 +184,8 @@ def test_an_ignore_index_that_is_a_class_index_is_refused(tmp_path):
 
 @pytest.mark.slow  # trains a tiny model for one step
 def test_a_dataset_without_eroded_labels_is_evaluated_and_named_on_its_full_labels(tmp_path, capsys):
-    from segmenter.evaluate import evaluate
-    from segmenter.train import TrainSettings, train
+    from segmenter.engine.evaluate import evaluate
+    from segmenter.engine.train import TrainSettings, train
 
     for split in ("train", "test"):
         folder_dataset(

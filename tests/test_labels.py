@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from segmenter.datasets.isprs import ISPRS_PALETTE
-from segmenter.datasets.labels import class_fractions, decode_index_mask, decode_rgb_mask, encode_rgb_mask
+from segmenter.data.datasets.isprs import ISPRS_PALETTE
+from segmenter.data.datasets.labels import class_fractions, decode_index_mask, decode_rgb_mask, encode_rgb_mask
 
 
 def test_every_isprs_colour_decodes_to_its_class():

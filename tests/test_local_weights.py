@@ -13,12 +13,11 @@ import torch
 from safetensors.torch import save_file
 
 from manifests.errors import InputError
-from segmenter.evaluate import evaluate
-from segmenter.inference import LocalWeights
+from segmenter.engine.evaluate import evaluate
+from segmenter.engine.train import TrainSettings, train
 from segmenter.model import preset_config
 from segmenter.model import presets as registry
 from segmenter.text.dinotxt import write_tiny_dinotxt_checkpoint
-from segmenter.train import TrainSettings, train
 from tests.helpers import annotation_store, demo_manifest
 
 
@@ -44,14 +43,14 @@ def test_a_replaced_backbone_file_is_refused_and_a_moved_one_found(inputs, tmp_p
     moved = shutil.move(weights, tmp_path / "elsewhere.safetensors")
     with pytest.raises(InputError, match=r"backbone_file: .*dinov3\.safetensors not found"):
         evaluate(tmp_path / "run", window=64)
-    again = evaluate(tmp_path / "run", window=64, weights=LocalWeights(backbone_file=Path(moved)))
+    again = evaluate(tmp_path / "run", window=64, backbone_file=Path(moved))
     np.testing.assert_array_equal(again.iou, reference.iou)  # NaN where a class is absent: equal too
     # another file at the recorded place (same architecture, other values): its frozen features would differ
     tiny_backbone(weights, seed=1)
     with pytest.raises(InputError, match="is not the file this model was trained with"):
         evaluate(tmp_path / "run", window=64)
     with pytest.raises(InputError, match=r"--backbone-file: .*nowhere\.pth not found"):
-        evaluate(tmp_path / "run", window=64, weights=LocalWeights(backbone_file=tmp_path / "nowhere.pth"))
+        evaluate(tmp_path / "run", window=64, backbone_file=tmp_path / "nowhere.pth")
 
 
 def test_other_text_weights_are_refused_at_evaluation(inputs, tmp_path, monkeypatch):
@@ -65,6 +64,6 @@ def test_other_text_weights_are_refused_at_evaluation(inputs, tmp_path, monkeypa
     evaluate(tmp_path / "run", window=64)
     other = write_tiny_dinotxt_checkpoint(tmp_path / "other.pth", seed=1)
     with pytest.raises(InputError, match=r"was trained on caption features of test-tiny-dinotxt:dinotxt\.pth@"):
-        evaluate(tmp_path / "run", window=64, weights=LocalWeights(text_checkpoint=other))
+        evaluate(tmp_path / "run", window=64, text_checkpoint=other)
     copied = shutil.copy(checkpoint, tmp_path / "copy.pth")  # the same weights elsewhere: the same features
-    evaluate(tmp_path / "run", window=64, weights=LocalWeights(text_checkpoint=Path(copied)))
+    evaluate(tmp_path / "run", window=64, text_checkpoint=Path(copied))

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import confusion_matrix, f1_score, jaccard_score
 
-from segmenter.datasets import Vaihingen
-from segmenter.metrics import CaptionFacts, ConfusionMatrix, compute_metrics
+from segmenter.data.datasets import Vaihingen
+from segmenter.engine.metrics import CaptionFacts, ConfusionMatrix, compute_metrics
 
 NAMES = ["impervious_surfaces", "building", "low_vegetation", "tree", "car", "clutter"]
 MAIN = [name for name in NAMES if name not in Vaihingen.excluded_from_mean]  # the ISPRS rule, from the dataset

@@ -16,10 +16,10 @@ from typer.testing import CliRunner
 from manifests.errors import InputError
 from manifests.tile_index import TILE_INDEX_SCHEMA, read_tile_index
 from segmenter.cli import app as segmenter_app
-from segmenter.datasets import Vaihingen
-from segmenter.prepare import KNOWN_OVERLAY, prepare_tiles
-from segmenter.raster_io import read_crop
-from segmenter.tiling import window_starts
+from segmenter.data.datasets import Vaihingen
+from segmenter.data.prepare import KNOWN_OVERLAY, prepare_tiles
+from segmenter.data.raster_io import read_crop
+from segmenter.data.tiling import window_starts
 from tests.data.isprs.generate import (
     VAIHINGEN_FULL,
     VAIHINGEN_IMAGES,

@@ -36,7 +36,7 @@ from flows.report import (
     write_report,
 )
 from manifests.caption_store import StoreMeta, write_fragment
-from manifests.tile_index import ClassVocabulary, read_tile_index, write_tile_index
+from manifests.tile_index import ClassVocabulary, IndexClasses, read_tile_index, write_tile_index
 from tests.helpers import row
 
 MB = 1_000_000
@@ -228,7 +228,8 @@ def test_report_size_is_bounded(report_store, small_index, tmp_path_factory):
                     rows.append(row(tile_id, prompt, 1, similarity, expert=expert, caption=caption))
                 else:
                     rows.append(row(tile_id, prompt, 0, similarity, expert=expert, caption=caption))
-    write_tile_index(folder, index_rows, names, 255, [(0, 0, 0)] * len(names), ClassVocabulary.plain(names))
+    classes = IndexClasses(names, 255, [(0, 0, 0)] * len(names), ClassVocabulary.plain(names))
+    write_tile_index(folder, index_rows, classes)
     write_fragment(folder / "captions", rows, StoreMeta(names, "tiny:random", 0.55))
     path, report = write_report(folder / "captions", folder / "report", folder)
     report_size = path.stat().st_size

@@ -10,10 +10,10 @@ import pytest
 from pydantic import ValidationError
 
 from manifests.errors import InputError
-from segmenter.evaluate import evaluate
-from segmenter.options import Augmentation, TrainSettings
-from segmenter.run_record import RunRecord, prompt_class_sources, selected_captions_sha256
-from segmenter.train import CHECKPOINT_FILES
+from segmenter.engine.evaluate import evaluate
+from segmenter.engine.options import Augmentation, TrainSettings
+from segmenter.engine.run_record import RunRecord, prompt_class_sources, selected_captions_sha256
+from segmenter.engine.runs import CHECKPOINT_FILES
 
 
 def record(**changes) -> RunRecord:

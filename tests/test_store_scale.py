@@ -191,7 +191,7 @@ def test_the_newest_of_two_selected_rows_of_a_key_wins(tmp_path):
 
 
 def test_a_read_only_store_puts_the_text_cache_in_the_run_folder(tmp_path, capsys):
-    from segmenter.train import text_cache_folder, text_cache_place
+    from segmenter.engine.text_input import text_cache_folder
 
     probe = tmp_path / "probe"
     probe.mkdir(mode=0o555)
@@ -200,17 +200,14 @@ def test_a_read_only_store_puts_the_text_cache_in_the_run_folder(tmp_path, capsy
     shared = tmp_path / "shared"
     store = shared / "captions"
     write_fragment(store, [row("t1")], META)
-    assert text_cache_folder(store) == shared / "text_cache"
+    assert text_cache_folder(store, None, None) == shared / "text_cache"
     for folder in (store, shared):
         folder.chmod(0o555)
     try:
         with pytest.raises(InputError, match=r"is not writable for the text-feature cache; pass --text-cache DIR"):
-            text_cache_folder(store)
-        with text_cache_place(run_folder=tmp_path / "run"):
-            assert text_cache_folder(store) == tmp_path / "run" / "text_cache"
-            assert text_cache_folder(store) == tmp_path / "run" / "text_cache"
-            with text_cache_place(tmp_path / "given"):
-                assert text_cache_folder(store) == tmp_path / "given"
+            text_cache_folder(store, None, None)
+        assert text_cache_folder(store, None, tmp_path / "run") == tmp_path / "run" / "text_cache"
+        assert text_cache_folder(store, tmp_path / "given", tmp_path / "run") == tmp_path / "given"
         assert len(selected_captions(store)) == 1  # reading needs no write access
     finally:
         for folder in (shared, store):
@@ -231,11 +228,11 @@ def test_text_cache_option_of_the_commands():
 
 
 def test_a_text_cache_that_is_a_file_is_refused_in_one_line(tmp_path):
-    from segmenter.train import text_cache_folder, text_cache_place
+    from segmenter.engine.text_input import text_cache_folder
 
     (tmp_path / "afile").write_text("not a folder")
-    with text_cache_place(tmp_path / "afile"), pytest.raises(InputError, match=r"--text-cache: .* is a file"):
-        text_cache_folder(tmp_path / "store")
+    with pytest.raises(InputError, match=r"--text-cache: .* is a file"):
+        text_cache_folder(tmp_path / "store", tmp_path / "afile", tmp_path / "run")
 
 
 def test_done_keys_read_only_the_rows_the_policy_requires_and_still_apply_it(tmp_path):

@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from manifests.errors import InputError
-from segmenter.evaluate import evaluate
+from segmenter.engine.evaluate import evaluate
+from segmenter.engine.train import TrainSettings, train
 from segmenter.model import MPerSSegmenter, preset_config
 from segmenter.model import presets as registry
 from segmenter.text import TextEncoder, TextFeatureCache, expert_text_features
 from segmenter.text.dinotxt import DINOTXT_TINY, write_tiny_dinotxt_checkpoint
 from segmenter.text.encoder import text_feature_width
 from segmenter.text.flan_t5 import build_tiny_flan_t5
-from segmenter.train import TrainSettings, train
 from tests.helpers import annotation_store, demo_manifest
 
 TINY_PARTS = {"backbone": "vit_tiny_patch16_dinov3_qkvb", "backbone_pretrained": False, "dim": 32, "ldpe_width": 8,

@@ -2,7 +2,7 @@ import itertools
 
 import pytest
 
-from segmenter.tiling import tile_grid, window_starts
+from segmenter.data.tiling import tile_grid, window_starts
 
 
 @pytest.mark.parametrize(

@@ -20,14 +20,15 @@ from rasterio.transform import from_origin
 from manifests.caption_store import StoreMeta, read_store, write_fragment
 from manifests.class_predictions import read_class_predictions
 from manifests.errors import InputError
-from segmenter import train as train_module
-from segmenter.evaluate import evaluate
-from segmenter.inference import sliding_window_logits
+from segmenter.engine import train as train_module
+from segmenter.engine.evaluate import evaluate
+from segmenter.engine.inference import SlidingWindows, sliding_window_logits
+from segmenter.engine.options import TEXT_GUIDED_AUGMENTATION
+from segmenter.engine.predict import predict, predict_index
+from segmenter.engine.run_record import RunRecord
+from segmenter.engine.runs import RunPaths
+from segmenter.engine.train import TrainingError, TrainSettings, train
 from segmenter.model import MPerSSegmenter, build_model
-from segmenter.options import TEXT_GUIDED_AUGMENTATION
-from segmenter.predict import predict, predict_index
-from segmenter.run_record import RunRecord
-from segmenter.train import RunPaths, TrainingError, TrainSettings, train
 from tests.helpers import annotation_store, assert_same_classes, demo_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,16 +76,16 @@ def test_loss_goes_down(run_inputs, tmp_path):
 def test_resume_after_a_stop_gives_the_uninterrupted_weights(run_inputs, tmp_path, monkeypatch, capsys):
     manifest, store = run_inputs
     uninterrupted = train(manifest, tmp_path / "a", settings(), captions=store)
-    original = train_module._save_checkpoint
+    original = train_module.save_checkpoint
 
     def stop_after_first(*args, **kwargs):
         folder = original(*args, **kwargs)
         raise KeyboardInterrupt(f"stopped after {folder.name}")
 
-    monkeypatch.setattr(train_module, "_save_checkpoint", stop_after_first)
+    monkeypatch.setattr(train_module, "save_checkpoint", stop_after_first)
     with pytest.raises(KeyboardInterrupt, match="step_000003"):
         train(manifest, tmp_path / "b", settings(), captions=store)
-    monkeypatch.setattr(train_module, "_save_checkpoint", original)
+    monkeypatch.setattr(train_module, "save_checkpoint", original)
     with pytest.raises(InputError, match="already holds a run"):
         train(manifest, tmp_path / "b", settings(), captions=store)
     record = RunRecord.read(tmp_path / "b")
@@ -179,7 +180,7 @@ def test_ddp_with_two_gloo_processes_and_single_process_load(run_inputs, tmp_pat
 
 def test_sliding_window_output_has_the_source_size():
     model = build_model("test_tiny_notext").eval()
-    logits = sliding_window_logits(model, np.zeros((100, 70, 3), np.uint8), window=64, overlap=0.5)
+    logits = sliding_window_logits(model, np.zeros((100, 70, 3), np.uint8), SlidingWindows(64, 0.5))
     assert logits.shape == (6, 100, 70)
 
 
@@ -216,7 +217,9 @@ def test_the_run_reads_the_experts_its_store_has(run_inputs, tmp_path, capsys):
     assert record.experts == ["alpha", "beta"] and record.masked_experts["train"] == {"alpha": 0, "beta": 0}
     log = pd.read_csv(tmp_path / "run" / "metrics.csv")
     assert [column for column in log.columns if column.startswith("gate_")] == ["gate_alpha", "gate_beta"]
-    assert "experts (from the caption store): ['alpha', 'beta']" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "experts (from the caption store): ['alpha', 'beta']" in printed
+    assert printed.count("text-feature cache: ") == 1  # resolved once per command, passed down
     # The gates are real: a tile with one expert masked gets a zero gate for it.
     model = MPerSSegmenter.load(checkpoint).eval()
     present = torch.tensor([[True, False]])
@@ -272,7 +275,7 @@ def test_predicted_tile_classes_of_an_index(run_inputs, small_index, tmp_path):
     path = predict_index(tmp_path / "plain", small_index.root, tmp_path / "pred" / "classes.parquet", ["test"])
     predictions = read_class_predictions(path, small_index.class_names)
     assert sorted(predictions.frame["tile_id"]) == sorted(small_index.split("test")["tile_id"])
-    model = MPerSSegmenter.load(train_module.RunPaths(tmp_path / "plain").latest).eval()
+    model = MPerSSegmenter.load(RunPaths(tmp_path / "plain").latest).eval()
     tiles = small_index.frame.set_index("tile_id")
     for tile_id in predictions.frame["tile_id"]:
         mask = np.asarray(Image.open(predictions.mask_path(tile_id)))
@@ -286,6 +289,48 @@ def test_predicted_tile_classes_of_an_index(run_inputs, small_index, tmp_path):
     train(manifest, tmp_path / "guided", settings(steps=1, checkpoint_every=1), captions=store)
     with pytest.raises(InputError, match="is text-guided"):
         predict_index(tmp_path / "guided", small_index.root, tmp_path / "p2.parquet")
+
+
+def test_evaluate_and_predict_apply_one_missing_expert_rule(run_inputs, small_index, clip_config, tmp_path, capsys):
+    """The annotation expert has no caption on the test tiles (class source `none` there), another expert has: both
+    `evaluate` and `predict --captions` refuse naming it, before anything is written, or mask it when told and say
+    on how many windows."""
+    from typer.testing import CliRunner
+
+    from segmenter.cli import app
+
+    store = annotation_store(tmp_path, small_index, clip_config, class_source={"test": "none"})
+    assert set(read_store(store)["split"]) == {"train"}  # the annotation expert did not run on the test tiles
+    second = read_store(run_inputs[1]).assign(expert="second")  # captions of every tile, under another name
+    write_fragment(store, second, StoreMeta(small_index.class_names, "tiny", 0.0))
+    train(demo_manifest(tmp_path, small_index), tmp_path / "run", settings(steps=1, checkpoint_every=1), captions=store)
+    photo = small_index.root.parent / "raw" / "ISPRS_semantic_labeling_Vaihingen" / "top" / "top_mosaic_09cm_area7.tif"
+    refused = r"no usable caption .* of expert\(s\) \['annotation'\] on any of the 4 tiles that the 4 windows of "
+    with pytest.raises(InputError, match=refused + "split 'test' read; caption them or pass --missing-captions mask"):
+        evaluate(tmp_path / "run", split="test")
+    with pytest.raises(InputError, match=refused + "image top_mosaic_09cm_area7.tif read"):
+        predict(tmp_path / "run", [photo], tmp_path / "pred", captions=store)
+    assert not (tmp_path / "pred").exists() and not (tmp_path / "run" / "eval_test_eroded").exists()
+    args = ["predict", "--run", str(tmp_path / "run"), "--images", str(photo), "--out", str(tmp_path / "pred"),
+            "--captions", str(store)]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "['annotation']" in result.output and not (tmp_path / "pred").exists()
+    capsys.readouterr()
+
+    metrics = evaluate(tmp_path / "run", split="test", missing_captions="mask")
+    [written] = predict(tmp_path / "run", [photo], tmp_path / "pred", captions=store, missing_captions="mask")
+    printed = capsys.readouterr().out
+    assert "expert annotation masked on 4 of 4 windows of split 'test'" in printed
+    assert "expert annotation masked on 4 of 4 windows of image top_mosaic_09cm_area7.tif" in printed
+    assert "expert second masked" not in printed
+    assert metrics.captions is not None and metrics.captions.masked_windows == {"annotation": 4, "second": 0}
+    report = tmp_path / "run" / "eval_test_eroded"
+    assert json.loads((report / "metrics.json").read_text())["captions"]["masked_windows"]["annotation"] == 4
+    assert "of the 4 windows, experts masked: annotation on 4" in (report / "metrics.md").read_text()
+    for record in (report / "windows.csv", tmp_path / "pred" / "top_mosaic_09cm_area7_captions.csv"):
+        assert (pd.read_csv(record)["masked_experts"] == "annotation").all() and len(pd.read_csv(record)) == 4
+    with rasterio.open(written) as result:
+        assert (result.height, result.width) == (128, 128)
 
 
 def test_predict_reads_the_captions_of_the_tiles_with_the_same_pixels(run_inputs, small_index, tmp_path, capsys):
@@ -310,8 +355,8 @@ def test_predict_reads_the_captions_of_the_tiles_with_the_same_pixels(run_inputs
 
 def test_augmentations_move_captions_with_the_pixels(run_inputs, small_index, tmp_path):
     """d4_rewrite reads the text variant of the very flip/rotation the tile got; none leaves tiles as they are."""
-    from segmenter.data import TileSamples, augment, d4_variant
-    from segmenter.raster_io import read_crop
+    from segmenter.data.raster_io import read_crop
+    from segmenter.data.samples import TileSamples, augment, d4_variant
     from segmenter.text import TextEncoder, TextFeatureCache, expert_text_features
 
     _, store = run_inputs
@@ -346,7 +391,7 @@ def test_evaluate_reports_what_an_independent_computation_of_its_predictions_giv
     from sklearn.metrics import f1_score, jaccard_score
 
     from manifests.run_manifest import load_manifest
-    from segmenter.datasets import build_dataset
+    from segmenter.data.datasets import build_dataset
 
     manifest, _ = run_inputs
     run = tmp_path / "run"
@@ -445,7 +490,7 @@ def test_loader_batches_are_those_of_the_plan_whatever_the_workers(small_index):
     import multiprocessing
     import pickle
 
-    from segmenter.data import PlannedBatches, TileSamples, sample_plan, training_loader
+    from segmenter.data.samples import PlannedBatches, TileSamples, sample_plan, training_loader
 
     samples = TileSamples(small_index, "train", None, augmentation="d4")
     n, seed = len(samples), 7
@@ -475,18 +520,18 @@ def test_resume_with_loader_workers_gives_the_weights_of_a_run_without(run_input
     manifest, store = run_inputs
     short = {"steps": 4, "checkpoint_every": 2}
     uninterrupted = train(manifest, tmp_path / "a", settings(**short, workers=0), captions=store)
-    original = train_module._save_checkpoint
+    original = train_module.save_checkpoint
 
     def stop_after_first(*args, **kwargs):
         folder = original(*args, **kwargs)
         raise KeyboardInterrupt(f"stopped after {folder.name}")
 
     before = set(multiprocessing.active_children())
-    monkeypatch.setattr(train_module, "_save_checkpoint", stop_after_first)
+    monkeypatch.setattr(train_module, "save_checkpoint", stop_after_first)
     with pytest.raises(KeyboardInterrupt, match="step_000002"):
         train(manifest, tmp_path / "b", settings(**short, workers=2), captions=store)
     assert set(multiprocessing.active_children()) == before  # a stopped run leaves no loader worker behind
-    monkeypatch.setattr(train_module, "_save_checkpoint", original)
+    monkeypatch.setattr(train_module, "save_checkpoint", original)
     resumed = train(manifest, tmp_path / "b", settings(**short, workers=2), captions=store, resume=True)
     assert resumed.name == uninterrupted.name == "step_000004"
     expected, got = weights(uninterrupted), weights(resumed)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segmenter.model.config import SegmenterConfig
 from segmenter.model.swda import swda
 
 
@@ -13,6 +14,7 @@ class ChannelsLastNorm(nn.LayerNorm):
     """LayerNorm over the channels of a ``(B, C, H, W)`` map."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise each pixel's channels."""
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
@@ -28,6 +30,7 @@ class SlidingDilatedAttention(nn.Module):
         self.proj = nn.Conv2d(dim, dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention of every pixel over its dilated 3 x 3 neighbourhood (SWDA), per head."""
         batch, dim, height, width = x.shape
         q, k, v = self.qkv(x).reshape(batch, 3, self.heads, dim // self.heads, height, width).unbind(1)
         out = swda(q, k, v, self.kernel, self.dilation)
@@ -46,6 +49,7 @@ class SelfAttention(nn.Module):
         self.proj = nn.Conv2d(dim, dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention of every pixel over all pixels, per head."""
         batch, dim, height, width = x.shape
         qkv = self.qkv(x).reshape(batch, 3, self.heads, dim // self.heads, height * width).transpose(-1, -2)
         out = F.scaled_dot_product_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2])  # (B, h, HW, d)
@@ -64,19 +68,23 @@ class AttentionBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Conv2d(dim, dim * mlp_ratio, 1), nn.GELU(), nn.Conv2d(dim * mlp_ratio, dim, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x + attention(LN x)`` then ``x + MLP(LN x)``, after the depth-wise position encoding."""
         if self.position is not None:
             x = x + self.position(x)
         x = x + self.attention(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
 
-def build_adapter(kind: str, dim: int, depth: int, heads: int, kernel: int, dilation: int, position: bool) -> nn.Module:
-    if kind == "none":
+def build_adapter(config: SegmenterConfig) -> nn.Module:
+    """The adapter of a configuration: ``adapter_depth`` attention blocks (SWDA or MHSA) on the deepest map, or none."""
+    if config.adapter == "none":
         return nn.Identity()
+    dim, heads = config.dim, config.adapter_heads
     blocks = []
-    for _ in range(depth):
-        attention = (
-            SlidingDilatedAttention(dim, heads, kernel, dilation) if kind == "swda" else SelfAttention(dim, heads)
-        )
-        blocks.append(AttentionBlock(attention, dim, position))
+    for _ in range(config.adapter_depth):
+        if config.adapter == "swda":
+            attention: nn.Module = SlidingDilatedAttention(dim, heads, config.adapter_kernel, config.dilation)
+        else:
+            attention = SelfAttention(dim, heads)
+        blocks.append(AttentionBlock(attention, dim, config.position_encoding))
     return nn.Sequential(*blocks)

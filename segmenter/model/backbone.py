@@ -124,6 +124,7 @@ class SimplePyramid(nn.Module):
         )
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The four ViT maps as a pyramid at strides 4, 8, 16 and 32."""
         return [level(feature) for level, feature in zip(self.levels, features, strict=True)]
 
 
@@ -142,6 +143,7 @@ class DinoV3Backbone(nn.Module):
         self.pyramid = SimplePyramid(self.vit.embed_dim, config.dim)
 
     def train(self, mode: bool = True) -> DinoV3Backbone:
+        """Set the trainable parts' mode; the frozen ViT stays in eval mode."""
         super().train(mode)
         self.vit.eval()
         return self
@@ -151,6 +153,7 @@ class DinoV3Backbone(nn.Module):
         return (images - self.mean) / self.std
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The pyramid of the frozen ViT's intermediate maps at 4 evenly spaced blocks (no gradient through the ViT)."""
         with torch.no_grad():
             blocks = self.vit.forward_intermediates(
                 self.normalize(images), indices=self.indices, intermediates_only=True

@@ -66,6 +66,7 @@ class SegmenterConfig(BaseModel):
 
     @property
     def uses_text(self) -> bool:
+        """Whether the model reads captions (a text encoder other than ``none``)."""
         return self.text_encoder != "none"
 
     @property

@@ -22,6 +22,7 @@ class UNetDecoder(nn.Module):
         self.head = nn.Conv2d(dim, num_classes, 1)
 
     def forward(self, pyramid: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        """``(B, K, *size)`` logits from the pyramid (strides 4 to 32)."""
         x = pyramid[3]
         for stage, skip in zip(self.stages, reversed(pyramid[:3]), strict=True):
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
@@ -39,6 +40,7 @@ class FPNDecoder(nn.Module):
         self.head = nn.Conv2d(dim, num_classes, 1)
 
     def forward(self, pyramid: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        """``(B, K, *size)`` logits from the pyramid (strides 4 to 32)."""
         laterals = [lateral(feature) for lateral, feature in zip(self.lateral, pyramid, strict=True)]
         for level in range(3, 0, -1):
             laterals[level - 1] = laterals[level - 1] + F.interpolate(
@@ -60,6 +62,7 @@ class PixelUpDecoder(nn.Module):
         self.head = nn.Sequential(_block(dim, dim), nn.Conv2d(dim, num_classes, 1))
 
     def forward(self, pyramid: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        """``(B, K, *size)`` logits from the deepest map alone."""
         return F.interpolate(self.head(pyramid[3]), size=size, mode="bilinear", align_corners=False)
 
 

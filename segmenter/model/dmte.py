@@ -11,6 +11,8 @@ from torch import nn
 
 
 class DynamicTextExperts(nn.Module):
+    """DMTE: a linguistic-attention layer over the M expert tokens, a gate per expert and their weighted sum."""
+
     def __init__(self, dim: int, n_experts: int, heads: int = 8) -> None:
         super().__init__()
         heads = heads if dim % heads == 0 else 1

@@ -23,6 +23,7 @@ class DetailPrior(nn.Module):
         self.project = nn.ModuleList([nn.Conv2d(c, dim, 1) for c in (width, width * 2, width * 4)])
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The detail priors at strides 4, 8 and 16, projected to the model width."""
         s4 = self.stem(images)
         s8 = self.down8(s4)
         s16 = self.down16(s8)

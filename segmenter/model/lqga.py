@@ -30,6 +30,8 @@ def resample(features: torch.Tensor, size: torch.Size | tuple[int, int]) -> torc
 
 
 class LanguageQueryGate(nn.Module):
+    """LQGA at one stage: the fused text queries the visual map for channel weights; ``Z = Conv1x1([F', f])``."""
+
     def __init__(self, dim: int, text_dim: int, heads: int = 8) -> None:
         super().__init__()
         self.heads = heads if dim % heads == 0 else 1

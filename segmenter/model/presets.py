@@ -26,6 +26,7 @@ class PaperRow:
 
 
 def register_preset(fn: Builder) -> Builder:
+    """Register a preset builder under its function name (``segmenter models`` lists it)."""
     _PRESETS[fn.__name__] = fn
     return fn
 
@@ -46,6 +47,7 @@ def paper_row(name: str) -> PaperRow | None:
 
 
 def list_presets() -> list[str]:
+    """The names of the registered presets, sorted."""
     return sorted(_PRESETS)
 
 
@@ -95,6 +97,7 @@ def mpers_vit7b16() -> SegmenterConfig:
 @register_preset
 @reproduces(TEXT_TABLE, "CLIP ViT-L", 76.83)
 def mpers_vitl16_text_clip_vitl14() -> SegmenterConfig:
+    """CLIP ViT-L/14 text tower (768-d guidance)."""
     return _paper("mpers_vitl16_text_clip_vitl14", text_encoder="clip-vit-l14", text_dim=768)
 
 
@@ -123,18 +126,21 @@ def mpers_vitl16_text_dinotxt() -> SegmenterConfig:
 @register_preset
 @reproduces(ADAPTER_TABLE, "MHSA", 76.49)
 def mpers_vitl16_mhsa() -> SegmenterConfig:
+    """Plain global multi-head self-attention (MHSA) in the adapter instead of SWDA."""
     return _paper("mpers_vitl16_mhsa", adapter="mhsa")
 
 
 @register_preset
 @reproduces(ADAPTER_TABLE, "SWDA r=2", 76.65)
 def mpers_vitl16_r2() -> SegmenterConfig:
+    """SWDA with dilation 2 in the adapter."""
     return _paper("mpers_vitl16_r2", dilation=2)
 
 
 @register_preset
 @reproduces(ADAPTER_TABLE, "SWDA r=3", 76.73)
 def mpers_vitl16_r3() -> SegmenterConfig:
+    """SWDA with dilation 3 in the adapter."""
     return _paper("mpers_vitl16_r3", dilation=3)
 
 
@@ -142,12 +148,14 @@ def mpers_vitl16_r3() -> SegmenterConfig:
 @register_preset
 @reproduces(DECODER_TABLE, "FPN", 76.32)
 def mpers_vitl16_fpn() -> SegmenterConfig:
+    """The FPN decoder instead of the U-Net."""
     return _paper("mpers_vitl16_fpn", decoder="fpn")
 
 
 @register_preset
 @reproduces(DECODER_TABLE, "pixelUp", 74.88)
 def mpers_vitl16_pixelup() -> SegmenterConfig:
+    """The pixelUp decoder (no skips) instead of the U-Net."""
     return _paper("mpers_vitl16_pixelup", decoder="pixelup")
 
 
@@ -155,24 +163,28 @@ def mpers_vitl16_pixelup() -> SegmenterConfig:
 @register_preset
 @reproduces(STAGE_TABLE, "stage 1", 76.22)
 def mpers_vitl16_dmte_s1() -> SegmenterConfig:
+    """Text guidance (DMTE/LQGA) at stage 1 only."""
     return _paper("mpers_vitl16_dmte_s1", lqga_stages=[1])
 
 
 @register_preset
 @reproduces(STAGE_TABLE, "stage 2", 76.83)
 def mpers_vitl16_dmte_s2() -> SegmenterConfig:
+    """Text guidance (DMTE/LQGA) at stage 2 only."""
     return _paper("mpers_vitl16_dmte_s2", lqga_stages=[2])
 
 
 @register_preset
 @reproduces(STAGE_TABLE, "stage 3", 76.49)
 def mpers_vitl16_dmte_s3() -> SegmenterConfig:
+    """Text guidance (DMTE/LQGA) at stage 3 only."""
     return _paper("mpers_vitl16_dmte_s3", lqga_stages=[3])
 
 
 @register_preset
 @reproduces(STAGE_TABLE, "stage 3 + stage 4 (chained)", 76.98)
 def mpers_vitl16_dmte_s34() -> SegmenterConfig:
+    """Text guidance at stages 3 and 4, chained from the deeper one."""
     return _paper("mpers_vitl16_dmte_s34", lqga_stages=[3, 4])
 
 
@@ -196,4 +208,5 @@ def test_tiny() -> SegmenterConfig:
 
 @register_preset
 def test_tiny_notext() -> SegmenterConfig:
+    """``test_tiny`` without captions: for tests and the demo's text-free model."""
     return test_tiny().model_copy(update={"name": "test_tiny_notext", "text_encoder": "none"})

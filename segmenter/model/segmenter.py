@@ -85,6 +85,8 @@ def verify_checksum(path: Path, required: bool = True) -> None:
 
 @dataclass
 class SegmenterOutput:
+    """What the model returns: ``(B, K, H, W)`` class logits and, for a text-guided model, the ``(B, M)`` DMTE gates."""
+
     logits: torch.Tensor
     gates: torch.Tensor | None = None
 
@@ -98,8 +100,7 @@ class MPerSSegmenter(nn.Module):
         self.config = config
         self.backbone = DinoV3Backbone(config)
         self.ldpe = DetailPrior(config.ldpe_width, config.dim) if config.ldpe else None
-        self.adapter = build_adapter(config.adapter, config.dim, config.adapter_depth, config.adapter_heads,
-                                     config.adapter_kernel, config.dilation, config.position_encoding)  # fmt: skip
+        self.adapter = build_adapter(config)
         if config.uses_text:
             if not config.experts:
                 raise ValueError(
@@ -118,6 +119,7 @@ class MPerSSegmenter(nn.Module):
     def forward(
         self, images: torch.Tensor, text: torch.Tensor | None = None, present: torch.Tensor | None = None
     ) -> SegmenterOutput:
+        """Class logits of ``images``, guided by the experts' caption features where the model reads text."""
         pyramid = self.backbone(images)
         if self.ldpe is not None:
             details = self.ldpe(images)
@@ -138,6 +140,7 @@ class MPerSSegmenter(nn.Module):
 
     @property
     def backbone_is_reloadable(self) -> bool:
+        """Whether the frozen ViT's weights come back from its hub id or file, so checkpoints leave them out."""
         return self.config.backbone_pretrained or self.config.backbone_file is not None
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -190,7 +193,7 @@ class MPerSSegmenter(nn.Module):
 
         ``moved`` gives new places of its local weights (``backbone_file``, ``text_checkpoint``) on another machine;
         the backbone file is checked against the SHA-256 recorded at training, the text weights by the id of the
-        caption features (:func:`segmenter.train.load_text_features`).
+        caption features (:func:`segmenter.engine.train.load_text_features`).
         """
         folder = Path(folder)
         config = read_config(folder)

@@ -65,7 +65,9 @@ def _forward_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: int
     return out, attention
 
 
-def _backward_math(grad_out, q, k, v, attention, kernel: int, dilation: int):
+def _backward_math(grad_out, saved: tuple[torch.Tensor, ...], kernel: int, dilation: int):
+    """Gradients of q, k and v from the forward's saved ``(q, k, v, attention)``, walking the same offsets."""
+    q, k, v, attention = saved
     height, width = q.shape[-2:]
     pad = dilation * (kernel // 2)
     offsets = _offsets(kernel, dilation)
@@ -114,8 +116,8 @@ class _SlidingDilatedAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, attention = ctx.saved_tensors
-        grads = _implementation("backward", q)(grad_out.contiguous(), q, k, v, attention, ctx.kernel, ctx.dilation)
+        saved = ctx.saved_tensors
+        grads = _implementation("backward", saved[0])(grad_out.contiguous(), saved, ctx.kernel, ctx.dilation)
         return (*grads, None, None)
 
 

@@ -21,10 +21,13 @@ from segmenter.text.encoder import TextEncoder
 
 
 def caption_sha256(caption: str) -> str:
+    """The cache key of a caption: the SHA-256 of its UTF-8 text."""
     return hashlib.sha256(caption.encode("utf-8")).hexdigest()
 
 
 class TextFeatureCache:
+    """Per caption (by SHA-256) the embedding one text encoder gave, kept on disk in ``<folder>/<encoder id>/``."""
+
     def __init__(self, folder: str | Path, encoder: TextEncoder, batch_size: int = 256) -> None:
         self.encoder = encoder
         self.batch_size = batch_size

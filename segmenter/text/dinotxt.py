@@ -68,6 +68,7 @@ class DinoTxtConfig:
 
     @property
     def ffn_width(self) -> int:
+        """The width of the transformer's feed-forward layers."""
         return int(self.width * self.ffn_ratio)
 
 
@@ -319,6 +320,7 @@ class DinoTxtTextEncoder(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """The device the text tower runs on."""
         return self.chunked.device
 
     @torch.no_grad()

@@ -2,7 +2,7 @@
 
 A caption that says "cars in the north-west" is false once the tile is rotated; training with geometric
 augmentation either rewrites those words with the same transform or stays true by not transforming. The
-variant index ``turns + 4 * flip`` is the one :func:`segmenter.data.d4_params` draws: ``turns`` counter-
+variant index ``turns + 4 * flip`` is the one :func:`segmenter.data.samples.d4_variant` draws: ``turns`` counter-
 clockwise quarter turns (``np.rot90`` on axes 0, 1), then a left-right flip when ``flip``.
 """
 

@@ -200,6 +200,7 @@ class TextEncoder(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """The device the encoder runs on."""
         return torch.device(self.backend.device)
 
     @torch.no_grad()

@@ -2,7 +2,7 @@
 
 Run as a script to write them to a folder: ``python -m tests.data.isprs.generate OUT``.
 
-The member paths are written out here rather than taken from ``segmenter.datasets.isprs``, so that the tests
+The member paths are written out here rather than taken from ``segmenter.data.datasets.isprs``, so that the tests
 check the reader against the official layouts and not against itself:
 
 - ``ISPRS_semantic_labeling_Vaihingen.zip``: ``ISPRS_semantic_labeling_Vaihingen/`` holding ``top/`` (IRRG
@@ -32,9 +32,9 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from segmenter.datasets.isprs import ISPRS_PALETTE, Potsdam, Vaihingen
-from segmenter.datasets.labels import encode_rgb_mask
-from segmenter.demo_scenes import erode_boundaries
+from segmenter.data.datasets.isprs import ISPRS_PALETTE, Potsdam, Vaihingen
+from segmenter.data.datasets.labels import encode_rgb_mask
+from segmenter.data.demo_scenes import erode_boundaries
 
 STRAY_COLOR = (12, 34, 56)
 VAIHINGEN_IMAGES = "ISPRS_semantic_labeling_Vaihingen"

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from segmenter.datasets.syndrone import CARLA_IDS, HEIGHTS, TOWNS
+from segmenter.data.datasets.syndrone import CARLA_IDS, HEIGHTS, TOWNS
 
 SKY_ID = 13  # CARLA's sky: a class of the 28, left out of the 7 coarse ones
 
@@ -41,6 +41,52 @@ def _jpg(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="JPEG", quality=95)
     return buffer.getvalue()
+
+
+def _town_members(
+    town: str, frames: Sequence[int], size: tuple[int, int], heights: Sequence[str], rng: np.random.Generator
+) -> dict[str, dict[str, bytes]]:
+    """The members of one town's ``color``, ``depth`` and ``lidar`` archives, by archive kind."""
+    archives: dict[str, dict[str, bytes]] = {"color": {}, "depth": {}, "lidar": {}}
+    scenario = f"Town{town}_Opt_120/ClearNoon"
+    for frame in frames:
+        archives["color"][f"{scenario}/bboxes/{frame:05d}.json"] = json.dumps([]).encode()
+        for height in heights:
+            folder = f"{scenario}/height{height}m"
+            rgb = rng.integers(0, 255, size=(*size, 3), dtype=np.uint8)
+            archives["color"][f"{folder}/rgb/{frame:05d}.jpg"] = _jpg(rgb)
+            archives["color"][f"{folder}/semantic/{frame:05d}.png"] = _png(semantic_ids(size))
+            pose = {"x": 0.0, "y": 0.0, "z": int(height), "pitch": -90, "yaw": 0.0, "roll": 0}
+            archives["color"][f"{folder}/camera/{frame:05d}.json"] = json.dumps(pose).encode()
+            archives["depth"][f"{folder}/depth/{frame:05d}.png"] = _png(np.full(size, 1000, np.uint16))
+            if 50 < int(height) < 100:
+                archives["lidar"][f"{folder}/lidar/{frame:05d}.ply"] = b"ply\nformat binary_little_endian 1.0\n"
+    return archives
+
+
+def _write_town(root: Path, town: str, archives: dict[str, dict[str, bytes]], layout: str) -> None:
+    """One town's archives as downloaded (``zip``) or extracted in place (``folder``)."""
+    for kind, members in archives.items():
+        if members and layout == "zip":
+            with zipfile.ZipFile(root / f"Town{town}_Opt_120_{kind}.zip", "w") as archive:
+                for name, data in members.items():
+                    archive.writestr(name, data)
+        elif members:
+            for name, data in members.items():
+                (root / name).parent.mkdir(parents=True, exist_ok=True)
+                (root / name).write_bytes(data)
+
+
+def _write_splits(root: Path, train: Sequence[int], test: Sequence[int], splits: str) -> None:
+    """The split files, as ``splits`` says (see :func:`make_syndrone`)."""
+    split_text = {"train.txt": "\n".join(str(f) for f in train) + "\n", "test.txt": "\n".join(str(f) for f in test)}
+    if splits == "text":
+        for name, text in split_text.items():
+            (root / name).write_text(text)
+    elif splits in ("zip", "parent"):
+        with zipfile.ZipFile((root if splits == "zip" else root.parent) / "splits.zip", "w") as archive:
+            for name, text in split_text.items():
+                archive.writestr(name, text)
 
 
 def make_syndrone(
@@ -71,40 +117,8 @@ def make_syndrone(
     rng = np.random.default_rng(0)
     root.mkdir(parents=True, exist_ok=True)
     for town in towns:
-        stem = f"Town{town}_Opt_120"
-        archives: dict[str, dict[str, bytes]] = {"color": {}, "depth": {}, "lidar": {}}
-        scenario = f"{stem}/ClearNoon"
-        for frame in frames:
-            archives["color"][f"{scenario}/bboxes/{frame:05d}.json"] = json.dumps([]).encode()
-            for height in heights:
-                folder = f"{scenario}/height{height}m"
-                rgb = rng.integers(0, 255, size=(*size, 3), dtype=np.uint8)
-                archives["color"][f"{folder}/rgb/{frame:05d}.jpg"] = _jpg(rgb)
-                archives["color"][f"{folder}/semantic/{frame:05d}.png"] = _png(semantic_ids(size))
-                pose = {"x": 0.0, "y": 0.0, "z": int(height), "pitch": -90, "yaw": 0.0, "roll": 0}
-                archives["color"][f"{folder}/camera/{frame:05d}.json"] = json.dumps(pose).encode()
-                archives["depth"][f"{folder}/depth/{frame:05d}.png"] = _png(np.full(size, 1000, np.uint16))
-                if 50 < int(height) < 100:
-                    archives["lidar"][f"{folder}/lidar/{frame:05d}.ply"] = b"ply\nformat binary_little_endian 1.0\n"
-        for kind, members in archives.items():
-            if not members:
-                continue
-            if layout == "zip":
-                with zipfile.ZipFile(root / f"{stem}_{kind}.zip", "w") as archive:
-                    for name, data in members.items():
-                        archive.writestr(name, data)
-            else:
-                for name, data in members.items():
-                    (root / name).parent.mkdir(parents=True, exist_ok=True)
-                    (root / name).write_bytes(data)
-    split_text = {"train.txt": "\n".join(str(f) for f in train) + "\n", "test.txt": "\n".join(str(f) for f in test)}
-    if splits == "text":
-        for name, text in split_text.items():
-            (root / name).write_text(text)
-    elif splits in ("zip", "parent"):
-        with zipfile.ZipFile((root if splits == "zip" else root.parent) / "splits.zip", "w") as archive:
-            for name, text in split_text.items():
-                archive.writestr(name, text)
+        _write_town(root, town, _town_members(town, frames, size, heights, rng), layout)
+    _write_splits(root, train, test, splits)
     return root
 
 

@@ -1,7 +1,7 @@
 """ISPRS Vaihingen and Potsdam, read from the official archives or their extracted folders.
 
 Each role (image, label, eval label) declares the archive, the file name and the folder its file sits in
-(:class:`~segmenter.datasets.files.FileRole`), after the official releases:
+(:class:`~segmenter.data.datasets.files.FileRole`), after the official releases:
 
 - ``ISPRS_semantic_labeling_Vaihingen.zip``: ``top/top_mosaic_09cm_area{N}.tif`` (IRRG orthophotos),
   ``dsm/dsm_09cm_matching_area{N}.tif`` and ``gts_for_participants/top_mosaic_09cm_area{N}.tif`` (full ground
@@ -20,9 +20,9 @@ from typing import ClassVar
 
 from manifests.errors import InputError
 from manifests.run_manifest import DatasetConfig
-from segmenter.datasets.base import SegmentationDataset, Source
-from segmenter.datasets.files import Archive, FileRole
-from segmenter.datasets.labels import RGB
+from segmenter.data.datasets.base import SegmentationDataset, Source
+from segmenter.data.datasets.files import Archive, FileRole
+from segmenter.data.datasets.labels import RGB
 
 ISPRS_CLASSES = ("impervious_surfaces", "building", "low_vegetation", "tree", "car", "clutter")
 ISPRS_PALETTE: tuple[RGB, ...] = (

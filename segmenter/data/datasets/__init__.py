@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from manifests.errors import InputError
 from manifests.run_manifest import DatasetConfig
-from segmenter.datasets.base import SegmentationDataset, Source
-from segmenter.datasets.folder import ImageMaskFolder
-from segmenter.datasets.isprs import ISPRS_CLASSES, ISPRS_PALETTE, Potsdam, Vaihingen
-from segmenter.datasets.syndrone import SynDrone
+from segmenter.data.datasets.base import SegmentationDataset, Source
+from segmenter.data.datasets.folder import ImageMaskFolder
+from segmenter.data.datasets.isprs import ISPRS_CLASSES, ISPRS_PALETTE, Potsdam, Vaihingen
+from segmenter.data.datasets.syndrone import SynDrone
 
 DATASETS: dict[str, type[SegmentationDataset]] = {
     cls.name: cls for cls in (Vaihingen, Potsdam, SynDrone, ImageMaskFolder)

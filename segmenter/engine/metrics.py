@@ -51,6 +51,7 @@ class CaptionFacts:
         windows: sliding windows evaluated.
         windows_on_grid: how many of them are captioned tiles (the others read the caption of the tile they
             overlap most).
+        masked_windows: per expert, on how many of the windows it was masked (the missing-expert rule's count).
     """
 
     store: str
@@ -60,10 +61,18 @@ class CaptionFacts:
     class_sources: dict[str, list[str]]
     windows: int
     windows_on_grid: int
+    masked_windows: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
 class Metrics:
+    """The metrics of one evaluation: per class (in the tile index's order) and over the main classes and all.
+
+    ``miou``/``mf1`` average over ``main_classes``, ``miou_all``/``mf1_all`` over every class; a class absent from
+    prediction and ground truth is NaN and left out of the means. ``gt`` names the ground truth, ``captions`` what
+    a text-guided model read (None for a text-free one).
+    """
+
     class_names: list[str]
     iou: list[float]
     precision: list[float]
@@ -108,15 +117,17 @@ class Metrics:
         if facts is None:
             return ""
         masked = ", ".join(f"{name} on {n}" for name, n in facts.masked_experts.items() if n) or "none"
+        on_windows = ", ".join(f"{name} on {n}" for name, n in facts.masked_windows.items() if n) or "none"
         sources = "; ".join(f"{name}: {', '.join(kinds) or '-'}" for name, kinds in facts.class_sources.items())
         return (
             f"Captions: experts {', '.join(facts.experts)} from {facts.store}; class sources of their prompts: "
             f"{sources or '-'}. Of {facts.tiles} tiles, experts masked: {masked}. {facts.windows_on_grid} of "
             f"{facts.windows} windows are captioned tiles (the others read the caption of the tile they overlap "
-            "most, listed in windows.csv)."
+            f"most, listed in windows.csv); of the {facts.windows} windows, experts masked: {on_windows}."
         )
 
     def save(self, folder: Path, title: str = "") -> None:
+        """Write ``metrics.json`` and ``metrics.md`` (with ``title``) into ``folder``, each atomically."""
         atomic_write_text(folder / "metrics.json", self.to_json())
         atomic_write_text(folder / "metrics.md", self.markdown(title) + "\n")
 

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from manifests.atomic import atomic_write_text
 from manifests.errors import InputError
-from segmenter.options import Augmentation, TrainSettings
+from segmenter.engine.options import Augmentation, TrainSettings
 
 RUN_RECORD_SCHEMA_VERSION = 1
 RUN_RECORD_FILE = "run.json"

@@ -18,8 +18,8 @@ from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 
 from manifests.errors import InputError
-from segmenter.datasets.files import SourceFile
-from segmenter.raster_io import to_uint8
+from segmenter.data.datasets.files import SourceFile
+from segmenter.data.raster_io import to_uint8
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 
@@ -32,7 +32,9 @@ class WindowReader(Protocol):
     bands: int
     dtype: np.dtype
 
-    def read(self, y: int, x: int, h: int, w: int) -> np.ndarray: ...
+    def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        """The ``h x w`` window at row ``y``, column ``x``, bands last."""
+        ...
 
 
 class ArrayWindows:
@@ -95,7 +97,8 @@ def open_image_windows(path: Path, scale: str) -> Iterator[tuple[WindowReader, d
     """A window reader of an image to predict, with its georeferencing (``crs``, ``transform``).
 
     An 8-bit GeoTIFF is read by windows. Any other image is read whole: stretching pixels that are not 8-bit needs
-    the statistics of the whole image (:func:`segmenter.raster_io.to_uint8`), and PNG and JPEG have no random access.
+    the statistics of the whole image (:func:`segmenter.data.raster_io.to_uint8`), and PNG and JPEG have no random
+    access.
 
     Raises:
         InputError: not a readable raster, or pixels that are not 8-bit with ``scale`` ``none``.

@@ -7,9 +7,9 @@ from pathlib import Path
 from manifests.errors import InputError
 from manifests.run_manifest import DatasetConfig
 from manifests.tile_index import ClassVocabulary
-from segmenter.datasets.base import SegmentationDataset, Source
-from segmenter.datasets.files import SourceFile, check_utf8_name
-from segmenter.datasets.labels import RGB
+from segmenter.data.datasets.base import SegmentationDataset, Source
+from segmenter.data.datasets.files import SourceFile, check_utf8_name
+from segmenter.data.datasets.labels import RGB
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 
@@ -32,10 +32,12 @@ class ImageMaskFolder(SegmentationDataset):
 
     @property
     def classes(self) -> tuple[str, ...]:
+        """The manifest's class names, in label-index order."""
         return self._classes
 
     @property
     def colors(self) -> tuple[RGB, ...]:
+        """The manifest's RGB colour of each class, in class order."""
         return self._palette
 
     @property
@@ -48,6 +50,7 @@ class ImageMaskFolder(SegmentationDataset):
         return ClassVocabulary(words, plurals, tuple(spec.name for spec in specs if spec.in_mean))
 
     def split_members(self) -> dict[str, list[str]]:
+        """Split name -> the image stems of that split: one split per ``<split>/`` folder with an image folder."""
         if self.config.split == "custom":
             return super().split_members()
         splits = sorted(path.name for path in self.config.root.iterdir() if (path / self.config.images_dir).is_dir())

@@ -16,9 +16,9 @@ import tifffile
 from scipy import ndimage
 
 from manifests.atomic import atomic_path
-from segmenter.datasets.files import FileRole
-from segmenter.datasets.isprs import ISPRS_PALETTE, Vaihingen
-from segmenter.datasets.labels import encode_rgb_mask
+from segmenter.data.datasets.files import FileRole
+from segmenter.data.datasets.isprs import ISPRS_PALETTE, Vaihingen
+from segmenter.data.datasets.labels import encode_rgb_mask
 
 IMPERVIOUS, BUILDING, LOW_VEGETATION, TREE, CAR, CLUTTER = range(6)
 IGNORE = 255

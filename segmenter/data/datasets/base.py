@@ -11,9 +11,9 @@ import numpy as np
 from manifests.errors import InputError
 from manifests.run_manifest import DatasetConfig
 from manifests.tile_index import ClassVocabulary
-from segmenter.datasets.files import SourceFile
-from segmenter.datasets.labels import RGB, DecodeStats, decode_rgb_mask
-from segmenter.raster_io import three_bands
+from segmenter.data.datasets.files import SourceFile
+from segmenter.data.datasets.labels import RGB, DecodeStats, decode_rgb_mask
+from segmenter.data.raster_io import three_bands
 
 
 @dataclass(frozen=True)
@@ -55,10 +55,12 @@ class SegmentationDataset(ABC):
 
     @property
     def classes(self) -> tuple[str, ...]:
+        """The class names, in label-index order."""
         return self.class_names
 
     @property
     def colors(self) -> tuple[RGB, ...]:
+        """The RGB colour of each class in the label files, in class order."""
         return self.palette
 
     @property
@@ -97,7 +99,7 @@ class SegmentationDataset(ABC):
 
     def read_image(self, source: Source) -> np.ndarray:
         """The pixels of a source's image, bands last; a single-band image has its band repeated three times
-        (:func:`segmenter.raster_io.three_bands`, the rule ``predict`` follows too)."""
+        (:func:`segmenter.data.raster_io.three_bands`, the rule ``predict`` follows too)."""
         return three_bands(source.image.read_array())
 
     def read_label(self, file: SourceFile) -> tuple[np.ndarray, DecodeStats]:

@@ -26,20 +26,23 @@ from manifests.run_manifest import DatasetConfig, TilingConfig
 from manifests.tile_index import (
     INDEX_FILENAME,
     TILE_INDEX_SCHEMA_VERSION,
+    IndexClasses,
     make_tile_id,
     read_tile_index,
     tile_name,
     write_tile_index,
 )
-from segmenter.datasets import SegmentationDataset, Source, build_dataset
-from segmenter.datasets.files import SourceFile, check_utf8_name
-from segmenter.datasets.labels import RGB, DecodeStats, class_fractions, decode_rgb_mask
-from segmenter.raster_io import array_sha256, crop_suffix, pad_to, write_crop
-from segmenter.tiling import tile_grid
+from segmenter.data.datasets import SegmentationDataset, Source, build_dataset
+from segmenter.data.datasets.files import SourceFile, check_utf8_name
+from segmenter.data.datasets.labels import RGB, DecodeStats, class_fractions, decode_rgb_mask
+from segmenter.data.raster_io import array_sha256, crop_suffix, pad_to, write_crop
+from segmenter.data.tiling import tile_grid
 
 ProgressCallback = Callable[[int, int, str], None]
 
 
+# The folder of each label column's crops.
+LABEL_FOLDERS = {"label_path": "labels", "eval_label_path": "eval_labels"}
 # A label file with more stray pixels than this share is taken for the mask drawn over the photo.
 OVERLAY_SHARE = 0.5
 KNOWN_OVERLAY = (
@@ -203,51 +206,72 @@ def _overlay(file: SourceFile | None, stats: DecodeStats, shape: tuple[int, ...]
     return [LabelOverlay(str(file), stats.stray, pixels)]
 
 
+def _source_labels(
+    dataset: SegmentationDataset, source: Source, shape: tuple[int, ...]
+) -> tuple[np.ndarray | None, DecodeStats, np.ndarray | None, DecodeStats]:
+    """A source's label and eval label (the same array when they are one file), with their decoding counts."""
+    label, label_stats = _read_label(dataset, source, "label", shape)
+    if source.eval_label == source.label:
+        return label, label_stats, label, DecodeStats()
+    eval_label, eval_stats = _read_label(dataset, source, "eval_label", shape)
+    return label, label_stats, eval_label, eval_stats
+
+
+@dataclass(frozen=True)
+class _Cut:
+    """A source being cut: its image and labels, where the crops go, and the tile-id prefix."""
+
+    dataset: SegmentationDataset
+    source: Source
+    image: np.ndarray
+    masks: dict[str, np.ndarray | None]  # index column -> label array (None: the source has no such label)
+    crop_dir: Path
+    prefix: str
+
+
+def _crop_row(cut: _Cut, y: int, x: int, h: int, w: int, size: int) -> dict:
+    """Write the crops of one tile (image, labels) and return its index row. A source smaller than the tile gets
+    crops padded to the tile size: they keep one size for batching, the padding is black and ignored."""
+    name, window = tile_name(y, x), (slice(y, y + h), slice(x, x + w))
+    source_id, ignore = cut.source.source_id, cut.dataset.ignore_index
+    relative = {"image_path": f"images/{source_id}/{name}{crop_suffix(cut.image)}"}
+    write_crop(cut.crop_dir / relative["image_path"], pad_to(cut.image[window], size, size, 0))
+    for column, mask in cut.masks.items():
+        relative[column] = None if mask is None else f"{LABEL_FOLDERS[column]}/{source_id}/{name}.png"
+        if mask is not None:
+            write_crop(cut.crop_dir / relative[column], pad_to(mask[window], size, size, ignore))
+    label = cut.masks["label_path"]
+    fractions = class_fractions(label[window], len(cut.dataset.classes), ignore) if label is not None else None
+    return {
+        "tile_id": make_tile_id(cut.prefix, source_id, y, x),
+        "dataset": cut.prefix,
+        "split": cut.source.split,
+        **{key: value and f"{cut.crop_dir.name}/{value}" for key, value in relative.items()},
+        "source_id": source_id,
+        "x": x,
+        "y": y,
+        "width": w,
+        "height": h,
+        "class_fractions": fractions,
+        "image_sha256": array_sha256(cut.image[window]),
+    }
+
+
 def _cut_source(
     dataset: SegmentationDataset, source: Source, tiling: TilingConfig, crop_dir: Path, prefix: str
 ) -> tuple[list[dict], SourceReport]:
+    """Cut one source into crops under ``crop_dir``: its index rows and what was found in it.
+
+    Raises:
+        InputError: labels of another size than the image, or pixels that are not 8-bit.
+    """
     image = dataset.read_image(source)
-    size = tiling.size
-    label, label_stats = _read_label(dataset, source, "label", image.shape)
-    if source.eval_label == source.label:
-        eval_label, eval_stats = label, DecodeStats()
-    else:
-        eval_label, eval_stats = _read_label(dataset, source, "eval_label", image.shape)
+    label, label_stats, eval_label, eval_stats = _source_labels(dataset, source, image.shape)
     if image.dtype != np.uint8:
         raise InputError(f"{source.image}: expected 8-bit pixels, got {image.dtype}")
-    rows = []
-    suffix = crop_suffix(image)
-    for y, x, h, w in tile_grid(image.shape[0], image.shape[1], tiling.size, tiling.effective_stride):
-        name = tile_name(y, x)
-        window = (slice(y, y + h), slice(x, x + w))
-        image_crop = image[window]
-        relative = {"image_path": f"images/{source.source_id}/{name}{suffix}"}
-        # A source smaller than the tile: crops keep one size for batching, the padding is black and ignored.
-        write_crop(crop_dir / relative["image_path"], pad_to(image_crop, size, size, 0))
-        fractions = None
-        for column, folder, mask in (("label_path", "labels", label), ("eval_label_path", "eval_labels", eval_label)):
-            if mask is None:
-                relative[column] = None
-                continue
-            relative[column] = f"{folder}/{source.source_id}/{name}.png"
-            write_crop(crop_dir / relative[column], pad_to(mask[window], size, size, dataset.ignore_index))
-        if label is not None:
-            fractions = class_fractions(label[window], len(dataset.classes), dataset.ignore_index)
-        rows.append(
-            {
-                "tile_id": make_tile_id(prefix, source.source_id, y, x),
-                "dataset": prefix,
-                "split": source.split,
-                **{key: value and f"{crop_dir.name}/{value}" for key, value in relative.items()},
-                "source_id": source.source_id,
-                "x": x,
-                "y": y,
-                "width": w,
-                "height": h,
-                "class_fractions": fractions,
-                "image_sha256": array_sha256(image_crop),
-            }
-        )
+    cut = _Cut(dataset, source, image, {"label_path": label, "eval_label_path": eval_label}, crop_dir, prefix)
+    grid = tile_grid(image.shape[0], image.shape[1], tiling.size, tiling.effective_stride)
+    rows = [_crop_row(cut, y, x, h, w, tiling.size) for y, x, h, w in grid]
     stats = label_stats + eval_stats
     report = SourceReport(
         source.source_id,
@@ -296,6 +320,70 @@ def _unlabelled(reports: list[SourceReport]) -> list[str]:
     ]
 
 
+def _sources(dataset: SegmentationDataset) -> list[Source]:
+    """The dataset's sources, checked before anything is written.
+
+    Raises:
+        InputError: an ignore index that is also a class index, no source at all, a file name that is not UTF-8.
+    """
+    if dataset.ignore_index < len(dataset.classes):
+        raise InputError(
+            f"dataset.ignore_index: {dataset.ignore_index} is also the index of class "
+            f"'{dataset.classes[dataset.ignore_index]}' (expected {len(dataset.classes)} or more; default 255)"
+        )
+    sources = dataset.sources()
+    if not sources:
+        raise InputError(f"dataset.root: no sources found under {dataset.config.root}")
+    for source in sources:
+        for file in (source.image, source.label, source.eval_label):
+            if file is not None:
+                check_utf8_name(file.path)
+    return sources
+
+
+def _cut_sources(
+    dataset: SegmentationDataset,
+    sources: list[Source],
+    tiling: TilingConfig,
+    crop_dir: Path,
+    on_progress: ProgressCallback | None,
+) -> tuple[list[dict], list[SourceReport], list[str]]:
+    """Cut every source: the index rows, one report per source, and the warnings for the user."""
+    rows: list[dict] = []
+    reports: list[SourceReport] = []
+    for done, source in enumerate(sources):
+        if on_progress:
+            on_progress(done, len(sources), source.source_id)
+        source_rows, report = _cut_source(dataset, source, tiling, crop_dir, dataset.config.tile_prefix)
+        rows += source_rows
+        reports.append(report)
+    warnings = (
+        dataset.notices
+        + [line for report in reports for line in report.warnings]
+        + _padded(reports, tiling.size)
+        + _unlabelled(reports)
+    )
+    return rows, reports, warnings
+
+
+def _write_index(
+    dataset: SegmentationDataset, tiling: TilingConfig, rows: list[dict], fingerprint: str, warnings: list[str]
+) -> Path:
+    """Write ``<tiling.out>/index.parquet`` with the dataset's classes and what a re-run compares and repeats."""
+    return write_tile_index(
+        Path(tiling.out),
+        rows,
+        IndexClasses(list(dataset.classes), dataset.ignore_index, list(dataset.colors), dataset.vocabulary),
+        extra={
+            "inputs_sha256": fingerprint,
+            "tile_size": str(tiling.size),
+            "stride": str(tiling.effective_stride),
+            # Recorded so that a re-run that finds the index up to date can repeat them.
+            "warnings": json.dumps(warnings),
+        },
+    )
+
+
 def prepare_tiles(
     dataset_config: DatasetConfig, tiling: TilingConfig, on_progress: ProgressCallback | None = None
 ) -> PrepareResult:
@@ -305,18 +393,7 @@ def prepare_tiles(
         InputError: missing root or files, an unknown split, a corrupt raster, mismatched sizes.
     """
     dataset = build_dataset(dataset_config)
-    if dataset.ignore_index < len(dataset.classes):
-        raise InputError(
-            f"dataset.ignore_index: {dataset.ignore_index} is also the index of class "
-            f"'{dataset.classes[dataset.ignore_index]}' (expected {len(dataset.classes)} or more; default 255)"
-        )
-    sources = dataset.sources()
-    if not sources:
-        raise InputError(f"dataset.root: no sources found under {dataset_config.root}")
-    for source in sources:
-        for file in (source.image, source.label, source.eval_label):
-            if file is not None:
-                check_utf8_name(file.path)
+    sources = _sources(dataset)
     out = Path(tiling.out)
     fingerprint = _fingerprint(dataset, tiling, sources)
     crop_dir = out / f"crops-{fingerprint[:12]}"
@@ -325,36 +402,9 @@ def prepare_tiles(
         recorded = json.loads(index.extra.get("warnings", "[]"))
         return PrepareResult(out / INDEX_FILENAME, True, len(index.frame), [], recorded)
     shutil.rmtree(crop_dir, ignore_errors=True)
-    rows: list[dict] = []
-    reports: list[SourceReport] = []
     try:
-        for done, source in enumerate(sources):
-            if on_progress:
-                on_progress(done, len(sources), source.source_id)
-            source_rows, report = _cut_source(dataset, source, tiling, crop_dir, dataset_config.tile_prefix)
-            rows += source_rows
-            reports.append(report)
-        warnings = (
-            dataset.notices
-            + [line for report in reports for line in report.warnings]
-            + _padded(reports, tiling.size)
-            + _unlabelled(reports)
-        )
-        index_path = write_tile_index(
-            out,
-            rows,
-            class_names=list(dataset.classes),
-            ignore_index=dataset.ignore_index,
-            palette=list(dataset.colors),
-            vocabulary=dataset.vocabulary,
-            extra={
-                "inputs_sha256": fingerprint,
-                "tile_size": str(tiling.size),
-                "stride": str(tiling.effective_stride),
-                # Recorded so that a re-run that finds the index up to date can repeat them.
-                "warnings": json.dumps(warnings),
-            },
-        )
+        rows, reports, warnings = _cut_sources(dataset, sources, tiling, crop_dir, on_progress)
+        index_path = _write_index(dataset, tiling, rows, fingerprint, warnings)
     except BaseException:
         shutil.rmtree(crop_dir, ignore_errors=True)
         raise

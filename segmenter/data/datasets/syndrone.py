@@ -18,9 +18,9 @@ import numpy as np
 
 from manifests.errors import InputError
 from manifests.run_manifest import DatasetConfig
-from segmenter.datasets.base import SegmentationDataset, Source, check_disjoint
-from segmenter.datasets.files import SourceFile
-from segmenter.datasets.labels import RGB, DecodeStats, decode_index_mask
+from segmenter.data.datasets.base import SegmentationDataset, Source, check_disjoint
+from segmenter.data.datasets.files import SourceFile
+from segmenter.data.datasets.labels import RGB, DecodeStats, decode_index_mask
 
 # Raw CARLA ids in the semantic PNGs -> the 28 SynDrone classes, in this order.
 FINE_CLASSES = (
@@ -211,10 +211,12 @@ class SynDrone(SegmentationDataset):
 
     @property
     def classes(self) -> tuple[str, ...]:
+        """The 7 coarse classes (``coarse``, the default) or the 28 CARLA classes."""
         return COARSE_CLASSES if self.coarse else FINE_CLASSES
 
     @property
     def colors(self) -> tuple[RGB, ...]:
+        """The palette of the classes: coarse, or CARLA's own colours."""
         return COARSE_PALETTE if self.coarse else FINE_PALETTE
 
     def _build_lookup(self) -> np.ndarray:
@@ -337,6 +339,7 @@ class SynDrone(SegmentationDataset):
         return files[0]
 
     def read_label(self, file: SourceFile) -> tuple[np.ndarray, DecodeStats]:
+        """Class indices of a semantic frame (CARLA ids mapped to classes; sky, unknown ids ignored), with counts."""
         try:
             return decode_index_mask(file.read_array(), self._lookup, self.ignore_index, self._excluded_ids)
         except ValueError as exc:

@@ -10,16 +10,28 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from manifests.tile_index import TileIndex
-from segmenter.raster_io import read_crop
-from segmenter.text.features import ExpertTextFeatures
+from segmenter.data.raster_io import read_crop
 
 # What a batch stacks into tensors (``tile_id`` stays a list of strings).
 STACKED = ("image", "label", "text", "present")
+
+
+class TileText(Protocol):
+    """The text of tiles as the samples read it (:class:`segmenter.text.features.ExpertTextFeatures` is one): the data
+    room names no other room, so it states what it reads instead of importing the type."""
+
+    n_variants: int
+
+    def lookup(self, tile_id: str, variant: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(M, D)`` features of a tile's experts under a direction variant, and the ``(M,)`` present flags."""
+        ...
 
 
 def d4_variant(seed: int) -> int:
@@ -62,15 +74,21 @@ def sample_plan(step: int, batch: int, n: int, seed: int, rank: int, world: int)
     return positions, seeds
 
 
+@dataclass
 class PlannedBatches(torch.utils.data.Sampler):
     """The batch sampler of training: for each step in ``[start, stop)``, this rank's ``(position, seed)`` pairs.
 
-    A run resumed at step ``k`` starts at ``start=k``: no earlier step is decoded again.
+    ``batch_size`` tiles per step and rank out of ``n``, shuffled by ``seed`` (:func:`sample_plan`). A run resumed at
+    step ``k`` starts at ``start=k``: no earlier step is decoded again.
     """
 
-    def __init__(self, start: int, stop: int, batch_size: int, n: int, seed: int, rank: int = 0, world: int = 1):
-        self.start, self.stop, self.batch_size, self.n = start, stop, batch_size, n
-        self.seed, self.rank, self.world = seed, rank, world
+    start: int
+    stop: int
+    batch_size: int
+    n: int
+    seed: int
+    rank: int = 0
+    world: int = 1
 
     def __len__(self) -> int:
         return max(0, self.stop - self.start)
@@ -103,7 +121,7 @@ class TileSamples(torch.utils.data.Dataset):
         self,
         index: TileIndex,
         split: str,
-        text: ExpertTextFeatures | None,
+        text: TileText | None,
         label_column: str = "label_path",
         augmentation: str = "d4",
     ):
@@ -119,6 +137,7 @@ class TileSamples(torch.utils.data.Dataset):
         return len(self.frame)
 
     def sample(self, position: int, seed: int | None = None) -> dict:
+        """The sample at ``position``, flipped and rotated by the variant ``seed`` draws (none without a seed)."""
         row = self.frame.iloc[position]
         image = np.array(read_crop(self.index.path(row["image_path"]))[..., :3])
         label_path = self.index.path(row[self.label_column])

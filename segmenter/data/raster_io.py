@@ -14,6 +14,7 @@ from manifests.errors import InputError
 
 
 def crop_suffix(array: np.ndarray) -> str:
+    """The file suffix a crop is written with: PNG for 8-bit grey or RGB, TIFF for anything else."""
     bands = 1 if array.ndim == 2 else array.shape[-1]
     return ".png" if bands in (1, 3) and array.dtype == np.uint8 else ".tif"
 
