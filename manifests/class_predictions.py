@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from manifests.atomic import atomic_path
 from manifests.errors import InputError
+from manifests.names import check_columns
 from manifests.parquet_contract import checked_metadata
 
 CLASS_PREDICTIONS_SCHEMA_VERSION = 1
@@ -74,7 +75,8 @@ def read_class_predictions(path: str | Path, class_names: list[str] | None = Non
     """Read a predictions file; with ``class_names``, refuse one made for other classes.
 
     Raises:
-        InputError: missing or unreadable file, another schema version, other class names.
+        InputError: missing or unreadable file, another schema version, other class names, a tile id or mask path
+            that breaks the name rule.
     """
     path = Path(path)
     if not path.is_file():
@@ -89,5 +91,8 @@ def read_class_predictions(path: str | Path, class_names: list[str] | None = Non
     names = json.loads(meta["class_names"])
     if class_names is not None and list(class_names) != names:
         raise InputError(f"class predictions {path}: made for classes {names}, the tile index has {list(class_names)}")
-    frame = pq.read_table(path).to_pandas().set_index("tile_id", drop=False)
+    table = pq.read_table(path)
+    # Written by someone else, maybe: its mask paths are read, relative to this file's folder, only if they stay there.
+    check_columns(table, {"tile_id": True, "mask_path": True}, f"class predictions {path}")
+    frame = table.to_pandas().set_index("tile_id", drop=False)
     return ClassPredictions(frame, path, names, int(meta["ignore_index"]))

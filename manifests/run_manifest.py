@@ -23,6 +23,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from manifests.errors import InputError
+from manifests.names import Name
+from manifests.redaction import has_credentials, redact
 
 ClassSource = Literal["labels", "predictions", "none"]
 ClassProtocol = Literal["oracle", "predicted", "blind", "custom"]
@@ -32,6 +34,31 @@ GateMode = Literal["absolute", "percentile", "contrastive"]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data: Any) -> Any:
+        # The OS refuses a path with a NUL in it with a traceback wherever it is first used: one line here instead.
+        where = _nul_key(data)
+        if where is not None:
+            raise ValueError(f"key '{_printable(where)}' holds a NUL character (no path or name can)")
+        return data
+
+
+def _nul_key(value: Any, key: str = "") -> str | None:
+    """The key (dotted, with list positions) of the first string or path in ``value`` that holds a NUL, or None."""
+    if isinstance(value, str | Path):
+        return (key or "<top level>") if "\0" in str(value) else None
+    items: list[tuple[Any, Any]] = []
+    if isinstance(value, dict):
+        items = [(name, item) for name, item in value.items()] + [(name, name) for name in value]
+    elif isinstance(value, list | tuple):
+        items = list(enumerate(value))
+    for name, item in items:
+        found = _nul_key(item, f"{key}.{name}" if key else str(name))
+        if found is not None:
+            return found
+    return None
 
 
 Channel = Annotated[int, Field(ge=0, le=255)]
@@ -53,9 +80,9 @@ class _DatasetSettings(_Strict):
 
     name: str
     root: Path
-    id: str | None = Field(default=None, description="prefix of tile ids; defaults to the dataset name")
+    id: Name | None = Field(default=None, description="prefix of tile ids; defaults to the dataset name")
     split: str = "mpers"
-    custom_splits: dict[str, list[str | int]] | None = Field(
+    custom_splits: dict[Name, list[Name | int]] | None = Field(
         default=None, description="split -> source ids as the dataset numbers them (Vaihingen: 1, 3; Potsdam: 2_10)"
     )
     ignore_index: int = Field(default=255, ge=0, le=255)
@@ -165,7 +192,7 @@ class ClipConfig(_Strict):
 class _ExpertSettings(_Strict):
     """What every expert has, whatever serves it: its name and its backend."""
 
-    name: str
+    name: Name
 
 
 @dataclass(frozen=True)
@@ -283,10 +310,20 @@ class OpenAIExpertConfig(_ModelExpertSettings):
         for url in urls:
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.netloc:
-                raise ValueError(f"{url[:SHOWN_CHARS]!r} is not an http(s) URL (expected http://host:port/v1)")
+                raise ValueError(f"{redact(url)[:SHOWN_CHARS]!r} is not an http(s) URL (expected http://host:port/v1)")
         if len(set(urls)) < len(urls):
             raise ValueError("a URL is given twice")
         return value
+
+    @model_validator(mode="after")
+    def _one_way_to_authenticate(self) -> OpenAIExpertConfig:
+        # aiohttp sends a URL's user:password as a Basic header and refuses a second one (the key's) with a traceback.
+        if self.api_key_env and any(has_credentials(url) for url in self.endpoints):
+            raise ValueError(
+                "base_url carries credentials (user:password@) and api_key_env names a key: a request can send only "
+                "one Authorization header; give one of them"
+            )
+        return self
 
     @property
     def endpoints(self) -> list[str]:
@@ -445,11 +482,19 @@ class GateConfig(_Strict):
         return self
 
 
+# The longest caption kept (characters) unless the manifest says otherwise: a paragraph of P3 is some 1,000; a server
+# that ignores max_tokens could send megabytes, which would be stored whole and CLIP-tokenised chunk by chunk.
+MAX_CAPTION_CHARS = 4000
+
+
 class CaptionsConfig(_Strict):
     """Stage 1: experts, prompts, the CLIP gate and the caption store."""
 
     store: Path
     tau: float = Field(default=0.55, ge=0.0, le=1.0)
+    max_caption_chars: int = Field(
+        default=MAX_CAPTION_CHARS, ge=1, description="longer captions are cut here (finish_reason 'cut' in the store)"
+    )
     max_attempts: int = Field(default=3, ge=1)
     gate: GateConfig = Field(default_factory=GateConfig)
     shard_size: int = Field(default=256, ge=1)
@@ -658,7 +703,7 @@ def load_manifest(name_or_path: str | Path) -> RunManifest:
         manifest = RunManifest.model_validate(data)
     except ValidationError as exc:
         # a key may hold a newline or a control character: escaped, so the message stays one line
-        problems = list(dict.fromkeys(_printable(_describe_error(error)) for error in exc.errors()))
+        problems = list(dict.fromkeys(_printable(redact(_describe_error(error))) for error in exc.errors()))
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise InputError(f"manifest {path}: {'; '.join(problems[:3])}{more}") from None
     return manifest.model_copy(update={"source": path, "sha256": hashlib.sha256(text.encode()).hexdigest()})

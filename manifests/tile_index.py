@@ -18,11 +18,19 @@ import pyarrow.parquet as pq
 
 from manifests.atomic import atomic_path
 from manifests.errors import InputError
+from manifests.names import check_columns
 from manifests.parquet_contract import checked_metadata
 
 # 2: the class vocabulary in the metadata (an index without it would leave the report and the metrics guessing)
 TILE_INDEX_SCHEMA_VERSION = 2
 INDEX_FILENAME = "index.parquet"
+# The columns whose values become parts of paths (crops, predicted masks, report folders), under the name rule
+# (``manifests.names``): True where the contract joins names with ``/`` (tile ids, a folder dataset's source ids
+# ``<split>/<stem>``, paths relative to the index folder).
+NAME_COLUMNS = {
+    "tile_id": True, "dataset": False, "split": False, "source_id": True,
+    "image_path": True, "label_path": True, "eval_label_path": True,
+}  # fmt: skip
 
 TILE_INDEX_SCHEMA = pa.schema(
     [
@@ -122,6 +130,7 @@ def write_tile_index(
     table = pa.Table.from_pylist(rows, schema=TILE_INDEX_SCHEMA)
     if len(set(table.column("tile_id").to_pylist())) != table.num_rows:
         raise ValueError("tile ids in an index must be unique")
+    check_columns(table, NAME_COLUMNS, f"tile index {Path(out_dir) / INDEX_FILENAME}")
     metadata = {
         "schema_version": str(TILE_INDEX_SCHEMA_VERSION),
         "class_names": json.dumps(classes.class_names),
@@ -141,7 +150,8 @@ def read_tile_index(path: str | Path) -> TileIndex:
     """Read a tile index from ``index.parquet`` or the directory holding it.
 
     Raises:
-        InputError: the file is missing, unreadable, of another schema version or lacks columns.
+        InputError: the file is missing, unreadable, of another schema version or lacks columns; an id or path that
+            breaks the name rule (``manifests.names``).
     """
     path = Path(path)
     if path.is_dir():
@@ -152,6 +162,8 @@ def read_tile_index(path: str | Path) -> TileIndex:
         path, "tile index", TILE_INDEX_SCHEMA, TILE_INDEX_SCHEMA_VERSION, "re-run `segmenter prepare`"
     )
     table = pq.read_table(path)
+    # An index written by someone else is data: its ids and paths are checked before any becomes a file name.
+    check_columns(table, NAME_COLUMNS, f"tile index {path}")
     known = {"schema_version", "class_names", "ignore_index", "palette", "class_vocabulary", "pandas", "ARROW:schema"}
     return TileIndex(
         frame=table.to_pandas(),

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from manifests.errors import InputError
+from manifests.names import check_name, safe_join
 from manifests.run_manifest import DatasetConfig, TilingConfig
 from manifests.tile_index import (
     INDEX_FILENAME,
@@ -235,11 +236,11 @@ def _crop_row(cut: _Cut, y: int, x: int, h: int, w: int, size: int) -> dict:
     name, window = tile_name(y, x), (slice(y, y + h), slice(x, x + w))
     source_id, ignore = cut.source.source_id, cut.dataset.ignore_index
     relative = {"image_path": f"images/{source_id}/{name}{crop_suffix(cut.image)}"}
-    write_crop(cut.crop_dir / relative["image_path"], pad_to(cut.image[window], size, size, 0))
+    write_crop(safe_join(cut.crop_dir, relative["image_path"]), pad_to(cut.image[window], size, size, 0))
     for column, mask in cut.masks.items():
         relative[column] = None if mask is None else f"{LABEL_FOLDERS[column]}/{source_id}/{name}.png"
         if mask is not None:
-            write_crop(cut.crop_dir / relative[column], pad_to(mask[window], size, size, ignore))
+            write_crop(safe_join(cut.crop_dir, relative[column]), pad_to(mask[window], size, size, ignore))
     label = cut.masks["label_path"]
     fractions = class_fractions(label[window], len(cut.dataset.classes), ignore) if label is not None else None
     return {
@@ -324,7 +325,8 @@ def _sources(dataset: SegmentationDataset) -> list[Source]:
     """The dataset's sources, checked before anything is written.
 
     Raises:
-        InputError: an ignore index that is also a class index, no source at all, a file name that is not UTF-8.
+        InputError: an ignore index that is also a class index, no source at all, a file name that is not UTF-8, a
+            source id or split that breaks the name rule (``manifests.names``).
     """
     if dataset.ignore_index < len(dataset.classes):
         raise InputError(
@@ -335,6 +337,9 @@ def _sources(dataset: SegmentationDataset) -> list[Source]:
     if not sources:
         raise InputError(f"dataset.root: no sources found under {dataset.config.root}")
     for source in sources:
+        # Source ids come from split lists and file names (data): they become crop folders, so they follow the rule.
+        check_name(source.source_id, f"dataset {dataset.name}: source id", parts=True)
+        check_name(source.split, f"dataset {dataset.name}: split of source {source.source_id!r}")
         for file in (source.image, source.label, source.eval_label):
             if file is not None:
                 check_utf8_name(file.path)

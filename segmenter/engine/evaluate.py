@@ -12,6 +12,7 @@ import pandas as pd
 
 from manifests.atomic import atomic_write_text
 from manifests.errors import InputError
+from manifests.names import safe_join
 from segmenter.data.datasets import SegmentationDataset, Source, build_dataset
 from segmenter.data.windowed_read import open_windows
 from segmenter.engine.inference import SlidingWindows, sliding_window_classes
@@ -128,11 +129,11 @@ def _source_classes(
 def _report_folder(trained: TrainedRun, settings: EvaluateSettings, gt: GroundTruth) -> Path:
     """``<run>/eval_<split>_<gt>``; with a store other than the run's, ``..._<store name>``, so that another store's
     result never replaces the run's."""
-    folder = trained.paths.root / f"eval_{settings.split}_{gt}"
+    name = f"eval_{settings.split}_{gt}"
     other = settings.captions is not None and str(settings.captions.resolve()) != trained.record.captions
     if other and trained.model.config.uses_text:
-        folder = folder.with_name(f"{folder.name}_{settings.captions.name}")
-    return folder
+        name = f"{name}_{settings.captions.name}"
+    return safe_join(trained.paths.root, name)
 
 
 def evaluate(

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from manifests.devices import usable_cpus
 from manifests.errors import InputError
+from manifests.names import check_name
 
 if TYPE_CHECKING:
     from segmenter.model import SegmenterConfig
@@ -67,6 +68,17 @@ TEXT_GUIDED_AUGMENTATION = Augmentation.none
 AUTO_WORKERS = 4
 
 
+def check_expert_names(names: list[str] | None) -> list[str] | None:
+    """Expert names that follow the name rule (``manifests.names``); None: the store's experts.
+
+    Raises:
+        InputError: naming ``--experts`` and the name.
+    """
+    for name in names or []:
+        check_name(name, "--experts")
+    return names
+
+
 class TrainSettings(BaseModel):
     """How a run trains; recorded whole in its run record. Its defaults are the CLI's defaults."""
 
@@ -97,6 +109,8 @@ class TrainSettings(BaseModel):
     text_checkpoint: str | None = None
     # Where the caption features are cached (``--text-cache``); None: beside the store, else in the run folder.
     text_cache: str | None = None
+
+    _experts = field_validator("experts")(check_expert_names)
 
     def loader_workers(self, cuda: bool, processes: int = 1) -> int:
         """The data loader workers of each of ``processes`` training processes on this machine.
@@ -201,6 +215,9 @@ class EvaluateSettings(WindowSettings):
 
     split: str = "test"
     gt: GroundTruth = GroundTruth.eroded
+
+    # The split names the report folder (eval_<split>_<gt>): a name, like every id that becomes a path part.
+    _split = field_validator("split")(lambda split: check_name(split, "--split"))
 
 
 class PredictSettings(WindowSettings):

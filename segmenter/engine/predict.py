@@ -19,6 +19,7 @@ from PIL import Image
 from manifests.atomic import atomic_path
 from manifests.class_predictions import write_class_predictions
 from manifests.errors import InputError
+from manifests.names import safe_join
 from manifests.tile_index import TileIndex, make_tile_id, read_tile_index
 from segmenter.data.datasets.labels import encode_rgb_mask
 from segmenter.data.raster_io import array_sha256, read_crop, three_bands, write_crop
@@ -120,7 +121,7 @@ def _image_captions(
 def _record_window_captions(path: Path, out: Path, lookup: CaptionWindows, trained: TrainedRun, store: Path) -> None:
     """``<stem>_captions.csv``: per window, the tile whose caption it read and the experts masked on it; said."""
     used = pd.DataFrame(lookup.used)
-    with atomic_path(out / f"{path.stem}_captions.csv") as tmp:
+    with atomic_path(safe_join(out, f"{path.stem}_captions.csv")) as tmp:
         used.to_csv(tmp, index=False)
     read = int(used["caption_tile_id"].notna().sum())
     print(f"{path.name}: {read} of {len(used)} windows read captions from {store} (per window: "
@@ -133,13 +134,13 @@ def _record_window_captions(path: Path, out: Path, lookup: CaptionWindows, train
 
 def _write_maps(trained: TrainedRun, path: Path, out: Path, classes: np.ndarray, profile: dict) -> Path:
     """The class-index GeoTIFF of an image (with its georeferencing) and its colour PNG; returns the GeoTIFF."""
-    target = out / f"{path.stem}.tif"
+    target = safe_join(out, f"{path.stem}.tif")
     options = {"driver": "GTiff", "height": classes.shape[0], "width": classes.shape[1], "count": 1,
                "dtype": "uint8", "compress": "deflate", **profile}  # fmt: skip
     with atomic_path(target) as tmp, rasterio.open(tmp, "w", **options) as sink:
         sink.write(classes, 1)
     colours = encode_rgb_mask(classes, tuple(trained.index.palette), trained.index.ignore_index)
-    with atomic_path(out / f"{path.stem}_color.png") as tmp:
+    with atomic_path(safe_join(out, f"{path.stem}_color.png")) as tmp:
         Image.fromarray(colours).save(tmp, format="PNG")
     return target
 
@@ -253,7 +254,7 @@ def predict_index(
         classes = tile_classes(trained.model, images, trained.device, chunk)
         for done, (row, mask) in enumerate(zip(group, classes, strict=True), start + 1):
             relative = f"{mask_dir}/{row.tile_id}.png"
-            write_crop(predictions.parent / relative, mask)
+            write_crop(safe_join(predictions.parent, relative), mask)  # a tile id is data: it stays in the folder
             fractions = np.bincount(mask.ravel(), minlength=num_classes)[:num_classes] / mask.size
             rows.append({"tile_id": row.tile_id, "class_fractions": fractions.astype(np.float32).tolist(),
                          "mask_path": relative, "run_id": run_id, "model": trained.model.config.name})  # fmt: skip
