@@ -40,6 +40,7 @@ from rich.table import Table
 from caption_pipeline.policy import GATE_MODES, GatePolicy
 from caption_pipeline.scoring import normalized_similarity
 from flows.console import console
+from flows.escaping import for_matplotlib
 from manifests.atomic import atomic_path, atomic_write_text
 from manifests.caption_store import selected_captions
 from manifests.errors import InputError
@@ -399,7 +400,7 @@ def _plot(calibration: Calibration, path: Path) -> None:
         ax.axvline(calibration.tau, color="black", linestyle="--", label=f"tau {calibration.tau:.3f}")
         ax.axvline(result.tau_at_false_pass, color="tab:red", linestyle=":",
                    label=f"tau @ {calibration.false_pass:.0%} false pass {result.tau_at_false_pass:.3f}")  # fmt: skip
-        ax.set_title(f"{expert}: AUC {result.auc:.3f}")
+        ax.set_title(f"{for_matplotlib(expert)}: AUC {result.auc:.3f}")
         ax.set_xlabel("similarity (eq. 2)")
         ax.legend(fontsize="small")
     with atomic_path(path) as tmp:

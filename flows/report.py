@@ -33,13 +33,16 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from caption_pipeline.policy import GATE_MODES, GatePolicy
 from flows.calibrate import AUC_FLOOR, low_auc_warning
+from flows.escaping import for_matplotlib, markdown_table, markdown_text
 from flows.generate_captions import summarize
 from manifests.atomic import atomic_write_text
 from manifests.caption_store import (
     CAPTION_COLUMNS,
     CAPTION_STORE_SCHEMA,
+    CUT_FINISH_REASON,
     KEY_COLUMNS,
-    read_store,
+    latest_attempts,
+    read_attempts,
     selected_captions,
     store_meta,
 )
@@ -263,8 +266,7 @@ def recovered_keys(frame: pd.DataFrame, limit: int = MAX_RECOVERED) -> tuple[pd.
     """Keys whose attempt 0 did not pass and a later attempt did: both attempts (attempt 0 and the first that
     passed), the keys with the largest similarity gain first (at most ``limit`` keys), and how many there are."""
     columns = ["key", *CAPTION_COLUMNS, *_extra_columns(frame)]
-    attempts = frame.sort_values("created_at").drop_duplicates(["tile_id", "expert", "prompt_id", "attempt"],
-                                                               keep="last")  # fmt: skip
+    attempts = latest_attempts(frame)
     first = attempts[(attempts["attempt"] == 0) & ~attempts["passed"]]
     later = attempts[(attempts["attempt"] > 0) & attempts["passed"]].sort_values("attempt")
     later = later.drop_duplicates(list(KEY_COLUMNS), keep="first")
@@ -393,7 +395,7 @@ def read_calibration(store: str | Path) -> tuple[pd.DataFrame | None, str | None
 
 def build_report(store: str | Path, index: str | Path | None = None) -> CaptionReport:
     """Every number, table and caption example of the report, from the store (and the tile index, when given)."""
-    frame = read_store(store)
+    frame = read_attempts(store)  # an attempt the store holds twice counts once: the store's rule
     meta = store_meta(store)
     policy = GatePolicy() if meta is None else GatePolicy(tau=meta.tau)
     tile_index = read_tile_index(index) if index else None
@@ -404,6 +406,7 @@ def build_report(store: str | Path, index: str | Path | None = None) -> CaptionR
         captions=("caption", "size"), mean_clip_tokens=("n_tokens", "mean"), max_clip_tokens=("n_tokens", "max"),
         over_77_tokens=("n_chunks", lambda c: int((c > 1).sum())),
         truncated_by_max_tokens=("finish_reason", lambda f: int((f == "length").sum())),
+        cut_at_max_chars=("finish_reason", lambda f: int((f == CUT_FINISH_REASON).sum())),
     ).reset_index()  # fmt: skip
     worst_columns = ["tile_id", "expert", "prompt_id", "similarity", *_extra_columns(selected), "caption"]
     scored_selected = selected[selected["similarity"].notna()]
@@ -445,7 +448,7 @@ def _png(figure) -> str:
 def _plots(report: CaptionReport) -> list[tuple[str, str]]:
     figure, axis = plt.subplots(figsize=(6, 3.5))
     for expert, values in report.similarities.items():
-        axis.hist(values, bins=40, range=(0, 1), alpha=0.5, label=expert)
+        axis.hist(values, bins=40, range=(0, 1), alpha=0.5, label=for_matplotlib(expert))
     absolute = _absolute(report)
     if absolute:
         axis.axvline(report.tau, color="black", linestyle="--", label=f"tau = {report.tau:g}")
@@ -454,7 +457,7 @@ def _plots(report: CaptionReport) -> list[tuple[str, str]]:
     histogram = _png(figure)
     figure, axis = plt.subplots(figsize=(6, 3.5))
     for expert in report.tau_sweep.columns:
-        axis.plot(report.tau_sweep.index, report.tau_sweep[expert], label=expert)
+        axis.plot(report.tau_sweep.index, report.tau_sweep[expert], label=for_matplotlib(expert))
     if absolute:
         axis.axvline(report.tau, color="black", linestyle="--", label=f"manifest tau = {report.tau:g}")
     title = "tau sweep" if absolute else "what absolute mode at tau t would pass"
@@ -478,19 +481,20 @@ def calibration_warnings(table: pd.DataFrame | None) -> list[str]:
 
 
 def render_markdown(report: CaptionReport) -> str:
-    """The report's tables as Markdown (the Prefect artifact and ``report.md``)."""
-    parts = ["# Caption quality", "", gate_summary(report.gate, report.tau), ""]
-    parts += [report.summary.to_markdown(index=False)]
-    parts += ["", "## Class information in prompts", "", protocol_line(report.class_information), ""]
-    parts += [report.class_information.to_markdown(index=False)]
+    """The report's tables as Markdown (the Prefect artifact and ``report.md``); every text that comes from the store
+    (expert names, splits, protocols, gate modes) is escaped (:mod:`flows.escaping`)."""
+    parts = ["# Caption quality", "", markdown_text(gate_summary(report.gate, report.tau)), ""]
+    parts += [markdown_table(report.summary)]
+    parts += ["", "## Class information in prompts", "", markdown_text(protocol_line(report.class_information)), ""]
+    parts += [markdown_table(report.class_information)]
     if report.gate is not None:
-        parts += ["", "## Gate", "", report.gate.to_markdown(index=False)]
+        parts += ["", "## Gate", "", markdown_table(report.gate)]
     if report.calibration is not None:
-        parts += ["", "## Own vs shuffled captions (calibration)", "", report.calibration.to_markdown(index=False)]
-        parts += [f"\n**warning**: {warning}" for warning in calibration_warnings(report.calibration)]
+        parts += ["", "## Own vs shuffled captions (calibration)", "", markdown_table(report.calibration)]
+        parts += [f"\n**warning**: {markdown_text(warning)}" for warning in calibration_warnings(report.calibration)]
     if report.class_quality is not None:
-        parts += ["", "## Class recall and hallucinated classes", "", report.class_quality.to_markdown(index=False)]
-    parts += ["", "## Caption length", "", report.lengths.to_markdown(index=False)]
+        parts += ["", "## Class recall and hallucinated classes", "", markdown_table(report.class_quality)]
+    parts += ["", "## Caption length", "", markdown_table(report.lengths)]
     parts += ["", f"Keys recovered by re-prompting: {report.recovered_total}"]
     return "\n".join(parts)
 

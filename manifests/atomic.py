@@ -6,6 +6,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,16 +22,24 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+def host_name() -> str:
+    """This machine's short host name (its first label), as lock holders and temporary files record it."""
+    return socket.gethostname().split(".")[0] or "localhost"
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``.
 
-    The temporary name starts with ``.`` and ends with ``.tmp`` so that directory readers skip it.
-    On an exception the temporary file is removed and ``path`` is untouched.
+    The temporary name starts with ``.`` and ends with ``.tmp`` so that directory readers skip it, and names its
+    writer (``.<name>.<pid>@<host>.<random>.tmp``), so that a file a killed writer left can be told from one being
+    written (:func:`manifests.locks.remove_partial_files`). On an exception the temporary file is removed and ``path``
+    is untouched.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    writer = f"{os.getpid()}@{host_name()}"
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.{writer}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     # mkstemp makes the file private (0600); a store or report on a shared path must get the mode any other new

@@ -23,6 +23,7 @@ import functools
 import json
 import operator
 import os
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -40,12 +41,16 @@ import pyarrow.parquet as pq
 
 from manifests.atomic import atomic_path
 from manifests.errors import InputError
+from manifests.locks import one_writer, remove_partial_files
+from manifests.names import safe_join
 from manifests.parquet_contract import checked_metadata
 
 # 2: per-row decoding (temperature, seed) and class provenance (split, protocol) next to class_source.
 # 3: ``usable``, the gate policy's verdict on the answer, which readers read instead of re-deriving it.
 # 4: the gate mode per row (``gate_mode``, ``gate_threshold``, ``gate_score``).
 CAPTION_STORE_SCHEMA_VERSION = 4
+# The ``finish_reason`` of a caption the gate cut at ``captions.max_caption_chars`` (whatever the server's was).
+CUT_FINISH_REASON = "cut"
 # A percentile gate's derived thresholds, beside the fragments of a store directory.
 THRESHOLDS_FILE = "gate_thresholds.json"
 KEY_COLUMNS = ("tile_id", "expert", "prompt_id")
@@ -303,7 +308,7 @@ def write_fragment(
     if table.num_rows == 0:
         return None
     table = table.sort_by([(column, "ascending") for column in ATTEMPT_KEY]).replace_schema_metadata(meta.encode())
-    path = Path(store) / f"part-{name or uuid.uuid4().hex}.parquet"
+    path = safe_join(store, f"part-{name or uuid.uuid4().hex}.parquet")
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS, write_page_checksum=True)
     return path
@@ -323,6 +328,23 @@ def read_store(store: str | Path, missing_ok: bool = False) -> pd.DataFrame:
             return CAPTION_STORE_SCHEMA.empty_table().to_pandas()
         raise InputError(f"caption store {store}: no Parquet file or fragments found")
     return _scan(fragments, CAPTION_STORE_SCHEMA.names).to_pandas()
+
+
+def latest_attempts(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with one row per attempt (tile, expert, prompt, attempt): the newest by ``created_at`` where an
+    attempt is there twice (a compaction cut short, two that raced, a fragment copied in). The one rule for repeated
+    attempts: compaction drops them by it, and readers that count attempts read through :func:`read_attempts`."""
+    return frame.sort_values("created_at", kind="stable").drop_duplicates(list(ATTEMPT_KEY), keep="last")
+
+
+def read_attempts(store: str | Path, missing_ok: bool = False) -> pd.DataFrame:
+    """Every attempt of a store once (:func:`latest_attempts` of :func:`read_store`), in the store's row order: what a
+    report or a summary counts.
+
+    Raises:
+        InputError: see :func:`read_store`.
+    """
+    return latest_attempts(read_store(store, missing_ok)).sort_index()
 
 
 def scorers(store: str | Path) -> set[str]:
@@ -585,10 +607,28 @@ def compact(store: str | Path, *, select: RowRule, rows_per_range: int = COMPACT
     The merged fragment is written to a temporary file and renamed into place before the old ones are removed, so a
     crash at any point loses nothing and leaves the old store readable (it may leave rows twice, which the next
     compaction or any reader's key check resolves).
+
+    One compaction at a time: it holds the store's lock (:func:`manifests.locks.one_writer`) from listing the
+    fragments to removing them, and first removes (and names, on stderr) the temporary files of writers of this host
+    that were killed. Caption runs keep adding fragments meanwhile; those are neither merged nor removed.
+
+    Raises:
+        FolderBusy: another compaction of this store is running (one line naming its process).
     """
     store = Path(store)
+    if not store.is_dir():
+        paths = _fragment_paths(store)
+        return paths[0] if paths else None
+    with one_writer(store, "caption store"):
+        for path in remove_partial_files(store, every=False):
+            print(f"note: removed {path}, a partial file of a writer that was killed", file=sys.stderr)
+        return _compact_fragments(store, select, rows_per_range)
+
+
+def _compact_fragments(store: Path, select: RowRule, rows_per_range: int) -> Path | None:
+    """:func:`compact`'s work, under the store's lock."""
     paths = _fragment_paths(store)
-    if len(paths) <= 1 or not store.is_dir():
+    if len(paths) <= 1:
         return paths[0] if paths else None
     # The listed fragments only: a fragment a writer adds meanwhile is neither merged nor deleted.
     fragments = [_check_fragment(path) for path in paths]
@@ -605,7 +645,7 @@ def compact(store: str | Path, *, select: RowRule, rows_per_range: int = COMPACT
                     bound = bound & (pc.field("tile_id") < high)
                 part = [fragment for fragment in fragments if fragment.may_hold(low, high)]
                 frame = _scan(part, schema.names, bound, schema).to_pandas()
-                frame = frame.sort_values("created_at", kind="stable").drop_duplicates(list(ATTEMPT_KEY), keep="last")
+                frame = latest_attempts(frame)
                 frame = frame.sort_values(list(ATTEMPT_KEY), kind="stable").reset_index(drop=True)
                 gates.append(frame[["expert", "prompt_id", "gate_mode", "gate_threshold", "run_id"]].drop_duplicates())
                 frame = frame.assign(selected=select(frame))

@@ -10,10 +10,12 @@ through this module and never import each other.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
 import shutil
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from manifests.atomic import atomic_path, atomic_write_text
 from manifests.caption_store import selected_captions
 from manifests.devices import resolve_device
 from manifests.errors import InputError, first_line
+from manifests.locks import one_writer, remove_partial_files
 from manifests.run_manifest import RunManifest, load_manifest
 from manifests.tile_index import TileIndex, read_tile_index
 from segmenter.engine.inference import SlidingWindows
@@ -96,6 +99,27 @@ class RunPaths:
         missing = [name for name in CHECKPOINT_FILES if not (folders[-1] / name).is_file()]
         older = " (written by an older version: train again)" if missing == ["checksums.json"] else ""
         return f": {folders[-1]} lacks {', '.join(missing)}{older}"
+
+
+@contextlib.contextmanager
+def writing(out: str | Path, rank: int = 0) -> Iterator[None]:
+    """Hold the run folder's lock while a training writes it, after removing (and naming) the partial files a run
+    that was killed left in it (``.*.tmp``: a checkpoint's staging folder, a half-written record).
+
+    Only rank 0 writes the folder, so only rank 0 of a DDP run takes the lock.
+
+    Raises:
+        FolderBusy: another training writes the folder (one line naming its process).
+    """
+    if rank != 0:
+        yield
+        return
+    root = Path(out)
+    with one_writer(root, "run folder"):
+        for folder in (root, RunPaths(root).checkpoints):
+            for path in remove_partial_files(folder, every=True):
+                print(f"removed {path}: a partial file of a run that was stopped")
+        yield
 
 
 def open_for_training(out: str | Path, resume: bool) -> tuple[RunPaths, RunRecord | None]:

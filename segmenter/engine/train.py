@@ -31,7 +31,14 @@ from manifests.tile_index import TileIndex, read_tile_index
 from segmenter.data.samples import PlannedBatches, TileSamples, training_loader
 from segmenter.engine.options import Augmentation, MissingCaptions, TrainSettings
 from segmenter.engine.run_record import RunRecord, prompt_class_sources, selected_captions_sha256
-from segmenter.engine.runs import RunPaths, local_weights, open_for_training, restore_checkpoint, save_checkpoint
+from segmenter.engine.runs import (
+    RunPaths,
+    local_weights,
+    open_for_training,
+    restore_checkpoint,
+    save_checkpoint,
+    writing,
+)
 from segmenter.engine.text_input import load_text_features, text_cache_folder
 from segmenter.model import MPerSSegmenter, SegmenterConfig, SegmenterOutput, build_model, preset_config
 from segmenter.text import ExpertTextFeatures
@@ -352,33 +359,35 @@ def train(
             with ``missing_captions='error'``, a run folder that exists without ``resume``, a run record of
             another version on ``resume``.
         TrainingError: a non-finite loss (the last good checkpoint is kept).
+        FolderBusy: another training writes the run folder (one line naming its process).
     """
     process = _process()
-    run = load_manifest(manifest)
-    index = read_tile_index(run.tiling.out)
-    paths, recorded = open_for_training(out, resume)
-    job = _job(index, settings, captions, paths, recorded, process)
-    optimizer, scheduler = _optimizer(job.model, settings)
-    step = 0
-    if resume and paths.latest:
-        step = restore_checkpoint(paths.latest, job.model, optimizer, scheduler, process.device)
-    if process.rank == 0:
-        if step:
-            print(f"resuming at step {step} of {settings.steps} from {paths.latest}")
-        _run_record(job, manifest, run, captions).write(paths.root)
-    writer = None
-    if process.rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
+    with writing(out, process.rank):  # one training per run folder: refused at once while another writes
+        run = load_manifest(manifest)
+        index = read_tile_index(run.tiling.out)
+        paths, recorded = open_for_training(out, resume)
+        job = _job(index, settings, captions, paths, recorded, process)
+        optimizer, scheduler = _optimizer(job.model, settings)
+        step = 0
+        if resume and paths.latest:
+            step = restore_checkpoint(paths.latest, job.model, optimizer, scheduler, process.device)
+        if process.rank == 0:
+            if step:
+                print(f"resuming at step {step} of {settings.steps} from {paths.latest}")
+            _run_record(job, manifest, run, captions).write(paths.root)
+        writer = None
+        if process.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(paths.root / "tensorboard"), purge_step=step)
-    bar = _progress(progress and process.rank == 0, settings.steps, step)
-    try:
-        _train_steps(job, optimizer, scheduler, step, bar, writer)
-    finally:
-        bar(None, None, None)
-        if writer is not None:
-            writer.close()
-    return paths.latest or paths.root
+            writer = SummaryWriter(str(paths.root / "tensorboard"), purge_step=step)
+        bar = _progress(progress and process.rank == 0, settings.steps, step)
+        try:
+            _train_steps(job, optimizer, scheduler, step, bar, writer)
+        finally:
+            bar(None, None, None)
+            if writer is not None:
+                writer.close()
+        return paths.latest or paths.root
 
 
 def _progress(enabled: bool, total: int, start: int) -> StepProgress:
