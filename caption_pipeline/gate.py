@@ -17,10 +17,11 @@ from caption_pipeline.experts.base import CaptionRequest, CaptionResult, Expert,
 from caption_pipeline.policy import GatePolicy
 from caption_pipeline.prompts import TileClasses, build_prompt
 from caption_pipeline.scoring import ClipScorer, Score
-from manifests.caption_store import KEY_COLUMNS
+from manifests.caption_store import CUT_FINISH_REASON, KEY_COLUMNS
 from manifests.class_predictions import ClassPredictions, read_class_predictions
 from manifests.errors import InputError
-from manifests.run_manifest import CaptionsConfig, ExpertConfig, PromptConfig
+from manifests.redaction import redact
+from manifests.run_manifest import MAX_CAPTION_CHARS, CaptionsConfig, ExpertConfig, PromptConfig
 from manifests.tile_index import TileIndex
 
 Key = tuple[str, str, str]
@@ -50,14 +51,15 @@ class TileTask:
 
 @dataclass(frozen=True)
 class GateSettings:
-    """The gate of one expert: the run's policy (tau, attempts), prompts, template overrides and the decoding of each
-    attempt."""
+    """The gate of one expert: the run's policy (tau, attempts), prompts, template overrides, the decoding of each
+    attempt and the longest caption kept (``max_caption_chars``: longer ones are cut, ``finish_reason`` 'cut')."""
 
     policy: GatePolicy = field(default_factory=GatePolicy)
     prompt_ids: tuple[str, ...] = ("p1", "p2", "p3")
     overrides: dict[str, str] = field(default_factory=dict)
     temperature: float = 0.0
     reprompt_temperature: float = 0.7
+    max_caption_chars: int = MAX_CAPTION_CHARS
 
     @classmethod
     def for_expert(cls, policy: GatePolicy, captions: CaptionsConfig, config: ExpertConfig) -> GateSettings:
@@ -65,6 +67,7 @@ class GateSettings:
         return cls(
             policy, tuple(captions.prompts.ids), dict(config.prompts),
             temperature=config.temperature, reprompt_temperature=config.reprompt_temperature,
+            max_caption_chars=captions.max_caption_chars,
         )  # fmt: skip
 
     def decoding(self, attempt: int) -> tuple[float, int]:
@@ -75,10 +78,14 @@ class GateSettings:
 
 @dataclass(frozen=True)
 class RunInfo:
-    """The run an attempt belongs to: its id and the SHA-256 of its manifest (recorded in every row)."""
+    """The run an attempt belongs to: its id and the SHA-256 of its manifest (recorded in every row), and the list its
+    rows are appended to as each round ends (``received``, when given), selected among themselves: a caller whose shard
+    fails in a later round (an exception from the expert or the scorer) still has, and writes, every answer received
+    before it."""
 
     run_id: str
     manifest_sha256: str | None = None
+    received: list[dict] | None = field(default=None, compare=False, repr=False)
 
 
 def class_sources(frame: pd.DataFrame, prompts: PromptConfig) -> dict[str, str]:
@@ -294,16 +301,25 @@ class _ShardGate:
             # classes hold.
             "split": tile.split, "protocol": tile.protocol,
             "class_source": tile.class_source if expert.needs_class_mask else tile.classes.source,
-            "error": result.error if result.error else (None if usable else "empty caption"),
+            # A server's text may echo credentials (an Authorization header, a URL's userinfo): masked before storing.
+            "error": redact(result.error) if result.error else (None if usable else "empty caption"),
         }  # fmt: skip
 
     def _generate(self, pending: Pending, requests: list[CaptionRequest]) -> list[CaptionResult]:
         """The expert's answers; a tile whose image (or mask) cannot be read gets a failed result, never a request."""
         errors = [self.check(tile) for tile, _ in pending]
         readable = [request for request, error in zip(requests, errors, strict=True) if error is None]
-        generated = iter(self.expert.generate(readable) if readable else [])
+        generated = iter([self._cut(result) for result in self.expert.generate(readable)] if readable else [])
         return [next(generated) if error is None else CaptionResult(None, None, None, 0.0, error=error)
                 for error in errors]  # fmt: skip
+
+    def _cut(self, result: CaptionResult) -> CaptionResult:
+        """``result`` with its caption cut at ``max_caption_chars`` (recorded as ``finish_reason`` 'cut'), before it is
+        scored or stored."""
+        limit = self.settings.max_caption_chars
+        if result.caption is None or len(result.caption) <= limit:
+            return result
+        return replace(result, caption=result.caption[:limit], finish_reason=CUT_FINISH_REASON)
 
     def _score(self, pending: Pending, results: list[CaptionResult]) -> dict[int, Score]:
         """The scores of the usable answers, by position. A contrastive gate scores them against the readable tiles
@@ -389,7 +405,8 @@ def caption_tiles(
     run: RunInfo,
     resume: Resume = Resume(),
 ) -> list[dict]:
-    """Every attempt of ``expert`` on the (tile, prompt) pairs not done in ``resume``, as caption-store rows.
+    """Every attempt of ``expert`` on the (tile, prompt) pairs not done in ``resume``, as caption-store rows (also
+    appended to ``run.received`` round by round, when given: see :class:`RunInfo`).
 
     What is usable, what passes, which attempt is ``selected`` and when a key is asked again is the run's
     ``GatePolicy``: a usable caption passes when its gate score reaches its threshold, an empty caption or a failed
@@ -415,14 +432,16 @@ def caption_tiles(
     pending = [(tile, pid) for tile in gate.describable(list(tiles)) for pid in settings.prompt_ids
                if (tile.tile_id, expert.name, pid) not in resume.done]  # fmt: skip
     gate.check_ready(pending)
-    rows: list[dict] = []
-    for round_ in range(settings.policy.rounds(expert.reprompts)):
-        if not pending:
-            break
-        attempts = [resume.attempts.get((tile.tile_id, expert.name, pid), 0) + round_ for tile, pid in pending]
-        round_rows, pending = gate.round(pending, attempts)
-        rows += round_rows
-    gate.select(rows)
+    rows: list[dict] = [] if run.received is None else run.received
+    try:
+        for round_ in range(settings.policy.rounds(expert.reprompts)):
+            if not pending:
+                break
+            attempts = [resume.attempts.get((tile.tile_id, expert.name, pid), 0) + round_ for tile, pid in pending]
+            round_rows, pending = gate.round(pending, attempts)
+            rows += round_rows
+    finally:
+        gate.select(rows)
     return rows
 
 

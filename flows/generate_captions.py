@@ -55,11 +55,15 @@ from manifests.caption_store import (
     StoreMeta,
     attempt_counts,
     compact,
+    read_attempts,
     read_store,
     write_fragment,
 )
 from manifests.devices import usable_cpus
 from manifests.errors import InputError
+from manifests.locks import FolderBusy
+from manifests.names import check_name
+from manifests.redaction import redact
 from manifests.run_manifest import CaptionsConfig, ExpertConfig, RunManifest, load_manifest
 from manifests.tile_index import read_tile_index
 
@@ -154,23 +158,31 @@ def caption_shard(
     scorer = model_cache.scorer(manifest)
     expert = model_cache.expert(config)
     started = _endpoint_snapshot(expert)
+    meta = StoreMeta(index.class_names, scorer.model_id, captions.tau)
+    rows: list[dict] = []
     try:
-        rows = caption_tiles(
-            tile_tasks(index, frame, captions.prompts),
-            expert,
-            scorer,
-            settings,
-            RunInfo(run_id, manifest_sha256),
-            resume,
-        )
+        caption_tiles(tile_tasks(index, frame, captions.prompts), expert, scorer, settings,
+                      RunInfo(run_id, manifest_sha256, received=rows), resume)  # fmt: skip
     except ExpertUnavailable as exc:  # a bad key, an unknown model, an engine that cannot start: stop, not retry
+        _write_shard(store, name, kept, rows, meta)
         endpoints = (_instance(expert), started, _endpoint_snapshot(expert))
-        return ShardResult(expert_name, len(frame), 0, len(resume.done), unavailable=str(exc), endpoints=endpoints)
-    if rows:  # nothing new: the fragment (if any) already holds every attempt of this shard
-        content = rows if kept is None else pd.concat([kept, _rows_frame(rows)], ignore_index=True)
-        write_fragment(store, content, StoreMeta(index.class_names, scorer.model_id, captions.tau), name=name)
+        return ShardResult(expert_name, len(frame), len(rows), len(resume.done), unavailable=str(exc),
+                           endpoints=endpoints)  # fmt: skip
+    except BaseException:
+        # Whatever stops the shard, the answers it received (paid for, on a paid API) are kept; a retry asks the rest.
+        _write_shard(store, name, kept, rows, meta)
+        raise
+    _write_shard(store, name, kept, rows, meta)
     endpoints = (_instance(expert), started, _endpoint_snapshot(expert))
     return ShardResult(expert_name, len(frame), len(rows), len(resume.done), endpoints=endpoints)
+
+
+def _write_shard(store: str, name: str, kept: pd.DataFrame | None, rows: list[dict], meta: StoreMeta) -> None:
+    """Write the shard's fragment: the attempts an earlier execution wrote there (``kept``) and the new ``rows``;
+    nothing when there is nothing new (the fragment, if any, already holds every attempt of this shard)."""
+    if rows:
+        content = rows if kept is None else pd.concat([kept, _rows_frame(rows)], ignore_index=True)
+        write_fragment(store, content, meta, name=name)
 
 
 def shard_fragment_name(run_id: str, expert_name: str, tile_ids: list[str]) -> str:
@@ -231,8 +243,8 @@ class CaptionRunSummary:
 
 
 def expert_rows(store: Path, experts: list[str]) -> pd.DataFrame:
-    """Every attempt of ``experts`` in the store (none for a store not written yet)."""
-    frame = read_store(store, missing_ok=True)
+    """Every attempt of ``experts`` in the store, once each (none for a store not written yet)."""
+    frame = read_attempts(store, missing_ok=True)
     return frame[frame["expert"].isin(experts)]
 
 
@@ -307,8 +319,9 @@ def common_errors(frame: pd.DataFrame) -> dict[str, tuple[int, str]]:
         return {}
     errored = frame.assign(failed=frame["error"].notna()).groupby(list(KEY_COLUMNS))["failed"].transform("all")
     frame = frame[errored]
+    # Masked again: rows written before errors were redacted may still hold a credential.
     return {
-        expert: (group.groupby(["tile_id", "prompt_id"]).ngroups, group["error"].value_counts().index[0])
+        expert: (group.groupby(["tile_id", "prompt_id"]).ngroups, redact(group["error"].value_counts().index[0]))
         for expert, group in frame.groupby("expert")
     }
 
@@ -429,7 +442,7 @@ def generate_captions_flow(
     index = read_tile_index(manifest.tiling.out)
     tile_ids = sorted(index.frame["tile_id"])[:limit]
     sources = class_sources(index.frame[index.frame["tile_id"].isin(set(tile_ids))], captions.prompts)
-    run_id = run_id or new_run_id()
+    run_id = check_name(run_id, "run_id") if run_id else new_run_id()  # it names the run's fragments
     # A gate whose thresholds are derived had them derived before the flow started (generate_captions): every shard
     # task gates with the same ones.
     policy = run_policy(captions, store)
@@ -442,7 +455,10 @@ def generate_captions_flow(
     configs.sort(key=lambda config: experts.index(config.name))
     plan = _Shards(manifest_path, manifest.sha256, store, run_id, tile_shards, total)
     results = _run_shards(plan, configs)
-    compact(store, select=policy.select)
+    try:
+        compact(store, select=policy.select)
+    except FolderBusy as exc:  # another run compacts the store now; uncompacted, it reads the same
+        logger.warning("compaction skipped: %s", exc)
     rows = expert_rows(Path(store), experts)
     endpoints = endpoint_counts(results)
     for name, counts in endpoints.items():

@@ -176,6 +176,13 @@ FIXED_ANSWERS: dict[str, tuple[int, dict]] = {
     # vLLM: names the field, but only this request is at fault
     "too long": (400, {"object": "error", "message": "'max_tokens' or 'max_completion_tokens' is too large: 160. This "
                                                      "model's maximum context"}),
+    # Replies of 200 that break the chat-completions format where a client reads it
+    "content not text": (200, {"choices": [{"message": {"content": 5}, "finish_reason": "stop"}]}),
+    "usage not an object": (200, {"choices": [{"message": {"content": "a road"}, "finish_reason": "stop"}],
+                                  "usage": "many"}),
+    "finish reason object": (200, {"choices": [{"message": {"content": "a road"}, "finish_reason": {"why": 1}}]}),
+    "no choices": (200, {"choices": []}),
+    "huge": (200, {"choices": [{"message": {"content": "road " * 200_000}, "finish_reason": "stop"}]}),
 }  # fmt: skip
 
 

@@ -33,6 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import aiohttp
+from pydantic import BaseModel, Field, ValidationError
 
 from caption_pipeline.experts.base import (
     CaptionRequest,
@@ -43,6 +44,7 @@ from caption_pipeline.experts.base import (
     image_data_url,
 )
 from manifests.errors import InputError
+from manifests.redaction import redact, strip_credentials
 from manifests.run_manifest import OpenAIExpertConfig
 
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
@@ -170,7 +172,8 @@ class Endpoint:
 
     def __init__(self, base_url: str) -> None:
         self.base_url = base_url
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.url = base_url.rstrip("/") + "/chat/completions"  # what requests go to (aiohttp sends its userinfo)
+        self.shown_url = strip_credentials(self.url)  # what messages, rows and logs name
         self.in_flight = 0
         self.requests = 0
         self.failures = 0
@@ -186,7 +189,7 @@ class Endpoint:
 
     def stats(self) -> EndpointStats:
         """Its counts so far."""
-        return EndpointStats(self.base_url, self.requests, self.failures, self.taken_out)
+        return EndpointStats(strip_credentials(self.base_url), self.requests, self.failures, self.taken_out)
 
 
 class EndpointPool:
@@ -281,6 +284,28 @@ class EndpointPool:
         return any(other is not endpoint and other.is_in(now) for other in self.endpoints)
 
 
+class _ReplyMessage(BaseModel):
+    content: str | None = None
+
+
+class _ReplyChoice(BaseModel):
+    message: _ReplyMessage
+    finish_reason: str | None = None
+
+
+class _ReplyUsage(BaseModel):
+    completion_tokens: int | None = None
+
+
+class ChatReply(BaseModel):
+    """What the expert reads of a chat-completions reply: the first choice's text and finish reason, and the tokens it
+    took. Anything else in the reply is ignored; a reply that is not JSON, has no choice, or whose text is not a
+    string, whose ``usage`` is not an object or whose ``finish_reason`` is not a string is a failed attempt."""
+
+    choices: list[_ReplyChoice] = Field(min_length=1)
+    usage: _ReplyUsage | None = None
+
+
 class OpenAIExpert(Expert):
     """An expert served over the OpenAI chat-completions protocol."""
 
@@ -336,8 +361,8 @@ class OpenAIExpert(Expert):
 
     @property
     def url(self) -> str:
-        """The chat-completions URL of the first endpoint."""
-        return self.pool.endpoints[0].url
+        """The chat-completions URL of the first endpoint, without credentials (the form to show)."""
+        return self.pool.endpoints[0].shown_url
 
     def endpoint_stats(self) -> list[EndpointStats]:
         """Per endpoint, in the manifest's order: attempts sent, failed, times taken out, since the expert was built.
@@ -462,23 +487,23 @@ class OpenAIExpert(Expert):
                     async with session.post(endpoint.url, data=body) as response:
                         if response.status == 200:
                             ok = self._succeeded = True
-                            return self._parse(await response.read(), started)
+                            return self._parse(await response.read(), started, endpoint.shown_url)
                         text = (await response.read()).decode("utf-8", errors="replace")
                         error = f"HTTP {response.status}: {self._message(text)}{server_hint(response.status, text)}"
-                        self._check_available(response.status, text, endpoint.url)
+                        self._check_available(response.status, text, endpoint.shown_url)
                         headers = response.headers
                         health = "failing" if response.status >= 500 else None
                         final = response.status not in RETRY_STATUS
                 # aiohttp raises asyncio.TimeoutError: the builtin since Python 3.11, the minimum the package
                 # declares (on 3.10 it was another class, which this clause would miss).
                 except TimeoutError:
-                    error = f"timed out after {self.config.timeout_s:g} s ({endpoint.url})"
+                    error = f"timed out after {self.config.timeout_s:g} s ({endpoint.shown_url})"
                     health = "failing"
                 except aiohttp.ClientConnectorError as exc:  # refused, unreachable, unknown host
-                    error = f"{type(exc).__name__} ({endpoint.url}): {exc}"
+                    error = f"{type(exc).__name__} ({endpoint.shown_url}): {redact(str(exc))}"
                     health = "down"
                 except aiohttp.ClientError as exc:
-                    error = f"{type(exc).__name__} ({endpoint.url}): {exc}"
+                    error = f"{type(exc).__name__} ({endpoint.shown_url}): {redact(str(exc))}"
                     health = "failing"
                 finally:
                     self.in_flight -= 1
@@ -542,16 +567,20 @@ class OpenAIExpert(Expert):
                 text = error if isinstance(error, str) else json.dumps(error)
         if self._api_key:  # some servers echo what they were sent; the key must not reach logs or caption stores
             text = text.replace(self._api_key, "***")
-        return " ".join(text.split())[:MESSAGE_CHARS]
+        return " ".join(redact(text).split())[:MESSAGE_CHARS]  # an echoed Basic header or URL userinfo, too
 
-    @staticmethod
-    def _parse(raw: bytes, started: float) -> CaptionResult:
+    def _parse(self, raw: bytes, started: float, url: str) -> CaptionResult:
+        """A reply of 200 as a caption, or, where it does not follow :class:`ChatReply`, a failed result that says
+        what was wrong and what was received (its start, credentials masked)."""
         latency = time.perf_counter() - started
         try:
-            payload = json.loads(raw)
-            choice = payload["choices"][0]
-            content = choice["message"]["content"] or ""
-        except (ValueError, KeyError, IndexError, TypeError) as exc:
-            return CaptionResult(None, None, None, latency, error=f"malformed response: {exc!r}")
-        usage = payload.get("usage") or {}
-        return CaptionResult(content.strip(), choice.get("finish_reason"), usage.get("completion_tokens"), latency)
+            reply = ChatReply.model_validate_json(raw)
+        except ValidationError as exc:
+            problem = exc.errors()[0]
+            where = ".".join(str(part) for part in problem["loc"]) or "reply"
+            received = self._message(raw.decode("utf-8", errors="replace"))
+            error = f"malformed reply from {url}: {where}: {problem['msg']} (received: {received})"
+            return CaptionResult(None, None, None, latency, error=error)
+        choice = reply.choices[0]
+        tokens = reply.usage.completion_tokens if reply.usage is not None else None
+        return CaptionResult((choice.message.content or "").strip(), choice.finish_reason, tokens, latency)
