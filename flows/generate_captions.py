@@ -588,9 +588,7 @@ def generate_captions(
         if settings.runner == "threads":  # the shard tasks of this process share it: load it while the API comes up
             model_cache.scorer(manifest)
         api.wait()
-        if (
-            checked.policy.gate_mode.derives_thresholds
-        ):  # before the flow: a sample without a usable caption is one line
+        if checked.policy.gate_mode.derives_thresholds:  # before the flow: an unusable sample is one line
             derive_thresholds(manifest, checked.store, checked.experts, checked.tile_ids, run_id)
         summary = configured(
             str(manifest.source), checked.store, checked.experts, settings.limit, settings.shard_size, run_id
