@@ -33,7 +33,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from huggingface_hub import constants as hub_constants
-from huggingface_hub import is_offline_mode, try_to_load_from_cache
+from huggingface_hub import try_to_load_from_cache
 from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from safetensors import SafetensorError
 from torch import nn
@@ -102,7 +102,8 @@ class ClipWeights:
             InputError: see :meth:`missing_weights`.
         """
         hub = self.hub_files
-        if hub is None or not is_offline_mode():
+        # The constant, read at call time: is_offline_mode() only exists from huggingface_hub 1.2.1.
+        if hub is None or not hub_constants.HF_HUB_OFFLINE:
             return
         repo, files = hub
         if not any(isinstance(try_to_load_from_cache(repo, file), str) for file in files):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import constants as hub_constants
-from huggingface_hub import is_offline_mode, try_to_load_from_cache
+from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
@@ -57,7 +57,13 @@ def check_weights(config: TransformersExpertConfig) -> None:
         ExpertUnavailable: see :func:`local_folder` and :func:`missing_hub_model`.
     """
     is_hub_id = local_folder(config) is None
-    if is_hub_id and is_offline_mode() and not isinstance(try_to_load_from_cache(config.model, "config.json"), str):
+    # The constant, read at call time: is_offline_mode() only exists from huggingface_hub 1.2.1, and the vLLM
+    # environment may hold 0.x (transformers<5 needs huggingface_hub<1).
+    if (
+        is_hub_id
+        and hub_constants.HF_HUB_OFFLINE
+        and not isinstance(try_to_load_from_cache(config.model, "config.json"), str)
+    ):
         raise missing_hub_model(config, "offline: HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set")
 
 
