@@ -71,10 +71,12 @@ class TransformersExpert(Expert):
     """Batched ``generate`` with the model's own chat template.
 
     Each request's temperature decides the decoding: 0 is greedy (``do_sample=False``, passed explicitly so a
-    model's shipped ``generation_config`` cannot turn sampling on), above 0 is plain temperature sampling
-    (``top_k=0``, ``top_p=1``, overriding shipped values such as Qwen's ``top_k=1`` that would make it greedy again)
-    after ``torch.manual_seed(seed)``. Requests are batched by (temperature, seed), keeping their order otherwise,
-    so a re-run with the same requests in the same batches gives the same captions.
+    model's shipped ``generation_config`` cannot turn sampling on), above 0 is sampling with the expert's ``top_k``,
+    ``top_p`` and ``min_p`` (off by default: plain temperature sampling, overriding shipped values such as Qwen's
+    ``top_k=1`` that would make it greedy again) after ``torch.manual_seed(seed)``; the expert's
+    ``repetition_penalty`` (1, off, by default, where Qwen ships 1.05) is passed to both. Requests are batched by
+    (temperature, seed), keeping their order otherwise, so a re-run with the same requests in the same batches gives
+    the same captions.
     """
 
     backend = "transformers"
@@ -121,21 +123,24 @@ class TransformersExpert(Expert):
         return self.processor.apply_chat_template(messages, add_generation_prompt=True)
 
     @torch.inference_mode()
-    def _batch(self, requests: list[CaptionRequest], temperature: float, seed: int | None) -> list[CaptionResult]:
+    def _batch(self, requests: list[CaptionRequest]) -> list[CaptionResult]:
+        """One batch of requests that share their decoding (``generate`` groups them so)."""
         started = time.perf_counter()
         images = [load_image(request.image_path, self.config.max_side) for request in requests]
         inputs = self.processor(
             text=[self._prompt(request) for request in requests], images=images, padding=True, return_tensors="pt"
         ).to(self.device)
-        if temperature > 0:
+        sampling = requests[0].sampling(self.config)
+        settings = {"max_new_tokens": self.config.max_new_tokens, "repetition_penalty": sampling.repetition_penalty}
+        if sampling.temperature > 0:
             with self._sampling_lock:
-                torch.manual_seed(0 if seed is None else seed)
+                torch.manual_seed(0 if sampling.seed is None else sampling.seed)
                 output = self.network.generate(
-                    **inputs, max_new_tokens=self.config.max_new_tokens, do_sample=True, temperature=temperature,
-                    top_k=0, top_p=1.0,
+                    **inputs, **settings, do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k,
+                    top_p=sampling.top_p, min_p=sampling.min_p,
                 )  # fmt: skip
         else:
-            output = self.network.generate(**inputs, max_new_tokens=self.config.max_new_tokens, do_sample=False)
+            output = self.network.generate(**inputs, **settings, do_sample=False)
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
         eos = self.network.generation_config.eos_token_id
@@ -161,12 +166,12 @@ class TransformersExpert(Expert):
         order = sorted(
             range(len(requests)), key=lambda i: (decoding(i)[0], decoding(i)[1] is not None, decoding(i)[1] or 0)
         )
-        for (temperature, seed), group in groupby(order, key=decoding):
+        for _, group in groupby(order, key=decoding):
             positions = list(group)
             for start in range(0, len(positions), size):
                 chunk = positions[start : start + size]
                 try:
-                    batch = self._batch([requests[i] for i in chunk], temperature, seed)
+                    batch = self._batch([requests[i] for i in chunk])
                 except (RuntimeError, ValueError, OSError) as exc:  # one bad batch must not stop the run
                     batch = [CaptionResult(None, None, None, 0.0, error=f"{type(exc).__name__}: {exc}")] * len(chunk)
                 for i, result in zip(chunk, batch, strict=True):
