@@ -148,6 +148,16 @@ class Expert(Protocol):
     runs_alone: ClassVar[bool] = False
 
     @classmethod
+    def holds_gpu(cls, config: ExpertConfig) -> bool:
+        """Whether the expert keeps a model on a GPU of the process that runs it (an in-process engine, a model on
+        CUDA): a local Dask cluster then starts one worker per GPU, not one per CPU. The default: no.
+
+        Raises:
+            InputError: a device setting that names no device of this machine.
+        """
+        return False
+
+    @classmethod
     def preflight(cls, config: ExpertConfig) -> None:
         """Refuse, before a run starts and any model loads, what cannot work for this expert (an API key not set,
         weights not found); the default checks nothing.

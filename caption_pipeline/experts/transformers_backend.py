@@ -85,6 +85,15 @@ class TransformersExpert(Expert):
     pipeline_chunk = None
 
     @classmethod
+    def holds_gpu(cls, config: TransformersExpertConfig) -> bool:
+        """Whether the model runs on CUDA here (``device`` cuda, or ``auto`` on a machine with a GPU).
+
+        Raises:
+            InputError: a device this machine does not have.
+        """
+        return resolve_device(config.device, source=f"expert {config.name}: device").type == "cuda"
+
+    @classmethod
     def preflight(cls, config: TransformersExpertConfig) -> None:
         """Refuse weights that cannot be found before anything loads (:func:`check_weights`).
 

@@ -210,6 +210,11 @@ class VLLMExpert(Expert):
     pipeline_chunk = None  # the engine batches the whole request list itself
     runs_alone = True  # each engine takes most of the GPU (gpu_memory_utilization)
 
+    @classmethod
+    def holds_gpu(cls, config: VLLMExpertConfig) -> bool:
+        """Always: the engine lives on a GPU of the process that builds it."""
+        return True
+
     def __init__(
         self,
         config: VLLMExpertConfig,
