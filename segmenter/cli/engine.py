@@ -33,6 +33,7 @@ from segmenter.cli.app import (
 from segmenter.engine.options import (
     Augmentation,
     EvaluateSettings,
+    F1WithoutTruePositive,
     GroundTruth,
     MissingCaptions,
     PredictSettings,
@@ -114,6 +115,10 @@ def evaluate(
     gt: Annotated[GroundTruth, typer.Option(help="ground truth: eroded (no boundaries, ISPRS) or full")] = default(
         EvaluateSettings, "gt"
     ),
+    f1_without_tp: Annotated[
+        F1WithoutTruePositive,
+        typer.Option(help="F1 of a class without a true positive: undefined (left out of mF1, as mmseg) or zero"),
+    ] = default(EvaluateSettings, "f1_without_tp"),
     window: WindowOption = None,
     overlap: OverlapOption = None,
     device: DeviceOption = default(EvaluateSettings, "device"),
@@ -128,9 +133,9 @@ def evaluate(
     from segmenter.engine.evaluate import evaluate as run_evaluation
 
     settings = build_settings(
-        EvaluateSettings, split=split, gt=gt, window=window, overlap=overlap, device=device, captions=captions,
-        missing_captions=missing_captions, batch_size=batch_size, text_cache=text_cache, backbone_file=backbone_file,
-        text_checkpoint=text_checkpoint,
+        EvaluateSettings, split=split, gt=gt, f1_without_tp=f1_without_tp, window=window, overlap=overlap,
+        device=device, captions=captions, missing_captions=missing_captions, batch_size=batch_size,
+        text_cache=text_cache, backbone_file=backbone_file, text_checkpoint=text_checkpoint,
     )  # fmt: skip
     with progress("evaluate") as on_source:
         metrics = run_evaluation(run, settings, on_source)

@@ -57,6 +57,14 @@ class GroundTruth(StrEnum):
     full = "full"
 
 
+class F1WithoutTruePositive(StrEnum):
+    """What the F1 of a class without a true positive is: ``undefined`` (left out of mF1, as mmsegmentation and
+    GeoSeg compute it) or ``zero`` (counted as 0); see ``segmenter.engine.metrics``."""
+
+    undefined = "undefined"
+    zero = "zero"
+
+
 # What `auto` picks for text-guided presets (see TrainSettings.augmentation_for): of d4, d4_rewrite and none, none
 # scored best on the demo over 3 seeds (bench/caption_effect.py --augmentation-study; README "Caption effect").
 TEXT_GUIDED_AUGMENTATION = Augmentation.none
@@ -197,10 +205,12 @@ class WindowSettings(InferenceSettings):
 
 class EvaluateSettings(WindowSettings):
     """What ``segmenter evaluate`` measures: the ``split`` of the run's tile index, against the ``eroded`` (ISPRS) or
-    ``full`` ground truth."""
+    ``full`` ground truth; ``f1_without_tp``: the F1 of a class without a true positive, ``undefined`` (left out of
+    mF1, as mmsegmentation and GeoSeg) or ``zero``."""
 
     split: str = "test"
     gt: GroundTruth = GroundTruth.eroded
+    f1_without_tp: F1WithoutTruePositive = F1WithoutTruePositive.undefined
 
 
 class PredictSettings(WindowSettings):
