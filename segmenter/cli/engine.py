@@ -84,6 +84,9 @@ def train(
     text_checkpoint: Annotated[Path | None, typer.Option(help=TEXT_CHECKPOINT_HELP)] = None,
     resume: Annotated[bool, typer.Option(help="continue the run in --out from its newest checkpoint")] = False,
     text_cache: TextCacheOption = None,
+    lqga_heads: Annotated[
+        int | None, typer.Option(help="heads of LQGA's text query (default: the preset's; paper presets 1)")
+    ] = None,
 ) -> None:
     """Train a preset (cross-entropy, AdamW, multi-step LR) on the GPU when there is one; run under `torchrun` for
     DDP."""
@@ -97,7 +100,7 @@ def train(
         TrainSettings, preset=preset, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
         checkpoint_every=checkpoint_every, missing_captions=missing_captions, experts=_names(experts),
         augmentation=augmentation, workers=workers, backbone_file=absolute(backbone_file),
-        text_checkpoint=absolute(text_checkpoint), text_cache=absolute(text_cache),
+        text_checkpoint=absolute(text_checkpoint), text_cache=absolute(text_cache), lqga_heads=lqga_heads,
     )  # fmt: skip
     try:
         checkpoint = run_training(manifest, out, settings, captions=captions, resume=resume, progress=True)

@@ -96,6 +96,8 @@ class TrainSettings(BaseModel):
     amp: bool = True
     experts: list[str] | None = None
     augmentation: Augmentation = Augmentation.auto
+    # Heads of LQGA's text query instead of the preset's (the paper presets: 1, the method's equation).
+    lqga_heads: int | None = Field(default=None, ge=1)
     # Data loader worker processes per training process (None: see loader_workers) and batches each keeps ready.
     # Neither changes a result: every sample is fixed by (seed, step), whoever decodes it.
     workers: int | None = Field(default=None, ge=0)

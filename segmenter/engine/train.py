@@ -101,8 +101,13 @@ def _model_config(
     Raises:
         InputError: a text-guided preset without a store, ``--experts`` for a text-free one, experts the store lacks.
     """
-    local = local_weights(settings.backbone_file, settings.text_checkpoint)
-    config = preset_config(settings.preset, num_classes=num_classes, **local)
+    overrides: dict[str, Any] = {**local_weights(settings.backbone_file, settings.text_checkpoint)}
+    if settings.lqga_heads is not None:
+        overrides["lqga_heads"] = settings.lqga_heads
+    config = preset_config(settings.preset, num_classes=num_classes, **overrides)
+    if config.dim % config.lqga_heads:
+        raise InputError(f"--lqga-heads: {config.lqga_heads} heads do not divide the {config.dim} channels of "
+                         f"preset {settings.preset}")  # fmt: skip
     if config.backbone_file:  # the frozen ViT is not in the checkpoints: its file is checked on every load
         config = config.model_copy(update={"backbone_sha256": file_digest(Path(config.backbone_file))})
     if not config.uses_text:

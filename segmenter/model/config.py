@@ -61,7 +61,7 @@ class SegmenterConfig(BaseModel):
         min_length=1,
         description="stages (1-4) gated by LQGA; several are chained, deepest first",
     )
-    lqga_heads: int = 8
+    lqga_heads: int = Field(default=1, ge=1, description="heads of LQGA's text query (the method's equation: one)")
     decoder: Literal["unet", "fpn", "pixelup"] = "unet"
 
     @property
