@@ -87,6 +87,10 @@ def train(
     lqga_heads: Annotated[
         int | None, typer.Option(help="heads of LQGA's text query (default: the preset's; paper presets 1)")
     ] = None,
+    text_pooling: Annotated[
+        str | None,
+        typer.Option(help="captions over the text context: truncate | chunk_mean (default) | token_weighted"),
+    ] = None,
 ) -> None:
     """Train a preset (cross-entropy, AdamW, multi-step LR) on the GPU when there is one; run under `torchrun` for
     DDP."""
@@ -101,6 +105,7 @@ def train(
         checkpoint_every=checkpoint_every, missing_captions=missing_captions, experts=_names(experts),
         augmentation=augmentation, workers=workers, backbone_file=absolute(backbone_file),
         text_checkpoint=absolute(text_checkpoint), text_cache=absolute(text_cache), lqga_heads=lqga_heads,
+        text_pooling=text_pooling,
     )  # fmt: skip
     try:
         checkpoint = run_training(manifest, out, settings, captions=captions, resume=resume, progress=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -98,6 +98,8 @@ class TrainSettings(BaseModel):
     augmentation: Augmentation = Augmentation.auto
     # Heads of LQGA's text query instead of the preset's (the paper presets: 1, the method's equation).
     lqga_heads: int | None = Field(default=None, ge=1)
+    # How captions over the text encoder's context are pooled, instead of the preset's (chunk_mean).
+    text_pooling: str | None = None
     # Data loader worker processes per training process (None: see loader_workers) and batches each keeps ready.
     # Neither changes a result: every sample is fixed by (seed, step), whoever decodes it.
     workers: int | None = Field(default=None, ge=0)
@@ -107,6 +109,18 @@ class TrainSettings(BaseModel):
     text_checkpoint: str | None = None
     # Where the caption features are cached (``--text-cache``); None: beside the store, else in the run folder.
     text_cache: str | None = None
+
+    @field_validator("text_pooling")
+    @classmethod
+    def _known_pooling(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        # the model's names, imported only when the option is given (this module stays free of the model)
+        from segmenter.model.config import TextPooling
+
+        if value not in get_args(TextPooling):
+            raise ValueError(f"expected one of {', '.join(get_args(TextPooling))}")
+        return value
 
     def loader_workers(self, cuda: bool, processes: int = 1) -> int:
         """The data loader workers of each of ``processes`` training processes on this machine.

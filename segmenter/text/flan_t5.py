@@ -35,6 +35,7 @@ from huggingface_hub.errors import (
 from safetensors import safe_open
 from torch import nn
 
+from caption_pipeline.clip_models import pool_rows, pooled_chunks
 from manifests.atomic import file_digest
 from manifests.devices import resolve_device
 from manifests.errors import InputError, first_line
@@ -229,13 +230,20 @@ class FlanT5TextEncoder(nn.Module):
         calls: how often ``encode`` ran (tests of the feature cache count them).
     """
 
-    def __init__(self, source: str | Path, device: str | torch.device = "cpu", random_weights: bool = False) -> None:
+    def __init__(
+        self,
+        source: str | Path,
+        device: str | torch.device = "cpu",
+        random_weights: bool = False,
+        pooling: str = "chunk_mean",
+    ) -> None:
         """Load the tokenizer and the FLAN-T5 encoder of ``source``.
 
         Args:
             source: a hub id or a local folder of a T5 / FLAN-T5 model or of a BLIP-2 FLAN-T5 checkpoint.
             device: a torch device or its name (``auto`` as everywhere in this project).
             random_weights: build the network from the config only, with seeded random weights (benchmarks).
+            pooling: how a caption over the context becomes one vector (``TEXT_POOLINGS``).
 
         Raises:
             InputError: a missing folder, a hub id that is neither cached nor downloadable, a folder or repository
@@ -283,12 +291,13 @@ class FlanT5TextEncoder(nn.Module):
         max_length = getattr(self.tokenizer, "model_max_length", MAX_CONTEXT) or MAX_CONTEXT
         self.context_length = int(min(max_length, MAX_CONTEXT))
         self.batch_size = 32
+        self.pooling = pooling
         self.calls = 0
 
     @property
     def encoder_id(self) -> str:
         """What a text-feature cache keys on: the weights, the pooling and the chunk length."""
-        return f"flan-t5:{self.weights_label}:mean{self.context_length}"
+        return f"flan-t5:{self.weights_label}:mean{self.context_length}:{self.pooling}"
 
     @staticmethod
     def _random(text_config: Any) -> nn.Module:
@@ -383,16 +392,18 @@ class FlanT5TextEncoder(nn.Module):
 
     @torch.no_grad()
     def encode(self, texts: list[str]) -> torch.Tensor:
-        """``(N, dim)`` float32 CPU embeddings, normalised; a caption over the context is the mean of its chunks."""
+        """``(N, dim)`` float32 CPU embeddings, normalised; a caption over the context is pooled from its chunks
+        (``pooling``, :data:`caption_pipeline.clip_models.TEXT_POOLINGS`)."""
         self.calls += 1
-        rows, owners = [], []
+        rows, owners, weights = [], [], []
         for index, chunks in enumerate(self.token_chunks(texts)):
-            rows.extend(chunks)
-            owners.extend([index] * len(chunks))
-        pooled = torch.zeros(len(texts), self.dim)
-        if rows:
-            pooled.index_add_(0, torch.tensor(owners), self.embed_token_rows(rows))
-        return F.normalize(pooled, dim=-1)
+            for chunk, weight in pooled_chunks(chunks, self.pooling):
+                rows.append(chunk)
+                owners.append(index)
+                weights.append(weight)
+        if not rows:
+            return torch.zeros(0, self.dim)
+        return pool_rows(self.embed_token_rows(rows), owners, weights, len(texts))
 
 
 def _tiny_t5_tokenizer() -> Any:
