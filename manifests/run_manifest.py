@@ -236,6 +236,12 @@ class _ModelExpertSettings(_ExpertSettings):
         description="sampling temperature of the re-prompts (attempts >= 1, seed = attempt), so a re-prompt can "
         "change its answer instead of repeating the greedy one",
     )
+    # Sent with every request, so that nothing the request leaves unset is filled in by the server from the model's
+    # generation_config.json (vLLM does so; Qwen2.5-VL's would make every re-prompt greedy with top_k 1).
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="nucleus share of sampled attempts (1: off)")
+    top_k: int = Field(default=0, ge=0, description="top-k cut of sampled attempts (0: off)")
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0, description="min-p cut of sampled attempts (0: off)")
+    repetition_penalty: float = Field(default=1.0, gt=0.0, description="on every attempt, greedy ones too (1: off)")
     gpu: bool = Field(default=False, description="tag its tasks for the GPU concurrency limit")
     prompts: dict[PromptId, str] = Field(default_factory=dict, description="per-expert template overrides")
 
@@ -272,6 +278,24 @@ class OpenAIExpertConfig(_ModelExpertSettings):
         default="max_tokens",
         description="request field that carries max_new_tokens: o-series and newer GPT models reject max_tokens",
     )
+    sampling_fields: Literal["extended", "standard"] = Field(
+        default="extended",
+        description="extended: temperature, seed, top_p, top_k, min_p, repetition_penalty (vllm serve, SGLang); "
+        "standard: temperature, seed, top_p only (the OpenAI API, which refuses the others)",
+    )
+
+    @model_validator(mode="after")
+    def _standard_fields_carry_the_settings(self) -> OpenAIExpertConfig:
+        # Under `standard` top_k, min_p and repetition_penalty are not sent: a setting other than off would be dropped.
+        if self.sampling_fields == "standard":
+            neutral = {"top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
+            unsent = [f"{name}: {getattr(self, name)}" for name, off in neutral.items() if getattr(self, name) != off]
+            if unsent:
+                raise ValueError(
+                    f"expert {self.name}: sampling_fields standard sends no {', '.join(unsent)}; leave them at "
+                    "their defaults or use sampling_fields extended with a server that reads them"
+                )
+        return self
 
     @field_validator("base_url", mode="before")
     @classmethod

@@ -168,7 +168,9 @@ def evaluate(
         matrix.update(*_source_classes(trained, dataset, source, gt, spec, lookup))
         if on_source:
             on_source(done, len(sources), source.source_id)
-    metrics = compute_metrics(matrix.matrix, trained.index.class_names, trained.index.vocabulary.main_classes, gt=gt)
+    metrics = compute_metrics(
+        matrix.matrix, trained.index.class_names, trained.index.vocabulary.main_classes, gt, settings.f1_without_tp
+    )
     folder = _report_folder(trained, settings, gt)
     if captions is not None:
         metrics.captions = captions.facts()

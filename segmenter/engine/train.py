@@ -101,8 +101,14 @@ def _model_config(
     Raises:
         InputError: a text-guided preset without a store, ``--experts`` for a text-free one, experts the store lacks.
     """
-    local = local_weights(settings.backbone_file, settings.text_checkpoint)
-    config = preset_config(settings.preset, num_classes=num_classes, **local)
+    overrides: dict[str, Any] = {**local_weights(settings.backbone_file, settings.text_checkpoint)}
+    for name in ("lqga_heads", "text_pooling"):  # the preset's unless the command says otherwise
+        if getattr(settings, name) is not None:
+            overrides[name] = getattr(settings, name)
+    config = preset_config(settings.preset, num_classes=num_classes, **overrides)
+    if config.dim % config.lqga_heads:
+        raise InputError(f"--lqga-heads: {config.lqga_heads} heads do not divide the {config.dim} channels of "
+                         f"preset {settings.preset}")  # fmt: skip
     if config.backbone_file:  # the frozen ViT is not in the checkpoints: its file is checked on every load
         config = config.model_copy(update={"backbone_sha256": file_digest(Path(config.backbone_file))})
     if not config.uses_text:
@@ -187,7 +193,7 @@ def _job(
         rewrite = augmentation == Augmentation.d4_rewrite
         text = load_text_features(config, selected, cache, settings.passed_only, process.device, rewrite)
         # checkpoints name the encoder and weights of their caption features: evaluation refuses others
-        config = config.model_copy(update={"text_weights": text.encoder_id})
+        config = config.model_copy(update={"text_weights": text.weights_id})
         model.config = config
     samples = _train_samples(index, text, augmentation)
     job = _Job(settings, index, paths, process, config, model, samples, text, augmentation, selected)
