@@ -125,7 +125,7 @@ class SegmentationDataset(ABC):
                 if not re.fullmatch(self.source_id_pattern, source_id):
                     raise InputError(
                         f"dataset.custom_splits: '{source_id}' (split {split}) is not a {self.name} source id "
-                        f"(expected ids such as '{self.source_id_example}'; in YAML write them in quotes)"
+                        f"(expected ids such as '{self.source_id_example}'; in a manifest, write them in quotes)"
                     )
 
     @abstractmethod
@@ -173,7 +173,10 @@ class SegmentationDataset(ABC):
         """
         file = source.eval_label if gt == "eroded" else source.label
         if file is None:
-            raise InputError(f"--gt {gt}: source {source.source_id} has no such ground truth")
+            raise InputError(
+                f"--gt {gt}: source {source.source_id} (split {source.split}) has no labels: its tiles serve "
+                "captioning and prediction only; evaluate a labelled split"
+            )
         return file
 
 
