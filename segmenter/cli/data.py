@@ -192,8 +192,11 @@ def prepare(
         fields |= _custom_split(split, lists, split_file)
         tiling = {"size": size, "stride": stride, "max_pixels": max_pixels}
         settings = _from_flags(dataset, root, out, fields, tiling)
-    with progress("prepare") as on_progress:
-        result = prepare_tiles(settings.dataset, settings.tiling, on_progress)
+    try:
+        with progress("prepare") as on_progress:
+            result = prepare_tiles(settings.dataset, settings.tiling, on_progress)
+    except InputError as exc:
+        raise exc if manifest else options.in_flags(exc, settings.dataset.name) from None
     _report(result)
     if not manifest:
         _write_manifest(settings)

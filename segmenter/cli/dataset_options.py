@@ -151,6 +151,15 @@ def _in_flags(message: str, dataset: str) -> str:
     return message
 
 
+def in_flags(exc: InputError, dataset: str) -> InputError:
+    """A dataset's refusal as a flag user reads it: a leading ``dataset.<setting>:`` written as its flag."""
+    message = str(exc)
+    named = re.match(r"dataset\.(\w+): ", message)
+    if named is None or named.group(1) not in DATASET_SETTINGS[dataset].model_fields:
+        return exc
+    return InputError(f"{flag(named.group(1))}: {_in_flags(message[named.end() :], dataset)}")
+
+
 def dataset_from_flags(fields: dict[str, Any]) -> DatasetConfig:
     """The dataset settings the flags give (only the flags given: the settings' defaults fill the rest).
 

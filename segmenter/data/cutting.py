@@ -27,6 +27,9 @@ from segmenter.data.windowed_read import WindowReader, open_windows
 
 # The folder of each label column's crops.
 LABEL_FOLDERS = {"label_path": "labels", "eval_label_path": "eval_labels"}
+# Pixels decoded at a time: decoding takes some 40 bytes a pixel in temporaries, so a band of a 20000 px wide source
+# is decoded in column chunks of about 2 million pixels rather than 10 million at once.
+DECODE_PIXELS = 1 << 21
 
 
 def row_bands(height: int, size: int, stride: int) -> list[tuple[int, int, int]]:
@@ -65,12 +68,13 @@ class LabelMapCheck:
         if pixels.ndim != 3 or pixels.shape[-1] < 3 or pixels.dtype != np.uint8:
             self.photo = True
             return
-        for sample in (pixels[::16, ::16, :3], pixels[..., :3]):
+        step = max(1, DECODE_PIXELS // max(1, pixels.shape[0]))
+        for sample in (pixels[::16, ::16, :3], *(pixels[:, x : x + step, :3] for x in range(0, pixels.shape[1], step))):
             classes, stats = decode_rgb_mask(sample, self.palette, self.ignore_index)
             if stats.stray:
                 self.photo = True
                 return
-        self.found.update(np.unique(classes).tolist())
+            self.found.update(np.unique(classes).tolist())
 
     @property
     def colours(self) -> int:
@@ -139,17 +143,24 @@ def _open_labels(
     return columns
 
 
+def _decode(dataset: SegmentationDataset, raw: np.ndarray, file: SourceFile) -> tuple[np.ndarray, DecodeStats]:
+    """:meth:`SegmentationDataset.decode_label` of ``raw``, in column chunks of about :data:`DECODE_PIXELS` pixels."""
+    step = max(1, DECODE_PIXELS // max(1, raw.shape[0]))
+    parts = [dataset.decode_label(raw[:, x : x + step], file) for x in range(0, raw.shape[1], step)]
+    return np.concatenate([classes for classes, _ in parts], axis=1), sum((s for _, s in parts), DecodeStats())
+
+
 def _decode_band(
     dataset: SegmentationDataset, label: _LabelFile, bounds: tuple[int, int, int], width: int
 ) -> np.ndarray:
     """The classes of a band of a label file, counting its own rows' ignored pixels into ``label.stats``."""
     start, own_end, read_end = bounds
     raw = label.reader.read(start, 0, read_end - start, width)
-    own, stats = dataset.decode_label(raw[: own_end - start], label.file)
+    own, stats = _decode(dataset, raw[: own_end - start], label.file)
     label.stats = label.stats + stats
     if read_end == own_end:
         return own
-    shared, _ = dataset.decode_label(raw[own_end - start :], label.file)  # counted by the next band
+    shared, _ = _decode(dataset, raw[own_end - start :], label.file)  # counted by the next band
     return np.concatenate([own, shared])
 
 

@@ -23,9 +23,10 @@ from rasterio.windows import Window
 from manifests.errors import InputError
 from segmenter.data.raster_io import to_uint8
 
-# The decoded blocks GDAL keeps between window reads (MB). Enough for a band of 512 px tiles across a 20000 px wide
-# source; GDAL's own default, 5% of the machine's memory, would let the cache, not the tile, set the peak.
-GDAL_CACHE_MB = 256
+# The decoded blocks GDAL keeps between window reads (MB): the rows that overlapping tiles share (a PNG or JPEG is
+# decoded from its first row again when a read goes back), 512 px of a 20000 px wide RGB source fitting twice. GDAL's
+# own default, 5% of the machine's memory, would let the cache, not the tile, set the peak.
+GDAL_CACHE_MB = 64
 MAX_PIXELS_SETTING = "tiling.max_pixels, --max-pixels"
 
 

@@ -125,10 +125,11 @@ class ISPRSDataset(SegmentationDataset):
                 is ambiguous.
         """
         self.notices = []
+        members = self.split_members()  # the ids the user gave are checked before any archive is opened
         archives = self._archives()
         roles = self._roles()
         found: list[Source] = []
-        for split, ids in self.split_members().items():
+        for split, ids in members.items():
             for source_id in ids:
                 files = {}
                 for role, archive in archives.items():
