@@ -139,7 +139,12 @@ def _train_samples(index: TileIndex, text: ExpertTextFeatures | None, augmentati
     """
     samples = TileSamples(index, "train", text, augmentation=augmentation)
     if len(samples) == 0:
-        raise InputError(f"tile index {index.root}: no tiles in split 'train'")
+        counts = index.frame["split"].value_counts().sort_index()
+        found = ", ".join(f"'{split}' ({tiles} tiles)" for split, tiles in counts.items()) or "none: it is empty"
+        raise InputError(
+            f"tile index {index.root}: no tiles in split 'train'; its splits: {found} (training reads the split "
+            "named train: prepare with --train ids, or name the training folder train)"
+        )
     unlabelled = samples.frame["label_path"].isna()
     if unlabelled.any():
         raise InputError(f"tile index {index.root}: tile {samples.frame['tile_id'][unlabelled].iloc[0]} (and "
@@ -228,6 +233,7 @@ def _run_record(job: _Job, manifest: str | Path, run: RunManifest, captions: str
         augmentation=job.augmentation,
         captions=str(Path(captions).resolve()) if captions else None,
         captions_sha256=selected_captions_sha256(job.selected) if job.selected is not None else None,
+        labels=job.index.extra.get("labels", "full"),
         class_sources=class_sources,
         masked_experts={"train": job.masked},
     )
@@ -371,6 +377,8 @@ def train(
     if process.rank == 0:
         if step:
             print(f"resuming at step {step} of {settings.steps} from {paths.latest}")
+        if index.extra.get("labels") == "eroded":  # said, and recorded in run.json: not the usual ground truth
+            print("labels: eroded (the tile index was prepared with labels: eroded; boundaries are ignored)")
         _run_record(job, manifest, run, captions).write(paths.root)
     writer = None
     if process.rank == 0:
