@@ -41,6 +41,9 @@ class RunRecord(BaseModel):
         captions_sha256: SHA-256 of the store's selected captions (see :func:`selected_captions_sha256`).
         class_sources: per split, per expert, the class sources of the prompts behind the captions read.
         masked_experts: per split, per expert, on how many tiles it had no usable caption (masked there).
+        labels: the ground truth the label crops of the tile index are: ``full``, or ``eroded`` (an ISPRS dataset
+            prepared with ``labels: eroded``, trained on as mmsegmentation does when only the eroded archive is at
+            hand); records older than this field trained on full labels.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -57,6 +60,7 @@ class RunRecord(BaseModel):
     captions_sha256: str | None
     class_sources: dict[str, dict[str, list[str]]]
     masked_experts: dict[str, dict[str, int]]
+    labels: Literal["full", "eroded"] = "full"
 
     @property
     def preset(self) -> str:
