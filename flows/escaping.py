@@ -8,12 +8,11 @@ artifact). The HTML pages escape with :func:`html.escape`.
 
 from __future__ import annotations
 
-import html
 import re
 
 import pandas as pd
 
-# Characters with a meaning in Markdown inline text and tables (HTML's three are escaped as entities first).
+# Characters with a meaning in Markdown inline text and tables (HTML's are escaped as entities first).
 _MARKDOWN = re.compile(r"([\\`*_\[\]|#])")
 
 
@@ -23,8 +22,10 @@ def for_matplotlib(text: object) -> str:
 
 
 def markdown_text(text: object) -> str:
-    """``text`` as Markdown shows it literally, on one line: HTML escaped, Markdown's marks backslash-escaped."""
-    return _MARKDOWN.sub(r"\\\1", " ".join(html.escape(str(text), quote=False).split()))
+    """``text`` as Markdown shows it literally, on one line: ``&`` and ``<`` as entities (so no HTML tag or entity
+    is read; ``>`` alone opens nothing and stays, as in ``similarity >= tau``), Markdown's marks backslash-escaped."""
+    one_line = " ".join(str(text).split())
+    return _MARKDOWN.sub(r"\\\1", one_line.replace("&", "&amp;").replace("<", "&lt;"))
 
 
 def markdown_table(frame: pd.DataFrame) -> str:

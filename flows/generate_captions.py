@@ -63,7 +63,7 @@ from manifests.caption_store import (
 )
 from manifests.errors import InputError
 from manifests.locks import FolderBusy
-from manifests.names import check_name
+from manifests.names import check_name, safe_join
 from manifests.redaction import redact
 from manifests.run_manifest import CaptionsConfig, ExpertConfig, RunManifest, load_manifest
 from manifests.tile_index import read_tile_index
@@ -194,7 +194,7 @@ def shard_fragment_name(run_id: str, expert_name: str, tile_ids: list[str]) -> s
 
 def _fragment_path(store: str, name: str) -> Path:
     # write_fragment's naming (the store contract's ``part-*.parquet``)
-    return Path(store) / f"part-{name}.parquet"
+    return safe_join(store, f"part-{name}.parquet")
 
 
 def _rows_frame(rows: list[dict]) -> pd.DataFrame:

@@ -45,17 +45,22 @@ class _Strict(BaseModel):
         return data
 
 
-def _nul_key(value: Any, key: str = "") -> str | None:
-    """The key (dotted, with list positions) of the first string or path in ``value`` that holds a NUL, or None."""
+def _nul_key(value: Any, key: str = "", seen: set[int] | None = None) -> str | None:
+    """The key (dotted, with list positions) of the first string or path in ``value`` that holds a NUL, or None.
+    A container met again (a YAML alias that holds itself, ``a: &x [*x]``) is read once."""
     if isinstance(value, str | Path):
         return (key or "<top level>") if "\0" in str(value) else None
+    seen = set() if seen is None else seen
+    if id(value) in seen:
+        return None
+    seen.add(id(value))
     items: list[tuple[Any, Any]] = []
     if isinstance(value, dict):
         items = [(name, item) for name, item in value.items()] + [(name, name) for name in value]
     elif isinstance(value, list | tuple):
         items = list(enumerate(value))
     for name, item in items:
-        found = _nul_key(item, f"{key}.{name}" if key else str(name))
+        found = _nul_key(item, f"{key}.{name}" if key else str(name), seen)
         if found is not None:
             return found
     return None
