@@ -249,33 +249,11 @@ class FlanT5TextEncoder(nn.Module):
             InputError: a missing folder, a hub id that is neither cached nor downloadable, a folder or repository
                 without weights, or a checkpoint that holds no T5 encoder.
         """
-        from transformers import AutoConfig, AutoTokenizer
-
         super().__init__()
         self.device = device if isinstance(device, torch.device) else resolve_device(device, source="text device")
         self.dtype = _inference_dtype(self.device)
         where = _Source(source)
-        if not any((where.folder / name).is_file() for name in TOKENIZER_FILES):
-            # transformers would build a T5 tokenizer with an empty vocabulary: every word unknown, every caption
-            # the same features up to its length
-            raise InputError(
-                f"text_checkpoint: {where.folder} has no tokenizer ({' or '.join(TOKENIZER_FILES)}): save the "
-                "tokenizer beside the model (tokenizer.save_pretrained), or use the folder of the original checkpoint"
-            )
-        try:
-            config = AutoConfig.from_pretrained(where.folder)
-            self.tokenizer = AutoTokenizer.from_pretrained(where.folder)
-        except (OSError, ValueError) as exc:
-            raise InputError(
-                f"text_checkpoint: cannot read the config or tokenizer in {where.folder} ({first_line(exc)})"
-            ) from None
-        blip2 = config.model_type == "blip-2"
-        text_config = config.text_config if blip2 else config
-        if text_config.model_type not in ("t5", "mt5", "umt5"):
-            raise InputError(
-                f"text_checkpoint: {source} is a '{config.model_type}' model with a '{text_config.model_type}' text "
-                "model (expected T5 / FLAN-T5, or BLIP-2 with a FLAN-T5 language model)"
-            )
+        self.tokenizer, text_config, blip2 = _read_config(where, source)
         self.loaded_keys: list[str] = []
         if random_weights:
             self.model = self._random(text_config)
@@ -488,3 +466,36 @@ def flan_t5_width(source: str | Path) -> int:
     except (OSError, ValueError) as exc:
         raise InputError(f"text_checkpoint: cannot read the config in {where.folder} ({first_line(exc)})") from None
     return int((config.text_config if config.model_type == "blip-2" else config).d_model)
+
+
+def _read_config(where: _Source, source: str | Path) -> tuple[Any, Any, bool]:
+    """The tokenizer, the T5 text config and whether ``where`` holds a BLIP-2 checkpoint, checked.
+
+    Raises:
+        InputError: no tokenizer beside the model, an unreadable config or tokenizer, or a model without a T5 text
+            model.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    if not any((where.folder / name).is_file() for name in TOKENIZER_FILES):
+        # transformers would build a T5 tokenizer with an empty vocabulary: every word unknown, every caption
+        # the same features up to its length
+        raise InputError(
+            f"text_checkpoint: {where.folder} has no tokenizer ({' or '.join(TOKENIZER_FILES)}): save the "
+            "tokenizer beside the model (tokenizer.save_pretrained), or use the folder of the original checkpoint"
+        )
+    try:
+        config = AutoConfig.from_pretrained(where.folder)
+        tokenizer = AutoTokenizer.from_pretrained(where.folder)
+    except (OSError, ValueError) as exc:
+        raise InputError(
+            f"text_checkpoint: cannot read the config or tokenizer in {where.folder} ({first_line(exc)})"
+        ) from None
+    blip2 = config.model_type == "blip-2"
+    text_config = config.text_config if blip2 else config
+    if text_config.model_type not in ("t5", "mt5", "umt5"):
+        raise InputError(
+            f"text_checkpoint: {source} is a '{config.model_type}' model with a '{text_config.model_type}' text "
+            "model (expected T5 / FLAN-T5, or BLIP-2 with a FLAN-T5 language model)"
+        )
+    return tokenizer, text_config, blip2
