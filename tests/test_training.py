@@ -541,3 +541,22 @@ def test_resume_with_loader_workers_gives_the_weights_of_a_run_without(run_input
     expected, got = weights(uninterrupted), weights(resumed)
     for name, tensor in expected.items():
         torch.testing.assert_close(got[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_resume_refuses_other_settings_or_another_manifest_and_keeps_the_record(run_inputs, tmp_path):
+    """A resumed run that would go on with another learning rate, seed or manifest is refused in one line naming
+    each difference; run.json still describes the run. More steps (the point of resuming) are accepted."""
+    manifest, _ = run_inputs
+    base = {"preset": "test_tiny_notext", "checkpoint_every": 1}
+    train(manifest, tmp_path / "run", settings(steps=1, **base))
+    record = (tmp_path / "run" / "run.json").read_text()
+    changed = r"--resume: --lr 0\.5 \(the run's: .*\); --seed 7 \(the run's: 0\).*may change"
+    with pytest.raises(InputError, match=changed):
+        train(manifest, tmp_path / "run", settings(steps=2, lr=0.5, seed=7, **base), resume=True)
+    other = tmp_path / "other.yaml"
+    other.write_text(Path(manifest).read_text() + "\n# another manifest\n")
+    with pytest.raises(InputError, match=r"--resume: --manifest \(its text differs from .*when the run started\)"):
+        train(other, tmp_path / "run", settings(steps=2, **base), resume=True)
+    assert (tmp_path / "run" / "run.json").read_text() == record
+    train(manifest, tmp_path / "run", settings(steps=2, **base), resume=True)
+    assert RunRecord.read(tmp_path / "run").settings.steps == 2

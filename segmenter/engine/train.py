@@ -30,7 +30,12 @@ from manifests.run_manifest import RunManifest, load_manifest
 from manifests.tile_index import TileIndex, read_tile_index
 from segmenter.data.samples import PlannedBatches, TileSamples, training_loader
 from segmenter.engine.options import Augmentation, MissingCaptions, TrainSettings
-from segmenter.engine.run_record import RunRecord, prompt_class_sources, selected_captions_sha256
+from segmenter.engine.run_record import (
+    RunRecord,
+    check_resumed_run,
+    prompt_class_sources,
+    selected_captions_sha256,
+)
 from segmenter.engine.runs import RunPaths, local_weights, open_for_training, restore_checkpoint, save_checkpoint
 from segmenter.engine.text_input import load_text_features, text_cache_folder
 from segmenter.model import MPerSSegmenter, SegmenterConfig, SegmenterOutput, build_model, preset_config
@@ -369,6 +374,8 @@ def train(
     run = load_manifest(manifest)
     index = read_tile_index(run.tiling.out)
     paths, recorded = open_for_training(out, resume)
+    if recorded is not None:
+        check_resumed_run(recorded, settings, run.sha256, list(index.class_names))
     job = _job(index, settings, captions, paths, recorded, process)
     optimizer, scheduler = _optimizer(job.model, settings)
     step = 0
