@@ -314,3 +314,17 @@ def test_boundary_and_no_data_pixels_are_counted_without_separate_eval_labels(tm
     for stride in (None, 7):  # overlapping tiles count each pixel once
         [report] = prepare_tiles(config, TilingConfig(size=16, stride=stride, out=tmp_path / f"t{stride}")).sources
         assert (report.boundary_pixels, report.nodata_pixels, report.stray_pixels) == (500, 100, 0)
+
+
+def test_train_refuses_tiles_the_model_cannot_take_in_one_line(tmp_path):
+    """Tiles of 40 px are cut (captioning takes any size); training says which sizes the model takes."""
+    root = make_index_folder(tmp_path / "f", splits={"Train": ("a", "b"), "Val": ("c",)})
+    prepare("--dataset", "folder", "--root", root, "--out", tmp_path / "t", "--size", 40, "--mask-format", "index",
+            "--classes", "road=1,building=2,tree=3", "--ignore", 0)  # fmt: skip
+    flags = ["--manifest", str(tmp_path / "t" / "manifest.yaml"), "--preset", "test_tiny_notext", "--out",
+             str(tmp_path / "run"), "--steps", "1"]  # fmt: skip
+    result = runner.invoke(segmenter_app, ["train", *flags])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    [line] = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert "tiles of 40 px; the model takes sides that are multiples of 32" in line and "--size 32" in line
+    assert not (tmp_path / "run" / "run.json").exists()

@@ -38,7 +38,7 @@ from segmenter.engine.run_record import (
 )
 from segmenter.engine.runs import RunPaths, local_weights, open_for_training, restore_checkpoint, save_checkpoint
 from segmenter.engine.text_input import load_text_features, text_cache_folder
-from segmenter.model import MPerSSegmenter, SegmenterConfig, SegmenterOutput, build_model, preset_config
+from segmenter.model import MODEL_STRIDE, MPerSSegmenter, SegmenterConfig, SegmenterOutput, build_model, preset_config
 from segmenter.text import ExpertTextFeatures
 from segmenter.text.encoder import check_text_weights, text_feature_width
 from segmenter.text.features import run_experts
@@ -152,9 +152,17 @@ def _train_samples(index: TileIndex, text: ExpertTextFeatures | None, augmentati
         )
     unlabelled = samples.frame["label_path"].isna()
     if unlabelled.any():
+        sources = sorted(set(samples.frame["source_id"][unlabelled]))
         raise InputError(f"tile index {index.root}: tile {samples.frame['tile_id'][unlabelled].iloc[0]} (and "
-                         f"{int(unlabelled.sum()) - 1} more) of split 'train' has no label; this index is for "
-                         "captioning/prediction only")  # fmt: skip
+                         f"{int(unlabelled.sum()) - 1} more) of split 'train' has no label (sources without a mask: "
+                         f"{', '.join(sources)}); give them their masks, or prepare with --train listing the "
+                         "labelled sources only")  # fmt: skip
+    sides = sorted(set(samples.frame["width"]) | set(samples.frame["height"]))
+    if any(side % MODEL_STRIDE for side in sides):
+        raise InputError(f"tile index {index.root}: tiles of {' / '.join(map(str, sides))} px; the model takes "
+                         f"sides that are multiples of {MODEL_STRIDE} (its coarsest feature map is 1/{MODEL_STRIDE}): "
+                         f"prepare with --size {max(MODEL_STRIDE, round(sides[0] / MODEL_STRIDE) * MODEL_STRIDE)} "
+                         "(or another multiple)")  # fmt: skip
     return samples
 
 
