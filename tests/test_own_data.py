@@ -328,3 +328,17 @@ def test_train_refuses_tiles_the_model_cannot_take_in_one_line(tmp_path):
     [line] = [line for line in result.output.splitlines() if line.startswith("error: ")]
     assert "tiles of 40 px; the model takes sides that are multiples of 32" in line and "--size 32" in line
     assert not (tmp_path / "run" / "run.json").exists()
+
+
+def test_evaluate_names_the_ground_truth_it_used_in_its_table(tmp_path):
+    """A folder dataset has one label per source: the default --gt eroded falls back to it, and the table says full."""
+    root = make_index_folder(tmp_path / "f", splits={"Train": ("a", "b"), "Val": ("c",)})
+    prepare("--dataset", "folder", "--root", root, "--out", tmp_path / "t", "--size", 32, "--mask-format", "index",
+            "--classes", "road=1,building=2,tree=3", "--ignore", 0)  # fmt: skip
+    flags = ["--manifest", str(tmp_path / "t" / "manifest.yaml"), "--preset", "test_tiny_notext", "--out",
+             str(tmp_path / "run"), "--steps", "1", "--batch-size", "2"]  # fmt: skip
+    assert runner.invoke(segmenter_app, ["train", *flags]).exit_code == 0
+    result = runner.invoke(segmenter_app, ["evaluate", "--run", str(tmp_path / "run"), "--split", "val"])
+    assert result.exit_code == 0, result.output
+    assert "evaluating against its full labels" in result.output and "(val, full GT)" in result.output
+    assert "eroded GT" not in result.output

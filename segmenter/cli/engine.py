@@ -147,7 +147,7 @@ def evaluate(
     )  # fmt: skip
     with progress("evaluate") as on_source:
         metrics = run_evaluation(run, settings, on_source)
-    print(metrics.markdown(f"{run} ({split}, {gt} GT)"))
+    print(metrics.markdown(f"{run} ({split}, {metrics.gt} GT)"))  # the ground truth used, after any fallback
 
 
 @app.command()
