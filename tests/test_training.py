@@ -202,7 +202,13 @@ def test_evaluate_and_predict_a_trained_run(run_inputs, tmp_path):
         assert result.crs.to_epsg() == 32632 and result.transform == transform
         assert (result.height, result.width, result.count) == (96, 80, 1)
         assert result.read(1).max() < 6
-    assert (tmp_path / "pred" / "scene_color.png").is_file()
+        # the file names its values: a GIS user reads class names and colours without the run folder
+        names = json.loads(result.tags()["class_names"])
+        assert names == metrics.class_names and result.tags(1)["class_5"] == names[5]
+        colour_png = np.asarray(Image.open(tmp_path / "pred" / "scene_color.png").convert("RGB"))
+        colours = result.colormap(1)
+        values = result.read(1)
+        np.testing.assert_array_equal(np.array([colours[v][:3] for v in values.ravel()]).reshape(96, 80, 3), colour_png)
 
 
 def test_the_run_reads_the_experts_its_store_has(run_inputs, tmp_path, capsys):
