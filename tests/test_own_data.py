@@ -198,7 +198,10 @@ def test_a_folder_of_id_masks_with_capitalised_split_folders(tmp_path):
     index = read_tile_index(out)
     assert index.class_names == ["road", "building", "tree"]
     assert sorted(index.frame["split"].unique()) == ["train", "val"]  # Train/ and Val/, in the index's lower case
-    assert "train/b: 5 label pixels with ids outside the declared classes (id 9: 5 px)" in output
+    assert (
+        "train/b: 5 label pixels with ids outside the declared classes (id 9: 5 px) were set to the ignore index; "
+        "declare them in --classes (name=ID gives a class its mask id) or as --ignore values" in output
+    )
     for split, name in [("Train", "a"), ("Train", "b"), ("Val", "c")]:
         image = np.asarray(Image.open(root / split / "images" / f"{name}.png"))
         ids = np.asarray(Image.open(root / split / "masks" / f"{name}.png"))

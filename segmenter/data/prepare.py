@@ -127,8 +127,12 @@ class SourceReport:
             outside = "with colours outside the palette" if self.label_values == "colours" else (
                 "with ids outside the declared classes")  # fmt: skip
             named = describe_unknown(self.unknown, as_colours=self.label_values == "colours")
+            # With index masks the usual cause is a class list counted from 0 where the masks count from 1.
+            hint = "" if self.label_values == "colours" else (
+                "; declare them in --classes (name=ID gives a class its mask id) or as --ignore values")  # fmt: skip
             lines.append(
-                f"{self.source_id}: {self.stray_pixels} label pixels {outside} ({named}) were set to the ignore index"
+                f"{self.source_id}: {self.stray_pixels} label pixels {outside} ({named}) were set to the ignore "
+                f"index{hint}"
             )
         return lines
 
