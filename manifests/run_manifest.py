@@ -216,7 +216,13 @@ def _check_mask_values(config: FolderConfig) -> None:
     if foreign:
         expected = "colours [r, g, b]" if rgb else "ids"
         raise ValueError(f"ignore: {', '.join(foreign)}: mask_format {config.mask_format} ignores {expected}")
-    both = sorted({str(value) for value in config.ignore if (tuple(value) if rgb else value) in codes})
+    owners = {
+        code: spec.name
+        for spec, ids in zip(config.classes, config.class_ids(), strict=True)
+        for code in ([tuple(spec.color)] if rgb else ids)
+    }
+    both = sorted({f"{value} (class {owners[key]})" for value in config.ignore
+                   if (key := tuple(value) if rgb else value) in owners})  # fmt: skip
     if both:
         raise ValueError(f"ignore: {', '.join(both)} also codes a class")
 

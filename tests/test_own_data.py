@@ -255,6 +255,8 @@ def test_a_yaml_integer_id_is_refused_with_the_quoted_form(tmp_path):
         (["--dataset", "folder", "--mask-format", "index", "--classes", "a", "--ignore", "#000000"],
          "error: --ignore: (0, 0, 0): --mask-format index ignores ids"),
         (["--dataset", "syndrone", "--towns", "9"], "error: --towns: unknown value '9'"),
+        (["--dataset", "folder", "--mask-format", "index", "--classes", "road=1,tree=3", "--ignore", "3"],
+         "error: --ignore: 3 (class tree) also codes a class"),
     ],
 )  # fmt: skip
 def test_every_refusal_of_a_flag_names_it(tmp_path, flags, message):

@@ -8,6 +8,7 @@ classes contract (``manifests/class_predictions.py``), which prompts read where 
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import numpy as np
 import pandas as pd
 import rasterio
 from PIL import Image
+from rasterio.errors import NotGeoreferencedWarning
 
 from manifests.atomic import atomic_path
 from manifests.class_predictions import write_class_predictions
@@ -55,7 +57,7 @@ def image_files(inputs: list[Path]) -> list[Path]:
         for path in found:
             files.setdefault(path.resolve(), path)
     if not files:
-        raise InputError("--images: no image files found")
+        raise InputError(f"--images: no image files ({', '.join(sorted(SUFFIXES))}) in {', '.join(map(str, inputs))}")
     by_stem: dict[str, Path] = {}
     for path in files.values():
         other = by_stem.setdefault(path.stem.casefold(), path)
@@ -160,7 +162,9 @@ def _write_maps(trained: TrainedRun, path: Path, out: Path, classes: np.ndarray,
     options = {"driver": "GTiff", "height": classes.shape[0], "width": classes.shape[1], "count": 1,
                "dtype": "uint8", "compress": "deflate", **profile}  # fmt: skip
     index = trained.index
-    with atomic_path(target) as tmp, rasterio.open(tmp, "w", **options) as sink:
+    with atomic_path(target) as tmp, warnings.catch_warnings(), rasterio.open(tmp, "w", **options) as sink:
+        # A PNG or JPEG input has no georeferencing: its map has none either, which is all the warning says.
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
         sink.write(classes, 1)
         # The values are class indices in the run's order, not the codes of the user's masks: named in the file
         # (tags and a colour table GIS tools show), so the map can be read without the run folder.
