@@ -44,7 +44,7 @@ from flows.escaping import for_matplotlib
 from manifests.atomic import atomic_path, atomic_write_text
 from manifests.caption_store import selected_captions
 from manifests.errors import InputError
-from manifests.run_manifest import load_manifest
+from manifests.run_manifest import load_caption_manifest
 from manifests.tile_index import TileIndex, read_tile_index
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -280,10 +280,7 @@ def calibrate_gate(
             without usable captions of the index's tiles.
     """
     _check_options(sample, false_pass)
-    loaded = load_manifest(manifest)
-    if loaded.captions is None:
-        raise InputError(f"manifest {loaded.source}: has no captions section")
-    config = loaded.captions
+    loaded, config = load_caption_manifest(manifest)
     index = read_tile_index(loaded.tiling.out)
     store_path = Path(store or config.store)
     captions = _usable_captions(store_path, index, f"run `flows run generate-captions --manifest {manifest} --limit N` "

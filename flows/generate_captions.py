@@ -65,7 +65,7 @@ from manifests.errors import InputError
 from manifests.locks import FolderBusy
 from manifests.names import check_name, safe_join
 from manifests.redaction import redact
-from manifests.run_manifest import CaptionsConfig, ExpertConfig, RunManifest, load_manifest
+from manifests.run_manifest import CaptionsConfig, ExpertConfig, RunManifest, load_caption_manifest
 from manifests.tile_index import read_tile_index
 
 GPU_TAG = "gpu"
@@ -141,8 +141,7 @@ def caption_shard(
     the attempts an earlier execution already wrote there are carried into the new fragment, and only the keys still
     not done are asked again, their attempt numbers continuing where the store's stop.
     """
-    manifest = load_manifest(manifest_path)
-    captions = manifest.captions
+    manifest, captions = load_caption_manifest(manifest_path)
     index = read_tile_index(manifest.tiling.out)
     frame = index.frame[index.frame["tile_id"].isin(set(tile_ids))]
     policy = run_policy(captions, store)
@@ -407,8 +406,7 @@ def generate_captions_flow(
     """
     logger = get_run_logger()
     started = time.perf_counter()
-    manifest = load_manifest(manifest_path)
-    captions = manifest.captions
+    manifest, captions = load_caption_manifest(manifest_path)
     index = read_tile_index(manifest.tiling.out)
     tile_ids = sorted(index.frame["tile_id"])[:limit]
     sources = class_sources(index.frame[index.frame["tile_id"].isin(set(tile_ids))], captions.prompts)
@@ -515,10 +513,7 @@ def _check_inputs(settings: CaptionRunSettings) -> _CheckedRun:
     Raises:
         InputError: see :func:`generate_captions`.
     """
-    manifest = load_manifest(settings.manifest)
-    captions = manifest.captions
-    if captions is None:
-        raise InputError(f"manifest {manifest.source}: has no captions section")
+    manifest, captions = load_caption_manifest(settings.manifest)
     chosen = _chosen_experts(captions, settings.experts)
     index = read_tile_index(manifest.tiling.out)  # fail early with a clear message
     # Likewise the class sources and the predictions they need, before any shard task starts.

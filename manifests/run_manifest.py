@@ -248,7 +248,13 @@ def _check_mask_values(config: FolderConfig) -> None:
     if foreign:
         expected = "colours [r, g, b]" if rgb else "ids"
         raise ValueError(f"ignore: {', '.join(foreign)}: mask_format {config.mask_format} ignores {expected}")
-    both = sorted({str(value) for value in config.ignore if (tuple(value) if rgb else value) in codes})
+    owners = {
+        code: spec.name
+        for spec, ids in zip(config.classes, config.class_ids(), strict=True)
+        for code in ([tuple(spec.color)] if rgb else ids)
+    }
+    both = sorted({f"{value} (class {owners[key]})" for value in config.ignore
+                   if (key := tuple(value) if rgb else value) in owners})  # fmt: skip
     if both:
         raise ValueError(f"ignore: {', '.join(both)} also codes a class")
 
@@ -864,3 +870,19 @@ def load_manifest(name_or_path: str | Path) -> RunManifest:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise InputError(f"manifest {path}: {'; '.join(problems[:3])}{more}") from None
     return manifest.model_copy(update={"source": path, "sha256": hashlib.sha256(text.encode()).hexdigest()})
+
+
+def load_caption_manifest(name_or_path: str | Path) -> tuple[RunManifest, CaptionsConfig]:
+    """A run manifest that has a captions section (what the caption flows read), and that section.
+
+    Raises:
+        InputError: see :func:`load_manifest`; or no captions section (a manifest ``segmenter prepare`` wrote holds
+            the dataset and tiling only), with where to copy one from.
+    """
+    manifest = load_manifest(name_or_path)
+    if manifest.captions is None:
+        raise InputError(
+            f"manifest {manifest.source}: has no captions section (the experts, prompts, CLIP scorer and store of "
+            "the caption stage); add one, e.g. copied from the packaged manifests/demo.yaml (README: Run manifests)"
+        )
+    return manifest, manifest.captions

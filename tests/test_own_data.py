@@ -198,7 +198,10 @@ def test_a_folder_of_id_masks_with_capitalised_split_folders(tmp_path):
     index = read_tile_index(out)
     assert index.class_names == ["road", "building", "tree"]
     assert sorted(index.frame["split"].unique()) == ["train", "val"]  # Train/ and Val/, in the index's lower case
-    assert "train/b: 5 label pixels with ids outside the declared classes (id 9: 5 px)" in output
+    assert (
+        "train/b: 5 label pixels with ids outside the declared classes (id 9: 5 px) were set to the ignore index; "
+        "declare them in --classes (name=ID gives a class its mask id) or as --ignore values" in output
+    )
     for split, name in [("Train", "a"), ("Train", "b"), ("Val", "c")]:
         image = np.asarray(Image.open(root / split / "images" / f"{name}.png"))
         ids = np.asarray(Image.open(root / split / "masks" / f"{name}.png"))
@@ -252,6 +255,8 @@ def test_a_yaml_integer_id_is_refused_with_the_quoted_form(tmp_path):
         (["--dataset", "folder", "--mask-format", "index", "--classes", "a", "--ignore", "#000000"],
          "error: --ignore: (0, 0, 0): --mask-format index ignores ids"),
         (["--dataset", "syndrone", "--towns", "9"], "error: --towns: unknown value '9'"),
+        (["--dataset", "folder", "--mask-format", "index", "--classes", "road=1,tree=3", "--ignore", "3"],
+         "error: --ignore: 3 (class tree) also codes a class"),
     ],
 )  # fmt: skip
 def test_every_refusal_of_a_flag_names_it(tmp_path, flags, message):
@@ -314,3 +319,31 @@ def test_boundary_and_no_data_pixels_are_counted_without_separate_eval_labels(tm
     for stride in (None, 7):  # overlapping tiles count each pixel once
         [report] = prepare_tiles(config, TilingConfig(size=16, stride=stride, out=tmp_path / f"t{stride}")).sources
         assert (report.boundary_pixels, report.nodata_pixels, report.stray_pixels) == (500, 100, 0)
+
+
+def test_train_refuses_tiles_the_model_cannot_take_in_one_line(tmp_path):
+    """Tiles of 40 px are cut (captioning takes any size); training says which sizes the model takes."""
+    root = make_index_folder(tmp_path / "f", splits={"Train": ("a", "b"), "Val": ("c",)})
+    prepare("--dataset", "folder", "--root", root, "--out", tmp_path / "t", "--size", 40, "--mask-format", "index",
+            "--classes", "road=1,building=2,tree=3", "--ignore", 0)  # fmt: skip
+    flags = ["--manifest", str(tmp_path / "t" / "manifest.yaml"), "--preset", "test_tiny_notext", "--out",
+             str(tmp_path / "run"), "--steps", "1"]  # fmt: skip
+    result = runner.invoke(segmenter_app, ["train", *flags])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    [line] = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert "tiles of 40 px; the model takes sides that are multiples of 32" in line and "--size 32" in line
+    assert not (tmp_path / "run" / "run.json").exists()
+
+
+def test_evaluate_names_the_ground_truth_it_used_in_its_table(tmp_path):
+    """A folder dataset has one label per source: the default --gt eroded falls back to it, and the table says full."""
+    root = make_index_folder(tmp_path / "f", splits={"Train": ("a", "b"), "Val": ("c",)})
+    prepare("--dataset", "folder", "--root", root, "--out", tmp_path / "t", "--size", 32, "--mask-format", "index",
+            "--classes", "road=1,building=2,tree=3", "--ignore", 0)  # fmt: skip
+    flags = ["--manifest", str(tmp_path / "t" / "manifest.yaml"), "--preset", "test_tiny_notext", "--out",
+             str(tmp_path / "run"), "--steps", "1", "--batch-size", "2"]  # fmt: skip
+    assert runner.invoke(segmenter_app, ["train", *flags]).exit_code == 0
+    result = runner.invoke(segmenter_app, ["evaluate", "--run", str(tmp_path / "run"), "--split", "val"])
+    assert result.exit_code == 0, result.output
+    assert "evaluating against its full labels" in result.output and "(val, full GT)" in result.output
+    assert "eroded GT" not in result.output

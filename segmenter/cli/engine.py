@@ -147,7 +147,7 @@ def evaluate(
     )  # fmt: skip
     with progress("evaluate") as on_source:
         metrics = run_evaluation(run, settings, on_source)
-    print(metrics.markdown(f"{run} ({split}, {gt} GT)"))
+    print(metrics.markdown(f"{run} ({split}, {metrics.gt} GT)"))  # the ground truth used, after any fallback
 
 
 @app.command()
@@ -171,6 +171,9 @@ def predict(
     device: DeviceOption = default(PredictSettings, "device"),
     missing_captions: MissingOption = default(PredictSettings, "missing_captions"),
     scale: Annotated[Scale, typer.Option(help=SCALE_HELP)] = default(PredictSettings, "scale"),
+    max_pixels: Annotated[
+        int, typer.Option(help="pixel budget of one image: a larger one is refused before it is read")
+    ] = default(PredictSettings, "max_pixels"),
     batch_size: BatchOption = None,
     text_cache: TextCacheOption = None,
     backbone_file: MovedBackboneOption = None,
@@ -183,8 +186,8 @@ def predict(
 
     settings = build_settings(
         PredictSettings, captions=captions, window=window, overlap=overlap, device=device,
-        missing_captions=missing_captions, scale=scale, batch_size=batch_size, text_cache=text_cache,
-        backbone_file=backbone_file, text_checkpoint=text_checkpoint,
+        missing_captions=missing_captions, scale=scale, max_pixels=max_pixels, batch_size=batch_size,
+        text_cache=text_cache, backbone_file=backbone_file, text_checkpoint=text_checkpoint,
     )  # fmt: skip
     if index is not None or predictions is not None:
         if index is None or predictions is None or images or out:

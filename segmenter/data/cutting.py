@@ -104,12 +104,14 @@ class CutFacts:
         label_stats: per label file (label, and eval label when it is another file), the pixels its decoding
             set to the ignore index, by reason.
         image_label_colours: how many colours the image has when all are palette colours (a label map), else 0.
+        bands: the image's bands.
     """
 
     height: int
     width: int
     label_stats: dict[SourceFile, DecodeStats]
     image_label_colours: int
+    bands: int = 3
 
 
 @dataclass(frozen=True)
@@ -208,7 +210,11 @@ def cut_source(
     with ExitStack() as stack:
         image = stack.enter_context(open_windows(source.image, tiling.max_pixels))
         if image.dtype != np.uint8:
-            raise InputError(f"{source.image}: expected 8-bit pixels, got {image.dtype}")
+            raise InputError(
+                f"{source.image}: expected 8-bit pixels, got {image.dtype}; prepare cuts 8-bit images (what the "
+                "backbone and the caption experts read): stretch it to 8 bits first, e.g. gdal_translate -ot Byte "
+                "-scale <min> <max> 0 255 in.tif out.tif (segmenter predict --scale does this for new images)"
+            )
         labels = _open_labels(source, image, tiling, stack)
         check = LabelMapCheck(dataset.colors, dataset.ignore_index, active=dataset.mask_format == "rgb")
         columns = window_starts(image.width, size, stride)
@@ -223,4 +229,4 @@ def cut_source(
             tile = (min(size, image.height), min(size, image.width))
             rows += [_crop_row(dataset, source, band, (start, x, *tile), (crop_dir, prefix, size)) for x in columns]
         stats = {label.file: label.stats for label in labels.values() if label is not None}
-        return rows, CutFacts(image.height, image.width, stats, check.colours)
+        return rows, CutFacts(image.height, image.width, stats, check.colours, image.bands)

@@ -83,6 +83,7 @@ class SourceReport:
             distinct colours it has: the "image" is then a label map. 0 for a photo.
         overlays: label files of the source that look like the mask overlaid on the photo.
         labelled: whether the source has a label.
+        bands: the image's bands (crops keep them all; the model reads the first three).
     """
 
     source_id: str
@@ -100,6 +101,7 @@ class SourceReport:
     height: int = 0
     width: int = 0
     labelled: bool = True
+    bands: int = 3
 
     @property
     def image_is_label_map(self) -> bool:
@@ -126,8 +128,12 @@ class SourceReport:
             outside = "with colours outside the palette" if self.label_values == "colours" else (
                 "with ids outside the declared classes")  # fmt: skip
             named = describe_unknown(self.unknown, as_colours=self.label_values == "colours")
+            # With index masks the usual cause is a class list counted from 0 where the masks count from 1.
+            hint = "" if self.label_values == "colours" else (
+                "; declare them in --classes (name=ID gives a class its mask id) or as --ignore values")  # fmt: skip
             lines.append(
-                f"{self.source_id}: {self.stray_pixels} label pixels {outside} ({named}) were set to the ignore index"
+                f"{self.source_id}: {self.stray_pixels} label pixels {outside} ({named}) were set to the ignore "
+                f"index{hint}"
             )
         return lines
 
@@ -212,6 +218,7 @@ def _cut_source(
         height=facts.height,
         width=facts.width,
         labelled=source.label is not None,
+        bands=facts.bands,
     )
     return rows, report
 
@@ -222,13 +229,24 @@ def _first_five(names: list[str]) -> str:
 
 def _padded(reports: list[SourceReport], size: int) -> list[str]:
     """One line naming the sources smaller than the tile, whose crops were padded (empty when there are none)."""
-    small = [f"{r.source_id} ({r.height} x {r.width} px)" for r in reports if r.height < size or r.width < size]
+    small = [f"{r.source_id} ({r.width} x {r.height} px)" for r in reports if r.height < size or r.width < size]
     if not small:
         return []
     return [
         f"{len(small)} source(s) smaller than the {size} px tile: {_first_five(small)}; their crops were padded to "
         f"{size} x {size} px with black pixels and the ignore index in the labels (width/height in the index give "
         "the real extent)"
+    ]
+
+
+def _extra_bands(reports: list[SourceReport]) -> list[str]:
+    """One line naming the sources with more than three bands (RGBIR orthophotos, RGBN tiles), said once."""
+    wide = [f"{report.source_id} ({report.bands} bands)" for report in reports if report.bands > 3]
+    if not wide:
+        return []
+    return [
+        f"{len(wide)} source(s) with more than 3 bands: {_first_five(wide)}; their crops keep every band (TIFF), the "
+        "segmenter and the caption experts read bands 1-3 as RGB"
     ]
 
 
@@ -288,6 +306,7 @@ def _cut_sources(
         dataset.notices
         + [line for report in reports for line in report.warnings]
         + _padded(reports, tiling.size)
+        + _extra_bands(reports)
         + _unlabelled(reports)
     )
     return rows, reports, warnings

@@ -166,16 +166,19 @@ def read_raster(file: SourceFile) -> np.ndarray:
 
 
 @contextmanager
-def open_image_windows(path: Path, scale: str) -> Iterator[tuple[WindowReader, dict]]:
+def open_image_windows(path: Path, scale: str, max_pixels: int | None = None) -> Iterator[tuple[WindowReader, dict]]:
     """A window reader of an image to predict, with its georeferencing (``crs``, ``transform``).
 
     An 8-bit image is read by windows. Any other image is read whole: stretching pixels that are not 8-bit needs
-    the statistics of the whole image (:func:`segmenter.data.raster_io.to_uint8`).
+    the statistics of the whole image (:func:`segmenter.data.raster_io.to_uint8`). The pixel budget is checked on
+    the header, before a pixel is read (the class map of the whole image is held in memory).
 
     Raises:
-        InputError: not a readable raster, or pixels that are not 8-bit with ``scale`` ``none``.
+        InputError: not a readable raster, over ``max_pixels``, or pixels that are not 8-bit with ``scale``
+            ``none``.
     """
     with _gdal_dataset(str(path), str(path)) as dataset:
+        check_pixel_budget(path, dataset.height, dataset.width, max_pixels)
         profile = {"crs": dataset.crs, "transform": dataset.transform}
         reader = RasterWindows(dataset, str(path))
         if all(dtype == "uint8" for dtype in dataset.dtypes):

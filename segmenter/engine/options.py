@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from manifests.devices import usable_cpus
 from manifests.errors import InputError
 from manifests.names import check_name
+from manifests.run_manifest import DEFAULT_MAX_PIXELS
 
 if TYPE_CHECKING:
     from segmenter.model import SegmenterConfig
@@ -247,9 +248,11 @@ class EvaluateSettings(WindowSettings):
 
 
 class PredictSettings(WindowSettings):
-    """How ``segmenter predict`` reads new images: ``scale`` says how to stretch an image that is not 8-bit."""
+    """How ``segmenter predict`` reads new images: ``scale`` says how to stretch an image that is not 8-bit, and
+    ``max_pixels`` is the pixel budget of one image (``prepare``'s, whose default it shares)."""
 
     scale: Scale = Scale.none
+    max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, gt=0)
 
 
 def option_error(exc: ValidationError) -> InputError:

@@ -30,7 +30,12 @@ from manifests.run_manifest import RunManifest, load_manifest
 from manifests.tile_index import TileIndex, read_tile_index
 from segmenter.data.samples import PlannedBatches, TileSamples, training_loader
 from segmenter.engine.options import Augmentation, MissingCaptions, TrainSettings
-from segmenter.engine.run_record import RunRecord, prompt_class_sources, selected_captions_sha256
+from segmenter.engine.run_record import (
+    RunRecord,
+    check_resumed_run,
+    prompt_class_sources,
+    selected_captions_sha256,
+)
 from segmenter.engine.runs import (
     RunPaths,
     local_weights,
@@ -40,7 +45,7 @@ from segmenter.engine.runs import (
     writing,
 )
 from segmenter.engine.text_input import load_text_features, text_cache_folder
-from segmenter.model import MPerSSegmenter, SegmenterConfig, SegmenterOutput, build_model, preset_config
+from segmenter.model import MODEL_STRIDE, MPerSSegmenter, SegmenterConfig, SegmenterOutput, build_model, preset_config
 from segmenter.text import ExpertTextFeatures
 from segmenter.text.encoder import check_text_weights, text_feature_width
 from segmenter.text.features import run_experts
@@ -154,9 +159,17 @@ def _train_samples(index: TileIndex, text: ExpertTextFeatures | None, augmentati
         )
     unlabelled = samples.frame["label_path"].isna()
     if unlabelled.any():
+        sources = sorted(set(samples.frame["source_id"][unlabelled]))
         raise InputError(f"tile index {index.root}: tile {samples.frame['tile_id'][unlabelled].iloc[0]} (and "
-                         f"{int(unlabelled.sum()) - 1} more) of split 'train' has no label; this index is for "
-                         "captioning/prediction only")  # fmt: skip
+                         f"{int(unlabelled.sum()) - 1} more) of split 'train' has no label (sources without a mask: "
+                         f"{', '.join(sources)}); give them their masks, or prepare with --train listing the "
+                         "labelled sources only")  # fmt: skip
+    sides = sorted(set(samples.frame["width"]) | set(samples.frame["height"]))
+    if any(side % MODEL_STRIDE for side in sides):
+        raise InputError(f"tile index {index.root}: tiles of {' / '.join(map(str, sides))} px; the model takes "
+                         f"sides that are multiples of {MODEL_STRIDE} (its coarsest feature map is 1/{MODEL_STRIDE}): "
+                         f"prepare with --size {max(MODEL_STRIDE, round(sides[0] / MODEL_STRIDE) * MODEL_STRIDE)} "
+                         "(or another multiple)")  # fmt: skip
     return samples
 
 
@@ -378,6 +391,8 @@ def train(
         run = load_manifest(manifest)
         index = read_tile_index(run.tiling.out)
         paths, recorded = open_for_training(out, resume)
+        if recorded is not None:
+            check_resumed_run(recorded, settings, run.sha256, list(index.class_names))
         job = _job(index, settings, captions, paths, recorded, process)
         optimizer, scheduler = _optimizer(job.model, settings)
         step = 0

@@ -6,6 +6,10 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# The side of a model input must be a multiple of the coarsest feature map's stride (the pyramid's 1/32): the
+# decoder upsamples each level onto the next one.
+MODEL_STRIDE = 32
+
 TextEncoderId = Literal[
     "clip-vit-b16",
     "clip-vit-l14",
