@@ -3,15 +3,16 @@
 On the demo (its own work folder, default ``data/bench/caption_headroom``, resumable): the scenes and tiles, a tiny
 CLIP trained on the train tiles' label captions (``caption_pipeline.clip_training``: the gate's scorer and the text
 tower of ``test_tiny``), then, for every seed, ``test_tiny_notext`` (no captions) against ``test_tiny`` trained and
-evaluated with
+evaluated with (both without geometric augmentation, the text-guided default, so rows differ by their captions alone)
 
 - ``oracle``: the annotation expert's captions of the labels on every split. The ceiling: it reads the ground truth
   at test time, which no deployment can;
 - ``synthetic c``: the synthetic expert (``caption_pipeline.experts.synthetic``) corrupting that caption with
   probability about ``c`` (each of drop / insert / proportions at rate ``1 - (1 - c) ** (1 / 3)``), with the gate
-  off (every caption kept) and on (the absolute gate at the tau that lets ``GATE_FALSE_PASS`` of shuffled captions
-  of the train tiles through, as ``flows run calibrate-gate`` suggests, and up to ``GATE_ATTEMPTS`` attempts, each a
-  new draw); the gate's precision and recall at rejecting corrupted captions come from the caption report;
+  off (every caption kept) and on (the absolute gate at the tau that lets ``GATE_FALSE_PASS`` of shuffled clean
+  captions of the test tiles through, as ``flows run calibrate-gate --split test`` suggests, and up to
+  ``GATE_ATTEMPTS`` attempts, each a new draw); the gate's precision and recall at rejecting corrupted captions come
+  from the caption report;
 - ``predicted``: the annotation expert's captions of the labels on train, of the text-free model's predicted masks
   elsewhere (what a user can deploy);
 - ``blind``: no class information in any prompt: the demo's tiny Qwen2-VL (random weights, gibberish captions).
@@ -59,7 +60,7 @@ class Study:
         protocol: the caption protocol (oracle, predicted, blind).
         expert: the manifest entry of its expert.
         corruption: the synthetic expert's corruption level (None for the other experts).
-        gate: whether the gate filters (False: every usable caption passes, one attempt).
+        gate: whether the gate filters (False: every usable caption passes, one attempt; only synthetic rows filter).
     """
 
     row: str
@@ -125,9 +126,9 @@ def study_manifest(study: Study, folder: Path, tau: float | None = None) -> Path
     data["name"] = f"headroom_{study.name}"
     data["captions"]["store"] = f"data/demo/captions_headroom_{study.name}"
     data["captions"]["experts"] = [study.expert]
-    if study.corruption is not None:
-        data["captions"]["tau"] = tau if study.gate else 0.0
-        data["captions"]["max_attempts"] = GATE_ATTEMPTS if study.gate else 1
+    # Only the gate-on rows filter: every other row keeps every usable caption, so rows differ by their captions.
+    data["captions"]["tau"] = tau if study.gate else 0.0
+    data["captions"]["max_attempts"] = GATE_ATTEMPTS if study.gate else 1
     path = folder / f"headroom_{study.name}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
@@ -162,13 +163,14 @@ class Headroom(Bench):
         return store
 
     def gate_tau(self, oracle_manifest: Path) -> float:
-        """The tau that lets ``GATE_FALSE_PASS`` of shuffled clean captions of the train tiles through."""
+        """The tau that lets ``GATE_FALSE_PASS`` of shuffled clean captions through, calibrated on the test tiles (the
+        CLIP was trained on the train tiles, whose captions it fits better than a user's new tiles)."""
         from flows.calibrate import TileSample, calibrate_gate
 
         with self.quiet:
-            calibration = calibrate_gate(oracle_manifest, TileSample(10_000, split="train"), false_pass=GATE_FALSE_PASS)
+            calibration = calibrate_gate(oracle_manifest, TileSample(10_000, split="test"), false_pass=GATE_FALSE_PASS)
         group = calibration.experts["annotation"]
-        self.console.print(f"gate: train AUC {group.auc:.3f}, tau {group.tau_at_false_pass:.3f} (passes "
+        self.console.print(f"gate: test AUC {group.auc:.3f}, tau {group.tau_at_false_pass:.3f} (passes "
                            f"{group.own_pass_at_suggested:.0%} of clean own captions)")  # fmt: skip
         return group.tau_at_false_pass
 
@@ -177,6 +179,7 @@ def run_study(bench: Headroom, predictor: Path) -> list[str]:
     """Caption and train every text-guided row; returns their names."""
     from flows.demo import write_predicted_classes
     from manifests.run_manifest import load_manifest
+    from segmenter.engine.options import TEXT_GUIDED_AUGMENTATION
 
     tau = None
     names = []
@@ -188,7 +191,8 @@ def run_study(bench: Headroom, predictor: Path) -> list[str]:
         if study.protocol == "oracle" and study.corruption is None:
             tau = bench.gate_tau(manifest)
         for seed in bench.args.seeds:
-            bench.run(study.row, TEXT_GUIDED, f"headroom_{study.name}", str(manifest), seed, store=store)
+            bench.run(study.row, TEXT_GUIDED, f"headroom_{study.name}", str(manifest), seed, store=store,
+                      augmentation=TEXT_GUIDED_AUGMENTATION.value)  # fmt: skip
         names.append(study.row)
     return names
 
@@ -256,6 +260,7 @@ def main() -> None:
     from manifests.run_manifest import load_manifest
     from segmenter.data.demo_scenes import write_demo_dataset
     from segmenter.data.prepare import prepare_tiles
+    from segmenter.engine.options import TEXT_GUIDED_AUGMENTATION
 
     bench = Headroom(args)
     base = load_manifest("demo")
@@ -263,9 +268,11 @@ def main() -> None:
     prepare_tiles(base.dataset, base.tiling)
     build_demo_models(bench.console, base)
     bench.text_checkpoint = base.captions.clip.checkpoint
+    # The text-free model under the text-guided default augmentation (none), so rows differ by their captions alone.
+    augmentation = TEXT_GUIDED_AUGMENTATION.value
     for seed in args.seeds:
-        bench.run(TEXT_FREE_ROW, TEXT_FREE, "notext", "demo", seed, augmentation="d4")
-    rows = run_study(bench, bench.runs / f"notext_seed{args.seeds[0]}")
+        bench.run(TEXT_FREE_ROW, TEXT_FREE, f"notext_{augmentation}", "demo", seed, augmentation=augmentation)
+    rows = run_study(bench, bench.runs / f"notext_{augmentation}_seed{args.seeds[0]}")
     lines = table(bench, rows)
     print("\n".join(lines))
     plot(bench, args.work / "headroom.png")

@@ -55,4 +55,5 @@ def test_study_manifests_set_protocol_expert_and_gate(tmp_path):
     assert on["captions"]["store"] != off["captions"]["store"]
     blind = yaml.safe_load(study_manifest(rows["blind"], tmp_path).read_text())
     assert blind["captions"]["prompts"] == {"protocol": "blind"}
+    assert blind["captions"]["tau"] == 0.0 and blind["captions"]["max_attempts"] == 1  # only synthetic rows filter
     assert [expert["backend"] for expert in blind["captions"]["experts"]] == ["transformers"]
