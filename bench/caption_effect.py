@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from flows.demo import TEXT_FREE, TEXT_GUIDED
+from flows.demo import DEMO_SCENE_SIZE, TEXT_FREE, TEXT_GUIDED
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,6 +139,21 @@ def print_table(bench: Bench, text_rows: dict[str, str]) -> None:
         print(f"| {row} | {_spread(values)} | {diff} |")
 
 
+def prepare_demo(bench: Bench, scene_size: int = DEMO_SCENE_SIZE) -> None:
+    """The demo's scenes (of ``scene_size`` px), tiles and models in the work folder; the trained CLIP becomes the
+    text tower of the bench's text-guided runs."""
+    from flows.demo import build_demo_models
+    from manifests.run_manifest import load_manifest
+    from segmenter.data.demo_scenes import write_demo_dataset
+    from segmenter.data.prepare import prepare_tiles
+
+    base = load_manifest("demo")
+    write_demo_dataset(base.dataset.root, size=scene_size)
+    prepare_tiles(base.dataset, base.tiling)
+    build_demo_models(bench.console, base)
+    bench.text_checkpoint = base.captions.clip.checkpoint
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
@@ -149,18 +164,10 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     os.chdir(args.work)  # the demo manifest's relative paths resolve here
 
-    from flows.demo import build_demo_models
-    from manifests.run_manifest import load_manifest
-    from segmenter.data.demo_scenes import write_demo_dataset
-    from segmenter.data.prepare import prepare_tiles
     from segmenter.engine.options import TEXT_GUIDED_AUGMENTATION
 
     bench = Bench(args)
-    base = load_manifest("demo")
-    write_demo_dataset(base.dataset.root)
-    prepare_tiles(base.dataset, base.tiling)
-    build_demo_models(bench.console, base)
-    bench.text_checkpoint = base.captions.clip.checkpoint
+    prepare_demo(bench)
     default = TEXT_GUIDED_AUGMENTATION
     studied = ("d4", "d4_rewrite", "none") if args.augmentation_study else (default,)
     # Each text-guided row is compared with the text-free model under the same flips and rotations.

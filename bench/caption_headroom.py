@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: bench/ is on the path, the project root may not be
     sys.path.insert(0, str(ROOT))
 
-from bench.caption_effect import Bench, protocol_manifest  # noqa: E402
+from bench.caption_effect import Bench, prepare_demo, protocol_manifest  # noqa: E402
 from flows.demo import DEMO_SCENE_SIZE, TEXT_FREE, TEXT_GUIDED  # noqa: E402
 
 CORRUPTIONS = (0.25, 0.5)
@@ -256,18 +256,10 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     os.chdir(args.work)  # the demo manifest's relative paths resolve here
 
-    from flows.demo import build_demo_models
-    from manifests.run_manifest import load_manifest
-    from segmenter.data.demo_scenes import write_demo_dataset
-    from segmenter.data.prepare import prepare_tiles
     from segmenter.engine.options import TEXT_GUIDED_AUGMENTATION
 
     bench = Headroom(args)
-    base = load_manifest("demo")
-    write_demo_dataset(base.dataset.root, size=args.scene_size)
-    prepare_tiles(base.dataset, base.tiling)
-    build_demo_models(bench.console, base)
-    bench.text_checkpoint = base.captions.clip.checkpoint
+    prepare_demo(bench, args.scene_size)
     # The text-free model under the text-guided default augmentation (none), so rows differ by their captions alone.
     augmentation = TEXT_GUIDED_AUGMENTATION.value
     for seed in args.seeds:
