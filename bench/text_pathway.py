@@ -76,8 +76,8 @@ def main() -> None:
             norms[part] += float(parameter.grad.norm() ** 2)
     print(f"run {args.run.name}, {len(tile_ids)} train tiles, loss {float(loss.detach()):.3f}")
     print("gradient norm per part: " + ", ".join(f"{part} {value**0.5:.2e}" for part, value in norms.items()))
-    print(f"DMTE gates: mean {float(output.gates.mean()):.3f}, range {float(output.gates.min()):.3f}-"
-          f"{float(output.gates.max()):.3f}; DMTE weights {model.dmte.weights.detach().tolist()}")  # fmt: skip
+    print(f"DMTE gates: mean {float(output.gates.detach().mean()):.3f}, range {float(output.gates.detach().min()):.3f}-"
+          f"{float(output.gates.detach().max()):.3f}; DMTE weights {model.dmte.weights.detach().tolist()}")  # fmt: skip
     model.eval()
     with torch.no_grad():
         own = model(images, text, present).logits

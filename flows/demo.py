@@ -106,8 +106,7 @@ def print_gate_auc(console: Console, manifest_path: str | Path, split: str = "te
     calibration = calibrate_gate(manifest_path, TileSample(DEMO_AUC_SAMPLE, split=split))
     aucs = ", ".join(f"{expert} {group.auc:.3f}" for expert, group in calibration.experts.items())
     console.print(f"      gate ROC AUC, own vs shuffled captions of {calibration.sample_size} {split} tiles: {aucs} "
-                  f"(`flows run calibrate-gate --split {split}`; the tiny Qwen2-VL and LLaVA write gibberish, about "
-                  "0.5 is their honest score)")  # fmt: skip
+                  f"(`flows run calibrate-gate --split {split}`; the CLIP never saw these tiles)")  # fmt: skip
 
 
 def run_demo(
