@@ -22,12 +22,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev,dask]'
 	touch $(STAMP)
 
-# In-process vLLM experts (CUDA machines only). vLLM pins its own torch and transformers, so it gets its own
-# environment instead of downgrading .venv; run the caption stage from it: .venv-vllm/bin/flows run ...
+# In-process vLLM experts (CUDA machines only). vLLM pins its own torch (and, 0.12.0 to 0.19.0, transformers<5), so
+# it gets its own environment instead of changing .venv; run the caption stage from it: .venv-vllm/bin/flows run ...
+# The dask extra comes too (--runner dask). VLLM_CONSTRAINTS=.ci/constraints-vllm-oldest.txt builds it with the oldest
+# versions the extras allow.
+VLLM_CONSTRAINTS ?=
 vllm-env:
 	test -x .venv-vllm/bin/python || $(PYTHON) -m venv .venv-vllm
 	.venv-vllm/bin/python -m pip install --quiet --upgrade pip
-	.venv-vllm/bin/python -m pip install -e '.[vllm]'
+	.venv-vllm/bin/python -m pip install -e '.[vllm,dask]' $(if $(VLLM_CONSTRAINTS),-c $(VLLM_CONSTRAINTS))
 
 demo: install
 	$(BIN)/flows run demo

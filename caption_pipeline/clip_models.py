@@ -11,7 +11,9 @@ Two rules live here and nowhere else:
   flag. The activation is part of the model id, so stores and text caches computed with the other activation
   are never silently reused, and open_clip's mismatch warning is an error here.
 - **Whole captions.** CLIP's context is 77 tokens; a longer caption is split into chunks of ``context - 2`` BPE
-  tokens (room for start and end) whose normalised embeddings are averaged.
+  tokens (room for start and end) whose normalised embeddings are pooled into one (:data:`TEXT_POOLINGS`): averaged
+  with equal weights (``chunk_mean``, the caption gate's rule), averaged with weights by their token counts
+  (``token_weighted``), or only the first chunk is read (``truncate``, what CLIP's own tokenizers do).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from huggingface_hub import constants as hub_constants
-from huggingface_hub import is_offline_mode, try_to_load_from_cache
+from huggingface_hub import try_to_load_from_cache
 from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from safetensors import SafetensorError
 from torch import nn
@@ -52,6 +54,33 @@ TINY_CLIP_CONFIG: dict[str, Any] = {
     "vision_cfg": {"image_size": 96, "layers": [1, 1, 1, 1], "width": 8},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 }
+
+
+# How a caption longer than a text encoder's context becomes one vector (the segmenter's `text_pooling`).
+TEXT_POOLINGS = ("truncate", "chunk_mean", "token_weighted")
+
+
+def pooled_chunks(chunks: list[list[int]], pooling: str) -> list[tuple[list[int], float]]:
+    """The token chunks a caption is encoded from under ``pooling``, each with its weight in the caption's mean.
+
+    Raises:
+        ValueError: a pooling not in :data:`TEXT_POOLINGS`.
+    """
+    if pooling == "truncate":
+        return [(chunks[0], 1.0)]
+    if pooling == "chunk_mean":
+        return [(chunk, 1.0) for chunk in chunks]
+    if pooling == "token_weighted":
+        return [(chunk, float(max(len(chunk), 1))) for chunk in chunks]
+    raise ValueError(f"text pooling '{pooling}' unknown (expected one of {TEXT_POOLINGS})")
+
+
+def pool_rows(features: torch.Tensor, owners: list[int], weights: list[float], count: int) -> torch.Tensor:
+    """``(count, D)``: per caption the normalised weighted mean of its rows' normalised ``features``."""
+    weighted = F.normalize(features.float(), dim=-1) * torch.tensor(weights, device=features.device)[:, None]
+    pooled = torch.zeros(count, features.shape[-1], device=features.device)
+    pooled.index_add_(0, torch.tensor(owners, device=features.device), weighted)
+    return F.normalize(pooled, dim=-1)
 
 
 @dataclass(frozen=True)
@@ -105,7 +134,8 @@ class ClipWeights:
             InputError: see :meth:`missing_weights`.
         """
         hub = self.hub_files
-        if hub is None or not is_offline_mode():
+        # The constant, read at call time: is_offline_mode() only exists from huggingface_hub 1.2.1.
+        if hub is None or not hub_constants.HF_HUB_OFFLINE:
             return
         repo, files = hub
         if not any(isinstance(try_to_load_from_cache(repo, file), str) for file in files):
@@ -263,12 +293,14 @@ def network_activation(model: nn.Module) -> str:
 
 
 class ChunkedTextEncoder:
-    """CLIP text embeddings that see the whole caption, not only its first 77 tokens."""
+    """CLIP text embeddings that see the whole caption, not only its first 77 tokens (unless ``pooling`` is
+    ``truncate``)."""
 
-    def __init__(self, model: nn.Module, model_name: str) -> None:
+    def __init__(self, model: nn.Module, model_name: str, pooling: str = "chunk_mean") -> None:
         self.model = model
         self.tokenizer = open_clip.get_tokenizer(model_name)
         self.context = getattr(self.tokenizer, "context_length", 77)
+        self.pooling = pooling
 
     @property
     def device(self) -> torch.device:
@@ -289,17 +321,15 @@ class ChunkedTextEncoder:
     def embed(self, texts: list[str]) -> tuple[torch.Tensor, list[int], list[int]]:
         """What :meth:`encode` returns, with autograd as the caller has it (training a CLIP on whole captions)."""
         sot, eot = self.tokenizer.sot_token_id, self.tokenizer.eot_token_id
-        rows, owners, n_tokens, n_chunks = [], [], [], []
+        rows, owners, weights, n_tokens, n_chunks = [], [], [], [], []
         for index, text in enumerate(texts):
             chunks = self.token_chunks(text)
             n_tokens.append(sum(len(chunk) for chunk in chunks))
             n_chunks.append(len(chunks))
-            for chunk in chunks:
+            for chunk, weight in pooled_chunks(chunks, self.pooling):
                 ids = [sot, *chunk, eot]
                 rows.append(ids + [0] * (self.context - len(ids)))
                 owners.append(index)
+                weights.append(weight)
         tokens = torch.tensor(rows, dtype=torch.long, device=self.device)
-        features = F.normalize(self.model.encode_text(tokens).float(), dim=-1)
-        pooled = torch.zeros(len(texts), features.shape[-1], device=features.device)
-        pooled.index_add_(0, torch.tensor(owners, device=features.device), features)
-        return F.normalize(pooled, dim=-1), n_tokens, n_chunks
+        return pool_rows(self.model.encode_text(tokens), owners, weights, len(texts)), n_tokens, n_chunks

@@ -43,7 +43,7 @@ from flows.console import console
 from manifests.atomic import atomic_path, atomic_write_text
 from manifests.caption_store import selected_captions
 from manifests.errors import InputError
-from manifests.run_manifest import load_manifest
+from manifests.run_manifest import load_caption_manifest
 from manifests.tile_index import TileIndex, read_tile_index
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -293,10 +293,7 @@ def calibrate_gate(
             without usable captions of the index's tiles (of ``split``), a split the index does not have.
     """
     _check_options(sample.size, false_pass)
-    loaded = load_manifest(manifest)
-    if loaded.captions is None:
-        raise InputError(f"manifest {loaded.source}: has no captions section")
-    config = loaded.captions
+    loaded, config = load_caption_manifest(manifest)
     index = read_tile_index(loaded.tiling.out)
     if sample.split is not None:
         index = _only_split(index, sample.split)

@@ -33,7 +33,9 @@ def generate_captions(
 ) -> None:
     """Caption every tile with every expert and prompt, gate with CLIP, re-prompt failures; resumable."""
     from flows.prefect_api import process_api
+    from manifests.run_manifest import load_caption_manifest
 
+    load_caption_manifest(manifest)  # a manifest that cannot be captioned is refused before anything starts
     process_api(say)  # Prefect's server boots while the caption modules import and the inputs are checked
     from flows import generate_captions as module
 

@@ -24,6 +24,7 @@ import pandas as pd
 import pyarrow as pa
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
 from prefect.futures import as_completed
 
 from caption_pipeline.experts import expert_class, preflight
@@ -41,6 +42,7 @@ from caption_pipeline.gate import (
 from caption_pipeline.policy import GatePolicy
 from caption_pipeline.scoring import clip_weights
 from flows import model_cache
+from flows.dask_runner import release_in_workers, task_runner
 from flows.gate_store import (
     check_gate,
     check_scorer,
@@ -58,9 +60,8 @@ from manifests.caption_store import (
     read_store,
     write_fragment,
 )
-from manifests.devices import usable_cpus
 from manifests.errors import InputError
-from manifests.run_manifest import CaptionsConfig, ExpertConfig, RunManifest, load_manifest
+from manifests.run_manifest import CaptionsConfig, ExpertConfig, RunManifest, load_caption_manifest
 from manifests.tile_index import read_tile_index
 
 GPU_TAG = "gpu"
@@ -136,8 +137,7 @@ def caption_shard(
     the attempts an earlier execution already wrote there are carried into the new fragment, and only the keys still
     not done are asked again, their attempt numbers continuing where the store's stop.
     """
-    manifest = load_manifest(manifest_path)
-    captions = manifest.captions
+    manifest, captions = load_caption_manifest(manifest_path)
     index = read_tile_index(manifest.tiling.out)
     frame = index.frame[index.frame["tile_id"].isin(set(tile_ids))]
     policy = run_policy(captions, store)
@@ -313,38 +313,6 @@ def common_errors(frame: pd.DataFrame) -> dict[str, tuple[int, str]]:
     }
 
 
-def _task_runner(runner: str, address: str | None):
-    """The Prefect task runner of ``--runner``: threads of this process, or Dask.
-
-    ``dask`` without an address starts a LocalCluster of worker processes on this machine (one single-threaded
-    worker per CPU); with an address it connects to a running scheduler, whose workers are separate processes that
-    may live on other machines (see the README's "Captioning on a Dask cluster").
-    """
-    if runner not in ("threads", "dask"):
-        raise InputError(f"--runner: unknown runner '{runner}' (expected threads or dask)")
-    if address and runner != "dask":
-        raise InputError(f"--address: only --runner dask connects to a scheduler (got --runner {runner})")
-    if runner == "threads":
-        from prefect.task_runners import ThreadPoolTaskRunner
-
-        return ThreadPoolTaskRunner(max_workers=4)
-    try:
-        from prefect_dask import DaskTaskRunner
-    except ImportError:
-        raise InputError("--runner dask needs the dask extra: pip install 'mpers-toolkit[dask]'") from None
-    if address:
-        return DaskTaskRunner(address=address)
-    return DaskTaskRunner(cluster_kwargs=local_cluster_kwargs())
-
-
-def local_cluster_kwargs() -> dict:
-    """The LocalCluster of ``--runner dask`` without ``--address``: worker processes, as on a cluster, so a shard
-    task meets the same pickling and per-process model loading locally as it will there; one thread per worker
-    (an expert runs its own concurrency), one worker per CPU this process may use, listening on loopback only."""
-    cpus = usable_cpus()
-    return {"n_workers": max(1, cpus), "threads_per_worker": 1, "processes": True, "host": "127.0.0.1"}
-
-
 @dataclass(frozen=True)
 class _Shards:
     """The shard tasks of one run: what every task gets, and how many there are in all (for the progress)."""
@@ -388,11 +356,12 @@ def _run_shards(shards_of_run: _Shards, configs: list[ExpertConfig]) -> list[Sha
     alone = [config for config in configs if expert_class(config.backend).runs_alone]
     alongside = [future for config in configs if config not in alone for future in shards_of_run.submit(config)]
     results: list[ShardResult] = []
+    runner = getattr(FlowRunContext.get(), "task_runner", None)
     for config in alone:
         try:
             results += shards_of_run.collect(shards_of_run.submit(config), results)
         finally:
-            model_cache.release_expert(config)
+            release_in_workers(config, runner)  # a Dask worker's engine lives in its process, not in this one
         if any(result.unavailable for result in results):
             break
     results += shards_of_run.collect(alongside, results)
@@ -424,8 +393,7 @@ def generate_captions_flow(
     """
     logger = get_run_logger()
     started = time.perf_counter()
-    manifest = load_manifest(manifest_path)
-    captions = manifest.captions
+    manifest, captions = load_caption_manifest(manifest_path)
     index = read_tile_index(manifest.tiling.out)
     tile_ids = sorted(index.frame["tile_id"])[:limit]
     sources = class_sources(index.frame[index.frame["tile_id"].isin(set(tile_ids))], captions.prompts)
@@ -529,10 +497,7 @@ def _check_inputs(settings: CaptionRunSettings) -> _CheckedRun:
     Raises:
         InputError: see :func:`generate_captions`.
     """
-    manifest = load_manifest(settings.manifest)
-    captions = manifest.captions
-    if captions is None:
-        raise InputError(f"manifest {manifest.source}: has no captions section")
+    manifest, captions = load_caption_manifest(settings.manifest)
     chosen = _chosen_experts(captions, settings.experts)
     index = read_tile_index(manifest.tiling.out)  # fail early with a clear message
     # Likewise the class sources and the predictions they need, before any shard task starts.
@@ -580,7 +545,9 @@ def generate_captions(
     settings = run if isinstance(run, CaptionRunSettings) else CaptionRunSettings(run)
     api = process_api(say, local=False)  # a server PREFECT_API_URL names is checked first: the first thing to fix
     checked = _check_inputs(settings)
-    configured = generate_captions_flow.with_options(task_runner=_task_runner(settings.runner, settings.address))
+    configs = [config for config in checked.manifest.captions.experts if config.name in checked.experts]
+    runner = task_runner(settings.runner, settings.address, configs, say)
+    configured = generate_captions_flow.with_options(task_runner=runner)
     api.start()  # the inputs passed: a local server may start now
     run_id = new_run_id()
     manifest = checked.manifest
@@ -588,9 +555,7 @@ def generate_captions(
         if settings.runner == "threads":  # the shard tasks of this process share it: load it while the API comes up
             model_cache.scorer(manifest)
         api.wait()
-        if (
-            checked.policy.gate_mode.derives_thresholds
-        ):  # before the flow: a sample without a usable caption is one line
+        if checked.policy.gate_mode.derives_thresholds:  # before the flow: an unusable sample is one line
             derive_thresholds(manifest, checked.store, checked.experts, checked.tile_ids, run_id)
         summary = configured(
             str(manifest.source), checked.store, checked.experts, settings.limit, settings.shard_size, run_id

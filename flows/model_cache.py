@@ -104,7 +104,13 @@ def expert(config: ExpertConfig) -> Expert:
 
 def release_expert(config: ExpertConfig) -> None:
     """Drop this process's instance of an expert, closing it first (a vLLM engine frees its GPU memory)."""
-    ModelCache.of_process().release(expert_key(config))
+    release_key(expert_key(config))
+
+
+def release_key(key: str) -> None:
+    """Drop this process's object under ``key`` (an :func:`expert_key`), closing it: what a Dask worker runs when the
+    flow releases an expert in every worker."""
+    ModelCache.of_process().release(key)
 
 
 def scorer(manifest: RunManifest) -> ClipScorer:

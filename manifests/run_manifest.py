@@ -35,14 +35,50 @@ class _Strict(BaseModel):
 
 
 Channel = Annotated[int, Field(ge=0, le=255)]
+Colour = tuple[Channel, Channel, Channel]
+
+
+class YamlInt(int):
+    """An integer the manifest's YAML wrote in another form than its digits (``2_10``, ``007``, ``0x1F``), with that
+    text: YAML 1.1 reads Potsdam's ``2_10`` as 210, and a check that sees the text can name the quoted form to use."""
+
+    text: str
+
+    def __new__(cls, value: int, text: str) -> YamlInt:
+        """The integer ``value`` that YAML read from ``text``."""
+        number = super().__new__(cls, value)
+        number.text = text
+        return number
+
+
+def source_id_text(value: Any, key: str) -> str:
+    """A source id as the string the dataset numbers it by: a string as it is, an integer by its digits.
+
+    Raises:
+        ValueError: an integer that YAML read from another text (``2_10`` is 210: the message gives the quoted form),
+            a boolean, a float or anything else that is not a string.
+    """
+    if isinstance(value, YamlInt):
+        raise ValueError(
+            f"{key}: {value.text} is read by YAML as the integer {int(value)}; source ids are strings: write "
+            f"'{value.text}' (in quotes)"
+        )
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError(f"{key}: {value!r} is not a source id (expected a string such as '2_10', or a whole number)")
 
 
 class ClassSpec(_Strict):
-    """One class of a generic folder dataset: its name, the RGB colour that codes it in the masks, and how
-    captions and metrics treat it."""
+    """One class of a generic folder dataset: its name, what codes it in the masks (an RGB ``color`` in colour-coded
+    masks, its ``ids`` in id-coded ones), and how captions and metrics treat it."""
 
     name: str
-    color: tuple[Channel, Channel, Channel]
+    color: Colour | None = Field(default=None, description="rgb masks: the colour of the class (index: display only)")
+    ids: list[int] | None = Field(
+        default=None, description="index masks: the mask values of this class (default: its position in the list)"
+    )
     words: list[str] = Field(default_factory=list, description="more words a caption names this class by")
     plural: str | None = Field(default=None, description="plural noun: the class is counted as objects")
     in_mean: bool = Field(default=True, description="whether the headline mIoU/mF1 average over this class")
@@ -55,15 +91,28 @@ class _DatasetSettings(_Strict):
     root: Path
     id: str | None = Field(default=None, description="prefix of tile ids; defaults to the dataset name")
     split: str = "mpers"
-    custom_splits: dict[str, list[str | int]] | None = Field(
-        default=None, description="split -> source ids as the dataset numbers them (Vaihingen: 1, 3; Potsdam: 2_10)"
+    custom_splits: dict[str, list[str]] | None = Field(
+        default=None,
+        description="split -> source ids (strings) as the dataset numbers them (Vaihingen: '1', '3'; Potsdam: '2_10')",
     )
     ignore_index: int = Field(default=255, ge=0, le=255)
+
+    @field_validator("custom_splits", mode="before")
+    @classmethod
+    def _source_ids_are_strings(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        return {
+            split: [source_id_text(item, f"split '{split}'") for item in ids] if isinstance(ids, list) else ids
+            for split, ids in value.items()
+        }
 
     @model_validator(mode="after")
     def _custom_split_has_lists(self) -> _DatasetSettings:
         if self.split == "custom" and not self.custom_splits:
             raise ValueError("split 'custom' needs custom_splits: {train: [...], test: [...]}")
+        if self.split != "custom" and self.custom_splits:
+            raise ValueError(f"custom_splits are read with split 'custom' only (got split '{self.split}')")
         return self
 
     @property
@@ -71,13 +120,23 @@ class _DatasetSettings(_Strict):
         return self.id or self.name
 
 
-class VaihingenConfig(_DatasetSettings):
+class _ISPRSSettings(_DatasetSettings):
+    """The ISPRS 2D labelling datasets: which of their two ground truths training reads."""
+
+    labels: Literal["full", "eroded"] = Field(
+        default="full",
+        description="labels to train on: full (the COMPLETE ground truth) or eroded (boundaries ignored, as "
+        "mmsegmentation's recipe trains when only the eroded archive was downloaded)",
+    )
+
+
+class VaihingenConfig(_ISPRSSettings):
     """ISPRS Vaihingen: IRRG true orthophotos, the official archives or their extracted folders."""
 
     name: Literal["vaihingen"]
 
 
-class PotsdamConfig(_DatasetSettings):
+class PotsdamConfig(_ISPRSSettings):
     """ISPRS Potsdam, in one of its three orthophoto modalities."""
 
     name: Literal["potsdam"]
@@ -96,29 +155,86 @@ class SynDroneConfig(_DatasetSettings):
     heights: list[str | int] | None = Field(default=None, description="a subset of heights (20, 50, 80); default all")
 
 
+class LoveDAConfig(_DatasetSettings):
+    """LoveDA: urban and rural Google Earth scenes (0.3 m) in 7 classes, the official Train/Val/Test release."""
+
+    name: Literal["loveda"]
+    split: str = "official"
+    scenes: list[Literal["urban", "rural"]] | None = Field(
+        default=None, min_length=1, description="a subset of the scenes (urban, rural); default both"
+    )
+
+
 class FolderConfig(_DatasetSettings):
-    """A folder of images and RGB-coded masks, with the classes and their colours given here."""
+    """A folder of images and masks: colour-coded (``mask_format: rgb``, a colour per class) or id-coded
+    (``mask_format: index``, class ids per class), with the classes given here."""
 
     name: Literal["folder"]
-    classes: list[ClassSpec] = Field(min_length=1, description="[{name, color}, ...]: the colours of the masks")
+    split: str = "folders"
+    classes: list[ClassSpec] = Field(min_length=1, description="[{name, color} or {name, ids}, ...]")
+    mask_format: Literal["rgb", "index"] = Field(default="rgb", description="rgb (colours) or index (class ids)")
+    ignore: list[int | Colour] = Field(
+        default_factory=list, description="mask values that are no-data: ids (index) or colours (rgb); ignored"
+    )
     images_dir: str = "images"
     masks_dir: str = "masks"
 
     @model_validator(mode="after")
     def _classes_are_distinct(self) -> FolderConfig:
-        names, colors = [spec.name for spec in self.classes], [spec.color for spec in self.classes]
-        for what, values in (("name", names), ("color", colors)):
-            repeated = sorted({str(value) for value in values if values.count(value) > 1})
-            if repeated:
-                raise ValueError(f"classes: {what} {', '.join(repeated)} given to more than one class")
+        names = [spec.name for spec in self.classes]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"classes: name {', '.join(repeated)} given to more than one class")
+        _check_mask_values(self)
         return self
 
+    def class_ids(self) -> list[list[int]]:
+        """The mask ids of each class (index masks): its ``ids``, or its position in the list."""
+        return [spec.ids if spec.ids is not None else [position] for position, spec in enumerate(self.classes)]
 
-DatasetConfig = Annotated[VaihingenConfig | PotsdamConfig | SynDroneConfig | FolderConfig, Field(discriminator="name")]
+
+def _check_mask_values(config: FolderConfig) -> None:
+    """Each class coded by its own colours or ids, the no-data values of the mask format and coding no class.
+
+    Raises:
+        ValueError: a class without a colour in rgb masks, a colour or id given to two classes or also to ``ignore``,
+            an ``ignore`` value of the other format, ``ids`` in rgb masks.
+    """
+    rgb = config.mask_format == "rgb"
+    wrong = [spec.name for spec in config.classes if rgb and (spec.color is None or spec.ids)]
+    if wrong:
+        raise ValueError(
+            f"classes: {', '.join(wrong)}: mask_format rgb codes each class by a color, not by ids (for id-coded "
+            "masks set mask_format index)"
+        )
+    codes = [tuple(spec.color) for spec in config.classes] if rgb else [i for ids in config.class_ids() for i in ids]
+    repeated = sorted({str(code) for code in codes if codes.count(code) > 1})
+    if repeated:
+        raise ValueError(f"classes: {'color' if rgb else 'id'} {', '.join(repeated)} given to more than one class")
+    kind = tuple if rgb else int
+    foreign = [str(value) for value in config.ignore if not isinstance(value, kind)]
+    if foreign:
+        expected = "colours [r, g, b]" if rgb else "ids"
+        raise ValueError(f"ignore: {', '.join(foreign)}: mask_format {config.mask_format} ignores {expected}")
+    owners = {
+        code: spec.name
+        for spec, ids in zip(config.classes, config.class_ids(), strict=True)
+        for code in ([tuple(spec.color)] if rgb else ids)
+    }
+    both = sorted({f"{value} (class {owners[key]})" for value in config.ignore
+                   if (key := tuple(value) if rgb else value) in owners})  # fmt: skip
+    if both:
+        raise ValueError(f"ignore: {', '.join(both)} also codes a class")
+
+
+DatasetConfig = Annotated[
+    VaihingenConfig | PotsdamConfig | SynDroneConfig | LoveDAConfig | FolderConfig, Field(discriminator="name")
+]
 DATASET_SETTINGS: dict[str, type[_DatasetSettings]] = {
     "vaihingen": VaihingenConfig,
     "potsdam": PotsdamConfig,
     "syndrone": SynDroneConfig,
+    "loveda": LoveDAConfig,
     "folder": FolderConfig,
 }
 _DATASET_ADAPTER: TypeAdapter[DatasetConfig] = TypeAdapter(DatasetConfig)
@@ -133,12 +249,22 @@ def dataset_config(**fields: Any) -> DatasetConfig:
     return _DATASET_ADAPTER.validate_python(fields)
 
 
+# 500 million pixels: a 22360 px square, room for any orthophoto tile of the public datasets (Potsdam: 6000 x 6000) and
+# for large drone mosaics, while a compressed file that claims more (a decompression bomb) is refused unread.
+DEFAULT_MAX_PIXELS = 500_000_000
+
+
 class TilingConfig(_Strict):
     """How sources are cut into crops and where the crops and ``index.parquet`` go."""
 
     size: int = Field(default=512, ge=16)
     stride: int | None = Field(default=None, ge=1)
     out: Path
+    max_pixels: int = Field(
+        default=DEFAULT_MAX_PIXELS,
+        ge=1,
+        description="the pixel budget of one source (height x width); a larger source is refused before it is read",
+    )
 
     @property
     def effective_stride(self) -> int:
@@ -236,6 +362,12 @@ class _ModelExpertSettings(_ExpertSettings):
         description="sampling temperature of the re-prompts (attempts >= 1, seed = attempt), so a re-prompt can "
         "change its answer instead of repeating the greedy one",
     )
+    # Sent with every request, so that nothing the request leaves unset is filled in by the server from the model's
+    # generation_config.json (vLLM does so; Qwen2.5-VL's would make every re-prompt greedy with top_k 1).
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="nucleus share of sampled attempts (1: off)")
+    top_k: int = Field(default=0, ge=0, description="top-k cut of sampled attempts (0: off)")
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0, description="min-p cut of sampled attempts (0: off)")
+    repetition_penalty: float = Field(default=1.0, gt=0.0, description="on every attempt, greedy ones too (1: off)")
     gpu: bool = Field(default=False, description="tag its tasks for the GPU concurrency limit")
     prompts: dict[PromptId, str] = Field(default_factory=dict, description="per-expert template overrides")
 
@@ -293,6 +425,24 @@ class OpenAIExpertConfig(_ModelExpertSettings):
         default="max_tokens",
         description="request field that carries max_new_tokens: o-series and newer GPT models reject max_tokens",
     )
+    sampling_fields: Literal["extended", "standard"] = Field(
+        default="extended",
+        description="extended: temperature, seed, top_p, top_k, min_p, repetition_penalty (vllm serve, SGLang); "
+        "standard: temperature, seed, top_p only (the OpenAI API, which refuses the others)",
+    )
+
+    @model_validator(mode="after")
+    def _standard_fields_carry_the_settings(self) -> OpenAIExpertConfig:
+        # Under `standard` top_k, min_p and repetition_penalty are not sent: a setting other than off would be dropped.
+        if self.sampling_fields == "standard":
+            neutral = {"top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
+            unsent = [f"{name}: {getattr(self, name)}" for name, off in neutral.items() if getattr(self, name) != off]
+            if unsent:
+                raise ValueError(
+                    f"expert {self.name}: sampling_fields standard sends no {', '.join(unsent)}; leave them at "
+                    "their defaults or use sampling_fields extended with a server that reads them"
+                )
+        return self
 
     @field_validator("base_url", mode="before")
     @classmethod
@@ -631,6 +781,11 @@ class _ManifestLoader(yaml.SafeLoader):
         finally:
             self._depth -= 1
 
+    def construct_yaml_int(self, node):  # type: ignore[no-untyped-def]
+        # YAML 1.1 reads 2_10 as 210 and 010 as 8: keep the text wherever it is not the integer's own digits.
+        value = super().construct_yaml_int(node)
+        return YamlInt(value, node.value) if node.value.strip() != str(value) else value
+
     def construct_mapping(self, node, deep=False):  # type: ignore[no-untyped-def]
         seen: set = set()
         for key_node, _ in node.value:
@@ -641,6 +796,9 @@ class _ManifestLoader(yaml.SafeLoader):
                 raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+_ManifestLoader.add_constructor("tag:yaml.org,2002:int", _ManifestLoader.construct_yaml_int)
 
 
 def _parse_yaml(path: Path) -> tuple[str, Any]:
@@ -683,3 +841,19 @@ def load_manifest(name_or_path: str | Path) -> RunManifest:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise InputError(f"manifest {path}: {'; '.join(problems[:3])}{more}") from None
     return manifest.model_copy(update={"source": path, "sha256": hashlib.sha256(text.encode()).hexdigest()})
+
+
+def load_caption_manifest(name_or_path: str | Path) -> tuple[RunManifest, CaptionsConfig]:
+    """A run manifest that has a captions section (what the caption flows read), and that section.
+
+    Raises:
+        InputError: see :func:`load_manifest`; or no captions section (a manifest ``segmenter prepare`` wrote holds
+            the dataset and tiling only), with where to copy one from.
+    """
+    manifest = load_manifest(name_or_path)
+    if manifest.captions is None:
+        raise InputError(
+            f"manifest {manifest.source}: has no captions section (the experts, prompts, CLIP scorer and store of "
+            "the caption stage); add one, e.g. copied from the packaged manifests/demo.yaml (README: Run manifests)"
+        )
+    return manifest, manifest.captions

@@ -369,3 +369,15 @@ def demo_manifest(folder: Path, index: TileIndex) -> Path:
     manifest = folder / "run.yaml"
     manifest.write_text(f"name: tiny\n{demo_data_yaml(index)}\n")
     return manifest
+
+
+# The ISPRS palette written out here, independently of segmenter.data.datasets.isprs: colour -> class index.
+ISPRS_COLOURS = {(255, 255, 255): 0, (0, 0, 255): 1, (0, 255, 255): 2, (0, 255, 0): 3, (255, 255, 0): 4, (255, 0, 0): 5}
+
+
+def decode_isprs(mask: np.ndarray, ignore: int = 255) -> np.ndarray:
+    """An ISPRS colour mask as class indices, black and any other colour ``ignore`` (what a user checks by hand)."""
+    classes = np.full(mask.shape[:2], ignore, dtype=np.uint8)
+    for colour, index in ISPRS_COLOURS.items():
+        classes[np.all(mask[..., :3] == colour, axis=-1)] = index
+    return classes

@@ -17,7 +17,7 @@ from manifests.errors import InputError
 from segmenter.cli import app
 from segmenter.data.datasets.files import SourceFile
 from segmenter.data.tiling import tile_grid
-from segmenter.data.windowed_read import ArrayWindows, RasterWindows, open_image_windows, open_windows
+from segmenter.data.windowed_read import RasterWindows, open_image_windows, open_windows, read_raster
 from segmenter.engine.inference import (
     SlidingWindows,
     default_batch_size,
@@ -135,7 +135,7 @@ def test_windowed_reads_of_a_tiled_geotiff_give_the_whole_read_pixels(tmp_path):
     with zipfile.ZipFile(tmp_path / "archive.zip", "w", zipfile.ZIP_DEFLATED) as archive:
         archive.write(path, "top/scene.tif")
     for file in (SourceFile(path), SourceFile(tmp_path / "archive.zip", "top/scene.tif")):
-        whole = file.read_array()
+        whole = read_raster(file)
         assert np.array_equal(whole, image)
         with open_windows(file) as reader:
             assert isinstance(reader, RasterWindows) and (reader.height, reader.width, reader.bands) == (150, 110, 4)
@@ -151,12 +151,12 @@ def test_windowed_reads_of_a_tiled_geotiff_give_the_whole_read_pixels(tmp_path):
     )
 
 
-def test_png_and_non_8_bit_images_are_read_whole(tmp_path):
+def test_png_is_read_by_windows_and_non_8_bit_images_whole(tmp_path):
     from PIL import Image
 
     Image.fromarray(_image()).save(tmp_path / "scene.png")
     with open_image_windows(tmp_path / "scene.png", "none") as (reader, _):
-        assert isinstance(reader, ArrayWindows) and np.array_equal(reader.read(10, 20, 5, 6), _image()[10:15, 20:26])
+        assert isinstance(reader, RasterWindows) and np.array_equal(reader.read(10, 20, 5, 6), _image()[10:15, 20:26])
     deep = tmp_path / "deep.tif"
     with rasterio.open(deep, "w", driver="GTiff", height=8, width=8, count=3, dtype="uint16") as sink:
         sink.write(np.full((3, 8, 8), 1000, np.uint16))

@@ -335,7 +335,7 @@ def test_transformers_sampling_is_seeded_and_do_sample_is_explicit(tiny_models, 
     generate = expert.network.generate
 
     def spy(*args, **kwargs):  # on this instance only: what reaches `generate`
-        seen = {key: kwargs.get(key, "unset") for key in ("do_sample", "temperature", "top_k")}
+        seen = {key: kwargs.get(key, "unset") for key in ("do_sample", "temperature", "top_k", "repetition_penalty")}
         calls.append({"batch": int(kwargs["input_ids"].shape[0]), **seen})
         return generate(*args, **kwargs)
 
@@ -349,9 +349,11 @@ def test_transformers_sampling_is_seeded_and_do_sample_is_explicit(tiny_models, 
         return [result.caption for result in expert.generate(requests)]
 
     ask(0.0, 0)
-    assert calls[-1] == {"batch": 2, "do_sample": False, "temperature": "unset", "top_k": "unset"}
+    # the repetition penalty is explicit in both (Qwen ships 1.05 in its generation config; the expert means 1)
+    assert calls[-1] == {"batch": 2, "do_sample": False, "temperature": "unset", "top_k": "unset",
+                         "repetition_penalty": 1.0}  # fmt: skip
     first = ask(1.5, 3)
-    assert calls[-1] == {"batch": 2, "do_sample": True, "temperature": 1.5, "top_k": 0}
+    assert calls[-1] == {"batch": 2, "do_sample": True, "temperature": 1.5, "top_k": 0, "repetition_penalty": 1.0}
     assert ask(1.5, 3) == first  # same seed, same captions
     assert any(ask(1.5, seed) != first for seed in (4, 5, 6))  # it does sample
     # A mixed batch is split by (temperature, seed), in order: each part as if it had been sent alone.

@@ -65,7 +65,7 @@ def test_prepare_from_manifest_warns_about_stray_colours(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["prepare", "--dataset", "vaihingen", "--root", "/nonexistent", "--out", "x"], "dataset.root: directory"),
+        (["prepare", "--dataset", "vaihingen", "--root", "/nonexistent", "--out", "x"], "--root: directory"),
         (["prepare"], "give --manifest"),
         (["prepare", "--manifest", "missing.yaml"], "file not found"),
         (["demo-data", "--areas", "0", "--out", "x"], "n_areas must be within"),

@@ -55,9 +55,10 @@ def test_activation_is_part_of_every_id():
     assert ClipWeights("ViT-B-32", "openai", quick_gelu=False).model_id == "ViT-B-32:openai:gelu"
     assert ClipWeights("ViT-B-32", "laion2b_s34b_b79k").model_id == "ViT-B-32:laion2b_s34b_b79k:gelu"
     assert ClipWeights("ViT-B-32-quickgelu", "laion400m_e32").activation == "quickgelu"
-    assert TextEncoder("test-tiny-clip").encoder_id == "test-tiny-clip:seed0:gelu"
+    assert TextEncoder("test-tiny-clip").weights_id == "test-tiny-clip:seed0:gelu"
     remote = TextEncoder("remoteclip-vit-b32", random_weights=True, device="meta")
-    assert remote.encoder_id == "remoteclip-vit-b32:random:quickgelu"
+    assert remote.weights_id == "remoteclip-vit-b32:random:quickgelu"
+    assert remote.encoder_id == "remoteclip-vit-b32:random:quickgelu:chunk_mean"  # the text-feature id adds pooling
 
 
 @pytest.fixture

@@ -9,9 +9,12 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import rasterio
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from manifests.caption_store import read_store, selected_captions, write_fragment
@@ -250,6 +253,30 @@ def test_predict_reads_a_file_named_twice_once_and_keeps_distinct_stems(tmp_path
         (folder / name).write_bytes(b"")
     files = image_files([folder, folder / "a.tif", tmp_path / "scenes" / ".." / "scenes" / "b.png"])
     assert [path.name for path in files] == ["a.tif", "b.png"]
+
+
+def test_predict_refuses_an_out_folder_where_a_prediction_would_replace_its_image(trained, tmp_path):
+    scenes = tmp_path / "scenes"
+    scenes.mkdir()
+    image = scenes / "e.tif"
+    with rasterio.open(image, "w", driver="GTiff", height=64, width=64, count=3, dtype="uint8") as sink:
+        sink.write(np.random.default_rng(0).integers(0, 255, (3, 64, 64), dtype=np.uint8))
+    before = image.read_bytes()
+    result = runner.invoke(segmenter_app, ["predict", "--run", str(trained[1]), "--images", str(scenes), "--out",
+                                           str(scenes)])  # fmt: skip
+    line = one_error_line(result)
+    assert f"the prediction of {image} would be written to {image}" in line and "--out" in line
+    assert image.read_bytes() == before and sorted(p.name for p in scenes.iterdir()) == ["e.tif"]
+
+
+def test_predict_refuses_an_image_over_its_pixel_budget_before_reading_it(trained, tmp_path):
+    image = tmp_path / "wide.png"
+    Image.fromarray(np.zeros((64, 96, 3), np.uint8)).save(image)
+    result = runner.invoke(segmenter_app, ["predict", "--run", str(trained[1]), "--images", str(image), "--out",
+                                           str(tmp_path / "out"), "--max-pixels", "4096"])  # fmt: skip
+    line = one_error_line(result)
+    assert f"{image}: 96 x 64 px (6,144 pixels) is over the pixel budget of 4,096" in line and "--max-pixels" in line
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 def test_a_run_of_an_older_version_says_what_its_checkpoint_lacks(tmp_path):

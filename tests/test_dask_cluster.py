@@ -19,13 +19,8 @@ from pathlib import Path
 import pytest
 
 from flows import generate_captions as flow_module
-from flows.generate_captions import (
-    CaptionRunSettings,
-    _task_runner,
-    caption_shard,
-    generate_captions,
-    local_cluster_kwargs,
-)
+from flows.dask_runner import local_cluster_kwargs, task_runner
+from flows.generate_captions import CaptionRunSettings, caption_shard, generate_captions
 from flows.model_cache import ModelCache
 from manifests.caption_store import ATTEMPT_KEY, KEY_COLUMNS, read_store
 from manifests.errors import InputError
@@ -264,11 +259,11 @@ def test_a_shard_run_again_keeps_what_its_first_run_wrote(small_index, clip_conf
 
 
 def test_the_default_dask_runner_is_a_cluster_of_worker_processes():
-    runner = _task_runner("dask", None)
+    runner = task_runner("dask", None)
     kwargs = runner.cluster_kwargs
     assert kwargs == local_cluster_kwargs()
     assert kwargs["processes"] is True and kwargs["threads_per_worker"] == 1 and kwargs["host"] == "127.0.0.1"
     assert kwargs["n_workers"] == len(os.sched_getaffinity(0))
-    assert _task_runner("dask", "tcp://127.0.0.1:8786").address == "tcp://127.0.0.1:8786"
+    assert task_runner("dask", "tcp://127.0.0.1:8786").address == "tcp://127.0.0.1:8786"
     with pytest.raises(InputError, match="--address: only --runner dask"):
-        _task_runner("threads", "tcp://127.0.0.1:8786")
+        task_runner("threads", "tcp://127.0.0.1:8786")

@@ -26,11 +26,9 @@ from tests.data.isprs.generate import (
     make_potsdam,
     make_vaihingen,
 )
+from tests.helpers import decode_isprs as decode
 from tests.helpers import vaihingen_configs
 
-# Written out here, independently of segmenter.data.datasets.isprs: colour -> class index, black -> ignore.
-PALETTE = {(255, 255, 255): 0, (0, 0, 255): 1, (0, 255, 255): 2, (0, 255, 0): 3, (255, 255, 0): 4, (255, 0, 0): 5}
-IGNORE = 255
 VAIHINGEN_IDS = ["1", "2", "5"]  # 1 and 5 have a gts_for_participants copy, 2 has none
 VAIHINGEN_SPLITS = {"train": ["1", "2"], "test": ["5"]}
 POTSDAM_IDS = ["2_10", "4_12"]
@@ -43,13 +41,6 @@ def read_official(root: Path, stem: str, member: str, layout: str) -> np.ndarray
         with zipfile.ZipFile(root / f"{stem}.zip") as archive:
             return tifffile.imread(io.BytesIO(archive.read(member)))
     return tifffile.imread(root / stem / member)
-
-
-def decode(mask: np.ndarray) -> np.ndarray:
-    classes = np.full(mask.shape[:2], IGNORE, dtype=np.uint8)
-    for colour, index in PALETTE.items():
-        classes[np.all(mask[..., :3] == colour, axis=-1)] = index
-    return classes
 
 
 def assert_crops_match(index: TileIndex, source_id: str, photo: np.ndarray, full: np.ndarray, eroded: np.ndarray):

@@ -75,6 +75,47 @@ def test_blip2_reads_only_the_encoder_tensors(tiny, tmp_path):
     torch.testing.assert_close(encoder.encode([SHORT]), reference.encode([SHORT]))
 
 
+def _as_torch_shards(source: Path, target: Path, shards: int = 3) -> dict[str, str]:
+    """Re-save a safetensors checkpoint as ``pytorch_model-*.bin`` shards with their index, as older
+    ``save_pretrained`` wrote them; returns the index's weight map."""
+    from safetensors.torch import load_file
+
+    target.mkdir()
+    for path in source.iterdir():
+        if not path.name.startswith("model") and path.is_file():
+            shutil.copy(path, target / path.name)
+    state = load_file(source / "model.safetensors")
+    names = sorted(state)
+    weight_map = {}
+    for number in range(shards):
+        shard = f"pytorch_model-{number + 1:05d}-of-{shards:05d}.bin"
+        part = {name: state[name] for name in names[number::shards]}
+        torch.save(part, target / shard)
+        weight_map.update(dict.fromkeys(part, shard))
+    (target / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return weight_map
+
+
+def test_blip2_reads_the_encoder_of_a_sharded_pytorch_checkpoint(tiny, tmp_path):
+    weight_map = _as_torch_shards(tiny["blip2"], tmp_path / "bin")
+    encoder_key = ("language_model.encoder.", "language_model.shared.")
+    encoder = FlanT5TextEncoder(tmp_path / "bin")
+    assert encoder.loaded_keys and all(key.startswith(encoder_key) for key in encoder.loaded_keys)
+    assert sorted(encoder.loaded_keys) == sorted(key for key in weight_map if key.startswith(encoder_key))
+    torch.testing.assert_close(encoder.encode([SHORT, LONG]), FlanT5TextEncoder(tiny["blip2"]).encode([SHORT, LONG]))
+    # the weights are named by the files read, so features of the .bin copy get their own cache entry
+    assert encoder.weights_label.startswith("bin@")
+
+
+def test_a_pytorch_shard_with_code_in_its_pickle_is_refused(tiny, tmp_path):
+    weight_map = _as_torch_shards(tiny["blip2"], tmp_path / "bin")
+    shard = tmp_path / "bin" / weight_map["language_model.shared.weight"]
+    torch.save({"language_model.shared.weight": Path("not/a/tensor")}, shard)  # a pickled object, not a tensor
+    with pytest.raises(InputError, match=r"cannot be read as PyTorch weights with weights_only=True") as error:
+        FlanT5TextEncoder(tmp_path / "bin")
+    assert str(shard) in str(error.value) and "\n" not in str(error.value)
+
+
 def _fake_hub_cache(cache: Path, repo_id: str, source: Path, skip: set[str] = frozenset()) -> Path:
     """Lay ``source``'s files out as the Hugging Face cache would after a download of ``repo_id``."""
     repo = cache / f"models--{repo_id.replace('/', '--')}"

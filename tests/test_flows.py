@@ -138,6 +138,24 @@ def test_unknown_expert_and_missing_captions_section(prefect_api, manifest_path,
         generate_captions(bare)
 
 
+def test_a_manifest_without_captions_is_refused_before_prefect_starts(tmp_path, monkeypatch):
+    """What `segmenter prepare` writes holds no captions section: the command says where to get one, at once."""
+    from typer.testing import CliRunner
+
+    from flows import prefect_api
+    from flows.cli import app
+
+    started = []
+    monkeypatch.setattr(prefect_api, "process_api", lambda *args: started.append(args))
+    bare = tmp_path / "manifest.yaml"
+    bare.write_text("name: b\ndataset: {name: vaihingen, root: x}\ntiling: {out: y}\n")
+    result = CliRunner().invoke(app, ["run", "generate-captions", "--manifest", str(bare)])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    [line] = result.output.strip().splitlines()
+    assert line.startswith(f"error: manifest {bare}: has no captions section") and "manifests/demo.yaml" in line
+    assert not started  # no server started for a run that cannot start
+
+
 def test_report_numbers_match_the_store(threads_store, small_index, tmp_path):
     report = build_report(threads_store, small_index.root)
     frame = read_store(threads_store)

@@ -64,7 +64,8 @@ def test_train_refuses_an_index_with_unlabelled_train_tiles(tmp_path):
     )
     settings = TrainSettings(preset="test_tiny_notext", steps=1, batch_size=1)
     with pytest.raises(InputError, match=r"tile folder/train/new/0000_0000 \(and 0 more\) of split 'train' has no "
-                       r"label; this index is for captioning/prediction only$"):  # fmt: skip
+                       r"label \(sources without a mask: train/new\); give them their masks, or prepare with "
+                       r"--train listing the labelled sources only$"):  # fmt: skip
         train(manifest, tmp_path / "run", settings)
 
 
@@ -83,8 +84,21 @@ def test_a_source_smaller_than_the_tile_is_padded_and_said(tmp_path):
     assert set(np.unique(label[:20, :30])) == {0, 1}
     assert row.class_fractions.tolist() == [0.5, 0.5]  # the padding is not counted
     assert result.warnings == [
-        "1 source(s) smaller than the 32 px tile: train/s (20 x 30 px); their crops were padded to 32 x 32 px with "
+        "1 source(s) smaller than the 32 px tile: train/s (30 x 20 px); their crops were padded to 32 x 32 px with "
         "black pixels and the ignore index in the labels (width/height in the index give the real extent)"
+    ]
+
+
+def test_a_source_with_more_than_three_bands_keeps_them_and_is_said_once(tmp_path):
+    rgbn = np.random.default_rng(0).integers(0, 255, (32, 32, 4), dtype=np.uint8)
+    images = {"a.png": rgbn, "b.png": rgbn}
+    dataset = folder_dataset(tmp_path / "f", images, {name: half_mask(32, 32) for name in images})
+    result = prepare_tiles(dataset, TilingConfig(size=32, out=tmp_path / "tiles"))
+    crop = read_crop(read_tile_index(result.index_path).path(read_tile_index(result.index_path).frame["image_path"][0]))
+    np.testing.assert_array_equal(crop, rgbn)
+    assert result.warnings == [
+        "2 source(s) with more than 3 bands: train/a (4 bands), train/b (4 bands); their crops keep every band (TIFF), "
+        "the segmenter and the caption experts read bands 1-3 as RGB"
     ]
 
 

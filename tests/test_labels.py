@@ -2,7 +2,14 @@ import numpy as np
 import pytest
 
 from segmenter.data.datasets.isprs import ISPRS_PALETTE
-from segmenter.data.datasets.labels import class_fractions, decode_index_mask, decode_rgb_mask, encode_rgb_mask
+from segmenter.data.datasets.labels import (
+    IdTable,
+    class_fractions,
+    decode_index_mask,
+    decode_rgb_mask,
+    describe_unknown,
+    encode_rgb_mask,
+)
 
 
 def test_every_isprs_colour_decodes_to_its_class():
@@ -48,11 +55,37 @@ def test_a_black_class_is_a_class_not_a_boundary():
 
 
 def test_index_masks_count_excluded_classes_apart_from_unknown_ids():
-    lookup = np.full(256, 255, np.uint8)
-    lookup[[1, 2]] = [0, 1]
+    table = IdTable(ids=(1, 2), classes=(0, 1), excluded=(13,))
     mask = np.array([[1, 2, 13, 13, 0, 300, -4]], dtype=np.int32)  # 13 excluded by design; 0, 300, -4 unknown
-    classes, stats = decode_index_mask(mask, lookup, 255, excluded_ids=(13,))
+    classes, stats = decode_index_mask(mask, table, 255)
     assert classes.tolist() == [[0, 1, 255, 255, 255, 255, 255]]
     assert (stats.stray, stats.excluded) == (3, 2)
     with pytest.raises(ValueError, match="integer class ids"):
-        decode_index_mask(mask.astype(np.float32), lookup, 255)
+        decode_index_mask(mask.astype(np.float32), table, 255)
+
+
+def test_index_masks_remap_ids_count_nodata_and_name_unknown_ids():
+    """LoveDA-like ids: 0 no-data, two ids of one class, unknown ids named with their counts, most frequent first."""
+    table = IdTable(ids=(1, 2, 7), classes=(0, 1, 1), nodata=(0,))
+    mask = np.array([[0, 0, 1, 2, 7, 9, 9, 9, 14, 300]], dtype=np.uint16)
+    classes, stats = decode_index_mask(mask, table, 255)
+    assert classes.tolist() == [[255, 255, 0, 1, 1, 255, 255, 255, 255, 255]]
+    assert (stats.nodata, stats.stray, stats.boundary, stats.excluded) == (2, 5, 0, 0)
+    assert stats.unknown == ((9, 3), (14, 1), (300, 1))
+    assert describe_unknown(stats.unknown, as_colours=False) == "id 9: 3 px, id 14: 1 px, id 300: 1 px"
+    assert (stats + stats).unknown == ((9, 6), (14, 2), (300, 2)) and (stats + stats).stray == 10
+
+
+def test_an_rgb_mask_read_as_ids_is_refused_and_grey_saved_as_rgb_is_read():
+    table = IdTable(ids=(0, 1), classes=(0, 1))
+    with pytest.raises(ValueError, match="single-band id mask, got 3 bands that differ"):
+        decode_index_mask(np.array([[[0, 0, 255]]], np.uint8), table, 255)
+    grey = np.repeat(np.array([[[0], [1]]], np.uint8), 3, axis=-1)
+    assert decode_index_mask(grey, table, 255)[0].tolist() == [[0, 1]]
+
+
+def test_nodata_colours_and_stray_colours_are_counted_apart():
+    mask = np.array([[[0, 0, 0], [9, 9, 9], [12, 34, 56], [12, 34, 56], [255, 255, 255]]], dtype=np.uint8)
+    _, stats = decode_rgb_mask(mask, ISPRS_PALETTE, 255, nodata=((9, 9, 9),))
+    assert (stats.boundary, stats.nodata, stats.stray) == (1, 1, 2)
+    assert describe_unknown(stats.unknown, as_colours=True) == "(12, 34, 56): 2 px"

@@ -92,7 +92,7 @@ def with_prompts(prompts: str) -> str:
         (
             "name: x\ndataset: {name: vaihingen, root: r, coarse: false}\ntiling: {out: t}\n",
             r"key 'dataset.coarse' is not a setting of dataset 'vaihingen' \(its settings: custom_splits, id, "
-            r"ignore_index, name, root, split\)$",
+            r"ignore_index, labels, name, root, split\)$",
         ),
         (
             "name: x\ndataset: {name: potsdam, root: r, classes: []}\ntiling: {out: t}\n",
@@ -100,7 +100,8 @@ def with_prompts(prompts: str) -> str:
         ),
         (
             "name: x\ndataset: {name: isaid, root: r}\ntiling: {out: t}\n",
-            r"key 'dataset.name': unknown dataset 'isaid' \(expected one of vaihingen, potsdam, syndrone, folder\)$",
+            r"key 'dataset.name': unknown dataset 'isaid' \(expected one of vaihingen, potsdam, syndrone, loveda, "
+            r"folder\)$",
         ),
         ("name: x\ndataset: {name: folder, root: r}\ntiling: {out: t}\n", r"missing key 'dataset.classes' \(dataset "),
         (

@@ -10,6 +10,7 @@ from sklearn.metrics import confusion_matrix, f1_score, jaccard_score
 
 from segmenter.data.datasets import Vaihingen
 from segmenter.engine.metrics import CaptionFacts, ConfusionMatrix, compute_metrics
+from segmenter.engine.options import F1WithoutTruePositive
 
 NAMES = ["impervious_surfaces", "building", "low_vegetation", "tree", "car", "clutter"]
 MAIN = [name for name in NAMES if name not in Vaihingen.excluded_from_mean]  # the ISPRS rule, from the dataset
@@ -98,3 +99,39 @@ def test_the_headline_mean_covers_the_main_classes_the_dataset_names():
     assert isprs.miou == pytest.approx(np.mean(isprs.iou[:5])) and isprs.miou != pytest.approx(every.miou)
     with pytest.raises(ValueError, match=r"main classes \['water'\] are not classes"):
         compute_metrics(matrix, NAMES, ["water"])
+
+
+def _field_f1(matrix: np.ndarray) -> np.ndarray:
+    """F1 per class as GeoSeg's ``Evaluator.F1`` (tools/metric.py) and mmsegmentation's ``f_score`` compute it: from
+    precision and recall, so 0/0 (NaN) for a class without a true positive."""
+    tp = np.diag(matrix).astype(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = tp / matrix.sum(0)
+        recall = tp / matrix.sum(1)
+        return 2 * precision * recall / (precision + recall)
+
+
+def test_f1_of_a_class_without_a_true_positive_follows_the_field():
+    # cars (4) are in the ground truth but never predicted; clutter (5) is predicted but never there
+    matrix = np.array([
+        [50, 5, 0, 0, 0, 5],
+        [4, 40, 0, 0, 0, 3],
+        [0, 0, 30, 6, 0, 2],
+        [0, 0, 5, 25, 0, 1],
+        [6, 2, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0, 0],
+    ])  # fmt: skip
+    field = compute_metrics(matrix, NAMES, MAIN)
+    expected = _field_f1(matrix)
+    assert np.isnan(field.f1[4]) and np.isnan(field.f1[5]) and np.isnan(expected[4])
+    np.testing.assert_allclose(field.f1, expected, equal_nan=True)
+    assert field.mf1_all == pytest.approx(np.nanmean(expected)) and field.mf1 == pytest.approx(np.nanmean(expected[:5]))
+    assert field.iou[4] == 0.0 and field.miou == pytest.approx(np.mean(field.iou[:5]))  # IoU 0 still counts
+    zero = compute_metrics(matrix, NAMES, MAIN, f1_without_tp=F1WithoutTruePositive.zero)
+    assert zero.f1[4] == 0.0 and zero.mf1 == pytest.approx(np.mean(expected[:4]) * 4 / 5)
+    assert zero.mf1 < field.mf1 and zero.miou == field.miou
+    # the report says which convention its mF1 follows
+    assert "left out of mF1 (mmsegmentation, GeoSeg)" in field.markdown() and '"f1_without_tp": "undefined"' in (
+        field.to_json()
+    )
+    assert "counts as 0 in mF1" in zero.markdown() and "| F1 |" in zero.markdown()

@@ -232,3 +232,22 @@ def test_single_stage_lqga_is_the_unchained_gate():
     torch.testing.assert_close(chain(pyramid, text)[3], chain["4"](pyramid[3], text), rtol=0, atol=1e-6)
     torch.testing.assert_close(chain(pyramid, text)[3], _gate_by_hand(chain["4"], pyramid[3], text, pyramid[3]))
     assert [key.split(".")[0] for key in chain.state_dict()] == ["4"] * len(chain.state_dict())
+
+
+def test_the_paper_presets_query_with_one_lqga_head():
+    """LQGA as the method writes it, w = xi(softmax(q K^T / sqrt(d)) V): one query-key product over all channels."""
+    from segmenter.model.lqga import LanguageQueryGate
+
+    paper = [name for name in list_presets() if name.startswith(("mpers_", "dinov3_"))]
+    assert paper and all(preset_config(name).lqga_heads == 1 for name in paper)
+    assert preset_config("mpers_vitl16", lqga_heads=8).lqga_heads == 8  # `segmenter train --lqga-heads 8`
+    torch.manual_seed(0)
+    gate = LanguageQueryGate(dim=8, text_dim=6, heads=1).eval()
+    features, text = torch.randn(2, 8, 5, 4), torch.randn(2, 6)
+    q = gate.query(text)  # (B, d)
+    keys, values = gate.key(features).flatten(2), gate.value(features).flatten(2)  # (B, d, HW)
+    attention = torch.softmax(torch.einsum("bd,bdn->bn", q, keys) / 8**0.5, dim=-1)
+    weights = mean_normalize(torch.einsum("bn,bdn->bd", attention, values))[..., None, None]
+    expected = gate.fuse(torch.cat([weights * features + features, features], dim=1))
+    with torch.no_grad():
+        torch.testing.assert_close(gate(features, text), expected)

@@ -17,7 +17,7 @@ from caption_pipeline.experts.base import CaptionRequest, DataUrlCache, ExpertUn
 from caption_pipeline.experts.openai_backend import MAX_BACKOFF_S, OpenAIExpert, retry_after_s
 from manifests.errors import InputError
 from manifests.run_manifest import OpenAIExpertConfig
-from tests.helpers import SECRET, ChatServer, serving
+from tests.helpers import SECRET, ChatHandler, ChatServer, serving
 
 ENCODE = base._encode  # the real encoder, for comparisons that must not count as the cache's work
 
@@ -62,6 +62,50 @@ def test_temperature_and_seed_of_each_request_reach_the_server(server, monkeypat
     assert (bodies["first"]["temperature"], bodies["first"]["seed"]) == (0.0, 0)
     assert (bodies["again"]["temperature"], bodies["again"]["seed"]) == (0.7, 2)
     assert bodies["plain"]["temperature"] == 0.2 and "seed" not in bodies["plain"]  # the expert's own settings
+
+
+def test_every_sampling_field_reaches_the_server(server, monkeypatch, image):
+    """vllm serve fills each field a request leaves unset from the model's generation_config.json (Qwen2.5-VL:
+    top_k 1, repetition_penalty 1.05): the body carries all of them, off unless the manifest sets them."""
+    expert(server, monkeypatch).generate([CaptionRequest("a", image, "again", temperature=0.7, seed=2)])
+    expert(server, monkeypatch, top_p=0.9, top_k=40, min_p=0.05, repetition_penalty=1.1).generate(
+        [CaptionRequest("a", image, "tuned", temperature=0.7, seed=2)]
+    )
+    bodies = {body["prompt"]: body for body in server.bodies}
+    fields = ("temperature", "seed", "top_p", "top_k", "min_p", "repetition_penalty")
+    assert [bodies["again"][name] for name in fields] == [0.7, 2, 1.0, -1, 0.0, 1.0]  # top-k off is -1 for vLLM
+    assert [bodies["tuned"][name] for name in fields] == [0.7, 2, 0.9, 40, 0.05, 1.1]
+
+
+def test_standard_sampling_fields_for_the_openai_api(server, monkeypatch, image):
+    expert(server, monkeypatch, sampling_fields="standard", top_p=0.8).generate(
+        [CaptionRequest("a", image, "openai", temperature=0.7, seed=2)]
+    )
+    [body] = server.bodies
+    assert {key: body[key] for key in ("temperature", "seed", "top_p")} == {"temperature": 0.7, "seed": 2, "top_p": 0.8}
+    assert not {"top_k", "min_p", "repetition_penalty"} & set(body)
+    with pytest.raises(ValueError, match=r"expert gpt: sampling_fields standard sends no top_k: 40, repetition_penal"):
+        expert(server, monkeypatch, sampling_fields="standard", top_k=40, repetition_penalty=1.2)
+
+
+class OpenAIApiHandler(ChatHandler):
+    """Answers as the OpenAI API does to a field it does not know."""
+
+    def _answer(self, prompt: str, calls: int, body: dict) -> tuple[int, dict, dict[str, str]]:
+        unknown = sorted({"top_k", "min_p", "repetition_penalty"} & set(body))
+        if unknown:
+            message = f"Unrecognized request argument supplied: {unknown[0]}"
+            return 400, {"error": {"message": message, "type": "invalid_request_error"}}, {}
+        return super()._answer(prompt, calls, body)
+
+
+def test_a_server_that_refuses_the_extended_fields_names_the_setting(server, monkeypatch, image):
+    server.RequestHandlerClass = OpenAIApiHandler
+    [result] = expert(server, monkeypatch).generate([CaptionRequest("a", image, "any")])
+    assert result.caption is None and "HTTP 400: Unrecognized request argument supplied: min_p" in result.error
+    assert "(fix: set sampling_fields: standard on this expert" in result.error
+    [result] = expert(server, monkeypatch, sampling_fields="standard").generate([CaptionRequest("a", image, "any")])
+    assert result.caption == "caption for any"
 
 
 def test_429_and_5xx_are_retried(server, monkeypatch, image):

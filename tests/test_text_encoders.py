@@ -5,15 +5,19 @@ two encoders."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from caption_pipeline.clip_models import TEXT_POOLINGS
 from manifests.errors import InputError
 from segmenter.engine.evaluate import evaluate
 from segmenter.engine.train import TrainSettings, train
 from segmenter.model import MPerSSegmenter, preset_config
 from segmenter.model import presets as registry
+from segmenter.model.config import TextPooling
 from segmenter.text import TextEncoder, TextFeatureCache, expert_text_features
 from segmenter.text.dinotxt import DINOTXT_TINY, write_tiny_dinotxt_checkpoint
 from segmenter.text.encoder import text_feature_width
@@ -112,6 +116,51 @@ def test_the_text_cache_never_mixes_two_encoders(stand_ins, tmp_path):
     # two checkpoints of one encoder are two ids as well
     other = write_tiny_dinotxt_checkpoint(tmp_path / "other.pth", seed=1)
     assert TextEncoder("test-tiny-dinotxt", other).encoder_id != encoders[1].encoder_id
+
+
+LONG_CAPTION = "Two cars park north of a red building beside low vegetation and a tall tree. " * 12
+
+
+@pytest.mark.parametrize("encoder_name", ["test-tiny-clip", "test-tiny-dinotxt", "blip2-flan-t5-xl"])
+def test_long_captions_are_pooled_as_asked(stand_ins, encoder_name):
+    """truncate reads the first chunk (as CLIP's tokenizers do); chunk_mean gives every chunk the same weight;
+    token_weighted weighs each chunk by its tokens, so a short tail weighs less than a full chunk."""
+    checkpoint = {"test-tiny-dinotxt": stand_ins["dinotxt"], "blip2-flan-t5-xl": stand_ins["blip2"]}.get(encoder_name)
+    encoders = {pooling: TextEncoder(encoder_name, checkpoint, pooling=pooling) for pooling in TEXT_POOLINGS}
+    backend = encoders["chunk_mean"].backend
+    chunked = getattr(backend, "chunked", backend)
+    if encoder_name == "blip2-flan-t5-xl":
+        backend.context_length = 40  # the tiny T5's 512-token context would hold the caption whole
+        chunks = backend.token_chunks([LONG_CAPTION])[0]
+        rows = backend.embed_token_rows(chunks)
+    else:
+        chunks = chunked.token_chunks(LONG_CAPTION)
+        sot, eot = chunked.tokenizer.sot_token_id, chunked.tokenizer.eot_token_id
+        ids = [[sot, *chunk, eot] + [0] * (chunked.context - len(chunk) - 2) for chunk in chunks]
+        with torch.no_grad():
+            rows = F.normalize(chunked.model.encode_text(torch.tensor(ids)).float(), dim=-1)
+    for encoder in encoders.values():
+        if encoder_name == "blip2-flan-t5-xl":
+            encoder.backend.context_length = 40
+    sizes = torch.tensor([len(chunk) for chunk in chunks], dtype=torch.float32)
+    assert len(chunks) >= 2 and sizes[-1] < sizes[0]  # a short tail
+    expected = {
+        "truncate": rows[0],
+        "chunk_mean": F.normalize(rows.mean(0), dim=-1),
+        "token_weighted": F.normalize((rows * sizes[:, None]).sum(0), dim=-1),
+    }
+    for pooling, encoder in encoders.items():
+        torch.testing.assert_close(encoder.encode([LONG_CAPTION])[0], expected[pooling], atol=1e-5, rtol=1e-4)
+    assert len({encoder.encoder_id for encoder in encoders.values()}) == 3  # the pooling is part of the feature id
+    assert len({encoder.weights_id for encoder in encoders.values()}) == 1  # the weights are the same
+
+
+def test_the_pooling_names_of_the_model_and_the_encoders_agree():
+    assert get_args(TextPooling) == TEXT_POOLINGS
+    with pytest.raises(InputError, match="text pooling 'mean' unknown"):
+        TextEncoder("test-tiny-clip", pooling="mean")
+    with pytest.raises(ValueError, match="expected one of truncate, chunk_mean, token_weighted"):
+        TrainSettings(text_pooling="mean")
 
 
 def test_clip_presets_have_no_width_map_and_keep_their_keys():

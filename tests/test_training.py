@@ -202,7 +202,13 @@ def test_evaluate_and_predict_a_trained_run(run_inputs, tmp_path):
         assert result.crs.to_epsg() == 32632 and result.transform == transform
         assert (result.height, result.width, result.count) == (96, 80, 1)
         assert result.read(1).max() < 6
-    assert (tmp_path / "pred" / "scene_color.png").is_file()
+        # the file names its values: a GIS user reads class names and colours without the run folder
+        names = json.loads(result.tags()["class_names"])
+        assert names == metrics.class_names and result.tags(1)["class_5"] == names[5]
+        colour_png = np.asarray(Image.open(tmp_path / "pred" / "scene_color.png").convert("RGB"))
+        colours = result.colormap(1)
+        values = result.read(1)
+        np.testing.assert_array_equal(np.array([colours[v][:3] for v in values.ravel()]).reshape(96, 80, 3), colour_png)
 
 
 def test_the_run_reads_the_experts_its_store_has(run_inputs, tmp_path, capsys):
@@ -392,6 +398,8 @@ def test_evaluate_reports_what_an_independent_computation_of_its_predictions_giv
 
     from manifests.run_manifest import load_manifest
     from segmenter.data.datasets import build_dataset
+    from segmenter.data.raster_io import three_bands
+    from segmenter.data.windowed_read import read_raster
 
     manifest, _ = run_inputs
     run = tmp_path / "run"
@@ -400,7 +408,7 @@ def test_evaluate_reports_what_an_independent_computation_of_its_predictions_giv
     dataset = build_dataset(load_manifest(manifest).dataset)
     [source] = [source for source in dataset.sources() if source.split == "test"]
     scene = tmp_path / "scene.tif"
-    image = dataset.read_image(source)
+    image = three_bands(read_raster(source.image))
     with rasterio.open(scene, "w", driver="GTiff", height=image.shape[0], width=image.shape[1], count=3,
                        dtype="uint8") as sink:  # fmt: skip
         sink.write(image.transpose(2, 0, 1))
@@ -413,7 +421,9 @@ def test_evaluate_reports_what_an_independent_computation_of_its_predictions_giv
     iou = jaccard_score(label[keep], prediction[keep], labels=present, average=None)
     f1 = f1_score(label[keep], prediction[keep], labels=present, average=None)
     np.testing.assert_allclose([metrics.iou[i] for i in present], iou)
-    np.testing.assert_allclose([metrics.f1[i] for i in present], f1)
+    # F1 of a class without a true positive is undefined (mmsegmentation's convention, the default); sklearn says 0
+    true_positives = np.array([((label[keep] == i) & (prediction[keep] == i)).sum() for i in present])
+    np.testing.assert_allclose([metrics.f1[i] for i in present], np.where(true_positives > 0, f1, np.nan))
     assert metrics.oa == pytest.approx((label[keep] == prediction[keep]).mean())
     main = [i for i in present if metrics.class_names[i] in metrics.main_classes]
     assert "clutter" not in metrics.main_classes  # the ISPRS rule, from the tile index's class vocabulary
@@ -537,3 +547,22 @@ def test_resume_with_loader_workers_gives_the_weights_of_a_run_without(run_input
     expected, got = weights(uninterrupted), weights(resumed)
     for name, tensor in expected.items():
         torch.testing.assert_close(got[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_resume_refuses_other_settings_or_another_manifest_and_keeps_the_record(run_inputs, tmp_path):
+    """A resumed run that would go on with another learning rate, seed or manifest is refused in one line naming
+    each difference; run.json still describes the run. More steps (the point of resuming) are accepted."""
+    manifest, _ = run_inputs
+    base = {"preset": "test_tiny_notext", "checkpoint_every": 1}
+    train(manifest, tmp_path / "run", settings(steps=1, **base))
+    record = (tmp_path / "run" / "run.json").read_text()
+    changed = r"--resume: --lr 0\.5 \(the run's: .*\); --seed 7 \(the run's: 0\).*may change"
+    with pytest.raises(InputError, match=changed):
+        train(manifest, tmp_path / "run", settings(steps=2, lr=0.5, seed=7, **base), resume=True)
+    other = tmp_path / "other.yaml"
+    other.write_text(Path(manifest).read_text() + "\n# another manifest\n")
+    with pytest.raises(InputError, match=r"--resume: --manifest \(its text differs from .*when the run started\)"):
+        train(other, tmp_path / "run", settings(steps=2, **base), resume=True)
+    assert (tmp_path / "run" / "run.json").read_text() == record
+    train(manifest, tmp_path / "run", settings(steps=2, **base), resume=True)
+    assert RunRecord.read(tmp_path / "run").settings.steps == 2

@@ -32,6 +32,14 @@ VLLM_LLM_ARGUMENTS = {
     "limit_mm_per_prompt", "max_num_seqs", "max_model_len", "max_num_batched_tokens", "tensor_parallel_size",
     "kv_cache_dtype", "download_dir", "enable_prefix_caching",
 }  # fmt: skip
+# Fields of vllm.SamplingParams (vllm/sampling_params.py) that the adapter sets.
+VLLM_SAMPLING_ARGUMENTS = {"max_tokens", "seed", "temperature", "top_p", "top_k", "min_p", "repetition_penalty"}
+# What Qwen2.5-VL-3B-Instruct's preprocessor_config.json says about image sizes (the hub file's keys).
+QWEN_PREPROCESSOR = {
+    "image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14,
+    "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+}  # fmt: skip
 
 
 def config(model: str = QWEN, **settings: Any) -> VLLMExpertConfig:
@@ -250,7 +258,7 @@ def test_engine_arguments_of_qwen_and_llava():
     qwen = engine_args(config(max_side=448))
     assert qwen == {
         "model": QWEN, "seed": 0, "gpu_memory_utilization": 0.8, "limit_mm_per_prompt": {"image": 1, "video": 0},
-        "mm_processor_kwargs": {"size": {"shortest_edge": 28 * 28, "longest_edge": 448 * 448}},
+        "mm_processor_kwargs": {"min_pixels": 28 * 28, "max_pixels": 448 * 448},
     }  # fmt: skip
     assert engine_args(config(LLAVA)) == {
         "model": LLAVA, "seed": 0, "gpu_memory_utilization": 0.8, "limit_mm_per_prompt": {"image": 1},
@@ -270,7 +278,7 @@ def test_engine_arguments_are_named_as_vllm_names_them(model):
 def test_vllm_requests_are_built_without_vllm(tiles):
     assert "vllm" not in sys.modules
     qwen = config(max_side=448)
-    assert sampling_args(qwen)["max_tokens"] == qwen.max_new_tokens
+    assert sampling_args(qwen, CaptionRequest("t", tiles[0], "x"))["max_tokens"] == qwen.max_new_tokens
     [conversation] = build_conversations([CaptionRequest("t", tiles[0], "Describe.")], qwen)
     parts = conversation[0]["content"]
     assert parts[0]["image_url"]["url"].startswith("data:image/png;base64,") and parts[1]["text"] == "Describe."
@@ -293,6 +301,37 @@ def test_vllm_gets_one_sampling_params_per_request(tiles):
         (0.7, 2, 160),
         (0.1, 0, 160),
     ]
+    # every sampling field explicit, off where the manifest says nothing (top-k off is -1 for vLLM)
+    assert all((p["top_p"], p["top_k"], p["min_p"], p["repetition_penalty"]) == (1.0, -1, 0.0, 1.0) for p in params)
+    assert all(set(p) == VLLM_SAMPLING_ARGUMENTS for p in params)
+
+
+def test_the_manifest_sampling_settings_reach_every_request(tiles):
+    factory = Factory()
+    tuned = config(top_p=0.9, top_k=40, min_p=0.05, repetition_penalty=1.1)
+    VLLMExpert(tuned, engine_factory=factory, sampling_factory=dict).generate([CaptionRequest("a", tiles[0], "x")])
+    [[params]] = factory.built[0].calls
+    assert (params["top_p"], params["top_k"], params["min_p"], params["repetition_penalty"]) == (0.9, 40, 0.05, 1.1)
+
+
+def test_the_qwen_pixel_cap_reaches_the_processor_vllm_constructs(tmp_path):
+    """vLLM builds the processor with the engine's mm_processor_kwargs over the model's preprocessor_config.json and
+    sizes its memory profile from it: the cap must survive construction (a `size` does not: Qwen's min_pixels and
+    max_pixels override it), and it caps the tokens of a large image too."""
+    import json
+
+    import numpy as np
+    from transformers import AutoImageProcessor
+
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(QWEN_PREPROCESSOR))
+    kwargs = engine_args(config(max_side=448))["mm_processor_kwargs"]
+    processor = AutoImageProcessor.from_pretrained(tmp_path, **kwargs)
+    assert (processor.size["shortest_edge"], processor.size["longest_edge"]) == (28 * 28, 448 * 448)
+    by_size = AutoImageProcessor.from_pretrained(tmp_path, size={"shortest_edge": 784, "longest_edge": 448 * 448})
+    assert by_size.size["longest_edge"] == 12845056  # the form used before: overridden at construction
+    grid = processor(images=[Image.fromarray(np.zeros((1000, 1400, 3), np.uint8))], return_tensors="pt")
+    patches = int(grid["image_grid_thw"].prod())
+    assert patches * 14 * 14 <= 448 * 448 and patches // 4 <= 256  # 14 px patches, merged 2 x 2 into tokens
 
 
 def test_the_vllm_path_uses_no_transformers_api_of_its_own():

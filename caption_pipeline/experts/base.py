@@ -31,6 +31,55 @@ class ExpertUnavailable(InputError):
     """
 
 
+class SamplingSettings(Protocol):
+    """What an expert's settings say about decoding (``manifests.run_manifest``'s model experts have it all)."""
+
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    repetition_penalty: float
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The whole decoding of one request, every field explicit, so no backend or server fills one in from the
+    model's ``generation_config.json`` (vLLM's OpenAI server does for every field a request leaves unset:
+    ``ChatCompletionRequest.to_sampling_params``, "user -> server default -> OpenAI default"; Qwen2.5-VL's would
+    make sampled re-prompts greedy with ``top_k`` 1 and add a repetition penalty).
+
+    Attributes:
+        temperature: 0 is greedy.
+        seed: the request's seed (None: none asked).
+        top_p: nucleus share, 1 is off.
+        top_k: top-k cut, 0 is off.
+        min_p: min-p cut, 0 is off.
+        repetition_penalty: 1 is off; it applies to greedy decoding too.
+    """
+
+    temperature: float
+    seed: int | None
+    top_p: float
+    top_k: int
+    min_p: float
+    repetition_penalty: float
+
+    def vllm_fields(self) -> dict[str, float | int]:
+        """The fields as vLLM's ``SamplingParams`` and its OpenAI server (and SGLang's) name them, seed left out
+        where none was asked. An off top-k is sent as -1: older vLLM releases refuse 0 (vllm-project/vllm#17553, on
+        0.8.5), current ones take -1 as off ("quietly accept -1 as disabled" in ``SamplingParams._verify_args``)."""
+        fields: dict[str, float | int] = {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k or -1,
+            "min_p": self.min_p,
+            "repetition_penalty": self.repetition_penalty,
+        }
+        if self.seed is not None:
+            fields["seed"] = self.seed
+        return fields
+
+
 @dataclass(frozen=True)
 class CaptionRequest:
     """One caption to generate.
@@ -56,6 +105,11 @@ class CaptionRequest:
     def decoding(self, default_temperature: float) -> tuple[float, int | None]:
         """(temperature, seed) of this request, the backend's configured temperature where none was asked."""
         return (default_temperature if self.temperature is None else self.temperature), self.seed
+
+    def sampling(self, settings: SamplingSettings) -> Sampling:
+        """The whole decoding of this request: its temperature and seed, the expert's other sampling settings."""
+        temperature, seed = self.decoding(settings.temperature)
+        return Sampling(temperature, seed, settings.top_p, settings.top_k, settings.min_p, settings.repetition_penalty)
 
 
 @dataclass(frozen=True)
@@ -92,6 +146,16 @@ class Expert(Protocol):
     # Whether the expert is an in-process engine that takes most of the GPU (vLLM): the flow runs such experts one
     # after another and releases each before the next starts; the others run alongside from the start.
     runs_alone: ClassVar[bool] = False
+
+    @classmethod
+    def holds_gpu(cls, config: ExpertConfig) -> bool:
+        """Whether the expert keeps a model on a GPU of the process that runs it (an in-process engine, a model on
+        CUDA): a local Dask cluster then starts one worker per GPU, not one per CPU. The default: no.
+
+        Raises:
+            InputError: a device setting that names no device of this machine.
+        """
+        return False
 
     @classmethod
     def preflight(cls, config: ExpertConfig) -> None:

@@ -62,6 +62,8 @@ ENDPOINT_BACKOFF_S = 1.0
 # too large" for a long prompt, is a failure of that request only.
 _REFUSED_FIELD = re.compile(r"unsupported|not supported|unrecognized|unknown|extra (inputs|fields)|not permitted")
 MESSAGE_CHARS = 200
+# The sampling fields of the OpenAI chat-completions API (`sampling_fields: standard`); vLLM and SGLang read more.
+STANDARD_SAMPLING_FIELDS = frozenset({"temperature", "top_p", "seed"})
 # What `vllm serve` answers with a 400 when one of its options, not the request, is what must change.
 SERVER_HINTS: tuple[tuple[re.Pattern[str], str], ...] = (
     (
@@ -75,6 +77,10 @@ SERVER_HINTS: tuple[tuple[re.Pattern[str], str], ...] = (
     (
         re.compile(r"not a multimodal model|does not support (image|multimodal|vision)", re.I),
         "serve a vision-language model: this one takes no images",
+    ),
+    (
+        re.compile(r"(unrecognized|unsupported|unknown|not permitted).{0,60}(top_k|min_p|repetition_penalty)", re.I),
+        "set sampling_fields: standard on this expert: the server takes only the OpenAI API's sampling fields",
     ),
 )
 
@@ -418,15 +424,17 @@ class OpenAIExpert(Expert):
         return self._session, self._limit
 
     def _body(self, request: CaptionRequest) -> bytes:
-        temperature, seed = request.decoding(self.config.temperature)
+        # Every sampling field the expert means, so `vllm serve` fills none from the model's generation config;
+        # `standard` keeps those the OpenAI API takes (its seed is best effort).
+        sampling = request.sampling(self.config).vllm_fields()
+        if self.config.sampling_fields == "standard":
+            sampling = {name: value for name, value in sampling.items() if name in STANDARD_SAMPLING_FIELDS}
         body = {
             "model": self.model,
             "messages": chat_messages(request, image_data_url(request.image_path, self.config.max_side)),
             self.config.token_limit_field: self.config.max_new_tokens,
-            "temperature": temperature,
+            **sampling,
         }
-        if seed is not None:  # OpenAI, vLLM and SGLang honour it (best effort on OpenAI's side)
-            body["seed"] = seed
         return json.dumps(body).encode()
 
     def _delay(self, retry: int, headers: Mapping[str, str] | None) -> float:

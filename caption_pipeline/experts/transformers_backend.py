@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import constants as hub_constants
-from huggingface_hub import is_offline_mode, try_to_load_from_cache
+from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
@@ -57,7 +57,13 @@ def check_weights(config: TransformersExpertConfig) -> None:
         ExpertUnavailable: see :func:`local_folder` and :func:`missing_hub_model`.
     """
     is_hub_id = local_folder(config) is None
-    if is_hub_id and is_offline_mode() and not isinstance(try_to_load_from_cache(config.model, "config.json"), str):
+    # The constant, read at call time: is_offline_mode() only exists from huggingface_hub 1.2.1, and the vLLM
+    # environment may hold 0.x (transformers<5 needs huggingface_hub<1).
+    if (
+        is_hub_id
+        and hub_constants.HF_HUB_OFFLINE
+        and not isinstance(try_to_load_from_cache(config.model, "config.json"), str)
+    ):
         raise missing_hub_model(config, "offline: HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set")
 
 
@@ -65,16 +71,27 @@ class TransformersExpert(Expert):
     """Batched ``generate`` with the model's own chat template.
 
     Each request's temperature decides the decoding: 0 is greedy (``do_sample=False``, passed explicitly so a
-    model's shipped ``generation_config`` cannot turn sampling on), above 0 is plain temperature sampling
-    (``top_k=0``, ``top_p=1``, overriding shipped values such as Qwen's ``top_k=1`` that would make it greedy again)
-    after ``torch.manual_seed(seed)``. Requests are batched by (temperature, seed), keeping their order otherwise,
-    so a re-run with the same requests in the same batches gives the same captions.
+    model's shipped ``generation_config`` cannot turn sampling on), above 0 is sampling with the expert's ``top_k``,
+    ``top_p`` and ``min_p`` (off by default: plain temperature sampling, overriding shipped values such as Qwen's
+    ``top_k=1`` that would make it greedy again) after ``torch.manual_seed(seed)``; the expert's
+    ``repetition_penalty`` (1, off, by default, where Qwen ships 1.05) is passed to both. Requests are batched by
+    (temperature, seed), keeping their order otherwise, so a re-run with the same requests in the same batches gives
+    the same captions.
     """
 
     backend = "transformers"
     reprompts = True
     needs_class_mask = False
     pipeline_chunk = None
+
+    @classmethod
+    def holds_gpu(cls, config: TransformersExpertConfig) -> bool:
+        """Whether the model runs on CUDA here (``device`` cuda, or ``auto`` on a machine with a GPU).
+
+        Raises:
+            InputError: a device this machine does not have.
+        """
+        return resolve_device(config.device, source=f"expert {config.name}: device").type == "cuda"
 
     @classmethod
     def preflight(cls, config: TransformersExpertConfig) -> None:
@@ -115,21 +132,24 @@ class TransformersExpert(Expert):
         return self.processor.apply_chat_template(messages, add_generation_prompt=True)
 
     @torch.inference_mode()
-    def _batch(self, requests: list[CaptionRequest], temperature: float, seed: int | None) -> list[CaptionResult]:
+    def _batch(self, requests: list[CaptionRequest]) -> list[CaptionResult]:
+        """One batch of requests that share their decoding (``generate`` groups them so)."""
         started = time.perf_counter()
         images = [load_image(request.image_path, self.config.max_side) for request in requests]
         inputs = self.processor(
             text=[self._prompt(request) for request in requests], images=images, padding=True, return_tensors="pt"
         ).to(self.device)
-        if temperature > 0:
+        sampling = requests[0].sampling(self.config)
+        settings = {"max_new_tokens": self.config.max_new_tokens, "repetition_penalty": sampling.repetition_penalty}
+        if sampling.temperature > 0:
             with self._sampling_lock:
-                torch.manual_seed(0 if seed is None else seed)
+                torch.manual_seed(0 if sampling.seed is None else sampling.seed)
                 output = self.network.generate(
-                    **inputs, max_new_tokens=self.config.max_new_tokens, do_sample=True, temperature=temperature,
-                    top_k=0, top_p=1.0,
+                    **inputs, **settings, do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k,
+                    top_p=sampling.top_p, min_p=sampling.min_p,
                 )  # fmt: skip
         else:
-            output = self.network.generate(**inputs, max_new_tokens=self.config.max_new_tokens, do_sample=False)
+            output = self.network.generate(**inputs, **settings, do_sample=False)
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
         eos = self.network.generation_config.eos_token_id
@@ -155,12 +175,12 @@ class TransformersExpert(Expert):
         order = sorted(
             range(len(requests)), key=lambda i: (decoding(i)[0], decoding(i)[1] is not None, decoding(i)[1] or 0)
         )
-        for (temperature, seed), group in groupby(order, key=decoding):
+        for _, group in groupby(order, key=decoding):
             positions = list(group)
             for start in range(0, len(positions), size):
                 chunk = positions[start : start + size]
                 try:
-                    batch = self._batch([requests[i] for i in chunk], temperature, seed)
+                    batch = self._batch([requests[i] for i in chunk])
                 except (RuntimeError, ValueError, OSError) as exc:  # one bad batch must not stop the run
                     batch = [CaptionResult(None, None, None, 0.0, error=f"{type(exc).__name__}: {exc}")] * len(chunk)
                 for i, result in zip(chunk, batch, strict=True):

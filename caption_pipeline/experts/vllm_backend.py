@@ -71,10 +71,9 @@ def is_qwen(config: VLLMExpertConfig) -> bool:
 def engine_args(config: VLLMExpertConfig) -> dict[str, Any]:
     """Keyword arguments of ``vllm.LLM`` for an expert (``engine_kwargs`` of the manifest win).
 
-    ``max_num_seqs`` is left to vLLM unless the manifest sets it. For Qwen the pixel cap is given as the image
-    processor's ``size`` (``shortest_edge`` / ``longest_edge`` are pixel counts there, not edges): the form current
-    transformers ``Qwen2VLImageProcessor`` reads and vLLM's Qwen2-VL processing info merges into the processor's size
-    when it sizes the start-up memory profile. Videos are switched off for Qwen, so vLLM reserves no video tokens.
+    ``max_num_seqs`` is left to vLLM unless the manifest sets it. For Qwen the pixel cap ``max_side**2`` is given as
+    ``min_pixels`` / ``max_pixels`` (:func:`qwen_pixel_cap`). Videos are switched off for Qwen, so vLLM reserves no
+    video tokens.
     """
     qwen = is_qwen(config)
     args: dict[str, Any] = {
@@ -88,17 +87,28 @@ def engine_args(config: VLLMExpertConfig) -> dict[str, Any]:
     if config.dtype != "auto":
         args["dtype"] = config.dtype
     if qwen:
-        args["mm_processor_kwargs"] = {
-            "size": {"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": config.max_side * config.max_side}
-        }
+        args["mm_processor_kwargs"] = qwen_pixel_cap(config.max_side)
     return {**args, **config.engine_kwargs}
 
 
-def sampling_args(config: VLLMExpertConfig, request: CaptionRequest | None = None) -> dict[str, Any]:
-    """Keyword arguments of one request's ``vllm.SamplingParams``: its temperature and seed (a per-request seed
+def qwen_pixel_cap(max_side: int) -> dict[str, int]:
+    """Qwen2/2.5-VL's processor arguments that cap an image at ``max_side**2`` pixels.
+
+    Given as ``min_pixels`` / ``max_pixels``, not as ``size``: ``Qwen2VLImageProcessor.__init__`` (transformers 4.56
+    to 5.25) lets the ``min_pixels`` / ``max_pixels`` of the model's ``preprocessor_config.json`` (Qwen2.5-VL: 3136
+    and 12845056) override a ``size`` passed at construction, and vLLM sizes its start-up memory profile from the
+    processor it constructs (the image with the most tokens it allows); a per-request ``size`` is honoured, so the
+    images were capped either way, but the profile was sized for 12.8 MP images. The same dictionary is what
+    ``vllm serve --mm-processor-kwargs`` takes (README).
+    """
+    return {"min_pixels": QWEN_MIN_PIXELS, "max_pixels": max_side * max_side}
+
+
+def sampling_args(config: VLLMExpertConfig, request: CaptionRequest) -> dict[str, Any]:
+    """Keyword arguments of one request's ``vllm.SamplingParams``: every sampling field the expert means (the
+    fields ``vllm serve`` gets in the request body, so both give the same captions) and a seed (a per-request seed
     makes a sampled re-prompt reproducible whatever else is in the batch)."""
-    temperature, seed = request.decoding(config.temperature) if request else (config.temperature, None)
-    return {"max_tokens": config.max_new_tokens, "temperature": temperature, "seed": 0 if seed is None else seed}
+    return {"max_tokens": config.max_new_tokens, "seed": 0, **request.sampling(config).vllm_fields()}
 
 
 def build_conversations(requests: list[CaptionRequest], config: VLLMExpertConfig) -> list[list[dict]]:
@@ -199,6 +209,11 @@ class VLLMExpert(Expert):
     needs_class_mask = False
     pipeline_chunk = None  # the engine batches the whole request list itself
     runs_alone = True  # each engine takes most of the GPU (gpu_memory_utilization)
+
+    @classmethod
+    def holds_gpu(cls, config: VLLMExpertConfig) -> bool:
+        """Always: the engine lives on a GPU of the process that builds it."""
+        return True
 
     def __init__(
         self,

@@ -33,6 +33,7 @@ from segmenter.cli.app import (
 from segmenter.engine.options import (
     Augmentation,
     EvaluateSettings,
+    F1WithoutTruePositive,
     GroundTruth,
     MissingCaptions,
     PredictSettings,
@@ -83,6 +84,13 @@ def train(
     text_checkpoint: Annotated[Path | None, typer.Option(help=TEXT_CHECKPOINT_HELP)] = None,
     resume: Annotated[bool, typer.Option(help="continue the run in --out from its newest checkpoint")] = False,
     text_cache: TextCacheOption = None,
+    lqga_heads: Annotated[
+        int | None, typer.Option(help="heads of LQGA's text query (default: the preset's; paper presets 1)")
+    ] = None,
+    text_pooling: Annotated[
+        str | None,
+        typer.Option(help="captions over the text context: truncate | chunk_mean (default) | token_weighted"),
+    ] = None,
 ) -> None:
     """Train a preset (cross-entropy, AdamW, multi-step LR) on the GPU when there is one; run under `torchrun` for
     DDP."""
@@ -96,7 +104,8 @@ def train(
         TrainSettings, preset=preset, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
         checkpoint_every=checkpoint_every, missing_captions=missing_captions, experts=_names(experts),
         augmentation=augmentation, workers=workers, backbone_file=absolute(backbone_file),
-        text_checkpoint=absolute(text_checkpoint), text_cache=absolute(text_cache),
+        text_checkpoint=absolute(text_checkpoint), text_cache=absolute(text_cache), lqga_heads=lqga_heads,
+        text_pooling=text_pooling,
     )  # fmt: skip
     try:
         checkpoint = run_training(manifest, out, settings, captions=captions, resume=resume, progress=True)
@@ -114,6 +123,10 @@ def evaluate(
     gt: Annotated[GroundTruth, typer.Option(help="ground truth: eroded (no boundaries, ISPRS) or full")] = default(
         EvaluateSettings, "gt"
     ),
+    f1_without_tp: Annotated[
+        F1WithoutTruePositive,
+        typer.Option(help="F1 of a class without a true positive: undefined (left out of mF1, as mmseg) or zero"),
+    ] = default(EvaluateSettings, "f1_without_tp"),
     window: WindowOption = None,
     overlap: OverlapOption = None,
     device: DeviceOption = default(EvaluateSettings, "device"),
@@ -128,13 +141,13 @@ def evaluate(
     from segmenter.engine.evaluate import evaluate as run_evaluation
 
     settings = build_settings(
-        EvaluateSettings, split=split, gt=gt, window=window, overlap=overlap, device=device, captions=captions,
-        missing_captions=missing_captions, batch_size=batch_size, text_cache=text_cache, backbone_file=backbone_file,
-        text_checkpoint=text_checkpoint,
+        EvaluateSettings, split=split, gt=gt, f1_without_tp=f1_without_tp, window=window, overlap=overlap,
+        device=device, captions=captions, missing_captions=missing_captions, batch_size=batch_size,
+        text_cache=text_cache, backbone_file=backbone_file, text_checkpoint=text_checkpoint,
     )  # fmt: skip
     with progress("evaluate") as on_source:
         metrics = run_evaluation(run, settings, on_source)
-    print(metrics.markdown(f"{run} ({split}, {gt} GT)"))
+    print(metrics.markdown(f"{run} ({split}, {metrics.gt} GT)"))  # the ground truth used, after any fallback
 
 
 @app.command()
@@ -158,6 +171,9 @@ def predict(
     device: DeviceOption = default(PredictSettings, "device"),
     missing_captions: MissingOption = default(PredictSettings, "missing_captions"),
     scale: Annotated[Scale, typer.Option(help=SCALE_HELP)] = default(PredictSettings, "scale"),
+    max_pixels: Annotated[
+        int, typer.Option(help="pixel budget of one image: a larger one is refused before it is read")
+    ] = default(PredictSettings, "max_pixels"),
     batch_size: BatchOption = None,
     text_cache: TextCacheOption = None,
     backbone_file: MovedBackboneOption = None,
@@ -170,8 +186,8 @@ def predict(
 
     settings = build_settings(
         PredictSettings, captions=captions, window=window, overlap=overlap, device=device,
-        missing_captions=missing_captions, scale=scale, batch_size=batch_size, text_cache=text_cache,
-        backbone_file=backbone_file, text_checkpoint=text_checkpoint,
+        missing_captions=missing_captions, scale=scale, max_pixels=max_pixels, batch_size=batch_size,
+        text_cache=text_cache, backbone_file=backbone_file, text_checkpoint=text_checkpoint,
     )  # fmt: skip
     if index is not None or predictions is not None:
         if index is None or predictions is None or images or out:

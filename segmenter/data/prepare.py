@@ -19,30 +19,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from manifests.errors import InputError
 from manifests.run_manifest import DatasetConfig, TilingConfig
 from manifests.tile_index import (
     INDEX_FILENAME,
     TILE_INDEX_SCHEMA_VERSION,
     IndexClasses,
-    make_tile_id,
     read_tile_index,
-    tile_name,
     write_tile_index,
 )
+from segmenter.data.cutting import cut_source
 from segmenter.data.datasets import SegmentationDataset, Source, build_dataset
 from segmenter.data.datasets.files import SourceFile, check_utf8_name
-from segmenter.data.datasets.labels import RGB, DecodeStats, class_fractions, decode_rgb_mask
-from segmenter.data.raster_io import array_sha256, crop_suffix, pad_to, write_crop
-from segmenter.data.tiling import tile_grid
+from segmenter.data.datasets.labels import DecodeStats, describe_unknown
 
 ProgressCallback = Callable[[int, int, str], None]
-
-
-# The folder of each label column's crops.
-LABEL_FOLDERS = {"label_path": "labels", "eval_label_path": "eval_labels"}
 # A label file with more stray pixels than this share is taken for the mask drawn over the photo.
 OVERLAY_SHARE = 0.5
 KNOWN_OVERLAY = (
@@ -70,20 +61,28 @@ class LabelOverlay:
 class SourceReport:
     """What ``prepare`` found in one source scene.
 
+    The pixel counts add up the source's label files (label and eval label, when they are two files).
+
     Attributes:
         source_id: the source.
         split: its split.
         tiles: crops cut from it.
-        boundary_pixels: eroded-boundary (black) pixels of its eval label.
-        stray_pixels: label pixels outside the palette, set to the ignore index (label and eval label together).
+        boundary_pixels: eroded-boundary (black) pixels, set to the ignore index.
+        stray_pixels: label values that code no class (colours outside the palette, ids outside the declared
+            classes), set to the ignore index.
         excluded_pixels: label pixels of classes the dataset ignores by design (SynDrone's sky in the coarse
-            classes), set to the ignore index and not counted as stray (label and eval label together).
+            classes), set to the ignore index and not counted as stray.
+        nodata_pixels: label pixels of the dataset's no-data values (LoveDA's 0, a folder's ``ignore``).
+        unknown: the most frequent stray values with their pixel counts (:class:`DecodeStats`).
+        label_values: what the masks code classes by: ``colours`` or ``ids`` (the words of the warnings).
         height: the source's height in pixels.
         width: the source's width in pixels.
         image_file: the file read as its image.
         image_label_colours: when every pixel of the image is a palette colour (or the black boundary), how many
             distinct colours it has: the "image" is then a label map. 0 for a photo.
         overlays: label files of the source that look like the mask overlaid on the photo.
+        labelled: whether the source has a label.
+        bands: the image's bands (crops keep them all; the model reads the first three).
     """
 
     source_id: str
@@ -95,9 +94,13 @@ class SourceReport:
     image_label_colours: int = 0
     overlays: tuple[LabelOverlay, ...] = ()
     excluded_pixels: int = 0
+    nodata_pixels: int = 0
+    unknown: tuple[tuple[int, int], ...] = ()
+    label_values: str = "colours"
     height: int = 0
     width: int = 0
     labelled: bool = True
+    bands: int = 3
 
     @property
     def image_is_label_map(self) -> bool:
@@ -121,9 +124,15 @@ class SourceReport:
                 f"overlaid on the photo, not a label map ({KNOWN_OVERLAY}); they were set to the ignore index"
             )
         if self.stray_pixels and not self.overlays:
+            outside = "with colours outside the palette" if self.label_values == "colours" else (
+                "with ids outside the declared classes")  # fmt: skip
+            named = describe_unknown(self.unknown, as_colours=self.label_values == "colours")
+            # With index masks the usual cause is a class list counted from 0 where the masks count from 1.
+            hint = "" if self.label_values == "colours" else (
+                "; declare them in --classes (name=ID gives a class its mask id) or as --ignore values")  # fmt: skip
             lines.append(
-                f"{self.source_id}: {self.stray_pixels} label pixels with colours outside the palette were set "
-                "to the ignore index"
+                f"{self.source_id}: {self.stray_pixels} label pixels {outside} ({named}) were set to the ignore "
+                f"index{hint}"
             )
         return lines
 
@@ -170,125 +179,45 @@ def _existing_fingerprint(out: Path) -> str | None:
         return None
 
 
-def _read_label(
-    dataset: SegmentationDataset, source: Source, role: str, shape: tuple[int, ...]
-) -> tuple[np.ndarray | None, DecodeStats]:
-    file = getattr(source, role)
-    if file is None:
-        return None, DecodeStats()
-    classes, stats = dataset.read_label(file)
-    if classes.shape[:2] != shape[:2]:
-        raise InputError(f"{file}: label is {classes.shape[:2]} px but its image is {shape[:2]} px")
-    return classes, stats
-
-
-def _label_map_colours(image: np.ndarray, palette: tuple[RGB, ...], ignore_index: int) -> int:
-    """How many distinct colours an image has when all of them are palette colours or the black boundary, else 0.
-
-    A photo has thousands of colours and fails on a sparse sample already; only a candidate label map is decoded
-    in full. An image of black alone is not taken for a label map.
-    """
-    if image.ndim != 3 or image.shape[-1] < 3 or image.dtype != np.uint8:
-        return 0
-    for pixels in (image[::16, ::16, :3], image[..., :3]):
-        classes, stats = decode_rgb_mask(pixels, palette, ignore_index)
-        if stats.stray:
-            return 0
-    present = np.unique(classes)
-    return len(present) if np.any(present != ignore_index) else 0
-
-
-def _overlay(file: SourceFile | None, stats: DecodeStats, shape: tuple[int, ...]) -> list[LabelOverlay]:
+def _overlay(file: SourceFile, stats: DecodeStats, pixels: int) -> list[LabelOverlay]:
     """``file`` as a one-item list when most of its pixels are stray colours, else an empty list."""
-    pixels = shape[0] * shape[1]
-    if file is None or stats.stray <= OVERLAY_SHARE * pixels:
+    if stats.stray <= OVERLAY_SHARE * pixels:
         return []
     return [LabelOverlay(str(file), stats.stray, pixels)]
-
-
-def _source_labels(
-    dataset: SegmentationDataset, source: Source, shape: tuple[int, ...]
-) -> tuple[np.ndarray | None, DecodeStats, np.ndarray | None, DecodeStats]:
-    """A source's label and eval label (the same array when they are one file), with their decoding counts."""
-    label, label_stats = _read_label(dataset, source, "label", shape)
-    if source.eval_label == source.label:
-        return label, label_stats, label, DecodeStats()
-    eval_label, eval_stats = _read_label(dataset, source, "eval_label", shape)
-    return label, label_stats, eval_label, eval_stats
-
-
-@dataclass(frozen=True)
-class _Cut:
-    """A source being cut: its image and labels, where the crops go, and the tile-id prefix."""
-
-    dataset: SegmentationDataset
-    source: Source
-    image: np.ndarray
-    masks: dict[str, np.ndarray | None]  # index column -> label array (None: the source has no such label)
-    crop_dir: Path
-    prefix: str
-
-
-def _crop_row(cut: _Cut, y: int, x: int, h: int, w: int, size: int) -> dict:
-    """Write the crops of one tile (image, labels) and return its index row. A source smaller than the tile gets
-    crops padded to the tile size: they keep one size for batching, the padding is black and ignored."""
-    name, window = tile_name(y, x), (slice(y, y + h), slice(x, x + w))
-    source_id, ignore = cut.source.source_id, cut.dataset.ignore_index
-    relative = {"image_path": f"images/{source_id}/{name}{crop_suffix(cut.image)}"}
-    write_crop(cut.crop_dir / relative["image_path"], pad_to(cut.image[window], size, size, 0))
-    for column, mask in cut.masks.items():
-        relative[column] = None if mask is None else f"{LABEL_FOLDERS[column]}/{source_id}/{name}.png"
-        if mask is not None:
-            write_crop(cut.crop_dir / relative[column], pad_to(mask[window], size, size, ignore))
-    label = cut.masks["label_path"]
-    fractions = class_fractions(label[window], len(cut.dataset.classes), ignore) if label is not None else None
-    return {
-        "tile_id": make_tile_id(cut.prefix, source_id, y, x),
-        "dataset": cut.prefix,
-        "split": cut.source.split,
-        **{key: value and f"{cut.crop_dir.name}/{value}" for key, value in relative.items()},
-        "source_id": source_id,
-        "x": x,
-        "y": y,
-        "width": w,
-        "height": h,
-        "class_fractions": fractions,
-        "image_sha256": array_sha256(cut.image[window]),
-    }
 
 
 def _cut_source(
     dataset: SegmentationDataset, source: Source, tiling: TilingConfig, crop_dir: Path, prefix: str
 ) -> tuple[list[dict], SourceReport]:
-    """Cut one source into crops under ``crop_dir``: its index rows and what was found in it.
+    """Cut one source into crops under ``crop_dir`` (:func:`segmenter.data.cutting.cut_source`): its index rows and
+    what was found in it.
 
     Raises:
-        InputError: labels of another size than the image, or pixels that are not 8-bit.
+        InputError: a file over the pixel budget, labels of another size than the image, pixels that are not 8-bit.
     """
-    image = dataset.read_image(source)
-    label, label_stats, eval_label, eval_stats = _source_labels(dataset, source, image.shape)
-    if image.dtype != np.uint8:
-        raise InputError(f"{source.image}: expected 8-bit pixels, got {image.dtype}")
-    cut = _Cut(dataset, source, image, {"label_path": label, "eval_label_path": eval_label}, crop_dir, prefix)
-    grid = tile_grid(image.shape[0], image.shape[1], tiling.size, tiling.effective_stride)
-    rows = [_crop_row(cut, y, x, h, w, tiling.size) for y, x, h, w in grid]
-    stats = label_stats + eval_stats
+    rows, facts = cut_source(dataset, source, tiling, crop_dir, prefix)
+    stats = sum(facts.label_stats.values(), DecodeStats())
+    overlays = [] if dataset.mask_format != "rgb" else [
+        found for file, file_stats in facts.label_stats.items()
+        for found in _overlay(file, file_stats, facts.height * facts.width)
+    ]  # fmt: skip
     report = SourceReport(
         source.source_id,
         source.split,
         len(rows),
-        eval_stats.boundary,
+        stats.boundary,
         stats.stray,
         image_file=str(source.image),
-        image_label_colours=_label_map_colours(image, dataset.colors, dataset.ignore_index),
-        overlays=(
-            *_overlay(source.label, label_stats, image.shape),
-            *_overlay(source.eval_label if eval_label is not label else None, eval_stats, image.shape),
-        ),
+        image_label_colours=facts.image_label_colours,
+        overlays=tuple(overlays),
         excluded_pixels=stats.excluded,
-        height=image.shape[0],
-        width=image.shape[1],
-        labelled=label is not None,
+        nodata_pixels=stats.nodata,
+        unknown=stats.unknown,
+        label_values="colours" if dataset.mask_format == "rgb" else "ids",
+        height=facts.height,
+        width=facts.width,
+        labelled=source.label is not None,
+        bands=facts.bands,
     )
     return rows, report
 
@@ -299,13 +228,24 @@ def _first_five(names: list[str]) -> str:
 
 def _padded(reports: list[SourceReport], size: int) -> list[str]:
     """One line naming the sources smaller than the tile, whose crops were padded (empty when there are none)."""
-    small = [f"{r.source_id} ({r.height} x {r.width} px)" for r in reports if r.height < size or r.width < size]
+    small = [f"{r.source_id} ({r.width} x {r.height} px)" for r in reports if r.height < size or r.width < size]
     if not small:
         return []
     return [
         f"{len(small)} source(s) smaller than the {size} px tile: {_first_five(small)}; their crops were padded to "
         f"{size} x {size} px with black pixels and the ignore index in the labels (width/height in the index give "
         "the real extent)"
+    ]
+
+
+def _extra_bands(reports: list[SourceReport]) -> list[str]:
+    """One line naming the sources with more than three bands (RGBIR orthophotos, RGBN tiles), said once."""
+    wide = [f"{report.source_id} ({report.bands} bands)" for report in reports if report.bands > 3]
+    if not wide:
+        return []
+    return [
+        f"{len(wide)} source(s) with more than 3 bands: {_first_five(wide)}; their crops keep every band (TIFF), the "
+        "segmenter and the caption experts read bands 1-3 as RGB"
     ]
 
 
@@ -361,6 +301,7 @@ def _cut_sources(
         dataset.notices
         + [line for report in reports for line in report.warnings]
         + _padded(reports, tiling.size)
+        + _extra_bands(reports)
         + _unlabelled(reports)
     )
     return rows, reports, warnings
@@ -378,6 +319,8 @@ def _write_index(
             "inputs_sha256": fingerprint,
             "tile_size": str(tiling.size),
             "stride": str(tiling.effective_stride),
+            # Which ground truth the label crops are (ISPRS: full, or eroded with labels: eroded): training records it.
+            "labels": dataset.training_labels,
             # Recorded so that a re-run that finds the index up to date can repeat them.
             "warnings": json.dumps(warnings),
         },

@@ -60,15 +60,22 @@ def _split_sources(dataset: SegmentationDataset, settings: EvaluateSettings) -> 
     """The sources of the evaluated split, and the ground truth they are compared with.
 
     Raises:
-        InputError: no source in the split.
+        InputError: no source in the split (its splits listed), or ground truth ``gt`` that the dataset does not read
+            (eroded labels not downloaded, full labels with ``labels: eroded``).
     """
-    sources = [source for source in dataset.sources() if source.split == settings.split]
+    every = dataset.sources()
+    sources = [source for source in every if source.split == settings.split]
     if not sources:
-        raise InputError(f"--split: no sources in split '{settings.split}' of {dataset.config.name}")
-    if settings.gt == GroundTruth.eroded and all(source.eval_label == source.label for source in sources):
-        # SynDrone and folder datasets ship one label per source: "eroded" would name full labels
+        found = ", ".join(sorted({f"'{source.split}'" for source in every}))
+        raise InputError(
+            f"--split: no sources in split '{settings.split}' of {dataset.config.name} (its splits: {found})"
+        )
+    if settings.gt == GroundTruth.eroded and not dataset.has_eroded_labels:
+        # SynDrone, LoveDA and folder datasets ship one label per source: "eroded" would name full labels
         print(f"note: {dataset.config.name} has no eroded ground truth; evaluating against its full labels")
         return sources, GroundTruth.full
+    for source in sources:
+        dataset.ground_truth(source, settings.gt)  # what is missing is said before the first window runs
     return sources, settings.gt
 
 
@@ -112,9 +119,7 @@ def _source_classes(
     Raises:
         InputError: the source has no such labels, or labels of another size than its image.
     """
-    label_file = source.eval_label if gt == GroundTruth.eroded else source.label
-    if label_file is None:
-        raise InputError(f"--gt {gt}: source {source.source_id} has no such ground truth")
+    label_file = dataset.ground_truth(source, gt)
     label, _ = dataset.read_label(label_file)
     with open_windows(source.image) as image:
         if (image.height, image.width) != label.shape:
@@ -168,7 +173,9 @@ def evaluate(
         matrix.update(*_source_classes(trained, dataset, source, gt, spec, lookup))
         if on_source:
             on_source(done, len(sources), source.source_id)
-    metrics = compute_metrics(matrix.matrix, trained.index.class_names, trained.index.vocabulary.main_classes, gt=gt)
+    metrics = compute_metrics(
+        matrix.matrix, trained.index.class_names, trained.index.vocabulary.main_classes, gt, settings.f1_without_tp
+    )
     folder = _report_folder(trained, settings, gt)
     if captions is not None:
         metrics.captions = captions.facts()

@@ -13,7 +13,7 @@ from segmenter.data.raster_io import three_bands
 from segmenter.data.tiling import tile_grid
 from segmenter.data.windowed_read import ArrayWindows, WindowReader
 from segmenter.engine.options import check_batch_size
-from segmenter.model import MPerSSegmenter
+from segmenter.model import MODEL_STRIDE, MPerSSegmenter
 
 Window = tuple[int, int, int, int]  # y, x, height, width
 TextLookup = Callable[[int, int, int, int], tuple[torch.Tensor, torch.Tensor] | None]
@@ -91,8 +91,8 @@ def _window_logits(
     """``(window, (K, h, w) float32 logits on the device)`` of every window, in order, ``spec.batch_size`` per
     forward.
 
-    Windows are padded to a multiple of 32 (reflect) and the padding is cropped from their logits. Each window of a
-    batch gets its own text features and present flags.
+    Windows are padded to a multiple of ``MODEL_STRIDE`` (reflect) and the padding is cropped from their logits.
+    Each window of a batch gets its own text features and present flags.
     """
     amp = _autocast_dtype(device, spec.dtype)
     batch_size = spec.batch_size or default_batch_size(device)
@@ -100,7 +100,7 @@ def _window_logits(
         chunk = windows[start : start + batch_size]
         _, _, h, w = chunk[0]  # every window of a grid has the same size
         crops = torch.stack([_window_pixels(reader, *window) for window in chunk])
-        pad_h, pad_w = (-h) % 32, (-w) % 32
+        pad_h, pad_w = (-h) % MODEL_STRIDE, (-w) % MODEL_STRIDE
         if pad_h or pad_w:
             mode = "reflect" if min(h, w) > max(pad_h, pad_w) else "replicate"
             crops = F.pad(crops, (0, pad_w, 0, pad_h), mode=mode)

@@ -4,6 +4,11 @@ OA over all non-ignored pixels; per-class IoU, precision, recall, F1; mIoU and m
 (its class vocabulary in the tile index: for ISPRS the five classes without clutter, as the paper and GeoSeg
 report) and over all classes (as mmsegmentation reports). A class absent from both prediction and ground truth has
 no IoU/F1 and is left out of the means.
+
+F1 of a class without a true positive (present in the ground truth or the prediction, never both at one pixel):
+by default it is undefined and left out of mF1, as mmsegmentation (``IoUMetric.total_area_to_metrics``: F from
+precision and recall, 0/0) and GeoSeg (``tools/metric.py``, mF1 ``np.nanmean``) compute it; its IoU is 0 and counts
+in mIoU there and here. ``zero`` counts it as 0 in mF1 instead (what this toolkit reported before).
 """
 
 from __future__ import annotations
@@ -17,6 +22,13 @@ import numpy as np
 import torch
 
 from manifests.atomic import atomic_write_text
+from segmenter.engine.options import F1WithoutTruePositive
+
+F1_NOTES = {
+    F1WithoutTruePositive.undefined: "F1 of a class without a true positive is undefined and left out of mF1 "
+    "(mmsegmentation, GeoSeg)",
+    F1WithoutTruePositive.zero: "F1 of a class without a true positive counts as 0 in mF1",
+}
 
 
 class ConfusionMatrix:
@@ -85,6 +97,7 @@ class Metrics:
     mf1_all: float
     main_classes: list[str] = field(default_factory=list)
     gt: str = "eroded"
+    f1_without_tp: str = F1WithoutTruePositive.undefined.value
     captions: CaptionFacts | None = None
 
     def to_json(self) -> str:
@@ -106,7 +119,8 @@ class Metrics:
         f1 = "| F1 | " + " | ".join(map(pct, self.f1)) + " | | | |"
         notes = (
             f"\nmIoU/mF1 over {', '.join(self.main_classes)}; over all classes: mIoU {pct(self.miou_all)}, "
-            f"mF1 {pct(self.mf1_all)}. Ground truth: {self.gt}; one dataset-pooled confusion matrix."
+            f"mF1 {pct(self.mf1_all)}. Ground truth: {self.gt}; one dataset-pooled confusion matrix; "
+            f"{F1_NOTES[F1WithoutTruePositive(self.f1_without_tp)]}."
         )
         return "\n".join(filter(None, [f"### {title}" if title else "", header, rule, iou, f1, notes,
                                         self._caption_note()]))  # fmt: skip
@@ -143,10 +157,15 @@ def _finite_or_null(value):
 
 
 def compute_metrics(
-    matrix: np.ndarray, class_names: list[str], main_classes: Sequence[str], gt: str = "eroded"
+    matrix: np.ndarray,
+    class_names: list[str],
+    main_classes: Sequence[str],
+    gt: str = "eroded",
+    f1_without_tp: F1WithoutTruePositive = F1WithoutTruePositive.undefined,
 ) -> Metrics:
     """Metrics of a pooled confusion matrix; ``mIoU``/``mF1`` average over ``main_classes`` (the tile index's
-    ``vocabulary.main_classes``), ``mIoU_all``/``mF1_all`` over every class.
+    ``vocabulary.main_classes``), ``mIoU_all``/``mF1_all`` over every class; ``f1_without_tp`` says what the F1 of a
+    class without a true positive is (module docstring).
 
     Raises:
         ValueError: a main class that is not one of ``class_names``.
@@ -163,6 +182,8 @@ def compute_metrics(
         precision = true_positive / predicted
         recall = true_positive / actual
         f1 = 2 * true_positive / (actual + predicted)
+    if f1_without_tp == F1WithoutTruePositive.undefined:
+        f1[true_positive == 0] = np.nan
     main = [i for i, name in enumerate(class_names) if name in main_classes]
     total = matrix.sum()
 
@@ -174,5 +195,5 @@ def compute_metrics(
         class_names=list(class_names), iou=iou.tolist(), precision=precision.tolist(), recall=recall.tolist(),
         f1=f1.tolist(), oa=float(true_positive.sum() / total) if total else float("nan"),
         miou=nanmean(iou[main]), mf1=nanmean(f1[main]), miou_all=nanmean(iou), mf1_all=nanmean(f1),
-        main_classes=[class_names[i] for i in main], gt=gt,
+        main_classes=[class_names[i] for i in main], gt=gt, f1_without_tp=F1WithoutTruePositive(f1_without_tp).value,
     )  # fmt: skip

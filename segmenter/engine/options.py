@@ -10,12 +10,13 @@ from __future__ import annotations
 import math
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from manifests.devices import usable_cpus
 from manifests.errors import InputError
+from manifests.run_manifest import DEFAULT_MAX_PIXELS
 
 if TYPE_CHECKING:
     from segmenter.model import SegmenterConfig
@@ -57,6 +58,14 @@ class GroundTruth(StrEnum):
     full = "full"
 
 
+class F1WithoutTruePositive(StrEnum):
+    """What the F1 of a class without a true positive is: ``undefined`` (left out of mF1, as mmsegmentation and
+    GeoSeg compute it) or ``zero`` (counted as 0); see ``segmenter.engine.metrics``."""
+
+    undefined = "undefined"
+    zero = "zero"
+
+
 # What `auto` picks for text-guided presets (see TrainSettings.augmentation_for): of d4, d4_rewrite and none, none
 # scored best on the demo over 3 seeds (bench/caption_effect.py --augmentation-study; README "Caption effect").
 TEXT_GUIDED_AUGMENTATION = Augmentation.none
@@ -88,6 +97,10 @@ class TrainSettings(BaseModel):
     amp: bool = True
     experts: list[str] | None = None
     augmentation: Augmentation = Augmentation.auto
+    # Heads of LQGA's text query instead of the preset's (the paper presets: 1, the method's equation).
+    lqga_heads: int | None = Field(default=None, ge=1)
+    # How captions over the text encoder's context are pooled, instead of the preset's (chunk_mean).
+    text_pooling: str | None = None
     # Data loader worker processes per training process (None: see loader_workers) and batches each keeps ready.
     # Neither changes a result: every sample is fixed by (seed, step), whoever decodes it.
     workers: int | None = Field(default=None, ge=0)
@@ -97,6 +110,18 @@ class TrainSettings(BaseModel):
     text_checkpoint: str | None = None
     # Where the caption features are cached (``--text-cache``); None: beside the store, else in the run folder.
     text_cache: str | None = None
+
+    @field_validator("text_pooling")
+    @classmethod
+    def _known_pooling(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        # the model's names, imported only when the option is given (this module stays free of the model)
+        from segmenter.model.config import TextPooling
+
+        if value not in get_args(TextPooling):
+            raise ValueError(f"expected one of {', '.join(get_args(TextPooling))}")
+        return value
 
     def loader_workers(self, cuda: bool, processes: int = 1) -> int:
         """The data loader workers of each of ``processes`` training processes on this machine.
@@ -197,16 +222,20 @@ class WindowSettings(InferenceSettings):
 
 class EvaluateSettings(WindowSettings):
     """What ``segmenter evaluate`` measures: the ``split`` of the run's tile index, against the ``eroded`` (ISPRS) or
-    ``full`` ground truth."""
+    ``full`` ground truth; ``f1_without_tp``: the F1 of a class without a true positive, ``undefined`` (left out of
+    mF1, as mmsegmentation and GeoSeg) or ``zero``."""
 
     split: str = "test"
     gt: GroundTruth = GroundTruth.eroded
+    f1_without_tp: F1WithoutTruePositive = F1WithoutTruePositive.undefined
 
 
 class PredictSettings(WindowSettings):
-    """How ``segmenter predict`` reads new images: ``scale`` says how to stretch an image that is not 8-bit."""
+    """How ``segmenter predict`` reads new images: ``scale`` says how to stretch an image that is not 8-bit, and
+    ``max_pixels`` is the pixel budget of one image (``prepare``'s, whose default it shares)."""
 
     scale: Scale = Scale.none
+    max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, gt=0)
 
 
 def option_error(exc: ValidationError) -> InputError:

@@ -7,6 +7,8 @@ classes contract (``manifests/class_predictions.py``), which prompts read where 
 
 from __future__ import annotations
 
+import json
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ import numpy as np
 import pandas as pd
 import rasterio
 from PIL import Image
+from rasterio.errors import NotGeoreferencedWarning
 
 from manifests.atomic import atomic_path
 from manifests.class_predictions import write_class_predictions
@@ -54,7 +57,7 @@ def image_files(inputs: list[Path]) -> list[Path]:
         for path in found:
             files.setdefault(path.resolve(), path)
     if not files:
-        raise InputError("--images: no image files found")
+        raise InputError(f"--images: no image files ({', '.join(sorted(SUFFIXES))}) in {', '.join(map(str, inputs))}")
     by_stem: dict[str, Path] = {}
     for path in files.values():
         other = by_stem.setdefault(path.stem.casefold(), path)
@@ -65,6 +68,28 @@ def image_files(inputs: list[Path]) -> list[Path]:
                 "folders"
             )
     return list(files.values())
+
+
+def output_files(image: Path, out: Path) -> tuple[Path, ...]:
+    """What ``predict`` writes for ``image`` into ``out``."""
+    return tuple(out / f"{image.stem}{suffix}" for suffix in (".tif", "_color.png", "_captions.csv"))
+
+
+def check_outputs_spare_inputs(files: list[Path], out: Path) -> None:
+    """Refuse an ``--out`` where an output would replace one of the images (``--out`` the input folder and a
+    ``<stem>.tif`` input): the image would be gone, replaced by its prediction.
+
+    Raises:
+        InputError: an output path that is an input image.
+    """
+    inputs = {path.resolve() for path in files}
+    for image in files:
+        for target in output_files(image, out):
+            if target.resolve() in inputs:
+                raise InputError(
+                    f"--out {out}: the prediction of {image} would be written to {target}, which is one of the "
+                    "images; give an --out folder other than the images' folder"
+                )
 
 
 def _captioned_tiles_by_pixels(text: ExpertTextFeatures) -> dict[str, str]:
@@ -109,7 +134,7 @@ def _image_captions(
     by_pixels, named = _captioned_tiles_by_pixels(text), set(text.features)
     plans = {}
     for path in files:
-        with open_image_windows(path, settings.scale) as (image, _):
+        with open_image_windows(path, settings.scale, settings.max_pixels) as (image, _):
             tiles = _captioned_windows(image, trained, by_pixels, named, path.stem)
             plans[path] = CaptionWindows(path.stem, tiles, text).plan(spec.grid(image.height, image.width))
         where = f"image {path.name}"
@@ -120,7 +145,7 @@ def _image_captions(
 def _record_window_captions(path: Path, out: Path, lookup: CaptionWindows, trained: TrainedRun, store: Path) -> None:
     """``<stem>_captions.csv``: per window, the tile whose caption it read and the experts masked on it; said."""
     used = pd.DataFrame(lookup.used)
-    with atomic_path(out / f"{path.stem}_captions.csv") as tmp:
+    with atomic_path(output_files(path, out)[2]) as tmp:
         used.to_csv(tmp, index=False)
     read = int(used["caption_tile_id"].notna().sum())
     print(f"{path.name}: {read} of {len(used)} windows read captions from {store} (per window: "
@@ -133,13 +158,22 @@ def _record_window_captions(path: Path, out: Path, lookup: CaptionWindows, train
 
 def _write_maps(trained: TrainedRun, path: Path, out: Path, classes: np.ndarray, profile: dict) -> Path:
     """The class-index GeoTIFF of an image (with its georeferencing) and its colour PNG; returns the GeoTIFF."""
-    target = out / f"{path.stem}.tif"
+    target, colour_png, _ = output_files(path, out)
     options = {"driver": "GTiff", "height": classes.shape[0], "width": classes.shape[1], "count": 1,
                "dtype": "uint8", "compress": "deflate", **profile}  # fmt: skip
-    with atomic_path(target) as tmp, rasterio.open(tmp, "w", **options) as sink:
+    index = trained.index
+    with atomic_path(target) as tmp, warnings.catch_warnings(), rasterio.open(tmp, "w", **options) as sink:
+        # A PNG or JPEG input has no georeferencing: its map has none either, which is all the warning says.
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
         sink.write(classes, 1)
+        # The values are class indices in the run's order, not the codes of the user's masks: named in the file
+        # (tags and a colour table GIS tools show), so the map can be read without the run folder.
+        sink.update_tags(class_names=json.dumps(index.class_names), ignore_index=str(index.ignore_index))
+        sink.update_tags(1, **{f"class_{i}": name for i, name in enumerate(index.class_names)})
+        sink.set_band_description(1, "class index (tags class_<i> name each)")
+        sink.write_colormap(1, {i: (*colour, 255) for i, colour in enumerate(index.palette)})
     colours = encode_rgb_mask(classes, tuple(trained.index.palette), trained.index.ignore_index)
-    with atomic_path(out / f"{path.stem}_color.png") as tmp:
+    with atomic_path(colour_png) as tmp:
         Image.fromarray(colours).save(tmp, format="PNG")
     return target
 
@@ -168,12 +202,13 @@ def predict(
     settings = settings_or_options(PredictSettings, settings, options)
     trained = open_run(run, settings)
     files = image_files(inputs)  # refused before anything is written
+    check_outputs_spare_inputs(files, out)
     spec = trained.sliding(settings)
     plans = _image_captions(trained, settings, files, spec)
     written = []
     for path in files:
         lookup = plans.get(path)
-        with open_image_windows(path, settings.scale) as (image, profile):
+        with open_image_windows(path, settings.scale, settings.max_pixels) as (image, profile):
             if image.bands > 3:  # RGBIR orthophotos: the backbone was trained on, and reads, the first three
                 print(f"note: {path.name}: {image.bands} bands; the model reads bands 1-3 (as RGB) and ignores the "
                       "others")  # fmt: skip

@@ -23,6 +23,12 @@ RUN_RECORD_SCHEMA_VERSION = 1
 RUN_RECORD_FILE = "run.json"
 # The columns of a store's selected rows that decide what a run reads: which attempt, whether it passed, its text.
 _CAPTION_COLUMNS = ["tile_id", "expert", "prompt_id", "attempt", "passed", "caption"]
+# What a resumed run may change: how long it runs and how it saves, logs and loads; nothing the weights depend on.
+# Weight files may move: they are checked by their digests on every load.
+RESUMABLE_SETTINGS = frozenset(
+    {"steps", "checkpoint_every", "log_every", "keep_checkpoints", "workers", "prefetch", "text_cache",
+     "backbone_file", "text_checkpoint"}
+)  # fmt: skip
 
 
 class RunRecord(BaseModel):
@@ -41,6 +47,9 @@ class RunRecord(BaseModel):
         captions_sha256: SHA-256 of the store's selected captions (see :func:`selected_captions_sha256`).
         class_sources: per split, per expert, the class sources of the prompts behind the captions read.
         masked_experts: per split, per expert, on how many tiles it had no usable caption (masked there).
+        labels: the ground truth the label crops of the tile index are: ``full``, or ``eroded`` (an ISPRS dataset
+            prepared with ``labels: eroded``, trained on as mmsegmentation does when only the eroded archive is at
+            hand); records older than this field trained on full labels.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -57,6 +66,7 @@ class RunRecord(BaseModel):
     captions_sha256: str | None
     class_sources: dict[str, dict[str, list[str]]]
     masked_experts: dict[str, dict[str, int]]
+    labels: Literal["full", "eroded"] = "full"
 
     @property
     def preset(self) -> str:
@@ -103,6 +113,33 @@ class RunRecord(BaseModel):
                 f"run record {path}: key '{key}': {error['msg'].lower()}; the record is damaged or was edited: "
                 "train the run again"
             ) from None
+
+
+def check_resumed_run(
+    recorded: RunRecord, settings: TrainSettings, manifest_sha256: str, class_names: list[str]
+) -> None:
+    """Refuse a ``--resume`` whose settings, manifest or classes differ from those the run was made with: the run
+    would go on as another one while its record named only the last command's settings.
+
+    Raises:
+        InputError: one line naming every difference and what may change.
+    """
+    given, kept = settings.model_dump(), recorded.settings.model_dump()
+    changed = [
+        f"--{name.replace('_', '-')} {given[name]!r} (the run's: {kept[name]!r})"
+        for name in kept
+        if name not in RESUMABLE_SETTINGS and given.get(name) != kept[name]
+    ]
+    if manifest_sha256 != recorded.manifest_sha256:
+        changed.append(f"--manifest (its text differs from {recorded.manifest}'s when the run started)")
+    if list(class_names) != recorded.class_names:
+        changed.append(f"the tile index's classes {list(class_names)} (the run's: {recorded.class_names})")
+    if changed:
+        raise InputError(
+            f"--resume: {'; '.join(changed)}; a resumed run keeps what it was started with (only "
+            f"{', '.join('--' + name.replace('_', '-') for name in sorted(RESUMABLE_SETTINGS))} may change): give "
+            "the run's settings, or train into a new --out"
+        )
 
 
 def selected_captions_sha256(selected: pd.DataFrame) -> str:

@@ -76,13 +76,13 @@ def load_text_features(
         InputError: the encoder gives features of another width than the model was built for, or other weights than
             those it was trained with (``config.text_weights``).
     """
-    encoder = TextEncoder(config.text_encoder, config.text_checkpoint, device=device)
+    encoder = TextEncoder(config.text_encoder, config.text_checkpoint, device=device, pooling=config.text_pooling)
     if encoder.dim != config.text_feature_dim:
         raise InputError(f"text_checkpoint: {encoder.encoder_id} gives {encoder.dim}-d features but model "
                          f"{config.name} was built for {config.text_feature_dim}-d ones")  # fmt: skip
-    if config.text_weights and _weights_identity(encoder.encoder_id) != _weights_identity(config.text_weights):
+    if config.text_weights and _weights_identity(encoder.weights_id) != _weights_identity(config.text_weights):
         raise InputError(f"--text-checkpoint: model {config.name} was trained on caption features of "
-                         f"{config.text_weights}, not of {encoder.encoder_id}: give the weights it was trained "
+                         f"{config.text_weights}, not of {encoder.weights_id}: give the weights it was trained "
                          "with")  # fmt: skip
     cache = TextFeatureCache(cache_folder, encoder)
     return expert_text_features(selected, list(config.experts), cache, passed_only, direction_variants)

@@ -30,10 +30,15 @@ from manifests.run_manifest import RunManifest, load_manifest
 from manifests.tile_index import TileIndex, read_tile_index
 from segmenter.data.samples import PlannedBatches, TileSamples, training_loader
 from segmenter.engine.options import Augmentation, MissingCaptions, TrainSettings
-from segmenter.engine.run_record import RunRecord, prompt_class_sources, selected_captions_sha256
+from segmenter.engine.run_record import (
+    RunRecord,
+    check_resumed_run,
+    prompt_class_sources,
+    selected_captions_sha256,
+)
 from segmenter.engine.runs import RunPaths, local_weights, open_for_training, restore_checkpoint, save_checkpoint
 from segmenter.engine.text_input import load_text_features, text_cache_folder
-from segmenter.model import MPerSSegmenter, SegmenterConfig, SegmenterOutput, build_model, preset_config
+from segmenter.model import MODEL_STRIDE, MPerSSegmenter, SegmenterConfig, SegmenterOutput, build_model, preset_config
 from segmenter.text import ExpertTextFeatures
 from segmenter.text.encoder import check_text_weights, text_feature_width
 from segmenter.text.features import run_experts
@@ -101,8 +106,14 @@ def _model_config(
     Raises:
         InputError: a text-guided preset without a store, ``--experts`` for a text-free one, experts the store lacks.
     """
-    local = local_weights(settings.backbone_file, settings.text_checkpoint)
-    config = preset_config(settings.preset, num_classes=num_classes, **local)
+    overrides: dict[str, Any] = {**local_weights(settings.backbone_file, settings.text_checkpoint)}
+    for name in ("lqga_heads", "text_pooling"):  # the preset's unless the command says otherwise
+        if getattr(settings, name) is not None:
+            overrides[name] = getattr(settings, name)
+    config = preset_config(settings.preset, num_classes=num_classes, **overrides)
+    if config.dim % config.lqga_heads:
+        raise InputError(f"--lqga-heads: {config.lqga_heads} heads do not divide the {config.dim} channels of "
+                         f"preset {settings.preset}")  # fmt: skip
     if config.backbone_file:  # the frozen ViT is not in the checkpoints: its file is checked on every load
         config = config.model_copy(update={"backbone_sha256": file_digest(Path(config.backbone_file))})
     if not config.uses_text:
@@ -133,12 +144,25 @@ def _train_samples(index: TileIndex, text: ExpertTextFeatures | None, augmentati
     """
     samples = TileSamples(index, "train", text, augmentation=augmentation)
     if len(samples) == 0:
-        raise InputError(f"tile index {index.root}: no tiles in split 'train'")
+        counts = index.frame["split"].value_counts().sort_index()
+        found = ", ".join(f"'{split}' ({tiles} tiles)" for split, tiles in counts.items()) or "none: it is empty"
+        raise InputError(
+            f"tile index {index.root}: no tiles in split 'train'; its splits: {found} (training reads the split "
+            "named train: prepare with --train ids, or name the training folder train)"
+        )
     unlabelled = samples.frame["label_path"].isna()
     if unlabelled.any():
+        sources = sorted(set(samples.frame["source_id"][unlabelled]))
         raise InputError(f"tile index {index.root}: tile {samples.frame['tile_id'][unlabelled].iloc[0]} (and "
-                         f"{int(unlabelled.sum()) - 1} more) of split 'train' has no label; this index is for "
-                         "captioning/prediction only")  # fmt: skip
+                         f"{int(unlabelled.sum()) - 1} more) of split 'train' has no label (sources without a mask: "
+                         f"{', '.join(sources)}); give them their masks, or prepare with --train listing the "
+                         "labelled sources only")  # fmt: skip
+    sides = sorted(set(samples.frame["width"]) | set(samples.frame["height"]))
+    if any(side % MODEL_STRIDE for side in sides):
+        raise InputError(f"tile index {index.root}: tiles of {' / '.join(map(str, sides))} px; the model takes "
+                         f"sides that are multiples of {MODEL_STRIDE} (its coarsest feature map is 1/{MODEL_STRIDE}): "
+                         f"prepare with --size {max(MODEL_STRIDE, round(sides[0] / MODEL_STRIDE) * MODEL_STRIDE)} "
+                         "(or another multiple)")  # fmt: skip
     return samples
 
 
@@ -187,7 +211,7 @@ def _job(
         rewrite = augmentation == Augmentation.d4_rewrite
         text = load_text_features(config, selected, cache, settings.passed_only, process.device, rewrite)
         # checkpoints name the encoder and weights of their caption features: evaluation refuses others
-        config = config.model_copy(update={"text_weights": text.encoder_id})
+        config = config.model_copy(update={"text_weights": text.weights_id})
         model.config = config
     samples = _train_samples(index, text, augmentation)
     job = _Job(settings, index, paths, process, config, model, samples, text, augmentation, selected)
@@ -222,6 +246,7 @@ def _run_record(job: _Job, manifest: str | Path, run: RunManifest, captions: str
         augmentation=job.augmentation,
         captions=str(Path(captions).resolve()) if captions else None,
         captions_sha256=selected_captions_sha256(job.selected) if job.selected is not None else None,
+        labels=job.index.extra.get("labels", "full"),
         class_sources=class_sources,
         masked_experts={"train": job.masked},
     )
@@ -357,6 +382,8 @@ def train(
     run = load_manifest(manifest)
     index = read_tile_index(run.tiling.out)
     paths, recorded = open_for_training(out, resume)
+    if recorded is not None:
+        check_resumed_run(recorded, settings, run.sha256, list(index.class_names))
     job = _job(index, settings, captions, paths, recorded, process)
     optimizer, scheduler = _optimizer(job.model, settings)
     step = 0
@@ -365,6 +392,8 @@ def train(
     if process.rank == 0:
         if step:
             print(f"resuming at step {step} of {settings.steps} from {paths.latest}")
+        if index.extra.get("labels") == "eroded":  # said, and recorded in run.json: not the usual ground truth
+            print("labels: eroded (the tile index was prepared with labels: eroded; boundaries are ignored)")
         _run_record(job, manifest, run, captions).write(paths.root)
     writer = None
     if process.rank == 0:

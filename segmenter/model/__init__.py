@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from segmenter.model.config import SegmenterConfig
+from segmenter.model.config import MODEL_STRIDE, SegmenterConfig
 from segmenter.model.presets import list_presets, preset_config, register_preset
 from segmenter.model.segmenter import MPerSSegmenter, SegmenterOutput
 
@@ -15,5 +15,5 @@ def build_model(preset: str | SegmenterConfig, **overrides: Any) -> MPerSSegment
     return MPerSSegmenter(config)
 
 
-__all__ = ["MPerSSegmenter", "SegmenterConfig", "SegmenterOutput", "build_model", "list_presets", "preset_config",
-           "register_preset"]  # fmt: skip
+__all__ = ["MODEL_STRIDE", "MPerSSegmenter", "SegmenterConfig", "SegmenterOutput", "build_model", "list_presets",
+           "preset_config", "register_preset"]  # fmt: skip

@@ -8,7 +8,7 @@ from pathlib import Path
 import timm
 import torch
 from huggingface_hub import constants as hub_constants
-from huggingface_hub import is_offline_mode, try_to_load_from_cache
+from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from safetensors import SafetensorError
 from torch import nn
@@ -52,7 +52,8 @@ def _missing_hub_weights(name: str, hub_id: str, why: str) -> InputError:
 
 def _check_cached(name: str, hub_id: str, filename: str | None) -> None:
     """Offline, refuse weights the cache lacks before the network is built (seconds for a ViT-L)."""
-    if not is_offline_mode():
+    # The constant, read at call time: is_offline_mode() only exists from huggingface_hub 1.2.1.
+    if not hub_constants.HF_HUB_OFFLINE:
         return  # timm downloads them; a failure is caught around create_model
     names = (filename,) if filename else HUB_WEIGHT_FILES
     if not any(isinstance(try_to_load_from_cache(hub_id, file), str) for file in names):

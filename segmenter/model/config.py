@@ -6,6 +6,10 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# The side of a model input must be a multiple of the coarsest feature map's stride (the pyramid's 1/32): the
+# decoder upsamples each level onto the next one.
+MODEL_STRIDE = 32
+
 TextEncoderId = Literal[
     "clip-vit-b16",
     "clip-vit-l14",
@@ -16,6 +20,11 @@ TextEncoderId = Literal[
     "test-tiny-dinotxt",
     "none",
 ]
+
+
+# How a caption longer than the text encoder's context becomes one vector: caption_pipeline.clip_models.TEXT_POOLINGS
+# (the same names; tests/test_text_encoders.py holds them together).
+TextPooling = Literal["truncate", "chunk_mean", "token_weighted"]
 
 
 class SegmenterConfig(BaseModel):
@@ -45,6 +54,11 @@ class SegmenterConfig(BaseModel):
     text_weights: str | None = Field(
         default=None, description="id of the text encoder and weights the run's caption features came from"
     )
+    text_pooling: TextPooling = Field(
+        default="chunk_mean",
+        description="a caption over the encoder's context: its first chunk (truncate, as CLIP's tokenizers), the mean "
+        "of its chunks (chunk_mean), or that mean weighted by the chunks' tokens (token_weighted)",
+    )
     text_dim: int = 512
     text_input_dim: int | None = Field(
         default=None,
@@ -61,7 +75,7 @@ class SegmenterConfig(BaseModel):
         min_length=1,
         description="stages (1-4) gated by LQGA; several are chained, deepest first",
     )
-    lqga_heads: int = 8
+    lqga_heads: int = Field(default=1, ge=1, description="heads of LQGA's text query (the method's equation: one)")
     decoder: Literal["unet", "fpn", "pixelup"] = "unet"
 
     @property

@@ -60,8 +60,17 @@ def preset_config(name: str, **overrides: Any) -> SegmenterConfig:
 
 
 def _paper(name: str, **changes: Any) -> SegmenterConfig:
-    """The paper's model: DINOv3 ViT-L/16 (LVD-1689M), LDPE, SWDA r=1, CLIP ViT-B text, DMTE at stage 4, U-Net."""
-    settings = {"backbone": "vit_large_patch16_dinov3.lvd1689m", "text_encoder": "clip-vit-b16", "text_dim": 512}
+    """The paper's model: DINOv3 ViT-L/16 (LVD-1689M), LDPE, SWDA r=1, CLIP ViT-B text, DMTE at stage 4, U-Net.
+
+    LQGA has one head: the method's equation is one query-key product, softmax(q K^T / sqrt(d)) V, and the paper
+    names no head count (no code of the authors' was found); ``segmenter train --lqga-heads 8`` splits it in eight.
+    """
+    settings = {
+        "backbone": "vit_large_patch16_dinov3.lvd1689m",
+        "text_encoder": "clip-vit-b16",
+        "text_dim": 512,
+        "lqga_heads": 1,
+    }
     return SegmenterConfig(name=name, **{**settings, **changes})
 
 

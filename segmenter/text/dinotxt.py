@@ -262,10 +262,11 @@ def load_text_tower(path: Path, config: DinoTxtConfig) -> DinoTxtTextTower:
 class _DinoTxtChunks(ChunkedTextEncoder):
     """``ChunkedTextEncoder``'s whole-caption chunking over the dino.txt tower and its tokenizer."""
 
-    def __init__(self, model: DinoTxtTextTower) -> None:  # the parent would look the tokenizer up by CLIP name
+    def __init__(self, model: DinoTxtTextTower, pooling: str) -> None:  # the parent looks the tokenizer up by name
         self.model = model
         self.tokenizer = dinotxt_tokenizer(model.config.context_length)
         self.context = model.config.context_length
+        self.pooling = pooling
 
 
 class DinoTxtTextEncoder(nn.Module):
@@ -284,6 +285,7 @@ class DinoTxtTextEncoder(nn.Module):
         config: DinoTxtConfig = DINOTXT_VITL16,
         device: str | torch.device = "cpu",
         random_weights: bool = False,
+        pooling: str = "chunk_mean",
     ) -> None:
         """Load the tower.
 
@@ -293,6 +295,7 @@ class DinoTxtTextEncoder(nn.Module):
             config: the architecture the file must match.
             device: where the tower runs.
             random_weights: build the same network with seeded random weights (benchmarks, offline checks).
+            pooling: how a caption over the context becomes one vector (``TEXT_POOLINGS``).
 
         Raises:
             InputError: no checkpoint without ``random_weights``, or a file ``load_text_tower`` refuses.
@@ -315,7 +318,7 @@ class DinoTxtTextEncoder(nn.Module):
         self.config = config
         self.dim = config.output_dim
         self.context_length = config.context_length
-        self.chunked = _DinoTxtChunks(self.model)
+        self.chunked = _DinoTxtChunks(self.model, pooling)
         self.calls = 0
 
     @property

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from caption_pipeline.clip_models import (
+    TEXT_POOLINGS,
     TINY_CLIP_CONFIG,
     ChunkedTextEncoder,
     ClipWeights,
@@ -123,7 +124,9 @@ class _Backend(Protocol):
 class _ClipBackend:
     """A frozen open_clip text tower; a caption over 77 tokens is the mean of its chunks."""
 
-    def __init__(self, encoder: str, checkpoint: str | None, device: str | torch.device, random_weights: bool) -> None:
+    def __init__(
+        self, encoder: str, checkpoint: str | None, device: str | torch.device, random_weights: bool, pooling: str
+    ) -> None:
         weights = text_encoder_weights(encoder, checkpoint)
         if encoder == TINY_ENCODER:
             register_tiny_config(weights.model)
@@ -134,7 +137,7 @@ class _ClipBackend:
         loaded = not (random_weights or seeded)
         model, _ = create_clip(weights, device, load_weights=loaded, transforms=False)
         self.model = model.requires_grad_(False)
-        self.chunked = ChunkedTextEncoder(self.model, weights.model)
+        self.chunked = ChunkedTextEncoder(self.model, weights.model, pooling)
         label = weights.weights_label if loaded else "seed0" if seeded else "random"
         # the activation is part of the id, so features of a network built with the other one are never reused
         self.label = f"{label}:{weights.activation}"
@@ -147,16 +150,17 @@ class _ClipBackend:
 
 
 def _flan_t5_backend(
-    spec: TextEncoderSpec, checkpoint: str | None, device: str | torch.device, random_weights: bool
+    spec: TextEncoderSpec, checkpoint: str | None, device: str | torch.device, random_weights: bool, pooling: str
 ) -> tuple[_Backend, str]:
     from segmenter.text.flan_t5 import FlanT5TextEncoder
 
-    backend = FlanT5TextEncoder(checkpoint or str(spec.source), device=device, random_weights=random_weights)
+    source = checkpoint or str(spec.source)
+    backend = FlanT5TextEncoder(source, device=device, random_weights=random_weights, pooling=pooling)
     return backend, backend.weights_label
 
 
 def _dinotxt_backend(
-    encoder: str, checkpoint: str | None, device: str | torch.device, random_weights: bool
+    encoder: str, checkpoint: str | None, device: str | torch.device, random_weights: bool, pooling: str
 ) -> tuple[_Backend, str]:
     from segmenter.text.dinotxt import DINOTXT_TINY, DINOTXT_VITL16, DinoTxtTextEncoder
 
@@ -164,15 +168,19 @@ def _dinotxt_backend(
     seeded = encoder == TINY_DINOTXT and not checkpoint
     if seeded:
         torch.manual_seed(0)
-    backend = DinoTxtTextEncoder(checkpoint, config, device=device, random_weights=random_weights or seeded)
+    random = random_weights or seeded
+    backend = DinoTxtTextEncoder(checkpoint, config, device=device, random_weights=random, pooling=pooling)
     return backend, "seed0" if seeded else backend.weights_label
 
 
 class TextEncoder(nn.Module):
     """A frozen text encoder of any family; ``encode`` counts its calls so tests can see the cache at work.
 
-    ``encoder_id`` names the network and its weights (and, for CLIP, the activation): the text-feature cache keys
-    on it, so features of two encoders, or of two checkpoints of one, never mix.
+    ``weights_id`` names the network and its weights (and, for CLIP, the activation): a run records it and
+    evaluation refuses other weights. ``encoder_id``, the text-feature id, adds the ``pooling`` of captions longer than
+    the context (``TEXT_POOLINGS``): the text-feature cache keys on it, so features of two encoders, of two
+    checkpoints of one, or of two poolings never mix (a cache written before the pooling was part of the id is not
+    read: its features are computed again).
     """
 
     def __init__(
@@ -181,20 +189,25 @@ class TextEncoder(nn.Module):
         checkpoint: str | Path | None = None,
         device: str | torch.device = "cpu",
         random_weights: bool = False,
+        pooling: str = "chunk_mean",
     ) -> None:
         super().__init__()
+        if pooling not in TEXT_POOLINGS:
+            raise InputError(f"text pooling '{pooling}' unknown (expected one of {', '.join(TEXT_POOLINGS)})")
         spec = check_text_weights(encoder, checkpoint, random_weights)
         path = str(checkpoint) if checkpoint else None
         if spec.family == "clip":
-            clip = _ClipBackend(encoder, path, device, random_weights)
+            clip = _ClipBackend(encoder, path, device, random_weights, pooling)
             backend, label = clip, clip.label
         elif spec.family == "flan-t5":
-            backend, label = _flan_t5_backend(spec, path, device, random_weights)
+            backend, label = _flan_t5_backend(spec, path, device, random_weights, pooling)
         else:
-            backend, label = _dinotxt_backend(encoder, path, device, random_weights)
+            backend, label = _dinotxt_backend(encoder, path, device, random_weights, pooling)
         self.backend = backend
         self.family = spec.family
-        self.encoder_id = f"{encoder}:{label}"
+        self.pooling = pooling
+        self.weights_id = f"{encoder}:{label}"
+        self.encoder_id = f"{self.weights_id}:{pooling}"
         self.dim = int(backend.dim)
         self.calls = 0
 

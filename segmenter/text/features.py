@@ -33,8 +33,10 @@ class ExpertTextFeatures:
     n_variants: int = 1
     # The store's selected rows of these experts (passed or not), for reports that need more than the features.
     rows: pd.DataFrame = field(default_factory=pd.DataFrame)
-    # The text encoder and weights that made the features (``TextEncoder.encoder_id``).
+    # The text encoder, weights and pooling that made the features (``TextEncoder.encoder_id``), and the encoder and
+    # weights alone (``TextEncoder.weights_id``: what a run records).
     encoder_id: str = ""
+    weights_id: str = ""
 
     def lookup(self, tile_id: str, variant: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Features of a tile (under a direction variant); a tile the store lacks has every expert masked."""
@@ -137,4 +139,7 @@ def expert_text_features(
         assert vectors is not None
         features[tile_id][:, slot[expert]] = F.normalize(vectors[:, group.index].mean(1), dim=-1)
         present[tile_id][slot[expert]] = True
-    return ExpertTextFeatures(list(experts), features, present, dim, n_variants, rows, cache.encoder.encoder_id)
+    encoder = cache.encoder
+    return ExpertTextFeatures(
+        list(experts), features, present, dim, n_variants, rows, encoder.encoder_id, encoder.weights_id
+    )

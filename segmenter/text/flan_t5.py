@@ -6,15 +6,19 @@ separately; their normalised embeddings are averaged and normalised again (the C
 T5's 512-token context).
 
 From a BLIP-2 checkpoint only the FLAN-T5 encoder is read: ``language_model.shared.*`` and
-``language_model.encoder.*`` are taken with ``safetensors.safe_open`` from the shards the index names for them,
-and a hub id is resolved file by file, so the vision tower, the Q-Former and the T5 decoder are never downloaded
-unless they share a shard with the encoder, and are never loaded.
+``language_model.encoder.*`` are taken from the shards the index names for them (safetensors with
+``safetensors.safe_open``; a PyTorch ``pytorch_model-*.bin`` checkpoint, where no safetensors one exists, with
+``torch.load(weights_only=True, mmap=True)``, so only the encoder's tensors are read from the disk), and a hub id
+is resolved file by file, so the vision tower, the Q-Former and the T5 decoder are never downloaded unless they
+share a shard with the encoder, and are never loaded.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import pickle
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +35,7 @@ from huggingface_hub.errors import (
 from safetensors import safe_open
 from torch import nn
 
+from caption_pipeline.clip_models import pool_rows, pooled_chunks
 from manifests.atomic import file_digest
 from manifests.devices import resolve_device
 from manifests.errors import InputError, first_line
@@ -43,6 +48,7 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_FILE = "model.safetensors"
 TORCH_INDEX = "pytorch_model.bin.index.json"
 TORCH_FILE = "pytorch_model.bin"
+LOOKED_FOR = [SAFETENSORS_INDEX, SAFETENSORS_FILE, TORCH_INDEX, TORCH_FILE]
 # configs, tokenizer files and shard indexes: small, so a hub id fetches them whole before any weights
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
 METADATA_PATTERNS = ["*.json", "*.model", "*.txt"]
@@ -139,6 +145,62 @@ def _is_encoder_key(key: str, prefix: str) -> bool:
     return key.startswith(prefix) and key[len(prefix) :].startswith(ENCODER_PREFIXES)
 
 
+def _checkpoint_shards(where: _Source, wanted: Callable[[str], bool]) -> dict[Path, list[str] | None]:
+    """The weight files of the source's checkpoint, each with the tensors to read from it.
+
+    A shard index (safetensors, then PyTorch ``.bin``; both came with the metadata, so nothing is downloaded to
+    find them) names the shards: only those holding a ``wanted`` tensor are fetched. Without an index, the single
+    file (``model.safetensors``, then ``pytorch_model.bin``) is read, its keys filtered by ``wanted`` (``None``).
+
+    Raises:
+        InputError: no weight file, or a shard the index names that is missing.
+    """
+    for index_name in (SAFETENSORS_INDEX, TORCH_INDEX):
+        index = where.file(index_name)
+        if index is None:
+            continue
+        keys_by_file: dict[str, list[str]] = {}
+        for key, shard in _shard_map(index).items():
+            if wanted(key):
+                keys_by_file.setdefault(shard, []).append(key)
+        shards: dict[Path, list[str] | None] = {}
+        for name, keys in sorted(keys_by_file.items()):
+            path = where.file(name)
+            if path is None:
+                raise where.missing_weights([name])
+            shards[path] = keys
+        return shards
+    for single in (SAFETENSORS_FILE, TORCH_FILE):
+        path = where.file(single)
+        if path is not None:
+            return {path: None}
+    raise where.missing_weights(LOOKED_FOR)
+
+
+def _read_tensors(path: Path, keys: list[str] | None, wanted: Callable[[str], bool]) -> dict[str, torch.Tensor]:
+    """The tensors ``keys`` (every ``wanted`` one where None) of one weight file, safetensors or PyTorch.
+
+    A ``.bin`` is opened with ``weights_only=True`` (no code in the pickle runs) and memory-mapped, so the tensors not
+    asked for are never read.
+
+    Raises:
+        InputError: a file that cannot be read so, or that lacks a tensor its index names.
+    """
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return {key: handle.get_tensor(key) for key in keys or [k for k in handle.keys() if wanted(k)]}  # noqa: SIM118
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:
+        raise InputError(
+            f"text_checkpoint: {path} cannot be read as PyTorch weights with weights_only=True ({first_line(exc)})"
+        ) from None
+    missing = [key for key in keys or [] if key not in state]
+    if missing:
+        raise InputError(f"text_checkpoint: {path} lacks {missing[:3]}, which its shard index names")
+    return {key: state[key] for key in keys or [k for k in state if wanted(k)]}
+
+
 def _weights_digest(files: list[Path]) -> str:
     """One short sha256 for the weight files read (the file's own digest when there is one)."""
     digests = [file_digest(path) for path in files]
@@ -168,45 +230,30 @@ class FlanT5TextEncoder(nn.Module):
         calls: how often ``encode`` ran (tests of the feature cache count them).
     """
 
-    def __init__(self, source: str | Path, device: str | torch.device = "cpu", random_weights: bool = False) -> None:
+    def __init__(
+        self,
+        source: str | Path,
+        device: str | torch.device = "cpu",
+        random_weights: bool = False,
+        pooling: str = "chunk_mean",
+    ) -> None:
         """Load the tokenizer and the FLAN-T5 encoder of ``source``.
 
         Args:
             source: a hub id or a local folder of a T5 / FLAN-T5 model or of a BLIP-2 FLAN-T5 checkpoint.
             device: a torch device or its name (``auto`` as everywhere in this project).
             random_weights: build the network from the config only, with seeded random weights (benchmarks).
+            pooling: how a caption over the context becomes one vector (``TEXT_POOLINGS``).
 
         Raises:
             InputError: a missing folder, a hub id that is neither cached nor downloadable, a folder or repository
                 without weights, or a checkpoint that holds no T5 encoder.
         """
-        from transformers import AutoConfig, AutoTokenizer
-
         super().__init__()
         self.device = device if isinstance(device, torch.device) else resolve_device(device, source="text device")
         self.dtype = _inference_dtype(self.device)
         where = _Source(source)
-        if not any((where.folder / name).is_file() for name in TOKENIZER_FILES):
-            # transformers would build a T5 tokenizer with an empty vocabulary: every word unknown, every caption
-            # the same features up to its length
-            raise InputError(
-                f"text_checkpoint: {where.folder} has no tokenizer ({' or '.join(TOKENIZER_FILES)}): save the "
-                "tokenizer beside the model (tokenizer.save_pretrained), or use the folder of the original checkpoint"
-            )
-        try:
-            config = AutoConfig.from_pretrained(where.folder)
-            self.tokenizer = AutoTokenizer.from_pretrained(where.folder)
-        except (OSError, ValueError) as exc:
-            raise InputError(
-                f"text_checkpoint: cannot read the config or tokenizer in {where.folder} ({first_line(exc)})"
-            ) from None
-        blip2 = config.model_type == "blip-2"
-        text_config = config.text_config if blip2 else config
-        if text_config.model_type not in ("t5", "mt5", "umt5"):
-            raise InputError(
-                f"text_checkpoint: {source} is a '{config.model_type}' model with a '{text_config.model_type}' text "
-                "model (expected T5 / FLAN-T5, or BLIP-2 with a FLAN-T5 language model)"
-            )
+        self.tokenizer, text_config, blip2 = _read_config(where, source)
         self.loaded_keys: list[str] = []
         if random_weights:
             self.model = self._random(text_config)
@@ -222,12 +269,13 @@ class FlanT5TextEncoder(nn.Module):
         max_length = getattr(self.tokenizer, "model_max_length", MAX_CONTEXT) or MAX_CONTEXT
         self.context_length = int(min(max_length, MAX_CONTEXT))
         self.batch_size = 32
+        self.pooling = pooling
         self.calls = 0
 
     @property
     def encoder_id(self) -> str:
         """What a text-feature cache keys on: the weights, the pooling and the chunk length."""
-        return f"flan-t5:{self.weights_label}:mean{self.context_length}"
+        return f"flan-t5:{self.weights_label}:mean{self.context_length}:{self.pooling}"
 
     @staticmethod
     def _random(text_config: Any) -> nn.Module:
@@ -248,25 +296,16 @@ class FlanT5TextEncoder(nn.Module):
         """A ``T5EncoderModel`` holding only the BLIP-2 checkpoint's FLAN-T5 encoder tensors."""
         from transformers import T5EncoderModel
 
-        index = where.file(SAFETENSORS_INDEX)
-        if index is not None:
-            keys_by_file: dict[str, list[str]] = {}
-            for key, shard in _shard_map(index).items():
-                if _is_encoder_key(key, BLIP2_TEXT_PREFIX):
-                    keys_by_file.setdefault(shard, []).append(key)
-        else:
-            keys_by_file = {SAFETENSORS_FILE: []}  # one file: its keys are read from its header below
+        def wanted(key: str) -> bool:
+            return _is_encoder_key(key, BLIP2_TEXT_PREFIX)
+
+        shards = _checkpoint_shards(where, wanted)
         state: dict[str, torch.Tensor] = {}
-        files = []
-        for name, keys in sorted(keys_by_file.items()):
-            path = where.file(name)
-            if path is None:
-                raise where.missing_weights([name] if index is not None else [SAFETENSORS_INDEX, SAFETENSORS_FILE])
-            files.append(path)
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
-                for key in keys or [k for k in handle.keys() if _is_encoder_key(k, BLIP2_TEXT_PREFIX)]:  # noqa: SIM118
-                    state[key[len(BLIP2_TEXT_PREFIX) :]] = handle.get_tensor(key)
-                    self.loaded_keys.append(key)
+        for path, keys in shards.items():
+            for key, tensor in _read_tensors(path, keys, wanted).items():
+                state[key[len(BLIP2_TEXT_PREFIX) :]] = tensor
+                self.loaded_keys.append(key)
+        files = list(shards)
         if "shared.weight" not in state:
             raise InputError(
                 f"text_checkpoint: {where.name} has no {BLIP2_TEXT_PREFIX}shared.weight (expected the FLAN-T5 "
@@ -289,25 +328,12 @@ class FlanT5TextEncoder(nn.Module):
         """The encoder of a standalone T5 / FLAN-T5 checkpoint, through ``from_pretrained``."""
         from transformers import T5EncoderModel
 
-        files: list[Path] = []
-        looked_for = [SAFETENSORS_INDEX, SAFETENSORS_FILE, TORCH_INDEX, TORCH_FILE]
-        # a hub repository is read as safetensors only: its .bin twins would double the download
-        layouts = [(SAFETENSORS_INDEX, SAFETENSORS_FILE)]
-        if where.repo_id is None:
-            layouts.append((TORCH_INDEX, TORCH_FILE))
-        for index_name, single in layouts:
-            index = where.file(index_name)
-            names = sorted(set(_shard_map(index).values())) if index is not None else [single]
-            paths = [where.file(name) for name in names]
-            if all(path is not None for path in paths):
-                files = [path for path in paths if path is not None]
-                break
-        if not files:
-            raise where.missing_weights(looked_for if where.repo_id is None else looked_for[:2])
+        # every shard (from_pretrained reads the folder), safetensors first: a .bin twin is never downloaded too
+        files = list(_checkpoint_shards(where, lambda key: True))
         try:
             model = T5EncoderModel.from_pretrained(files[0].parent, dtype=torch.float32)
         except OSError as exc:
-            raise where.missing_weights([*looked_for, first_line(exc)]) from None
+            raise where.missing_weights([*LOOKED_FOR, first_line(exc)]) from None
         return model, files
 
     def token_chunks(self, texts: list[str]) -> list[list[list[int]]]:
@@ -344,16 +370,18 @@ class FlanT5TextEncoder(nn.Module):
 
     @torch.no_grad()
     def encode(self, texts: list[str]) -> torch.Tensor:
-        """``(N, dim)`` float32 CPU embeddings, normalised; a caption over the context is the mean of its chunks."""
+        """``(N, dim)`` float32 CPU embeddings, normalised; a caption over the context is pooled from its chunks
+        (``pooling``, :data:`caption_pipeline.clip_models.TEXT_POOLINGS`)."""
         self.calls += 1
-        rows, owners = [], []
+        rows, owners, weights = [], [], []
         for index, chunks in enumerate(self.token_chunks(texts)):
-            rows.extend(chunks)
-            owners.extend([index] * len(chunks))
-        pooled = torch.zeros(len(texts), self.dim)
-        if rows:
-            pooled.index_add_(0, torch.tensor(owners), self.embed_token_rows(rows))
-        return F.normalize(pooled, dim=-1)
+            for chunk, weight in pooled_chunks(chunks, self.pooling):
+                rows.append(chunk)
+                owners.append(index)
+                weights.append(weight)
+        if not rows:
+            return torch.zeros(0, self.dim)
+        return pool_rows(self.embed_token_rows(rows), owners, weights, len(texts))
 
 
 def _tiny_t5_tokenizer() -> Any:
@@ -438,3 +466,36 @@ def flan_t5_width(source: str | Path) -> int:
     except (OSError, ValueError) as exc:
         raise InputError(f"text_checkpoint: cannot read the config in {where.folder} ({first_line(exc)})") from None
     return int((config.text_config if config.model_type == "blip-2" else config).d_model)
+
+
+def _read_config(where: _Source, source: str | Path) -> tuple[Any, Any, bool]:
+    """The tokenizer, the T5 text config and whether ``where`` holds a BLIP-2 checkpoint, checked.
+
+    Raises:
+        InputError: no tokenizer beside the model, an unreadable config or tokenizer, or a model without a T5 text
+            model.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    if not any((where.folder / name).is_file() for name in TOKENIZER_FILES):
+        # transformers would build a T5 tokenizer with an empty vocabulary: every word unknown, every caption
+        # the same features up to its length
+        raise InputError(
+            f"text_checkpoint: {where.folder} has no tokenizer ({' or '.join(TOKENIZER_FILES)}): save the "
+            "tokenizer beside the model (tokenizer.save_pretrained), or use the folder of the original checkpoint"
+        )
+    try:
+        config = AutoConfig.from_pretrained(where.folder)
+        tokenizer = AutoTokenizer.from_pretrained(where.folder)
+    except (OSError, ValueError) as exc:
+        raise InputError(
+            f"text_checkpoint: cannot read the config or tokenizer in {where.folder} ({first_line(exc)})"
+        ) from None
+    blip2 = config.model_type == "blip-2"
+    text_config = config.text_config if blip2 else config
+    if text_config.model_type not in ("t5", "mt5", "umt5"):
+        raise InputError(
+            f"text_checkpoint: {source} is a '{config.model_type}' model with a '{text_config.model_type}' text "
+            "model (expected T5 / FLAN-T5, or BLIP-2 with a FLAN-T5 language model)"
+        )
+    return tokenizer, text_config, blip2

@@ -7,10 +7,11 @@ from manifests.run_manifest import DatasetConfig
 from segmenter.data.datasets.base import SegmentationDataset, Source
 from segmenter.data.datasets.folder import ImageMaskFolder
 from segmenter.data.datasets.isprs import ISPRS_CLASSES, ISPRS_PALETTE, Potsdam, Vaihingen
+from segmenter.data.datasets.loveda import LoveDA
 from segmenter.data.datasets.syndrone import SynDrone
 
 DATASETS: dict[str, type[SegmentationDataset]] = {
-    cls.name: cls for cls in (Vaihingen, Potsdam, SynDrone, ImageMaskFolder)
+    cls.name: cls for cls in (Vaihingen, Potsdam, SynDrone, LoveDA, ImageMaskFolder)
 }
 
 
@@ -30,6 +31,7 @@ __all__ = [
     "ISPRS_CLASSES",
     "ISPRS_PALETTE",
     "ImageMaskFolder",
+    "LoveDA",
     "Potsdam",
     "SegmentationDataset",
     "Source",

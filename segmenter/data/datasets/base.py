@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
@@ -12,13 +13,19 @@ from manifests.errors import InputError
 from manifests.run_manifest import DatasetConfig
 from manifests.tile_index import ClassVocabulary
 from segmenter.data.datasets.files import SourceFile
-from segmenter.data.datasets.labels import RGB, DecodeStats, decode_rgb_mask
-from segmenter.data.raster_io import three_bands
+from segmenter.data.datasets.labels import RGB, DecodeStats, IdTable, decode_index_mask, decode_rgb_mask
+from segmenter.data.windowed_read import read_raster
 
 
 @dataclass(frozen=True)
 class Source:
-    """One source scene (an ISPRS area, a SynDrone frame, a folder image) and its files."""
+    """One source scene (an ISPRS area, a SynDrone frame, a folder image) and its files.
+
+    Attributes:
+        label: the labels training reads (None: an image for captioning and prediction only).
+        eval_label: the eroded labels where the dataset has them (None where they were not downloaded); the same file
+            as ``label`` for a dataset with one ground truth.
+    """
 
     source_id: str
     split: str
@@ -33,7 +40,9 @@ class SegmentationDataset(ABC):
     Subclasses set ``name``, ``class_names``, ``palette`` and ``splits`` (split scheme -> split -> source ids)
     and implement :meth:`sources`. Their class vocabulary (written into the tile index for both stages) comes
     from ``class_words`` (extra words a caption names a class by), ``plurals`` (classes counted as objects) and
-    ``excluded_from_mean`` (classes the headline means leave out).
+    ``excluded_from_mean`` (classes the headline means leave out). Masks are colour-coded unless ``mask_format`` is
+    ``index`` (the subclass then sets ``id_table``). ``source_id_pattern`` is the form of the ids a
+    custom split lists, ``source_id_example`` one of them.
     """
 
     name: ClassVar[str]
@@ -44,6 +53,15 @@ class SegmentationDataset(ABC):
     excluded_from_mean: ClassVar[tuple[str, ...]] = ()
     splits: ClassVar[dict[str, dict[str, tuple[str, ...]]]] = {}
     default_split: ClassVar[str] = "mpers"
+    mask_format: ClassVar[str] = "rgb"
+    # Colours of colour-coded masks that are no-data (counted as such, ignored).
+    nodata_colours: ClassVar[tuple[RGB, ...]] = ()
+    # How the ids of id-coded masks map to classes (set by every dataset whose mask_format is index).
+    id_table: IdTable
+    # Whether the release ships eroded labels (ISPRS): `evaluate --gt eroded` then needs them, never falls back.
+    has_eroded_labels: ClassVar[bool] = False
+    source_id_pattern: ClassVar[str] = r".+"
+    source_id_example: ClassVar[str] = ""
 
     def __init__(self, config: DatasetConfig) -> None:
         self.config = config
@@ -60,8 +78,13 @@ class SegmentationDataset(ABC):
 
     @property
     def colors(self) -> tuple[RGB, ...]:
-        """The RGB colour of each class in the label files, in class order."""
+        """The RGB colour of each class in the label files (display colours for id-coded masks), in class order."""
         return self.palette
+
+    @property
+    def training_labels(self) -> str:
+        """Which ground truth training reads: ``full``, or ``eroded`` where the dataset is set to train on it."""
+        return "full"
 
     @property
     def vocabulary(self) -> ClassVocabulary:
@@ -76,18 +99,34 @@ class SegmentationDataset(ABC):
         """Source ids of each split under the configured split scheme.
 
         Raises:
-            InputError: the split scheme is unknown to this dataset, or a source is listed in two splits.
+            InputError: the split scheme is unknown to this dataset, a custom id not of the dataset's form, or a
+                source listed in two splits.
         """
         scheme = self.config.split
         if scheme == "custom":
             assert self.config.custom_splits is not None
-            members = {split: [str(item) for item in ids] for split, ids in self.config.custom_splits.items()}
+            members = {split: list(ids) for split, ids in self.config.custom_splits.items()}
+            self.check_source_ids(members)
         elif scheme in self.splits:
             members = {split: list(ids) for split, ids in self.splits[scheme].items()}
         else:
             known = ", ".join([*self.splits, "custom"])
             raise InputError(f"dataset.split: unknown split '{scheme}' for {self.name} (expected one of: {known})")
         return check_disjoint(members)
+
+    def check_source_ids(self, members: dict[str, list[str]]) -> None:
+        """Refuse a custom-split id that is not of the form the dataset numbers its sources by.
+
+        Raises:
+            InputError: naming the id, the form expected and the quoted way to write it in YAML.
+        """
+        for split, ids in members.items():
+            for source_id in ids:
+                if not re.fullmatch(self.source_id_pattern, source_id):
+                    raise InputError(
+                        f"dataset.custom_splits: '{source_id}' (split {split}) is not a {self.name} source id "
+                        f"(expected ids such as '{self.source_id_example}'; in a manifest, write them in quotes)"
+                    )
 
     @abstractmethod
     def sources(self) -> list[Source]:
@@ -97,24 +136,48 @@ class SegmentationDataset(ABC):
             InputError: a file of a listed source is missing.
         """
 
-    def read_image(self, source: Source) -> np.ndarray:
-        """The pixels of a source's image, bands last; a single-band image has its band repeated three times
-        (:func:`segmenter.data.raster_io.three_bands`, the rule ``predict`` follows too)."""
-        return three_bands(source.image.read_array())
+    def decode_label(self, raw: np.ndarray, file: SourceFile) -> tuple[np.ndarray, DecodeStats]:
+        """Class indices of the raw pixels of a mask (or of a window of it), with the ignored pixels counted.
 
-    def read_label(self, file: SourceFile) -> tuple[np.ndarray, DecodeStats]:
-        """Class indices of a mask file (RGB-coded by default).
+        Colour-coded masks (``mask_format`` ``rgb``): the palette's colours are the classes, black the eroded
+        boundary. Id-coded masks (``index``): ``id_table`` maps the ids.
 
         Raises:
-            InputError: a mask that is not RGB-coded 8-bit colours.
+            InputError: a mask of the other format, or pixels that cannot be class codes, naming ``file``.
         """
-        mask = file.read_array()
-        if mask.ndim != 3 or mask.shape[-1] < 3:
-            raise InputError(f"{file}: expected an RGB-coded label, got shape {mask.shape}")
+        if self.mask_format == "rgb" and (raw.ndim == 2 or raw.shape[-1] < 3):
+            raise InputError(
+                f"{file}: expected an RGB-coded label ({self.name} masks are colours), got a single-band mask: "
+                "for masks of class ids use mask_format index (--mask-format index)"
+            )
         try:
-            return decode_rgb_mask(mask, self.colors, self.ignore_index)
+            if self.mask_format == "index":
+                return decode_index_mask(raw, self.id_table, self.ignore_index)
+            return decode_rgb_mask(raw, self.colors, self.ignore_index, self.nodata_colours)
         except ValueError as exc:
             raise InputError(f"{file}: {exc}") from None
+
+    def read_label(self, file: SourceFile) -> tuple[np.ndarray, DecodeStats]:
+        """Class indices of a whole mask file (:meth:`decode_label` of its pixels).
+
+        Raises:
+            InputError: an unreadable file, or a mask this dataset cannot decode.
+        """
+        return self.decode_label(read_raster(file), file)
+
+    def ground_truth(self, source: Source, gt: str) -> SourceFile:
+        """The labels of ``source`` that evaluation against ``gt`` (``eroded`` or ``full``) compares with.
+
+        Raises:
+            InputError: the source has no such labels.
+        """
+        file = source.eval_label if gt == "eroded" else source.label
+        if file is None:
+            raise InputError(
+                f"--gt {gt}: source {source.source_id} (split {source.split}) has no labels: its tiles serve "
+                "captioning and prediction only; evaluate a labelled split"
+            )
+        return file
 
 
 def check_disjoint(members: dict[str, list[str]]) -> dict[str, list[str]]:

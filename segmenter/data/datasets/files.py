@@ -8,32 +8,18 @@ under the same name, so a lookup by name would sooner or later read a label map 
 
 from __future__ import annotations
 
-import io
+import hashlib
 import os
-import struct
 import zipfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-import numpy as np
-import tifffile
-from PIL import Image, UnidentifiedImageError
-
-from manifests.atomic import sha256_bytes
 from manifests.errors import InputError
 
-# What decoders raise on a damaged or truncated file (PIL: OSError for a truncated stream).
-_DECODE_ERRORS = (
-    tifffile.TiffFileError,
-    UnidentifiedImageError,
-    ValueError,
-    OSError,
-    EOFError,
-    zlib.error,
-    struct.error,
-    IndexError,
-)
+# Bytes read at a time when a file is hashed: a source of gigabytes is never held whole.
+_CHUNK = 1 << 20
 
 # Finder metadata that macOS adds to archives: resource forks (``._name``) and the ``__MACOSX`` tree.
 _SKIPPED_PARTS = ("__MACOSX",)
@@ -55,48 +41,36 @@ class SourceFile:
         return f"{printable(self.path)}!{self.member}" if self.member else printable(self.path)
 
     def read_bytes(self) -> bytes:
-        """The raw bytes of the file.
+        """The raw bytes of the file (small files: split lists, side files).
 
         Returns:
             The file's content.
         """
+        return b"".join(self.chunks())
+
+    def chunks(self) -> Iterator[bytes]:
+        """The bytes of the file in chunks of 1 MiB; a ZIP member's CRC is checked when its last chunk is read.
+
+        Raises:
+            InputError: a damaged archive member (bad CRC, broken deflate stream, cut short).
+        """
         if self.member is None:
-            return self.path.read_bytes()
+            with self.path.open("rb") as handle:
+                yield from iter(lambda: handle.read(_CHUNK), b"")
+            return
         try:
-            with zipfile.ZipFile(self.path) as archive:
-                return archive.read(self.member)
+            with zipfile.ZipFile(self.path) as archive, archive.open(self.member) as member:
+                yield from iter(lambda: member.read(_CHUNK), b"")
         except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
             # A bad CRC, a broken deflate stream, a member cut short: the archive is damaged, say which member.
             raise InputError(f"{self}: cannot be read from the archive ({type(exc).__name__}: {exc})") from None
 
     def sha256(self) -> str:
-        """SHA-256 of the file's bytes (hex)."""
-        return sha256_bytes(self.read_bytes())
-
-    def read_array(self) -> np.ndarray:
-        """Decode the raster to an ``H x W`` or ``H x W x C`` array.
-
-        Returns:
-            The pixels, bands last.
-
-        Raises:
-            InputError: the file cannot be decoded.
-        """
-        data = self.read_bytes()
-        try:
-            if self.name.lower().endswith((".tif", ".tiff")):
-                array = tifffile.imread(io.BytesIO(data))
-            else:
-                with Image.open(io.BytesIO(data)) as image:
-                    array = np.asarray(image)
-        except _DECODE_ERRORS as exc:
-            # A tiled, compressed TIFF cut short fails inside its codec (zlib), not in tifffile's own checks.
-            raise InputError(f"{self}: not a readable raster ({type(exc).__name__}: {exc})") from None
-        if array.ndim not in (2, 3) or array.size == 0:
-            raise InputError(f"{self}: not a readable raster (decoded to shape {array.shape})")
-        if array.ndim == 3 and array.shape[0] < 8 < array.shape[-1]:
-            array = np.moveaxis(array, 0, -1)  # planar TIFF (C, H, W) to interleaved
-        return array
+        """SHA-256 of the file's bytes (hex), read in chunks."""
+        digest = hashlib.sha256()
+        for chunk in self.chunks():
+            digest.update(chunk)
+        return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -107,10 +81,11 @@ class FileRole:
         archive: stem of the archive, found as ``<root>/<archive>.zip`` or as the extracted ``<root>/<archive>/``.
         name: file-name template with ``{id}`` (the source id), e.g. ``top_mosaic_09cm_area{id}.tif``.
         folder: the folder the file must sit in, at any depth (``top`` for the Vaihingen orthophotos, so that
-            ``gts_for_participants/`` beside it is never read as the image). A file at the top level of the
-            archive counts as sitting in a folder named like the archive, so ``2_Ortho_RGB`` matches both
-            ``2_Ortho_RGB.zip!2_Ortho_RGB/x.tif`` and a flat ``2_Ortho_RGB.zip!x.tif``. ``None``: the file sits
-            at the top level of the archive or in one folder below it, whatever its name (the label archives).
+            ``gts_for_participants/`` beside it is never read as the image); several levels are written with ``/``
+            (LoveDA's ``Urban/images_png``). A file at the top level of the archive counts as sitting in a folder
+            named like the archive, so ``2_Ortho_RGB`` matches both ``2_Ortho_RGB.zip!2_Ortho_RGB/x.tif`` and a
+            flat ``2_Ortho_RGB.zip!x.tif``. ``None``: the file sits at the top level of the archive or in one folder
+            below it, whatever its name (the label archives).
     """
 
     archive: str
@@ -130,7 +105,14 @@ class FileRole:
         parents = PurePosixPath(relative).parts[:-1]
         if self.folder is None:
             return len(parents) <= 1
-        return (parents[-1] if parents else self.archive) == self.folder
+        wanted = tuple(self.folder.split("/"))
+        return (self.archive, *parents)[-len(wanted) :] == wanted
+
+    def source_id(self, name: str) -> str | None:
+        """The source id of a file named ``name`` (``{id}`` of the template), or None when the name does not fit."""
+        before, _, after = self.name.partition("{id}")
+        fits = name.startswith(before) and name.endswith(after) and len(name) > len(before) + len(after)
+        return name[len(before) : len(name) - len(after)] if fits else None
 
 
 class Archive:
@@ -210,6 +192,17 @@ class Archive:
         """Paths inside the archive of files named like the file of ``role`` that sit where it does not look."""
         name = role.file_name(source_id)
         return [relative for relative, _ in self._files.get(name, []) if not role.accepts(relative)]
+
+    def ids(self, role: FileRole) -> list[str]:
+        """The source ids of the files of ``role`` in the archive (each file named by the role's template and sitting
+        where it looks), sorted."""
+        found = {
+            source_id
+            for name, entries in self._files.items()
+            if (source_id := role.source_id(name)) is not None
+            and any(role.accepts(relative) for relative, _ in entries)
+        }
+        return sorted(found)
 
     def names(self) -> list[str]:
         """Base names of the files in the archive (side files such as ``.tfw`` included)."""

@@ -21,7 +21,7 @@ from typing import ClassVar
 from manifests.errors import InputError
 from manifests.run_manifest import DatasetConfig
 from segmenter.data.datasets.base import SegmentationDataset, Source
-from segmenter.data.datasets.files import Archive, FileRole
+from segmenter.data.datasets.files import Archive, FileRole, SourceFile
 from segmenter.data.datasets.labels import RGB
 
 ISPRS_CLASSES = ("impervious_surfaces", "building", "low_vegetation", "tree", "car", "clutter")
@@ -61,30 +61,75 @@ class ISPRSDataset(SegmentationDataset):
     excluded_from_mean = ("clutter",)
     roles: ClassVar[dict[str, FileRole]]
 
+    has_eroded_labels = True
+
     def _roles(self) -> dict[str, FileRole]:
         """The roles of this instance (Potsdam picks its image role by modality)."""
         return dict(self.roles)
 
+    @property
+    def training_labels(self) -> str:
+        """``full`` (the COMPLETE ground truth, the default) or ``eroded`` (``labels: eroded``)."""
+        return self.config.labels
+
+    def _archives(self) -> dict[str, Archive]:
+        """The archive of each role this instance reads: eroded labels only where present, full labels only where
+        training reads them.
+
+        Raises:
+            InputError: the image archive or the archive of the training labels is missing (naming the way out when
+                the other ground truth is there).
+        """
+        roles = self._roles()
+        archives = {role: Archive(self.config.root, spec.archive) for role, spec in roles.items()}
+        if self.training_labels == "eroded":
+            del archives["label"]
+        wanted = ("image", "label" if self.training_labels == "full" else "eval_label")
+        for role in wanted:
+            if not archives[role].exists:
+                raise InputError(self._missing_archive(role, archives))
+        if not archives["eval_label"].exists:
+            del archives["eval_label"]
+            self.notices.append(
+                f"dataset.root: {self.config.root} holds neither {roles['eval_label'].archive}.zip nor its folder: no "
+                "eroded labels (evaluate --gt eroded needs them; train and evaluate --gt full do not)"
+            )
+        self.notices += sorted({archive.notice for archive in archives.values() if archive.notice})
+        return archives
+
+    def _missing_archive(self, role: str, archives: dict[str, Archive]) -> str:
+        """One line: the archive of ``role`` is missing, with the setting that reads the other ground truth."""
+        stem = self._roles()[role].archive
+        message = (
+            f"dataset.root: {self.config.root} holds neither {stem}.zip nor the folder {stem}/ "
+            f"({role.replace('_', ' ')} files of {self.name})"
+        )
+        if role == "label" and archives["eval_label"].exists:
+            message += (
+                "; to train on the eroded labels beside it (as mmsegmentation does), set labels: eroded "
+                "(--labels eroded)"
+            )
+        return message
+
     def sources(self) -> list[Source]:
         """Every source of every split with its image, label and eval-label file.
+
+        With ``labels: eroded`` the eroded file is both the label and the eval label; without the eroded archive the
+        eval label is None (said in a notice).
 
         Returns:
             The sources, split by split.
 
         Raises:
-            InputError: an archive is missing, a file is not where its role expects it, or its name is ambiguous.
+            InputError: an archive that is needed is missing, a file is not where its role expects it, or its name
+                is ambiguous.
         """
+        self.notices = []
+        members = self.split_members()  # the ids the user gave are checked before any archive is opened
+        archives = self._archives()
         roles = self._roles()
-        archives = {role: Archive(self.config.root, spec.archive) for role, spec in roles.items()}
-        self.notices = sorted({archive.notice for archive in archives.values() if archive.notice})
-        for role, archive in archives.items():
-            if not archive.exists:
-                raise InputError(
-                    f"dataset.root: {self.config.root} holds neither {archive.stem}.zip nor the folder "
-                    f"{archive.stem}/ ({role.replace('_', ' ')} files of {self.name})"
-                )
         found: list[Source] = []
-        for split, ids in self.split_members().items():
+        for split, ids in members.items():
             for source_id in ids:
                 files = {}
                 for role, archive in archives.items():
@@ -94,8 +139,29 @@ class ISPRSDataset(SegmentationDataset):
                     if file is None:
                         raise InputError(_not_found(archive, spec, source_id, what, split))
                     files[role] = file
+                if self.training_labels == "eroded":
+                    files["label"] = files["eval_label"]
                 found.append(Source(self._source_name(source_id), split, **files))
         return found
+
+    def ground_truth(self, source: Source, gt: str) -> SourceFile:
+        """The eroded or full labels of ``source``, each only where the dataset reads them.
+
+        Raises:
+            InputError: eroded labels that were not downloaded, or full labels while training reads the eroded ones.
+        """
+        if gt == "eroded" and source.eval_label is None:
+            stem = self._roles()["eval_label"].archive
+            raise InputError(
+                f"--gt eroded: {self.config.root} holds neither {stem}.zip nor its folder (the eroded labels of "
+                f"{self.name}); add it, or evaluate with --gt full"
+            )
+        if gt == "full" and self.training_labels == "eroded":
+            raise InputError(
+                f"--gt full: dataset {self.name} is read with labels: eroded (its full labels are not read); evaluate "
+                "with --gt eroded, or prepare and train with --labels full"
+            )
+        return super().ground_truth(source, gt)
 
     def _source_name(self, source_id: str) -> str:
         return source_id
@@ -120,6 +186,8 @@ class Vaihingen(ISPRSDataset):
     """
 
     name = "vaihingen"
+    source_id_pattern = r"[0-9]+"
+    source_id_example = "1"
     roles: ClassVar[dict[str, FileRole]] = {
         "image": FileRole("ISPRS_semantic_labeling_Vaihingen", "top_mosaic_09cm_area{id}.tif", folder="top"),
         "label": FileRole("ISPRS_semantic_labeling_Vaihingen_ground_truth_COMPLETE", "top_mosaic_09cm_area{id}.tif"),
@@ -154,6 +222,8 @@ class Potsdam(ISPRSDataset):
     """ISPRS Potsdam: 38 tiles of 6000 x 6000 px (5 cm) in RGB, IRRG or RGBIR, with full and eroded labels."""
 
     name = "potsdam"
+    source_id_pattern = r"[0-9]+_[0-9]+"
+    source_id_example = "2_10"
     # modality -> image role; each ortho archive holds one folder named like itself, a .tfw beside each tif.
     modalities: ClassVar[dict[str, FileRole]] = {
         "rgb": FileRole("2_Ortho_RGB", "top_potsdam_{id}_RGB.tif", folder="2_Ortho_RGB"),

@@ -1,32 +1,76 @@
-"""Label decoding: RGB-coded masks (ISPRS, generic folders) and integer-coded masks (SynDrone)."""
+"""Label decoding: RGB-coded masks (ISPRS, colour-coded folders) and id-coded masks (SynDrone, LoveDA, folders of
+index masks), with the pixels set to the ignore index counted by reason."""
 
 from __future__ import annotations
 
+import colorsys
 from dataclasses import dataclass
 
 import numpy as np
 
 RGB = tuple[int, int, int]
 BOUNDARY_COLOR: RGB = (0, 0, 0)
+# How many of a mask's unknown values (ids, colours) are named, the most frequent first.
+NAMED_VALUES = 5
 
 
 @dataclass(frozen=True)
 class DecodeStats:
-    """Pixels set to the ignore index while decoding one mask.
+    """Pixels set to the ignore index while decoding one mask, by reason.
 
     Attributes:
         boundary: the black eroded boundary of the ISPRS ``noBoundary`` files.
+        nodata: values the dataset declares as no-data (LoveDA's 0, a folder's ``ignore`` values).
         stray: values that code no class at all (a colour outside the palette, an unknown id): worth a warning.
         excluded: values of a known class that the dataset ignores by design (SynDrone's sky in the coarse classes):
             counted apart from the stray ones, never warned about.
+        unknown: the most frequent stray values with their pixel counts, ``(value, pixels)`` (an id, or a colour
+            packed as ``0xRRGGBB``), at most :data:`NAMED_VALUES` of them.
     """
 
     boundary: int = 0
+    nodata: int = 0
     stray: int = 0
     excluded: int = 0
+    unknown: tuple[tuple[int, int], ...] = ()
 
     def __add__(self, other: DecodeStats) -> DecodeStats:
-        return DecodeStats(self.boundary + other.boundary, self.stray + other.stray, self.excluded + other.excluded)
+        merged: dict[int, int] = dict(self.unknown)
+        for value, pixels in other.unknown:
+            merged[value] = merged.get(value, 0) + pixels
+        return DecodeStats(
+            self.boundary + other.boundary,
+            self.nodata + other.nodata,
+            self.stray + other.stray,
+            self.excluded + other.excluded,
+            _most_frequent(merged),
+        )
+
+    @property
+    def ignored(self) -> int:
+        """Every pixel set to the ignore index, whatever the reason."""
+        return self.boundary + self.nodata + self.stray + self.excluded
+
+
+def _most_frequent(counts: dict[int, int]) -> tuple[tuple[int, int], ...]:
+    return tuple(sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:NAMED_VALUES])
+
+
+def _unknown_values(values: np.ndarray) -> tuple[tuple[int, int], ...]:
+    """The most frequent values of ``values`` (the stray pixels of a mask) with their counts."""
+    if values.size == 0:
+        return ()
+    found, counts = np.unique(values, return_counts=True)
+    return _most_frequent(dict(zip(found.tolist(), counts.tolist(), strict=True)))
+
+
+def describe_unknown(unknown: tuple[tuple[int, int], ...], as_colours: bool) -> str:
+    """``id 9: 120 px, id 14: 3 px`` (or colours as ``(12, 34, 56): 3 px``): the named unknown values in words."""
+
+    def name(value: int) -> str:
+        return str(((value >> 16) & 255, (value >> 8) & 255, value & 255)) if as_colours else f"id {value}"
+
+    return ", ".join(f"{name(value)}: {pixels} px" for value, pixels in unknown)
 
 
 def _pack(rgb: np.ndarray) -> np.ndarray:
@@ -34,11 +78,14 @@ def _pack(rgb: np.ndarray) -> np.ndarray:
     return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
 
 
-def decode_rgb_mask(mask: np.ndarray, palette: tuple[RGB, ...], ignore_index: int) -> tuple[np.ndarray, DecodeStats]:
+def decode_rgb_mask(
+    mask: np.ndarray, palette: tuple[RGB, ...], ignore_index: int, nodata: tuple[RGB, ...] = ()
+) -> tuple[np.ndarray, DecodeStats]:
     """Map an ``H x W x 3`` colour mask to class indices.
 
-    Black (the eroded boundary of the ISPRS ``noBoundary`` files) and every colour outside the palette
-    become ``ignore_index``; the two are counted separately.
+    Black (the eroded boundary of the ISPRS ``noBoundary`` files), the ``nodata`` colours and every other colour
+    outside the palette become ``ignore_index``; the three are counted separately, the most frequent stray colours
+    named.
 
     Raises:
         ValueError: a mask that is not ``H x W x (3 or more)`` 8-bit pixels (wider values would alias palette
@@ -61,33 +108,97 @@ def decode_rgb_mask(mask: np.ndarray, palette: tuple[RGB, ...], ignore_index: in
     position = np.clip(np.searchsorted(sorted_codes, codes), 0, len(sorted_codes) - 1)
     known = sorted_codes[position] == codes
     classes = np.where(known, order[position], ignore_index).astype(np.uint8)
-    # Black is the boundary only where it codes no class (a folder dataset may colour a class black).
-    boundary = int(np.count_nonzero(~known & (codes == _pack(np.asarray(BOUNDARY_COLOR, dtype=np.uint8)))))
-    stray = int(np.count_nonzero(~known)) - boundary
-    return classes, DecodeStats(boundary=boundary, stray=stray)
+    is_nodata = ~known & np.isin(codes, _pack(np.asarray(nodata, dtype=np.uint8).reshape(-1, 3)))
+    # Black is the boundary only where it codes no class and is not declared no-data (a folder dataset may colour a
+    # class black, or call black its no-data).
+    is_boundary = ~known & ~is_nodata & (codes == _pack(np.asarray(BOUNDARY_COLOR, dtype=np.uint8)))
+    stray = ~known & ~is_boundary & ~is_nodata
+    return classes, DecodeStats(
+        boundary=int(np.count_nonzero(is_boundary)),
+        nodata=int(np.count_nonzero(is_nodata)),
+        stray=int(np.count_nonzero(stray)),
+        unknown=_unknown_values(codes[stray]),
+    )
 
 
-def decode_index_mask(
-    mask: np.ndarray, lookup: np.ndarray, ignore_index: int, excluded_ids: tuple[int, ...] = ()
-) -> tuple[np.ndarray, DecodeStats]:
-    """Map raw integer ids to class indices with a lookup table (``ignore_index`` = unmapped).
+@dataclass(frozen=True)
+class IdTable:
+    """How the ids of an id-coded mask map to classes.
 
-    Ids in ``excluded_ids`` (known classes the dataset ignores by design) are counted as ``excluded``; ids the
-    table does not map, and ids outside it (negative, or past its end), as ``stray``.
+    Attributes:
+        ids: the raw ids that code a class.
+        classes: the class index of each of ``ids`` (several ids may share a class).
+        nodata: raw ids of no-data (counted as such).
+        excluded: raw ids of known classes the dataset ignores by design (counted apart, never warned about).
+    """
+
+    ids: tuple[int, ...]
+    classes: tuple[int, ...]
+    nodata: tuple[int, ...] = ()
+    excluded: tuple[int, ...] = ()
+
+    def lookup(self, raw: np.ndarray, ignore_index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Class index of every raw id (``ignore_index`` where unmapped), and where an id is mapped."""
+        order = np.argsort(self.ids)
+        sorted_ids = np.asarray(self.ids, dtype=np.int64)[order]
+        if sorted_ids.size == 0:
+            return np.full(raw.shape, ignore_index, np.uint8), np.zeros(raw.shape, bool)
+        position = np.clip(np.searchsorted(sorted_ids, raw), 0, len(sorted_ids) - 1)
+        known = sorted_ids[position] == raw
+        mapped = np.asarray(self.classes, dtype=np.uint8)[order][position]
+        return np.where(known, mapped, ignore_index).astype(np.uint8), known
+
+
+def single_band(mask: np.ndarray) -> np.ndarray:
+    """The one band of an id-coded mask: ``H x W``, or ``H x W x C`` whose bands are all equal (grey saved as RGB).
 
     Raises:
-        ValueError: a mask that is not integer-valued.
+        ValueError: several bands that differ (a colour-coded mask), or values that are not integers.
     """
     if mask.ndim == 3:
+        if mask.shape[-1] > 1 and not all(np.array_equal(mask[..., 0], mask[..., band])
+                                          for band in range(1, mask.shape[-1])):  # fmt: skip
+            raise ValueError(
+                f"expected a single-band id mask, got {mask.shape[-1]} bands that differ (a colour-coded mask? "
+                "then its mask format is rgb)"
+            )
         mask = mask[..., 0]
     if not np.issubdtype(mask.dtype, np.integer):
         raise ValueError(f"expected integer class ids, got {mask.dtype} pixels")
-    raw = mask.astype(np.int64)
-    inside = (raw >= 0) & (raw < len(lookup))
-    classes = np.where(inside, lookup[np.where(inside, raw, 0)], ignore_index)
-    excluded = int(np.count_nonzero(np.isin(raw, excluded_ids))) if excluded_ids else 0
-    stray = int(np.count_nonzero(classes == ignore_index)) - excluded
-    return classes.astype(np.uint8), DecodeStats(stray=stray, excluded=excluded)
+    return mask
+
+
+def decode_index_mask(mask: np.ndarray, table: IdTable, ignore_index: int) -> tuple[np.ndarray, DecodeStats]:
+    """Map raw integer ids to class indices with ``table`` (``ignore_index`` where unmapped).
+
+    Ids in ``table.nodata`` are counted as ``nodata``, those in ``table.excluded`` as ``excluded``; every other id
+    the table does not map (an id outside the declared set) as ``stray``, the most frequent named.
+
+    Raises:
+        ValueError: a mask that is not integer-valued, or has several bands that differ.
+    """
+    raw = single_band(mask).astype(np.int64)
+    classes, known = table.lookup(raw, ignore_index)
+    is_nodata = ~known & np.isin(raw, table.nodata) if table.nodata else np.zeros(raw.shape, bool)
+    is_excluded = ~known & np.isin(raw, table.excluded) if table.excluded else np.zeros(raw.shape, bool)
+    stray = ~known & ~is_nodata & ~is_excluded
+    return classes, DecodeStats(
+        nodata=int(np.count_nonzero(is_nodata)),
+        stray=int(np.count_nonzero(stray)),
+        excluded=int(np.count_nonzero(is_excluded)),
+        unknown=_unknown_values(raw[stray]),
+    )
+
+
+def default_palette(count: int) -> tuple[RGB, ...]:
+    """Distinct colours for ``count`` classes of a dataset whose masks hold ids, not colours (for the colour PNGs of
+    ``predict`` and the index's ``palette``): hues a golden angle apart, never black (the ignore colour)."""
+    colours = []
+    for index in range(count):
+        hue = (index * 0.618033988749895) % 1.0
+        value = 0.95 if index % 2 == 0 else 0.7
+        colours.append(tuple(round(channel * 255) for channel in colorsys.hsv_to_rgb(hue, 0.75, value)))
+    return tuple(colours)
 
 
 def encode_rgb_mask(classes: np.ndarray, palette: tuple[RGB, ...], ignore_index: int) -> np.ndarray:

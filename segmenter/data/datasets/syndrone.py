@@ -14,13 +14,11 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import ClassVar
 
-import numpy as np
-
 from manifests.errors import InputError
 from manifests.run_manifest import DatasetConfig
 from segmenter.data.datasets.base import SegmentationDataset, Source, check_disjoint
 from segmenter.data.datasets.files import SourceFile
-from segmenter.data.datasets.labels import RGB, DecodeStats, decode_index_mask
+from segmenter.data.datasets.labels import RGB, IdTable
 
 # Raw CARLA ids in the semantic PNGs -> the 28 SynDrone classes, in this order.
 FINE_CLASSES = (
@@ -178,6 +176,8 @@ class SynDrone(SegmentationDataset):
     """
 
     name = "syndrone"
+    mask_format = "index"
+    source_id_example = "5"
     class_names = COARSE_CLASSES
     palette = COARSE_PALETTE
     class_words: ClassVar[dict[str, tuple[str, ...]]] = {
@@ -199,13 +199,7 @@ class SynDrone(SegmentationDataset):
     def __init__(self, config: DatasetConfig) -> None:
         super().__init__(config)
         self.coarse = config.coarse
-        self._lookup = self._build_lookup()
-        # Known classes the coarse mapping leaves out (sky): ignored by design, counted apart from unknown ids.
-        self._excluded_ids = tuple(
-            carla_id
-            for name, carla_id in zip(FINE_CLASSES, CARLA_IDS, strict=True)
-            if self.coarse and name not in FINE_TO_COARSE
-        )
+        self.id_table = self._id_table()
         self.towns = _choice(config.towns, TOWNS, "towns", 2)
         self.heights = _choice(config.heights, HEIGHTS, "heights", 2)
 
@@ -219,16 +213,20 @@ class SynDrone(SegmentationDataset):
         """The palette of the classes: coarse, or CARLA's own colours."""
         return COARSE_PALETTE if self.coarse else FINE_PALETTE
 
-    def _build_lookup(self) -> np.ndarray:
-        lookup = np.full(256, self.ignore_index, dtype=np.uint8)
-        for fine_index, (name, carla_id) in enumerate(zip(FINE_CLASSES, CARLA_IDS, strict=True)):
-            if self.coarse:
-                coarse = FINE_TO_COARSE.get(name)
-                if coarse is not None:
-                    lookup[carla_id] = COARSE_CLASSES.index(coarse)
-            else:
-                lookup[carla_id] = fine_index
-        return lookup
+    def _id_table(self) -> IdTable:
+        """CARLA ids -> the coarse or the fine classes. In the coarse classes, sky (a known class the mapping leaves
+        out) is ignored by design: counted apart from unknown ids."""
+        pairs = [
+            (carla_id, COARSE_CLASSES.index(FINE_TO_COARSE[name]) if self.coarse else fine_index)
+            for fine_index, (name, carla_id) in enumerate(zip(FINE_CLASSES, CARLA_IDS, strict=True))
+            if not self.coarse or name in FINE_TO_COARSE
+        ]
+        excluded = tuple(
+            carla_id
+            for name, carla_id in zip(FINE_CLASSES, CARLA_IDS, strict=True)
+            if self.coarse and name not in FINE_TO_COARSE
+        )
+        return IdTable(tuple(raw for raw, _ in pairs), tuple(index for _, index in pairs), excluded=excluded)
 
     def split_members(self) -> dict[str, list[str]]:
         """Frame numbers (five digits, as the files are named) of each split.
@@ -337,13 +335,6 @@ class SynDrone(SegmentationDataset):
         if not files:
             raise InputError(f"{town.location}: {below[0]} not found (frame {frame} of split {split})")
         return files[0]
-
-    def read_label(self, file: SourceFile) -> tuple[np.ndarray, DecodeStats]:
-        """Class indices of a semantic frame (CARLA ids mapped to classes; sky, unknown ids ignored), with counts."""
-        try:
-            return decode_index_mask(file.read_array(), self._lookup, self.ignore_index, self._excluded_ids)
-        except ValueError as exc:
-            raise InputError(f"{file}: {exc}") from None
 
 
 def _frame(value: str | int, where: str) -> str:

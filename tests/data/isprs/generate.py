@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import sys
+import warnings
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -31,6 +32,9 @@ from pathlib import Path
 import numpy as np
 import tifffile
 from PIL import Image
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.io import MemoryFile
+from rasterio.transform import Affine
 
 from segmenter.data.datasets.isprs import ISPRS_PALETTE, Potsdam, Vaihingen
 from segmenter.data.datasets.labels import encode_rgb_mask
@@ -86,10 +90,20 @@ def overlay_for(labels: np.ndarray, image: np.ndarray) -> np.ndarray:
     return ((colours + image[..., :3]) // 2).astype(np.uint8)
 
 
-def _tiff_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    tifffile.imwrite(buffer, array)
-    return buffer.getvalue()
+def _tiff_bytes(array: np.ndarray, compress: str | None = None, **profile) -> bytes:
+    """A TIFF of ``array`` (``H x W`` or ``H x W x C``): tifffile's plain TIFF, or GDAL's with ``compress`` (``lzw``,
+    ``deflate``, ``jpeg``, ...), as torchgeo's fixture generators and most GIS tools write them."""
+    if compress is None:
+        buffer = io.BytesIO()
+        tifffile.imwrite(buffer, array)
+        return buffer.getvalue()
+    bands = array if array.ndim == 3 else array[..., None]
+    with MemoryFile() as memory, warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)  # a label TIFF has no georeferencing, as torchgeo's
+        with memory.open(driver="GTiff", height=bands.shape[0], width=bands.shape[1], count=bands.shape[2],
+                         dtype=bands.dtype.name, compress=compress, **profile) as sink:  # fmt: skip
+            sink.write(np.moveaxis(bands, -1, 0))
+        return memory.read()
 
 
 def _jpeg_bytes(array: np.ndarray) -> bytes:
@@ -121,6 +135,7 @@ def make_vaihingen(
     layout: str = "zip",
     stray_in: str | None = None,
     top_level: bool = True,
+    archives: tuple[str, ...] = ("images", "full", "eroded"),
 ) -> Path:
     """Fake ``ISPRS_semantic_labeling_Vaihingen*.zip`` in the official layout, or their extracted folders.
 
@@ -131,6 +146,8 @@ def make_vaihingen(
         layout: ``zip`` or ``folder`` (each archive extracted into a folder named like it).
         stray_in: an area whose full ground truth gets three pixels of :data:`STRAY_COLOR`.
         top_level: put the image archive's folders inside ``ISPRS_semantic_labeling_Vaihingen/`` (else at the top).
+        archives: which archives a download holds: ``images``, ``full`` (COMPLETE), ``eroded`` (eroded COMPLETE);
+            mmsegmentation's recipe downloads the images and the eroded one only.
 
     Returns:
         ``root``.
@@ -153,9 +170,10 @@ def make_vaihingen(
         eroded_rgb = encode_rgb_mask(erode_boundaries(labels, radius=1), ISPRS_PALETTE, 255)
         eroded.append((f"top_mosaic_09cm_area{area}_noBoundary.tif", _tiff_bytes(eroded_rgb)))
     # Sorted like a real archive listing: gts_for_participants/ before top/.
-    _write_archive(root, VAIHINGEN_IMAGES, sorted(images), layout)
-    _write_archive(root, VAIHINGEN_FULL, full, layout)
-    _write_archive(root, VAIHINGEN_ERODED, eroded, layout)
+    written = {"images": (VAIHINGEN_IMAGES, sorted(images)), "full": (VAIHINGEN_FULL, full),
+               "eroded": (VAIHINGEN_ERODED, eroded)}  # fmt: skip
+    for kind in archives:
+        _write_archive(root, *written[kind], layout)
     return root
 
 
@@ -211,8 +229,63 @@ def make_potsdam(
     return root
 
 
+# The areas and tiles of torchgeo's fixtures (tests/data/vaihingen/data.py, tests/data/potsdam/data.py).
+TORCHGEO_VAIHINGEN_AREAS = ("1", "11", "24", "6")
+TORCHGEO_POTSDAM_TILES = ("2_10", "2_11", "5_15", "6_15")
+# torchgeo's Potsdam orthophotos: georeferenced in EPSG:32633 at 5 cm; its labels are not georeferenced.
+_POTSDAM_GEO = {"crs": "EPSG:32633", "transform": Affine(0.05, 0.0, 366976.5, 0.0, -0.05, 5808562.6)}
+
+
+def _loose_and_zipped(root: Path, archive: str, members: list[tuple[str, bytes]]) -> None:
+    """Write ``members`` as loose files under ``root`` and into ``<root>/<archive>.zip``, as torchgeo's generators
+    do (they write the files, then zip them beside themselves)."""
+    for member, data in members:
+        (root / member).parent.mkdir(parents=True, exist_ok=True)
+        (root / member).write_bytes(data)
+    with zipfile.ZipFile(root / f"{archive}.zip", "w", compression=zipfile.ZIP_DEFLATED) as zipped:
+        for member, data in members:
+            zipped.writestr(member, data)
+
+
+def make_torchgeo_vaihingen(root: Path, size=(40, 72)) -> Path:
+    """torchgeo's Vaihingen fixture layout: ``ISPRS_semantic_labeling_Vaihingen.zip`` holding ``top/`` at its top
+    level, ``..._ground_truth_COMPLETE.zip`` flat, every TIFF LZW-compressed by GDAL, the loose files beside the zips,
+    and **no eroded archive**. Pixels as :func:`make_vaihingen` writes them (stripes of the six classes), not
+    torchgeo's random bits, so that decoding can be checked."""
+    root.mkdir(parents=True, exist_ok=True)
+    images, labels = [], []
+    for seed, area in enumerate(TORCHGEO_VAIHINGEN_AREAS):
+        classes = class_map(*size, seed)
+        name = f"top_mosaic_09cm_area{area}.tif"
+        images.append((f"top/{name}", _tiff_bytes(image_for(classes, seed), "lzw")))
+        labels.append((name, _tiff_bytes(encode_rgb_mask(classes, ISPRS_PALETTE, 255), "lzw")))
+    _loose_and_zipped(root, VAIHINGEN_IMAGES, images)
+    _loose_and_zipped(root, VAIHINGEN_FULL, labels)
+    return root
+
+
+def make_torchgeo_potsdam(root: Path, size=(48, 48)) -> Path:
+    """torchgeo's Potsdam fixture layout: ``4_Ortho_RGBIR.zip`` (``4_Ortho_RGBIR/top_potsdam_{id}_RGBIR.tif``, four
+    bands, georeferenced) and a flat ``5_Labels_all.zip``, LZW-compressed by GDAL, loose files beside the zips, **no
+    eroded archive**."""
+    root.mkdir(parents=True, exist_ok=True)
+    images, labels = [], []
+    for seed, tile in enumerate(TORCHGEO_POTSDAM_TILES):
+        classes = class_map(*size, seed)
+        image = _tiff_bytes(image_for(classes, seed, bands=4), "lzw", **_POTSDAM_GEO)
+        images.append((f"4_Ortho_RGBIR/top_potsdam_{tile}_RGBIR.tif", image))
+        labels.append(
+            (f"top_potsdam_{tile}_label.tif", _tiff_bytes(encode_rgb_mask(classes, ISPRS_PALETTE, 255), "lzw"))
+        )
+    _loose_and_zipped(root, "4_Ortho_RGBIR", images)
+    _loose_and_zipped(root, "5_Labels_all", labels)
+    return root
+
+
 if __name__ == "__main__":
     out = Path(sys.argv[1])
     make_vaihingen(out / "vaihingen")
     make_potsdam(out / "potsdam")
+    make_torchgeo_vaihingen(out / "torchgeo_vaihingen")
+    make_torchgeo_potsdam(out / "torchgeo_potsdam")
     print(f"wrote fake ISPRS releases under {out}")
