@@ -238,9 +238,10 @@ def _padded(reports: list[SourceReport], size: int) -> list[str]:
     ]
 
 
-def _extra_bands(reports: list[SourceReport]) -> list[str]:
-    """One line naming the sources with more than three bands (RGBIR orthophotos, RGBN tiles), said once."""
-    wide = [f"{report.source_id} ({report.bands} bands)" for report in reports if report.bands > 3]
+def _extra_bands(reports: list[SourceReport], expected: int) -> list[str]:
+    """One line naming the sources with more bands than the dataset's images are meant to have (RGBN tiles in a
+    folder dataset), said once."""
+    wide = [f"{report.source_id} ({report.bands} bands)" for report in reports if report.bands > expected]
     if not wide:
         return []
     return [
@@ -301,7 +302,7 @@ def _cut_sources(
         dataset.notices
         + [line for report in reports for line in report.warnings]
         + _padded(reports, tiling.size)
-        + _extra_bands(reports)
+        + _extra_bands(reports, dataset.image_bands)
         + _unlabelled(reports)
     )
     return rows, reports, warnings

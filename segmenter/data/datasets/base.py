@@ -62,6 +62,9 @@ class SegmentationDataset(ABC):
     has_eroded_labels: ClassVar[bool] = False
     source_id_pattern: ClassVar[str] = r".+"
     source_id_example: ClassVar[str] = ""
+    # The bands the chosen images are meant to have: more is said by prepare (an RGBN tile in a folder), not when
+    # the user chose them (Potsdam's RGBIR orthophotos).
+    image_bands: int = 3
 
     def __init__(self, config: DatasetConfig) -> None:
         self.config = config

@@ -251,6 +251,7 @@ class Potsdam(ISPRSDataset):
     def __init__(self, config: DatasetConfig) -> None:
         super().__init__(config)
         self.modality = config.modality or "rgb"
+        self.image_bands = 4 if self.modality == "rgbir" else 3  # R, G, B and the infrared band
 
     def _roles(self) -> dict[str, FileRole]:
         return {"image": self.modalities[self.modality], **self.roles}
