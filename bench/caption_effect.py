@@ -1,7 +1,8 @@
 """What captions add on the demo: test_tiny with and without captions, per caption protocol, over seeds.
 
-Runs in its own work folder (default ``data/bench/caption_effect``, resumable): the demo scenes, tiles and
-random-weight stand-ins, then
+Runs in its own work folder (default ``data/bench/caption_effect``, resumable): the demo scenes, tiles, the demo's
+CLIP trained on the train tiles (the gate's scorer and the text tower of ``test_tiny``) and the random-weight expert
+stand-ins, then
 - ``test_tiny_notext`` (no captions) for every seed, with the flips and rotations of its preset (``d4``), and
   also without them where a text-guided row has none; seed 0 (``d4``) predicts the test tiles' classes;
 - per protocol (``predicted``: labels describe train tiles, the text-free model's predictions describe test tiles;
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from flows.demo import TEXT_FREE, TEXT_GUIDED
+from flows.demo import DEMO_SCENE_SIZE, TEXT_FREE, TEXT_GUIDED
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,6 +67,8 @@ class Bench:
         self.started = time.perf_counter()
         self.runs = Path("data/demo/bench_runs")
         self.results: dict[str, list[float]] = {}
+        # The text tower of every text-guided run: the demo's trained CLIP (None: the preset's seeded random tower).
+        self.text_checkpoint: Path | None = None
 
     def run(
         self, row: str, preset: str, name: str, manifest: str, seed: int, store=None, augmentation: str = "auto"
@@ -75,8 +78,10 @@ class Bench:
         from segmenter.engine.train import TrainSettings, train
 
         out = self.runs / f"{name}_seed{seed}"
+        text_checkpoint = str(self.text_checkpoint) if store is not None and self.text_checkpoint else None
         settings = TrainSettings(preset=preset, steps=self.args.steps, batch_size=8, checkpoint_every=self.args.steps,
-                                 log_every=50, seed=seed, augmentation=augmentation)  # fmt: skip
+                                 log_every=50, seed=seed, augmentation=augmentation,
+                                 text_checkpoint=text_checkpoint)  # fmt: skip
         with self.quiet:
             train(manifest, out, settings, captions=store, resume=(out / "checkpoints" / "latest").is_file())
             # Every model on the captioned tile grid (the text-guided default): rows differ only by what they train on.
@@ -134,6 +139,21 @@ def print_table(bench: Bench, text_rows: dict[str, str]) -> None:
         print(f"| {row} | {_spread(values)} | {diff} |")
 
 
+def prepare_demo(bench: Bench, scene_size: int = DEMO_SCENE_SIZE) -> None:
+    """The demo's scenes (of ``scene_size`` px), tiles and models in the work folder; the trained CLIP becomes the
+    text tower of the bench's text-guided runs."""
+    from flows.demo import build_demo_models
+    from manifests.run_manifest import load_manifest
+    from segmenter.data.demo_scenes import write_demo_dataset
+    from segmenter.data.prepare import prepare_tiles
+
+    base = load_manifest("demo")
+    write_demo_dataset(base.dataset.root, size=scene_size)
+    prepare_tiles(base.dataset, base.tiling)
+    build_demo_models(bench.console, base)
+    bench.text_checkpoint = base.captions.clip.checkpoint
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
@@ -144,17 +164,10 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     os.chdir(args.work)  # the demo manifest's relative paths resolve here
 
-    from flows.demo import build_demo_models
-    from manifests.run_manifest import load_manifest
-    from segmenter.data.demo_scenes import write_demo_dataset
-    from segmenter.data.prepare import prepare_tiles
     from segmenter.engine.options import TEXT_GUIDED_AUGMENTATION
 
     bench = Bench(args)
-    base = load_manifest("demo")
-    write_demo_dataset(base.dataset.root)
-    prepare_tiles(base.dataset, base.tiling)
-    build_demo_models(base)
+    prepare_demo(bench)
     default = TEXT_GUIDED_AUGMENTATION
     studied = ("d4", "d4_rewrite", "none") if args.augmentation_study else (default,)
     # Each text-guided row is compared with the text-free model under the same flips and rotations.

@@ -253,12 +253,27 @@ def _gate_setting(captions: Any, name: str, default: float) -> float:
     return default if value is None else float(value)
 
 
+@dataclass(frozen=True)
+class TileSample:
+    """Which tiles a calibration draws.
+
+    Attributes:
+        size: how many (fewer where the store has fewer tiles with usable selected captions).
+        seed: draws the sample and the derangement.
+        split: only tiles of this split of the tile index (the demo judges its CLIP on the test tiles, which its
+            training never saw); None draws from every split.
+    """
+
+    size: int = 64
+    seed: int = 0
+    split: str | None = None
+
+
 def calibrate_gate(
     manifest: str | Path,
-    sample: int = 64,
+    sample: TileSample = TileSample(),
     store: str | Path | None = None,
     false_pass: float = 0.05,
-    seed: int = 0,
     scorer: Scorer | None = None,
 ) -> Calibration:
     """Score a sample of captions against their own and against shuffled tiles; write ``<store>/calibration/``.
@@ -266,10 +281,9 @@ def calibrate_gate(
     Args:
         manifest: run manifest (path or packaged name); its ``captions.clip`` scores, its ``captions.tau`` is the
             gate being judged.
-        sample: how many tiles to draw (fewer where the store has fewer tiles with usable selected captions).
+        sample: which tiles to draw (how many, the seed, the split).
         store: the caption store (default: the manifest's).
         false_pass: the share of shuffled pairs the suggested tau may let through.
-        seed: draws the sample and the derangement.
         scorer: a CLIP scorer to use instead of the manifest's (tests).
 
     Returns:
@@ -277,17 +291,19 @@ def calibrate_gate(
 
     Raises:
         InputError: a bad setting, an unknown manifest or one without captions, no tile index, no store, a store
-            without usable captions of the index's tiles.
+            without usable captions of the index's tiles (of ``split``), a split the index does not have.
     """
-    _check_options(sample, false_pass)
+    _check_options(sample.size, false_pass)
     loaded, config = load_caption_manifest(manifest)
     index = read_tile_index(loaded.tiling.out)
+    if sample.split is not None:
+        index = _only_split(index, sample.split)
     store_path = Path(store or config.store)
     captions = _usable_captions(store_path, index, f"run `flows run generate-captions --manifest {manifest} --limit N` "
                                 "first")  # fmt: skip
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(sample.seed)
     candidates = sorted(set(captions["tile_id"]))
-    tiles = sorted(rng.choice(candidates, size=min(sample, len(candidates)), replace=False).tolist())
+    tiles = sorted(rng.choice(candidates, size=min(sample.size, len(candidates)), replace=False).tolist())
     partner = dict(zip(tiles, (tiles[i] for i in derangement(len(tiles), rng)), strict=True))
     if scorer is None:
         from caption_pipeline.scoring import ClipScorer
@@ -302,11 +318,23 @@ def calibrate_gate(
         prompts.setdefault(str(expert), {})[str(prompt)] = _group(group, policy, false_pass)
     calibration = Calibration(
         clip_model=scorer.model_id, tau=config.tau, raw_cosine_tau=2 * config.tau - 1, false_pass=false_pass,
-        keep_top=policy.keep_top, margin=policy.margin, sample_size=len(tiles), seed=seed, store=str(store_path),
+        keep_top=policy.keep_top, margin=policy.margin, sample_size=len(tiles), seed=sample.seed, store=str(store_path),
         experts=experts, prompts=prompts, folder=store_path / "calibration", pairs=pairs,
     )  # fmt: skip
     replaced = _write(calibration)
     return replace(calibration, replaced=replaced)
+
+
+def _only_split(index: TileIndex, split: str) -> TileIndex:
+    """The index restricted to the tiles of ``split``.
+
+    Raises:
+        InputError: the index has no tile of that split.
+    """
+    if not (index.frame["split"] == split).any():
+        known = ", ".join(sorted(index.frame["split"].unique()))
+        raise InputError(f"--split: tile index {index.root} has no tiles of split '{split}' (it has: {known})")
+    return replace(index, frame=index.split(split))
 
 
 def _check_options(sample: int, false_pass: float) -> None:

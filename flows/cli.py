@@ -78,12 +78,13 @@ def calibrate_gate(
     store: Annotated[Path | None, typer.Option(help="caption store (default: the manifest's)")] = None,
     false_pass: Annotated[float, typer.Option(help="share of shuffled pairs the suggested tau may pass")] = 0.05,
     seed: Annotated[int, typer.Option(help="draws the sample and the shuffle")] = 0,
+    split: Annotated[str | None, typer.Option(help="draw only tiles of this split (default: every split)")] = None,
 ) -> None:
     """Own-tile vs shuffled-tile CLIP similarities of stored captions: AUC, suggested tau, pass rate per gate mode."""
+    from flows.calibrate import TileSample, print_calibration
     from flows.calibrate import calibrate_gate as calibrate
-    from flows.calibrate import print_calibration
 
-    print_calibration(calibrate(manifest, sample, store, false_pass, seed))
+    print_calibration(calibrate(manifest, TileSample(sample, seed, split), store, false_pass))
 
 
 @run_app.command("demo")

@@ -7,8 +7,10 @@ from pathlib import Path
 
 from rich.console import Console
 
+from caption_pipeline.clip_training import train_clip
 from caption_pipeline.scoring import clip_weights
-from caption_pipeline.tiny_models import build_tiny_clip, build_tiny_llava, build_tiny_qwen2_vl
+from caption_pipeline.tiny_models import build_tiny_llava, build_tiny_qwen2_vl
+from flows.calibrate import TileSample, calibrate_gate
 from flows.console import print_summary, with_progress
 from flows.gate_store import check_scorer
 from flows.generate_captions import CaptionRunSettings, generate_captions
@@ -21,11 +23,15 @@ from segmenter.data.prepare import prepare_tiles
 from segmenter.engine.run_record import RunRecord
 
 
-def build_demo_models(manifest) -> None:
-    """The random-weight stand-ins the demo manifest points at, built once."""
+def build_demo_models(console: Console, manifest) -> None:
+    """The models the demo manifest points at, made once: its CLIP trained on the train tiles (so the gate can
+    judge and the text-guided model reads features that mean something) and the random-weight expert stand-ins."""
     clip = manifest.captions.clip
     if clip.checkpoint is not None and not clip.checkpoint.is_file():
-        build_tiny_clip(clip.config, name=clip.model)
+        trained = train_clip(manifest.tiling.out, clip.config, clip.model)
+        console.print(f"      CLIP {clip.model} trained on {trained.tiles} train tiles in {trained.seconds:.0f} s "
+                      f"({trained.cpu_seconds:.0f} s of CPU; final contrastive loss {trained.final_loss:.2f}) -> "
+                      f"{trained.checkpoint}")  # fmt: skip
     builders = {"qwen2-vl-tiny": build_tiny_qwen2_vl, "llava-tiny": build_tiny_llava}
     for expert in manifest.captions.experts:
         folder = Path(expert.model or "")
@@ -34,6 +40,7 @@ def build_demo_models(manifest) -> None:
 
 
 DEMO_STEPS = 300
+DEMO_AUC_SAMPLE = 256  # every test tile of the demo (64)
 DEMO_SCENES, DEMO_SCENE_SIZE = 16, 1024  # the 16 Vaihingen areas of the ``mpers`` split, 1024 px each
 TEXT_FREE, TEXT_GUIDED = "test_tiny_notext", "test_tiny"
 
@@ -46,10 +53,13 @@ def train_preset(
     steps: int,
     store: Path | None = None,
 ) -> Path:
-    """Train a tiny preset (resuming a run cut short), with the captions of ``store`` for a text-guided one."""
+    """Train a tiny preset (resuming a run cut short); a text-guided one reads the captions of ``store`` through the
+    text tower of the manifest's CLIP checkpoint (the demo's trained CLIP), the same network that gated them."""
     from segmenter.engine.train import TrainSettings, train
 
-    settings = TrainSettings(preset=preset, steps=steps, batch_size=8, checkpoint_every=100, log_every=10)
+    clip = load_manifest(manifest).captions.clip.checkpoint if store is not None else None
+    settings = TrainSettings(preset=preset, steps=steps, batch_size=8, checkpoint_every=100, log_every=10,
+                             text_checkpoint=str(clip) if clip else None)  # fmt: skip
     resume = (out / "checkpoints" / "latest").is_file()
     console.print(f"      training {preset} for {steps} steps -> {out}")
     return train(manifest, out, settings, captions=store, resume=resume, progress=True)
@@ -83,10 +93,20 @@ def caption_stage(
     api.wait()
     run = CaptionRunSettings(manifest_path, limit=limit)
     print_summary(with_progress(lambda on_shard: generate_captions(run, on_shard=on_shard)), console)
+    print_gate_auc(console, manifest_path)
     report_dir = store.parent / "report"
     console.print(f"[6/7] caption report -> {report_dir}")
     path = caption_report_flow(str(store), str(report_dir), str(manifest.tiling.out))
     console.print(f"report: {path}")
+
+
+def print_gate_auc(console: Console, manifest_path: str | Path, split: str = "test") -> None:
+    """The gate's own-vs-shuffled ROC AUC per expert on the tiles of ``split`` (``flows run calibrate-gate``), which
+    the CLIP never saw in training; the calibration is written beside the store, where the report reads it."""
+    calibration = calibrate_gate(manifest_path, TileSample(DEMO_AUC_SAMPLE, split=split))
+    aucs = ", ".join(f"{expert} {group.auc:.3f}" for expert, group in calibration.experts.items())
+    console.print(f"      gate ROC AUC, own vs shuffled captions of {calibration.sample_size} {split} tiles: {aucs} "
+                  f"(`flows run calibrate-gate --split {split}`; the CLIP never saw these tiles)")  # fmt: skip
 
 
 def run_demo(
@@ -129,8 +149,9 @@ def run_demo(
     console.print(f"[2/7] tiles -> {manifest.tiling.out}")
     result = prepare_tiles(manifest.dataset, manifest.tiling)
     console.print(f"      {result.n_tiles} tiles{' (up to date)' if result.up_to_date else ''}")
-    console.print("[3/7] tiny random-weight stand-ins for CLIP, Qwen2-VL and LLaVA (no download)")
-    build_demo_models(manifest)
+    console.print("[3/7] a tiny CLIP trained on the train tiles' label captions; random-weight stand-ins for "
+                  "Qwen2-VL and LLaVA (no download)")  # fmt: skip
+    build_demo_models(console, manifest)
     console.print(f"[4/7] text-free segmenter {TEXT_FREE}, whose predictions describe the test tiles -> {runs}")
     train_preset(console, manifest_path, TEXT_FREE, runs / TEXT_FREE, steps)
     write_predicted_classes(console, manifest, runs / TEXT_FREE)

@@ -31,6 +31,7 @@ from PIL import Image
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from caption_pipeline.experts.synthetic import SyntheticExpert, corruption_record
 from caption_pipeline.policy import GATE_MODES, GatePolicy
 from flows.calibrate import AUC_FLOOR, low_auc_warning
 from flows.escaping import for_matplotlib, markdown_table, markdown_text
@@ -160,6 +161,7 @@ class CaptionReport:
     calibration: pd.DataFrame | None = None
     calibration_note: str | None = None
     index: TileIndex | None = None
+    gate_quality: pd.DataFrame | None = None
 
 
 def class_information(frame: pd.DataFrame) -> pd.DataFrame:
@@ -232,6 +234,33 @@ def class_quality(selected: pd.DataFrame, index_path: Path | TileIndex) -> pd.Da
             "most_hallucinated": ", ".join(f"{k} ({v})" for k, v in sorted(invented.items(), key=lambda i: -i[1])[:3]),
         })  # fmt: skip
     return pd.DataFrame(rows)
+
+
+GATE_QUALITY_NOTE = (
+    "Synthetic experts (a study tool) record what they corrupted in each caption: the gate's precision is the share "
+    "of the attempts it rejected that were corrupted, its recall the share of corrupted attempts it rejected (scored "
+    "attempts only)."
+)
+
+
+def gate_quality(frame: pd.DataFrame) -> pd.DataFrame | None:
+    """Per synthetic expert, how well the gate rejected corrupted captions, measured against the experts' own record
+    of what they corrupted; None for a store without synthetic experts."""
+    rows = frame[(frame["backend"] == SyntheticExpert.backend) & frame["usable"] & frame["similarity"].notna()]
+    if rows.empty:
+        return None
+    records = []
+    for expert, group in rows.groupby("expert", sort=True):
+        corrupted = group["finish_reason"].map(lambda reason: bool(corruption_record(reason))).to_numpy(bool)
+        rejected = ~group["passed"].to_numpy(bool)
+        caught = int((corrupted & rejected).sum())
+        records.append({
+            "expert": expert, "attempts": len(group), "corrupted": float(corrupted.mean()),
+            "rejected": float(rejected.mean()),
+            "precision": caught / rejected.sum() if rejected.any() else float("nan"),
+            "recall": caught / corrupted.sum() if corrupted.any() else float("nan"),
+        })  # fmt: skip
+    return pd.DataFrame.from_records(records)
 
 
 def _extra_columns(frame: pd.DataFrame) -> list[str]:
@@ -435,6 +464,7 @@ def build_report(store: str | Path, index: str | Path | None = None) -> CaptionR
         calibration=calibration,
         calibration_note=calibration_note,
         index=tile_index,
+        gate_quality=gate_quality(frame),
     )
 
 
@@ -492,6 +522,9 @@ def render_markdown(report: CaptionReport) -> str:
     if report.calibration is not None:
         parts += ["", "## Own vs shuffled captions (calibration)", "", markdown_table(report.calibration)]
         parts += [f"\n**warning**: {markdown_text(warning)}" for warning in calibration_warnings(report.calibration)]
+    if report.gate_quality is not None:
+        parts += ["", "## Gate against corrupted captions", "", GATE_QUALITY_NOTE, ""]
+        parts += [markdown_table(report.gate_quality)]
     if report.class_quality is not None:
         parts += ["", "## Class recall and hallucinated classes", "", markdown_table(report.class_quality)]
     parts += ["", "## Caption length", "", markdown_table(report.lengths)]
@@ -572,6 +605,8 @@ def render_html(report: CaptionReport) -> str:
                      report.class_information))  # fmt: skip
     if report.gate is not None:
         sections.append(("Gate mode and threshold", report.gate))
+    if report.gate_quality is not None:
+        sections.append(("Gate against corrupted captions (synthetic experts)", report.gate_quality))
     if report.class_quality is not None:
         sections.append(("Class recall and hallucinated classes", report.class_quality))
     sections += [("Caption length and truncation", report.lengths), ("Worst selected captions", report.worst)]

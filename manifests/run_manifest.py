@@ -418,6 +418,27 @@ class AnnotationExpertConfig(_ExpertSettings):
     prompts: ClassVar[dict[str, str]] = {}
 
 
+@expert_backend("caption_pipeline.experts.synthetic:SyntheticExpert")
+class SyntheticExpertConfig(_ExpertSettings):
+    """A study tool, not a captioner: the annotation expert's caption of the class mask, corrupted at declared rates
+    (each kind drawn independently per key and attempt), every corruption recorded in the row's ``finish_reason``."""
+
+    backend: Literal["synthetic"]
+    drop: float = Field(default=0.0, ge=0.0, le=1.0, description="rate of dropping a present class from the caption")
+    insert: float = Field(default=0.0, ge=0.0, le=1.0, description="rate of inserting a class absent from the tile")
+    proportions: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="rate of perturbing the proportions (a class grown over the tile)"
+    )
+    seed: int = Field(default=0, description="with the key and the attempt, seeds every draw")
+
+    # Read by the flow for every expert; a re-prompt draws the corruptions anew (seed = attempt).
+    model: ClassVar[None] = None
+    temperature: ClassVar[float] = 0.0
+    reprompt_temperature: ClassVar[float] = 0.0
+    gpu: ClassVar[bool] = False
+    prompts: ClassVar[dict[str, str]] = {}
+
+
 @expert_backend("caption_pipeline.experts.openai_backend:OpenAIExpert")
 class OpenAIExpertConfig(_ModelExpertSettings):
     """A model behind an OpenAI-compatible chat-completions server (`vllm serve`, SGLang, the OpenAI API)."""

@@ -23,6 +23,7 @@ from flows.calibrate import (
     AUC_FLOOR,
     DEFAULT_KEEP_TOP,
     DEFAULT_MARGIN,
+    TileSample,
     _gate_setting,
     calibrate_gate,
     derangement,
@@ -32,6 +33,7 @@ from flows.calibrate import (
 )
 from flows.cli import app
 from manifests.caption_store import StoreMeta, read_store, write_fragment
+from manifests.errors import InputError
 from tests.helpers import annotation_store
 
 runner = CliRunner()
@@ -76,6 +78,17 @@ def test_helpers_compute_what_they_say():
     assert _gate_setting(SimpleNamespace(gate=None), "margin", DEFAULT_MARGIN) == 0.02
 
 
+def test_calibration_draws_from_one_split(inputs, small_index):
+    manifest, _ = inputs
+    train = set(small_index.split("train")["tile_id"])
+    result = calibrate_gate(manifest, TileSample(64, split="train"))
+    assert set(result.pairs["tile_id"]) == train and set(result.pairs["image_tile_id"]) <= train
+    with pytest.raises(InputError, match=r"--split: tile index .* has no tiles of split 'val' \(it has: test, train\)"):
+        calibrate_gate(manifest, TileSample(64, split="val"))
+    test = set(small_index.split("test")["tile_id"])
+    assert set(calibrate_gate(manifest, TileSample(64, split="test")).pairs["image_tile_id"]) == test
+
+
 def _scores(manifest: Path, store: Path, scorer: ClipScorer, tile_ids, texts: list[str]) -> list:
     """The scorer's scores of ``texts`` against the images of ``tile_ids``, pair by pair."""
     images = index_frame(manifest).set_index("tile_id").loc[list(tile_ids)]
@@ -85,7 +98,7 @@ def _scores(manifest: Path, store: Path, scorer: ClipScorer, tile_ids, texts: li
 
 def test_calibration_numbers_are_exact_on_the_tiny_clip(inputs, clip_config):
     manifest, store = inputs
-    result = calibrate_gate(manifest, sample=8, false_pass=0.1, seed=1)
+    result = calibrate_gate(manifest, TileSample(8, seed=1), false_pass=0.1)
     pairs = result.pairs
     assert result.sample_size == 8 and pairs["tile_id"].nunique() == 8
     assert set(pairs["expert"]) == {"annotation"} and set(pairs["prompt_id"]) == {"p1", "p2", "p3"}
@@ -140,7 +153,7 @@ def test_calibration_numbers_are_exact_on_the_tiny_clip(inputs, clip_config):
     assert (store / "calibration" / "distributions.png").read_bytes()[:4] == b"\x89PNG"
     assert not list((store / "calibration").glob(".*.tmp"))
 
-    again = calibrate_gate(manifest, sample=8, false_pass=0.1, seed=1)
+    again = calibrate_gate(manifest, TileSample(8, seed=1), false_pass=0.1)
     pd.testing.assert_frame_equal(again.pairs, pairs)  # the seed draws the same sample and shuffle
 
 
@@ -193,7 +206,7 @@ def test_a_scorer_that_tells_own_from_shuffled_gives_auc_one(inputs, tmp_path):
     write_fragment(tmp_path / "named", named, StoreMeta(["a"], "tiny", 0.0))
     tiles = index_frame(manifest)
     scorer = FakeScorer(dict(zip(tiles["tile_id"], tiles["image_sha256"], strict=True)))
-    result = calibrate_gate(manifest, sample=64, store=tmp_path / "named", scorer=scorer)
+    result = calibrate_gate(manifest, TileSample(64), store=tmp_path / "named", scorer=scorer)
     group = result.experts["annotation"]
     assert result.sample_size == 12 and group.auc == 1.0 and group.youden_j == 1.0
     assert group.own.mean == pytest.approx(0.9) and group.shuffled.mean == pytest.approx(0.5)
@@ -267,7 +280,7 @@ def _named_store(inputs, folder: Path) -> tuple[Path, dict[str, str]]:
 def test_suggestions_per_gate_mode_and_the_contrastive_margin(inputs, tmp_path):
     manifest, _ = inputs
     store, shas = _named_store(inputs, tmp_path / "named")
-    result = calibrate_gate(manifest, sample=64, store=store, scorer=FakeScorer(shas), false_pass=0.05)
+    result = calibrate_gate(manifest, TileSample(64), store=store, scorer=FakeScorer(shas), false_pass=0.05)
     group = result.experts["annotation"]
     # A shuffled caption scores 0.5 with the tile it is scored against, 0.9 with its own tile and 0.5 with the rest:
     # its own-minus-others is 0.5 - (0.9 + 0.5 * (n - 2)) / (n - 1); an own caption's is 0.9 - 0.5.
@@ -293,9 +306,9 @@ def test_suggestions_per_gate_mode_and_the_contrastive_margin(inputs, tmp_path):
 def test_low_auc_warns_instead_of_recommending_and_keeps_the_previous_calibration(inputs, tmp_path):
     manifest, _ = inputs
     store, shas = _named_store(inputs, tmp_path / "named")
-    first = calibrate_gate(manifest, sample=64, store=store, scorer=FakeScorer(shas))
+    first = calibrate_gate(manifest, TileSample(64), store=store, scorer=FakeScorer(shas))
     before = (store / "calibration" / "calibration.json").read_text()
-    result = calibrate_gate(manifest, sample=64, store=store, scorer=BlindScorer(shas))
+    result = calibrate_gate(manifest, TileSample(64), store=store, scorer=BlindScorer(shas))
     group = result.experts["annotation"]
     assert group.auc == 0.5 < AUC_FLOOR and group.low_auc and not first.experts["annotation"].low_auc
     assert result.replaced and (store / "calibration" / "calibration.prev.json").read_text() == before

@@ -108,6 +108,7 @@ def test_similarity_is_eq2_of_a_direct_open_clip_computation(clip_config, small_
     model, _, preprocess = open_clip.create_model_and_transforms(
         "demo-tiny-clip", pretrained=str(clip_config.checkpoint)
     )
+    model.eval()  # inference: the tiny CLIP's ResNet tower has batch norm, which train mode would feed batch statistics
     with torch.no_grad():
         image = F.normalize(model.encode_image(preprocess(load_image(path))[None]), dim=-1)
         text = F.normalize(

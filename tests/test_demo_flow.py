@@ -40,11 +40,21 @@ def test_the_demo_runs_every_stage_at_a_small_scale(prefect_api, tmp_path, capsy
     for stage in range(1, 8):
         assert f"[{stage}/7]" in shown
     assert "12 tiles" in shown and "demo done in" in shown
+    train_tiles = 8  # areas 1 and 3, 4 tiles each
+    assert f"CLIP demo-tiny-clip trained on {train_tiles} train tiles" in " ".join(shown.split())
+    assert manifest.captions.clip.checkpoint.is_file()
+    # the AUC of every expert on the 4 test tiles, from calibrate-gate, whose files the report then reads
+    assert all(f"{expert} " in shown for expert in ("annotation", "qwen-tiny", "llava-tiny"))
+    assert "gate ROC AUC, own vs shuffled captions of 4 test tiles" in " ".join(shown.split())
+    calibration = json.loads((manifest.captions.store / "calibration" / "calibration.json").read_text())
+    assert calibration["sample_size"] == 4 and set(calibration["experts"]) == {"annotation", "qwen-tiny", "llava-tiny"}
     assert "class information in prompts: protocol predicted (test: predictions, train: labels)" in shown
     store = read_store(manifest.captions.store)
     assert set(store["expert"]) == {"annotation", "qwen-tiny", "llava-tiny"}
     assert (tmp_path / "predictions" / "class_predictions.parquet").is_file()
     assert (tmp_path / "report" / "report.html").is_file()
+    guided = json.loads((tmp_path / "runs" / TEXT_GUIDED / "run.json").read_text())
+    assert str(manifest.captions.clip.checkpoint) in json.dumps(guided)  # it reads captions through the trained CLIP
     for preset in (TEXT_GUIDED, TEXT_FREE):
         metrics = json.loads((tmp_path / "runs" / preset / "eval_test_eroded" / "metrics.json").read_text())
         assert math.isfinite(metrics["miou"]), preset

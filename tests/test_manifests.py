@@ -66,8 +66,8 @@ def with_prompts(prompts: str) -> str:
         ),
         (
             BASE + "captions: {store: s, experts: [{name: a, backend: ollama, model: m}]}\n",
-            r"key 'captions.experts.0.backend': unknown backend 'ollama' \(expected one of annotation, openai, vllm, "
-            r"transformers\)$",
+            r"key 'captions.experts.0.backend': unknown backend 'ollama' \(expected one of annotation, synthetic, "
+            r"openai, vllm, transformers\)$",
         ),
         (BASE + "captions: {store: s, experts: [{name: a, model: m}]}\n", r"missing key 'captions.experts.0.backend'"),
         (
