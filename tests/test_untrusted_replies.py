@@ -5,6 +5,7 @@ and says so."""
 from __future__ import annotations
 
 import base64
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -40,16 +41,25 @@ def write_manifest(folder: Path, small_index, clip_config, expert: str, tau: flo
     return path
 
 
-def prefect_logs_since(started: datetime) -> list[str]:
-    """The messages of every log line the Prefect API holds from ``started`` on (flushed first)."""
+def prefect_logs_since(started: datetime, awaited: str, window_s: float = 90.0) -> list[str]:
+    """The messages of every log line the Prefect API holds from ``started`` on, once one holds ``awaited``.
+
+    Log lines reach the API from a background worker in batches, after the flow has returned: read until the
+    awaited line is there (a generous window for a busy machine), then every line of the run is.
+    """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterTimestamp
     from prefect.logging.handlers import APILogHandler
 
     APILogHandler().flush()
+    deadline = time.monotonic() + window_s
     with get_client(sync_client=True) as client:
-        logs = client.read_logs(LogFilter(timestamp=LogFilterTimestamp(after_=started)), limit=200)
-    return [log.message for log in logs]
+        while True:
+            logs = client.read_logs(LogFilter(timestamp=LogFilterTimestamp(after_=started)), limit=200)
+            messages = [log.message for log in logs]
+            if any(awaited in message for message in messages) or time.monotonic() > deadline:
+                return messages
+            time.sleep(0.5)
 
 
 def test_credentials_in_a_url_reach_no_row_message_or_log(prefect_api, small_index, clip_config, tmp_path):
@@ -67,7 +77,7 @@ def test_credentials_in_a_url_reach_no_row_message_or_log(prefect_api, small_ind
     rows = read_store(tmp_path / "store")
     errors = " ".join(rows["error"].dropna())
     assert "Incorrect API key provided: Basic ***" in errors and "ClientConnectorError (http://127.0.0.1:" in errors
-    logs = prefect_logs_since(started)
+    logs = prefect_logs_since(started, awaited="gpt endpoints: ")
     assert any("gpt endpoints: http://127.0.0.1:" in line for line in logs)  # logged, without the userinfo
     for where, text in [("store", rows.astype(str).to_csv()), ("console", result.output), ("logs", "\n".join(logs))]:
         assert PASSWORD not in text and BASIC not in text, f"a credential reached the {where}"
