@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from manifests.errors import InputError
 from manifests.names import Name
-from manifests.redaction import has_credentials, redact
+from manifests.redaction import has_credentials, redact, strip_query
 
 ClassSource = Literal["labels", "predictions", "none"]
 ClassProtocol = Literal["oracle", "predicted", "blind", "custom"]
@@ -487,6 +487,12 @@ class OpenAIExpertConfig(_ModelExpertSettings):
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.netloc:
                 raise ValueError(f"{redact(url)[:SHOWN_CHARS]!r} is not an http(s) URL (expected http://host:port/v1)")
+            if parts.query or parts.fragment:
+                # the request path is appended to the URL, and a key in a query string would be shown and logged
+                raise ValueError(
+                    f"{strip_query(redact(url))[:SHOWN_CHARS]!r}: a base_url takes no query string or fragment "
+                    "(expected http://host:port/v1); give a key through api_key_env"
+                )
         if len(set(urls)) < len(urls):
             raise ValueError("a URL is given twice")
         return value

@@ -159,6 +159,10 @@ class ChatHandler(BaseHTTPRequestHandler):
         if prompt.startswith("status "):  # an OpenAI-style error that echoes the key it was sent
             message = f"Incorrect API key provided: {self.headers.get('Authorization')}.\nSee the docs."
             return int(prompt.split()[1]), {"error": {"message": message, "code": "invalid_api_key"}}, {}
+        if prompt == "echo":  # a caption that repeats the header it was sent, and its bare credential
+            auth = self.headers.get("Authorization", "")
+            content = f"a road. {auth} raw={auth.split(' ', 1)[-1]}"
+            return 200, {"choices": [{"message": {"content": content}, "finish_reason": "stop"}]}, {}
         choice = {"message": {"content": f" caption for {prompt} "}, "finish_reason": "stop"}
         return 200, {"choices": [choice], "usage": {"completion_tokens": 4}}, {}
 

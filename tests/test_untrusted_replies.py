@@ -21,6 +21,7 @@ from flows import generate_captions as flow_module
 from flows import model_cache
 from flows.cli import app as flows_app
 from manifests.caption_store import CUT_FINISH_REASON, read_store
+from manifests.errors import InputError
 from manifests.run_manifest import OpenAIExpertConfig, load_manifest
 from tests.helpers import AnsweringExpert, ChatServer, closed_port_url, demo_data_yaml, flat_tiles, serving
 
@@ -81,6 +82,59 @@ def test_credentials_in_a_url_reach_no_row_message_or_log(prefect_api, small_ind
     assert any("gpt endpoints: http://127.0.0.1:" in line for line in logs)  # logged, without the userinfo
     for where, text in [("store", rows.astype(str).to_csv()), ("console", result.output), ("logs", "\n".join(logs))]:
         assert PASSWORD not in text and BASIC not in text, f"a credential reached the {where}"
+
+
+@pytest.mark.parametrize("with_key", [False, True], ids=["url-credentials", "api-key"])
+def test_a_caption_that_echoes_the_credentials_is_stored_without_them(
+    prefect_api, small_index, clip_config, tmp_path, monkeypatch, with_key
+):
+    """A server may repeat what it was sent anywhere, a caption too, and in any form (the Basic header's Base64
+    without its label): the key and the URL's credentials are masked, the rest of the caption kept."""
+    key = "sk-TOPKEY-98765"
+    monkeypatch.setenv("TEST_CHAT_KEY", key)
+    with serving(ChatServer()) as server:
+        userinfo = "" if with_key else f"user:{PASSWORD}@"
+        auth = ", api_key_env: TEST_CHAT_KEY" if with_key else ""
+        expert = f"{{name: gpt, backend: openai, model: m, base_url: http://{userinfo}127.0.0.1:{server.server_port}" \
+                 f"/v1{auth}, prompts: {{p1: echo, p2: echo, p3: echo}}}}"  # fmt: skip
+        manifest = write_manifest(tmp_path, small_index, clip_config, expert)
+        result = runner.invoke(flows_app, ["run", "generate-captions", "--manifest", str(manifest), "--limit", "2"])
+        report = runner.invoke(flows_app, ["run", "caption-report", "--store", str(tmp_path / "store"), "--out",
+                                           str(tmp_path / "report")])  # fmt: skip
+    assert result.exit_code == 0 and report.exit_code == 0, result.output + report.output
+    captions = read_store(tmp_path / "store")["caption"].dropna().tolist()
+    assert captions and all(caption.startswith("a road. ") and "***" in caption for caption in captions)
+    written = "\n".join(
+        [
+            *captions,
+            *(
+                path.read_text(errors="replace")
+                for path in (tmp_path / "report").rglob("*")
+                if path.is_file() and path.suffix in (".html", ".md", ".csv", ".json")
+            ),
+        ]
+    )
+    for secret in (key, PASSWORD, BASIC):
+        assert secret not in written, f"{secret} reached a caption or the report"
+
+
+def test_a_key_with_a_newline_is_refused_in_one_line(monkeypatch):
+    from caption_pipeline.experts.openai_backend import api_key
+
+    monkeypatch.setenv("TEST_CHAT_KEY", "sk-NL\r\nX-Evil: 1")
+    config = OpenAIExpertConfig(name="gpt", backend="openai", model="m", base_url="http://127.0.0.1:9/v1",
+                                api_key_env="TEST_CHAT_KEY")  # fmt: skip
+    with pytest.raises(InputError, match=r"^expert gpt: environment variable TEST_CHAT_KEY \(api_key_env\) holds "
+                                         r"white space or a control character"):  # fmt: skip
+        api_key(config)
+
+
+def test_a_base_url_with_a_query_string_is_refused_without_showing_it(tmp_path, small_index, clip_config):
+    expert = "{name: gpt, backend: openai, model: m, base_url: 'http://127.0.0.1:9/v1?token=TOKSECRET'}"
+    manifest = write_manifest(tmp_path, small_index, clip_config, expert)
+    with pytest.raises(InputError, match=r"a base_url takes no query string or fragment") as error:
+        load_manifest(manifest)
+    assert "TOKSECRET" not in str(error.value)
 
 
 def test_a_key_with_url_credentials_is_refused_before_the_run(small_index, clip_config, tmp_path, monkeypatch):

@@ -44,7 +44,7 @@ from caption_pipeline.experts.base import (
     image_data_url,
 )
 from manifests.errors import InputError
-from manifests.redaction import redact, strip_credentials
+from manifests.redaction import has_credentials, mask_secrets, redact, strip_credentials, url_secrets
 from manifests.run_manifest import OpenAIExpertConfig
 
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
@@ -146,6 +146,12 @@ def api_key(config: OpenAIExpertConfig) -> str | None:
     key = os.environ.get(config.api_key_env)
     if not key:
         raise InputError(f"expert {config.name}: environment variable {config.api_key_env} (api_key_env) is not set")
+    if not key.isprintable() or key != key.strip():
+        # a header cannot carry it: aiohttp would stop the run with a traceback at the first request
+        raise InputError(
+            f"expert {config.name}: environment variable {config.api_key_env} (api_key_env) holds white space or a "
+            "control character (a pasted newline?); set it to the key alone"
+        )
     return key
 
 
@@ -352,6 +358,8 @@ class OpenAIExpert(Expert):
         self._api_key = api_key(config)
         if self._api_key:
             self._headers["Authorization"] = f"Bearer {self._api_key}"
+        # What a server may echo of what it was sent, in any reply: masked in captions, errors and logs alike.
+        self._secrets = [self._api_key or "", *(secret for url in config.endpoints for secret in url_secrets(url))]
         # One event loop per expert, shared by every caller thread, so `concurrency` bounds the requests in
         # flight across all shard tasks of a run, not per task.
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -508,10 +516,10 @@ class OpenAIExpert(Expert):
                     error = f"timed out after {self.config.timeout_s:g} s ({endpoint.shown_url})"
                     health = "failing"
                 except aiohttp.ClientConnectorError as exc:  # refused, unreachable, unknown host
-                    error = f"{type(exc).__name__} ({endpoint.shown_url}): {redact(str(exc))}"
+                    error = f"{type(exc).__name__} ({endpoint.shown_url}): {redact(str(exc), self._secrets)}"
                     health = "down"
                 except aiohttp.ClientError as exc:
-                    error = f"{type(exc).__name__} ({endpoint.shown_url}): {redact(str(exc))}"
+                    error = f"{type(exc).__name__} ({endpoint.shown_url}): {redact(str(exc), self._secrets)}"
                     health = "failing"
                 finally:
                     self.in_flight -= 1
@@ -540,11 +548,7 @@ class OpenAIExpert(Expert):
         if status in UNAVAILABLE_STATUS:
             hint = UNAVAILABLE_STATUS[status]
             if status in (401, 403):
-                hint += (
-                    f" in {self.config.api_key_env} (api_key_env)"
-                    if self.config.api_key_env
-                    else "; the expert sends no key: set api_key_env"
-                )
+                hint += self._credentials_hint()
             reason = f"{where}: {hint}"
         elif status == 400 and field in text and _REFUSED_FIELD.search(text.lower()):
             other = "max_completion_tokens" if field == "max_tokens" else "max_tokens"
@@ -561,6 +565,14 @@ class OpenAIExpert(Expert):
                 task.cancel()
         raise ExpertUnavailable(reason)
 
+    def _credentials_hint(self) -> str:
+        """Which credentials the refused requests carried: the key's variable, the URL's, or none."""
+        if self.config.api_key_env:
+            return f" in {self.config.api_key_env} (api_key_env)"
+        if any(has_credentials(url) for url in self.config.endpoints):
+            return " (here the user:password of base_url, sent as a Basic header)"
+        return "; the expert sends no key: set api_key_env"
+
     def _message(self, text: str) -> str:
         """The start of a server's error answer on one line, its ``error.message`` where it is JSON, key masked."""
         try:
@@ -573,9 +585,8 @@ class OpenAIExpert(Expert):
                 error = error.get("message", error)
             if error is not None:
                 text = error if isinstance(error, str) else json.dumps(error)
-        if self._api_key:  # some servers echo what they were sent; the key must not reach logs or caption stores
-            text = text.replace(self._api_key, "***")
-        return " ".join(redact(text).split())[:MESSAGE_CHARS]  # an echoed Basic header or URL userinfo, too
+        # some servers echo what they were sent: the key and the URL's credentials must not reach logs or stores
+        return " ".join(redact(text, self._secrets).split())[:MESSAGE_CHARS]
 
     def _parse(self, raw: bytes, started: float, url: str) -> CaptionResult:
         """A reply of 200 as a caption, or, where it does not follow :class:`ChatReply`, a failed result that says
@@ -591,4 +602,5 @@ class OpenAIExpert(Expert):
             return CaptionResult(None, None, None, latency, error=error)
         choice = reply.choices[0]
         tokens = reply.usage.completion_tokens if reply.usage is not None else None
-        return CaptionResult((choice.message.content or "").strip(), choice.finish_reason, tokens, latency)
+        caption = mask_secrets((choice.message.content or "").strip(), self._secrets)  # one that echoes a header
+        return CaptionResult(caption, choice.finish_reason, tokens, latency)
