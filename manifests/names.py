@@ -8,7 +8,8 @@ the contract puts a separator (a tile id ``<dataset>/<source>/<y>_<x>``, a folde
 - not empty, and neither ``.`` nor ``..``;
 - free of ``/`` and ``\\`` (so a name is never a path of its own, and ``/`` only where the contract puts it);
 - free of NUL and every other control character (``\\x00``-``\\x1f``, ``\\x7f``-``\\x9f``), so it cannot cut a path,
-  a log line or a one-line message short.
+  a log line or a one-line message short, and of Unicode's invisible format characters (bidi overrides, zero-width
+  characters) and the look-alikes of ``/`` and ``\\``, so what a report shows is what the name is.
 
 A path joined from names therefore never starts with ``/`` and never climbs out of its folder. :func:`safe_join` is
 the one way a write builds a path from such ids: it checks every part and then that the resolved target lies under
@@ -30,12 +31,17 @@ from pydantic import AfterValidator
 from manifests.errors import InputError
 
 NAME_RULE = (
-    "a name is not empty, not '.' or '..', and has no '/', '\\', NUL or other control character; ids with parts "
-    "join names with '/'"
+    "a name is not empty, not '.' or '..', and has no '/', '\\', NUL or other control character, no invisible "
+    "format character and no look-alike of '/'; ids with parts join names with '/'"
 )
 # The characters a name may not hold, and what a path of names may not be. Written for both Python's re and RE2
 # (pyarrow's compute functions), so one pattern checks a single value and a whole column.
-_FORBIDDEN = r"[\x00-\x1f\x7f-\x9f\\]"
+# Unicode's invisible format characters (bidi overrides such as U+202E reorder what a report or a terminal shows,
+# zero-width ones hide text) and the look-alikes of '/' and '\' (a name that reads as a path) are refused too; they
+# stand in the class as themselves, which both engines read.
+_FORMAT = "\u200b-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u2069\ufeff"
+_SLASH_LOOKALIKES = "\u2044\u2215\u29f8\u29f9\uff0f\uff3c"
+_FORBIDDEN = rf"[\x00-\x1f\x7f-\x9f\\{_FORMAT}{_SLASH_LOOKALIKES}]"
 _BAD_NAME = rf"{_FORBIDDEN}|/|^\.{{1,2}}$|^$"
 _BAD_PATH = rf"{_FORBIDDEN}|^/|/$|//|(^|/)\.{{1,2}}(/|$)|^$"
 _BAD = {False: re.compile(_BAD_NAME), True: re.compile(_BAD_PATH)}
@@ -57,8 +63,11 @@ def name_problem(value: object, parts: bool = False) -> str | None:
         return "is empty"
     piece = found.group(0)
     if re.fullmatch(_FORBIDDEN, piece[:1] or " "):
-        what = "a backslash" if piece == "\\" else f"the control character {piece!r}"
-        return f"holds {what}"
+        if piece == "\\":
+            return "holds a backslash"
+        if piece in _SLASH_LOOKALIKES:
+            return f"holds {piece!r}, which looks like a slash"
+        return f"holds the control or format character {piece!r}"
     if "/" in piece and not parts:
         return "holds '/'"
     if piece.strip("/") in (".", ".."):

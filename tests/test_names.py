@@ -28,10 +28,12 @@ runner = CliRunner()
         ("..", False, "holds the part '..'"),
         ("vaihingen/../../x", True, "holds the part '..'"),
         ("/etc/passwd", True, "absolute path"),
-        ("a\x00b", False, "control character '\\x00'"),
-        ("line\nbreak", True, "control character '\\n'"),
+        ("a\x00b", False, "control or format character '\\x00'"),
+        ("line\nbreak", True, "control or format character '\\n'"),
         ("ann$\\frac{$x", False, "backslash"),
         ("", False, "is empty"),
+        ("\u202eevil", False, "format character '\\u202e'"),  # a bidi override reorders what a report shows
+        ("dem\u2215o", False, "looks like a slash"),
     ],
 )
 def test_the_rule_refuses_what_could_leave_a_folder_or_break_a_line(value, parts, problem):
@@ -40,7 +42,9 @@ def test_the_rule_refuses_what_could_leave_a_folder_or_break_a_line(value, parts
     assert problem in str(caught.value) and "\n" not in str(caught.value) and "\x00" not in str(caught.value)
 
 
-@pytest.mark.parametrize(("value", "parts"), [("area1", False), ("demo/area1/0000_0064", True), ("a..b", False)])
+@pytest.mark.parametrize(
+    ("value", "parts"), [("area1", False), ("demo/area1/0000_0064", True), ("a..b", False), ("café_北京", False)]
+)
 def test_ordinary_ids_pass(value, parts):
     assert check_name(value, "id", parts) == value
 
