@@ -5,6 +5,7 @@ and says so."""
 from __future__ import annotations
 
 import base64
+import logging
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -63,7 +64,22 @@ def prefect_logs_since(started: datetime, awaited: str, window_s: float = 90.0) 
             time.sleep(0.5)
 
 
-def test_credentials_in_a_url_reach_no_row_message_or_log(prefect_api, small_index, clip_config, tmp_path):
+@pytest.fixture
+def info_run_logs():
+    """The flow and task run loggers at INFO for one test: `make test` runs Prefect at WARNING, and the endpoint
+    line this test reads in Prefect's database is an INFO line."""
+    loggers = [logging.getLogger(name) for name in ("prefect.flow_runs", "prefect.task_runs")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.INFO)
+    yield
+    for logger, level in zip(loggers, levels, strict=True):
+        logger.setLevel(level)
+
+
+def test_credentials_in_a_url_reach_no_row_message_or_log(
+    prefect_api, info_run_logs, small_index, clip_config, tmp_path
+):
     started = datetime.now(UTC)
     with serving(ChatServer()) as server:
         live = f"http://user:{PASSWORD}@127.0.0.1:{server.server_port}/v1"
