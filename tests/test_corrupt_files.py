@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 import rasterio
 import torch
 from PIL import Image
+from rasterio.errors import NotGeoreferencedWarning
 from typer.testing import CliRunner
 
 from manifests.caption_store import read_store, selected_captions, write_fragment
@@ -267,6 +269,18 @@ def test_predict_refuses_an_out_folder_where_a_prediction_would_replace_its_imag
     line = one_error_line(result)
     assert f"the prediction of {image} would be written to {image}" in line and "--out" in line
     assert image.read_bytes() == before and sorted(p.name for p in scenes.iterdir()) == ["e.tif"]
+
+
+def test_predict_on_a_png_writes_its_maps_without_a_georeferencing_warning(trained, tmp_path):
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(image)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = runner.invoke(segmenter_app, ["predict", "--run", str(trained[1]), "--images", str(image), "--out",
+                                               str(tmp_path / "out")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "photo.tif").is_file() and (tmp_path / "out" / "photo_color.png").is_file()
+    assert not [w for w in caught if issubclass(w.category, NotGeoreferencedWarning)]
 
 
 def test_predict_refuses_an_image_over_its_pixel_budget_before_reading_it(trained, tmp_path):

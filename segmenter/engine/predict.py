@@ -163,16 +163,18 @@ def _write_maps(trained: TrainedRun, path: Path, out: Path, classes: np.ndarray,
     options = {"driver": "GTiff", "height": classes.shape[0], "width": classes.shape[1], "count": 1,
                "dtype": "uint8", "compress": "deflate", **profile}  # fmt: skip
     index = trained.index
-    with atomic_path(target) as tmp, warnings.catch_warnings(), rasterio.open(tmp, "w", **options) as sink:
-        # A PNG or JPEG input has no georeferencing: its map has none either, which is all the warning says.
+    with atomic_path(target) as tmp, warnings.catch_warnings():
+        # A PNG or JPEG input has no georeferencing: its map has none either, which is all the warning says. The
+        # filter comes before the open, which is where rasterio warns.
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        sink.write(classes, 1)
-        # The values are class indices in the run's order, not the codes of the user's masks: named in the file
-        # (tags and a colour table GIS tools show), so the map can be read without the run folder.
-        sink.update_tags(class_names=json.dumps(index.class_names), ignore_index=str(index.ignore_index))
-        sink.update_tags(1, **{f"class_{i}": name for i, name in enumerate(index.class_names)})
-        sink.set_band_description(1, "class index (tags class_<i> name each)")
-        sink.write_colormap(1, {i: (*colour, 255) for i, colour in enumerate(index.palette)})
+        with rasterio.open(tmp, "w", **options) as sink:
+            sink.write(classes, 1)
+            # The values are class indices in the run's order, not the codes of the user's masks: named in the file
+            # (tags and a colour table GIS tools show), so the map can be read without the run folder.
+            sink.update_tags(class_names=json.dumps(index.class_names), ignore_index=str(index.ignore_index))
+            sink.update_tags(1, **{f"class_{i}": name for i, name in enumerate(index.class_names)})
+            sink.set_band_description(1, "class index (tags class_<i> name each)")
+            sink.write_colormap(1, {i: (*colour, 255) for i, colour in enumerate(index.palette)})
     colours = encode_rgb_mask(classes, tuple(trained.index.palette), trained.index.ignore_index)
     with atomic_path(colour_png) as tmp:
         Image.fromarray(colours).save(tmp, format="PNG")
