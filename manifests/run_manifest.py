@@ -404,13 +404,13 @@ class _ModelExpertSettings(_ExpertSettings):
     prompts: dict[PromptId, str] = Field(default_factory=dict, description="per-expert template overrides")
 
 
-@expert_backend("caption_pipeline.experts.annotation:AnnotationExpert")
-class AnnotationExpertConfig(_ExpertSettings):
-    """The label-grounded expert: captions written from class masks, no model, no decoding, no GPU."""
+class _ModelFreeExpertSettings(_ExpertSettings):
+    """An expert that writes its captions from a class mask: no model, no decoding, no GPU, no prompt templates.
 
-    backend: Literal["annotation"]
+    The flow reads these fields of every expert; here they are fixed. Its captions are a function of the key and the
+    attempt (the annotation expert's deterministic text; the synthetic expert's draws, seeded by the attempt).
+    """
 
-    # Read by the flow for every expert; the annotation expert is deterministic and writes its own text.
     model: ClassVar[None] = None
     temperature: ClassVar[float] = 0.0
     reprompt_temperature: ClassVar[float] = 0.0
@@ -418,8 +418,15 @@ class AnnotationExpertConfig(_ExpertSettings):
     prompts: ClassVar[dict[str, str]] = {}
 
 
+@expert_backend("caption_pipeline.experts.annotation:AnnotationExpert")
+class AnnotationExpertConfig(_ModelFreeExpertSettings):
+    """The label-grounded expert: captions written from class masks, no model, no decoding, no GPU."""
+
+    backend: Literal["annotation"]
+
+
 @expert_backend("caption_pipeline.experts.synthetic:SyntheticExpert")
-class SyntheticExpertConfig(_ExpertSettings):
+class SyntheticExpertConfig(_ModelFreeExpertSettings):
     """A study tool, not a captioner: the annotation expert's caption of the class mask, corrupted at declared rates
     (each kind drawn independently per key and attempt), every corruption recorded in the row's ``finish_reason``."""
 
@@ -430,13 +437,6 @@ class SyntheticExpertConfig(_ExpertSettings):
         default=0.0, ge=0.0, le=1.0, description="rate of perturbing the proportions (a class grown over the tile)"
     )
     seed: int = Field(default=0, description="with the key and the attempt, seeds every draw")
-
-    # Read by the flow for every expert; a re-prompt draws the corruptions anew (seed = attempt).
-    model: ClassVar[None] = None
-    temperature: ClassVar[float] = 0.0
-    reprompt_temperature: ClassVar[float] = 0.0
-    gpu: ClassVar[bool] = False
-    prompts: ClassVar[dict[str, str]] = {}
 
 
 @expert_backend("caption_pipeline.experts.openai_backend:OpenAIExpert")
