@@ -46,8 +46,9 @@ def write_manifest(folder: Path, small_index, clip_config, expert: str, tau: flo
 def prefect_logs_since(started: datetime, awaited: str, window_s: float = 90.0) -> list[str]:
     """The messages of every log line the Prefect API holds from ``started`` on, once one holds ``awaited``.
 
-    Log lines reach the API from a background worker in batches, after the flow has returned: read until the
-    awaited line is there (a generous window for a busy machine), then every line of the run is.
+    Log lines reach the API from a background worker; the flush waits for it at most 5 s (Prefect's bound), which a
+    busy machine can exceed: read until the awaited line is there (a generous window), then every line of the run is.
+    The line must be logged at all: see ``info_run_logs``.
     """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterTimestamp
