@@ -164,13 +164,22 @@ def _train_samples(index: TileIndex, text: ExpertTextFeatures | None, augmentati
                          f"{int(unlabelled.sum()) - 1} more) of split 'train' has no label (sources without a mask: "
                          f"{', '.join(sources)}); give them their masks, or prepare with --train listing the "
                          "labelled sources only")  # fmt: skip
-    sides = sorted(set(samples.frame["width"]) | set(samples.frame["height"]))
+    return samples
+
+
+def _check_tile_sides(index: TileIndex) -> None:
+    """Refuse train tiles the model cannot take, before the model is built and the captions are encoded.
+
+    Raises:
+        InputError: a side that is not a multiple of the model's stride, naming a ``--size`` that is.
+    """
+    tiles = index.split("train")
+    sides = sorted(set(tiles["width"]) | set(tiles["height"]))
     if any(side % MODEL_STRIDE for side in sides):
         raise InputError(f"tile index {index.root}: tiles of {' / '.join(map(str, sides))} px; the model takes "
                          f"sides that are multiples of {MODEL_STRIDE} (its coarsest feature map is 1/{MODEL_STRIDE}): "
                          f"prepare with --size {max(MODEL_STRIDE, round(sides[0] / MODEL_STRIDE) * MODEL_STRIDE)} "
                          "(or another multiple)")  # fmt: skip
-    return samples
 
 
 def _masked_train_tiles(job: _Job, captions: str | Path, chosen_by: str) -> dict[str, int]:
@@ -390,6 +399,7 @@ def train(
     with writing(out, process.rank):  # one training per run folder: refused at once while another writes
         run = load_manifest(manifest)
         index = read_tile_index(run.tiling.out)
+        _check_tile_sides(index)
         paths, recorded = open_for_training(out, resume)
         if recorded is not None:
             check_resumed_run(recorded, settings, run.sha256, list(index.class_names))
