@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from caption_pipeline.clip_training import ClipTrainingSettings, label_views, train_clip
+from caption_pipeline.clip_training import (
+    ClipTrainingSettings,
+    contrastive_loss,
+    label_views,
+    share_targets,
+    train_clip,
+)
+from caption_pipeline.prompts import readable
 from caption_pipeline.scoring import ClipScorer
 from manifests.errors import InputError
 from manifests.run_manifest import ClipConfig
@@ -54,10 +61,42 @@ def test_checkpoint_loads_as_the_segmenters_text_tower(trained):
 
 def test_views_caption_their_own_label(small_index):
     """A view's captions are written from its own (flipped, rotated, cropped) label: its shares, not the tile's."""
-    images, captions = label_views(small_index, "train", views=3, seed=0)
-    assert len(images) == 3 * len(small_index.split("train"))
-    assert all(len(phrasings) == 3 and phrasings[0].startswith("An aerial image") for phrasings in captions)
-    assert images[1].size != images[2].size or images[2].size[0] < 64  # the third view is a crop
+    views = label_views(small_index, "train", views=3, seed=0)
+    assert len(views.images) == len(views.captions) == len(views.shares) == 3 * len(small_index.split("train"))
+    assert all(len(phrasings) == 3 and phrasings[0].startswith("An aerial image") for phrasings in views.captions)
+    assert views.images[1].size != views.images[2].size or views.images[2].size[0] < 64  # the third view is a crop
+    np.testing.assert_allclose(views.shares.sum(axis=1), 1.0, rtol=1e-6)
+    names = [readable(name) for name in small_index.class_names]
+    for (_, shares_caption, _), shares in zip(views.captions, views.shares, strict=True):
+        # the p2 caption names the view's own shares, largest first
+        first = shares_caption.removeprefix("An aerial image covered by ").split(" (")[0]
+        assert shares[names.index(first)] == shares.max()
+        assert f"({shares.max() * 100:.0f}%)" in shares_caption
+
+
+def test_share_targets_spread_over_tiles_of_like_shares():
+    shares = torch.tensor([[0.8, 0.2, 0.0], [0.8, 0.2, 0.0], [0.75, 0.25, 0.0], [0.0, 0.1, 0.9]])
+    targets = share_targets(shares, temperature=0.1)
+    torch.testing.assert_close(targets.sum(dim=1), torch.ones(4))
+    distances = torch.cdist(shares, shares, p=1)
+    torch.testing.assert_close(targets[1], torch.softmax(-distances[1] / 0.1, dim=0))
+    assert targets[0, 0] == targets[0, 1]  # the same shares: the same caption could be true of either
+    assert targets[0, 2] > 100 * targets[0, 3]  # 0.1 apart in L1 against 1.8
+    assert targets[3, 3] > 0.99  # a tile unlike the others keeps CLIP's one-hot target
+    torch.testing.assert_close(share_targets(shares, temperature=0.0), torch.eye(4))
+
+
+def test_one_hot_targets_are_clips_loss():
+    generator = torch.Generator().manual_seed(0)
+    images, texts = (torch.nn.functional.normalize(torch.randn(5, 8, generator=generator), dim=-1) for _ in "it")
+    scale = torch.tensor(2.0)
+    logits = scale.exp() * images @ texts.T
+    order = torch.arange(5)
+    clip = (torch.nn.functional.cross_entropy(logits, order) + torch.nn.functional.cross_entropy(logits.T, order)) / 2
+    torch.testing.assert_close(contrastive_loss(images, texts, scale), clip)
+    torch.testing.assert_close(contrastive_loss(images, texts, scale, torch.eye(5)), clip)
+    soft = share_targets(torch.tensor([[1.0, 0.0]] * 2 + [[0.0, 1.0]] * 3), temperature=0.1)
+    assert not torch.allclose(contrastive_loss(images, texts, scale, soft), clip)
 
 
 def test_a_split_without_labels_is_refused(small_index, tmp_path):
