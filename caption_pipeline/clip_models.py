@@ -49,8 +49,9 @@ FINE_TUNED_FROM_OPENAI = frozenset({"remoteclip"})
 # The tiny CLIP of the tests and the demo. Its image tower is a small ResNet at 64 px: a 32-px ViT could not learn
 # the demo's class shares from 192 tiles (own vs shuffled AUC on the test tiles 0.5 after training); this one reaches
 # 0.83-0.84 on the demo's test captions (caption_pipeline.clip_training). A 96-px tower learnt faster per step but,
-# at the same CPU time, no better (0.72 against 0.76, earlier recipe); nor did a second text layer (0.77 and 0.81
-# against 0.82 and 0.77, seeds 0 and 2) or a twice wider image tower (0.78 and 0.81, at twice the time).
+# at the same CPU time, no better (0.72 against 0.76, on the first recipe). On the 16-view recipe at 400 steps
+# (0.82 and 0.77 at seeds 0 and 2) a second text layer gave 0.77 and 0.81 and an image tower twice as wide 0.78 and
+# 0.81 at twice the time: no better on the mean of the two seeds.
 TINY_CLIP_CONFIG: dict[str, Any] = {
     "embed_dim": 32,
     "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8},

@@ -11,8 +11,9 @@ Aerial tiles of one area look alike, and a caption of one is nearly true of anot
 (two ``p1`` class lists are often the same text). CLIP's one-hot targets would teach the network to push those apart;
 here the targets of a batch spread over its tiles by label similarity instead (a softmax of minus the L1 distance
 of their class shares over ``share_temperature``): the soft-target form of the contrastive loss. On the demo it
-raised the own-vs-shuffled AUC of the test tiles' captions from 0.76 to 0.78-0.80 at the same steps, and more views
-and a lower learning rate over 800 steps took it to 0.83-0.84 (one run per seed, ``ClipTrainingSettings``).
+raised the own-vs-shuffled AUC of the annotation expert's test captions (written from a text-free model's predicted
+masks) from 0.76 to 0.77-0.80 at the same steps, and more views and a lower learning rate over 800 steps took it to
+0.83-0.84 (one run per seed, ``ClipTrainingSettings``; with one-hot targets that recipe gave 0.70-0.76).
 
 The result is an ordinary open_clip checkpoint (a state dict saved with ``torch.save``) beside its JSON config,
 loaded through the same path as any local checkpoint (``captions.clip.checkpoint`` + ``config``, or
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from caption_pipeline.clip_models import ChunkedTextEncoder, ClipWeights, create_clip, register_tiny_config
-from caption_pipeline.experts.annotation import describe_label
+from caption_pipeline.experts.annotation import class_shares, describe_label
 from caption_pipeline.experts.base import load_image
 from manifests.atomic import atomic_path
 from manifests.errors import InputError
@@ -136,6 +137,15 @@ def label_views(index: TileIndex, split: str, views: int, seed: int) -> LabelVie
     """``views`` views of every labelled tile of ``split`` (see :func:`_variants`), each with its captions and class
     shares, written from its label.
 
+    Args:
+        index: the tile index.
+        split: the split whose labelled tiles are read.
+        views: views per tile (the tile itself first).
+        seed: draws the flips, rotations and crops.
+
+    Returns:
+        The views, their captions and shares, tile by tile (``views`` consecutive entries per tile).
+
     Raises:
         InputError: no labelled tile in ``split``.
     """
@@ -153,9 +163,7 @@ def label_views(index: TileIndex, split: str, views: int, seed: int) -> LabelVie
         for view_image, view_mask in _variants(tile, mask, views, rng):
             captions.append([describe_label(view_mask, names, index.ignore_index, p, plurals) for p in PHRASINGS])
             images.append(Image.fromarray(view_image))
-            labelled = view_mask[view_mask != index.ignore_index]
-            counts = np.bincount(labelled.ravel(), minlength=len(names))[: len(names)]
-            shares.append(counts / max(int(counts.sum()), 1))
+            shares.append(class_shares(view_mask, len(names), index.ignore_index))
     return LabelViews(images, captions, np.stack(shares).astype(np.float32))
 
 
@@ -187,22 +195,46 @@ def _schedule(settings: ClipTrainingSettings) -> Callable[[int], float]:
 
 
 def share_targets(shares: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``(B, B)`` contrastive targets of a batch: row i is a softmax over the batch of minus the L1 distance of each
-    tile's class shares to tile i's, over ``temperature``. The distance is symmetric, so row i is the target of
-    image i over the batch's captions and of caption i over its images alike.
-    Identical shares share a row's mass equally; at temperature 0.1 a tile whose shares differ by 0.1 in L1 gets
-    1/e of the weight of the tile itself. ``temperature`` 0 gives the identity (CLIP's one-hot targets)."""
-    if temperature <= 0:
-        return torch.eye(len(shares))
+    """Contrastive targets of a batch from its tiles' class shares.
+
+    Row i is a softmax over the batch of minus the L1 distance of each tile's class shares to tile i's, over
+    ``temperature``: tiles of identical shares split a row's mass equally, and at temperature 0.1 a tile whose shares
+    differ by 0.1 in L1 gets 1/e of the weight of tile i itself. The distance is symmetric, so row i is the target of
+    image i over the batch's captions and of caption i over its images alike (each row sums to 1; the matrix itself
+    is not symmetric).
+
+    Args:
+        shares: ``(B, classes)``: each tile's class shares.
+        temperature: how far the mass spreads; 0 gives the identity (CLIP's one-hot targets).
+
+    Returns:
+        ``(B, B)``: one target distribution per row.
+
+    Raises:
+        ValueError: a negative temperature.
+    """
+    if temperature < 0:
+        raise ValueError(f"share_temperature must be >= 0 (got {temperature})")
+    if temperature == 0:
+        return torch.eye(len(shares), device=shares.device)
     return torch.softmax(-torch.cdist(shares, shares, p=1) / temperature, dim=1)
 
 
 def contrastive_loss(
     images: torch.Tensor, texts: torch.Tensor, logit_scale: torch.Tensor, targets: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """CLIP's symmetric cross-entropy over the batch's image-text cosine matrix: row i of ``targets`` is the target
-    distribution of image i over the captions and of caption i over the images (see :func:`share_targets`; None:
-    row i's match is column i only)."""
+    """CLIP's symmetric cross-entropy over the batch's image-text cosine matrix.
+
+    Args:
+        images: ``(B, D)`` normalised image features.
+        texts: ``(B, D)`` normalised text features; row i is the caption of image i.
+        logit_scale: the log of the cosines' scale (clamped at 100).
+        targets: ``(B, B)``: row i is the target distribution of image i over the captions and of caption i over the
+            images (see :func:`share_targets`); None: row i's match is column i only.
+
+    Returns:
+        The mean of the image-to-text and text-to-image cross-entropies.
+    """
     logits = logit_scale.exp().clamp(max=100) * images @ texts.T
     if targets is None:
         targets = torch.eye(len(images), device=images.device)
@@ -218,7 +250,7 @@ def train_clip(
         index_path: the tile index (its ``index.parquet`` or the folder holding it).
         folder: where the config and the checkpoint go (the checkpoint is written atomically).
         name: the open_clip model name the config is registered under.
-        settings: steps, batch, learning rate and seed.
+        settings: steps, batch, learning rate, views, target temperature and seed.
 
     Raises:
         InputError: no tile index, or no labelled tile in the split.
@@ -244,7 +276,7 @@ def _train(
     torch.manual_seed(settings.seed)
     model, preprocess = _untrained_clip(name)
     model.train()
-    # every caption is drawn about five times over 800 steps: tokenised once
+    # each caption comes back every few epochs (5.6 draws per caption at the demo's settings): tokenised once
     encoder = ChunkedTextEncoder(model, name, memoize_tokens=True)
     pixels = torch.stack([preprocess(view) for view in views.images])
     shares = torch.from_numpy(views.shares)

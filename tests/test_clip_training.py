@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
+from caption_pipeline.clip_models import ChunkedTextEncoder, ClipWeights, create_clip
 from caption_pipeline.clip_training import (
     ClipTrainingSettings,
     contrastive_loss,
@@ -86,17 +90,53 @@ def test_share_targets_spread_over_tiles_of_like_shares():
     torch.testing.assert_close(share_targets(shares, temperature=0.0), torch.eye(4))
 
 
+def _features(count: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(count, 8, generator=generator), dim=-1)
+
+
 def test_one_hot_targets_are_clips_loss():
-    generator = torch.Generator().manual_seed(0)
-    images, texts = (torch.nn.functional.normalize(torch.randn(5, 8, generator=generator), dim=-1) for _ in "it")
-    scale = torch.tensor(2.0)
+    images, texts, scale = _features(5, 0), _features(5, 1), torch.tensor(2.0)
     logits = scale.exp() * images @ texts.T
     order = torch.arange(5)
-    clip = (torch.nn.functional.cross_entropy(logits, order) + torch.nn.functional.cross_entropy(logits.T, order)) / 2
+    clip = (F.cross_entropy(logits, order) + F.cross_entropy(logits.T, order)) / 2
     torch.testing.assert_close(contrastive_loss(images, texts, scale), clip)
-    torch.testing.assert_close(contrastive_loss(images, texts, scale, torch.eye(5)), clip)
-    soft = share_targets(torch.tensor([[1.0, 0.0]] * 2 + [[0.0, 1.0]] * 3), temperature=0.1)
-    assert not torch.allclose(contrastive_loss(images, texts, scale, soft), clip)
+    torch.testing.assert_close(contrastive_loss(images, texts, scale, share_targets(torch.rand(5, 3), 0.0)), clip)
+
+
+def test_soft_targets_weigh_each_direction_by_its_anchors_row():
+    """Image i is scored over the captions with row i of the targets, and caption j over the images with row j."""
+    images, texts, scale = _features(4, 2), _features(4, 3), torch.tensor(1.5)
+    targets = share_targets(torch.tensor([[0.9, 0.1, 0.0], [0.7, 0.3, 0.0], [0.5, 0.0, 0.5], [0.0, 0.2, 0.8]]), 0.2)
+    assert not torch.allclose(targets, targets.T)  # rows normalised one by one: a transposed use would differ
+    logits = scale.exp() * images @ texts.T
+    image_to_text = -(targets * logits.log_softmax(dim=1)).sum(dim=1).mean()
+    text_to_image = -(targets * logits.T.log_softmax(dim=1)).sum(dim=1).mean()
+    torch.testing.assert_close(contrastive_loss(images, texts, scale, targets), (image_to_text + text_to_image) / 2)
+
+
+def test_a_negative_temperature_is_refused():
+    with pytest.raises(ValueError, match="share_temperature must be >= 0"):
+        share_targets(torch.rand(3, 2), -0.1)
+
+
+def test_training_reads_the_share_temperature(trained, small_index, tmp_path):
+    one_hot = train_clip(
+        small_index.root, tmp_path, "trained-tiny-clip-one-hot", replace(FEW_STEPS, share_temperature=0)
+    )
+    soft, hard = torch.load(trained.checkpoint), torch.load(one_hot.checkpoint)
+    assert not torch.allclose(soft["text_projection"], hard["text_projection"])
+
+
+def test_memoized_tokens_are_the_tokens(trained):
+    model, _ = create_clip(ClipWeights("trained-tiny-clip", checkpoint=trained.checkpoint))
+    plain = ChunkedTextEncoder(model, "trained-tiny-clip")
+    memoized = ChunkedTextEncoder(model, "trained-tiny-clip", memoize_tokens=True)
+    caption = "An aerial image covered by tree (60%), building (40%). " * 12  # longer than one context
+    first = memoized.token_chunks(caption)
+    first[0].clear()  # a caller changing what it got leaves the memo alone
+    assert memoized.token_chunks(caption) == plain.token_chunks(caption) and len(plain.token_chunks(caption)) > 1
+    torch.testing.assert_close(memoized.encode([caption])[0], plain.encode([caption])[0])
 
 
 def test_a_split_without_labels_is_refused(small_index, tmp_path):

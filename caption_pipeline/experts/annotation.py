@@ -46,6 +46,13 @@ def _regions(mask: np.ndarray) -> list[str]:
     return cells
 
 
+def class_shares(classes: np.ndarray, n_classes: int, ignore_index: int) -> np.ndarray:
+    """``(n_classes,)``: each class's share of the labelled pixels of a class-index mask (all zero when none is
+    labelled)."""
+    counts = np.bincount(classes[classes != ignore_index].ravel(), minlength=n_classes)[:n_classes]
+    return counts / max(int(counts.sum()), 1)
+
+
 def describe_label(
     classes: np.ndarray,
     class_names: tuple[str, ...],
@@ -58,12 +65,10 @@ def describe_label(
     P3 counts the objects of the classes that ``plurals`` names (the dataset's class vocabulary), by connected
     components; other classes are described as areas."""
     plurals = plurals or {}
-    labelled = classes != ignore_index
-    if not labelled.any():
+    shares = class_shares(classes, len(class_names), ignore_index)
+    if not shares.any():
         return "An aerial image whose content is not labelled."
-    counts = np.bincount(classes[labelled].ravel(), minlength=len(class_names))[: len(class_names)]
-    order = [int(index) for index in np.argsort(-counts) if counts[index] > 0]
-    shares = counts / counts.sum()
+    order = [int(index) for index in np.argsort(-shares) if shares[index] > 0]
     if prompt_id == "p1":
         return "An aerial image showing " + ", ".join(readable(class_names[i]) for i in order) + "."
     if prompt_id == "p2":
