@@ -102,12 +102,8 @@ def decode_rgb_mask(
     if ignore_index < len(palette):
         raise ValueError(f"ignore index {ignore_index} is also the index of class {ignore_index}")
     codes = _pack(mask[..., :3])
-    palette_codes = _pack(np.asarray(palette, dtype=np.uint8))
-    order = np.argsort(palette_codes)
-    sorted_codes = palette_codes[order]
-    position = np.clip(np.searchsorted(sorted_codes, codes), 0, len(sorted_codes) - 1)
-    known = sorted_codes[position] == codes
-    classes = np.where(known, order[position], ignore_index).astype(np.uint8)
+    palette_codes = _pack(np.asarray(palette, dtype=np.uint8)).tolist()
+    classes, known = IdTable(tuple(palette_codes), tuple(range(len(palette_codes)))).lookup(codes, ignore_index)
     is_nodata = ~known & np.isin(codes, _pack(np.asarray(nodata, dtype=np.uint8).reshape(-1, 3)))
     # Black is the boundary only where it codes no class and is not declared no-data (a folder dataset may colour a
     # class black, or call black its no-data).
