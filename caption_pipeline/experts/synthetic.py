@@ -22,7 +22,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from caption_pipeline.experts.annotation import describe_label
+from caption_pipeline.experts.annotation import class_shares, describe_label
 from caption_pipeline.experts.base import CaptionRequest, CaptionResult, Expert
 from manifests.run_manifest import SyntheticExpertConfig
 
@@ -72,11 +72,10 @@ def corrupt_mask(
     for kind in KINDS:
         if rng.random() >= rates.get(kind, 0.0):
             continue
-        labelled = mask[mask != ignore_index]
-        counts = np.bincount(labelled.ravel(), minlength=n_classes)[:n_classes]
-        present = np.flatnonzero(counts >= MIN_SHARE * max(1, counts.sum()))
+        shares = class_shares(mask, n_classes, ignore_index)
+        present = np.flatnonzero(shares >= MIN_SHARE)
         if kind == "insert":
-            candidates = np.flatnonzero(counts == 0)
+            candidates = np.flatnonzero(shares == 0)
         else:
             candidates = present if kind == "proportions" or len(present) > 1 else present[:0]
         candidates = np.setdiff1d(candidates, list(done.values()))  # one corruption per class: each stays visible
