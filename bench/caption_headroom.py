@@ -233,8 +233,8 @@ def plot(bench: Headroom, path: Path) -> None:
     FigureCanvasAgg(figure)
     ax = figure.subplots()
     for gate, color in (("off", "tab:orange"), ("on", "tab:blue")):
-        points = [(0.0, gain[oracle])] + [(c, gain[s.row]) for s in studies() if s.corruption is not None
-                                          and s.gate == (gate == "on") for c in [s.corruption]]  # fmt: skip
+        points = [(0.0, gain[oracle])] + [(s.corruption, gain[s.row]) for s in studies()
+                                          if s.corruption is not None and s.gate == (gate == "on")]  # fmt: skip
         ax.errorbar([p[0] for p in points], [p[1][0] for p in points], [p[1][1] for p in points], marker="o",
                     capsize=3, color=color, label=f"gate {gate}")  # fmt: skip
     predicted = next(row for row in gain if row.startswith("predicted"))
